@@ -1,0 +1,15 @@
+//! The process pool: runs one script per isolated child process, streams its stdout/stderr as
+//! log chunks and reads its JSON result from fd 3. It takes `RunRequest`s and emits `RunEvent`s
+//! on crossbeam channels, and knows nothing of transports, storage or the scheduler.
+
+pub mod logs;
+pub mod pool;
+pub mod program;
+pub mod result;
+pub mod spawn;
+pub mod tree;
+
+pub use logs::{LogChunk, LogLimits, Stream};
+pub use pool::{Ending, Outcome, Pool, PoolConfig, RunEvent, RunKey, RunRequest, SubmitError};
+pub use program::{Interpreters, Program, ProgramError, ProgramKind, ShellKind};
+pub use spawn::{RunAs, Rlimits};

@@ -1,0 +1,823 @@
+//! The process pool: a bounded queue in front of at most `max_concurrent` runs, all driven by one
+//! reactor thread that multiplexes every pipe with epoll (via `polling`), reaps children on
+//! SIGCHLD and enforces timeouts, cancels and clean-up. Callers submit a `RunRequest` with a
+//! channel and get `Started`, `Log` and `Finished` events on it. Knows nothing of transports.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use polling::{Event, Events, PollMode, Poller};
+use serde_json::{json, Map, Value};
+
+use super::logs::{LogCapture, LogChunk, LogLimits, Stream};
+use super::program::{launch, Interpreters, Program, ProgramError};
+use super::result::ResultSink;
+use super::spawn::{spawn, RunAs, Rlimits, SpawnSpec};
+use super::tree::{self, WaitStatus};
+use crate::model::{Attempt, ExecutionId, Status, TaskId};
+
+const LOG: &str = "etask::runner";
+
+/// Pool settings; every field has a default that suits a node.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub max_concurrent: usize,
+    /// Runs waiting for a slot; a submit beyond it is refused with `SubmitError::Full`.
+    pub queue_capacity: usize,
+    pub workspace_root: PathBuf,
+    pub keep_failed_workspaces: bool,
+    /// Time between SIGTERM and SIGKILL when a run is stopped.
+    pub kill_grace: Duration,
+    pub result_max_bytes: usize,
+    pub logs: LogLimits,
+    pub limits: Rlimits,
+    pub run_as: Option<RunAs>,
+    pub path_env: String,
+    pub lang: String,
+    pub interpreters: Interpreters,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_concurrent: 64,
+            queue_capacity: 1024,
+            workspace_root: std::env::temp_dir().join("etask-work"),
+            keep_failed_workspaces: false,
+            kill_grace: Duration::from_secs(5),
+            result_max_bytes: 4 << 20,
+            logs: LogLimits::default(),
+            limits: Rlimits::default(),
+            run_as: None,
+            path_env: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            lang: "C.UTF-8".into(),
+            interpreters: Interpreters::default(),
+        }
+    }
+}
+
+/// One run of a program, as a node receives it.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub execution_id: ExecutionId,
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub shard_index: u32,
+    pub shard_total: u32,
+    pub program: Program,
+    pub timeout: Option<Duration>,
+}
+
+impl RunRequest {
+    pub fn new(execution_id: ExecutionId, program: Program) -> Self {
+        RunRequest {
+            execution_id,
+            task_id: TaskId(0),
+            attempt: Attempt::FIRST,
+            shard_index: 0,
+            shard_total: 1,
+            program,
+            timeout: None,
+        }
+    }
+    pub fn key(&self) -> RunKey {
+        RunKey { execution: self.execution_id, attempt: self.attempt }
+    }
+}
+
+/// Identifies a run inside the pool: an execution attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RunKey {
+    pub execution: ExecutionId,
+    pub attempt: Attempt,
+}
+
+/// Why a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    Exited(i32),
+    Signaled(i32),
+    TimedOut,
+    Cancelled,
+    SpawnFailed(String),
+}
+
+/// Everything known about a finished run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub ending: Ending,
+    /// Exit code / signal of the main process, when it was reaped (also after a timeout).
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub result: Option<Map<String, Value>>,
+    pub result_error: Option<String>,
+    pub result_truncated: bool,
+    pub log_bytes: u64,
+    pub log_truncated: bool,
+    pub duration: Duration,
+}
+
+impl Outcome {
+    /// The execution status this outcome maps to.
+    pub fn status(&self) -> Status {
+        match self.ending {
+            Ending::Exited(0) => Status::Succeeded,
+            Ending::Exited(_) | Ending::Signaled(_) | Ending::SpawnFailed(_) => Status::Failed,
+            Ending::TimedOut => Status::TimedOut,
+            Ending::Cancelled => Status::Cancelled,
+        }
+    }
+
+    /// A human-readable reason when the run did not succeed.
+    pub fn error(&self) -> Option<String> {
+        match &self.ending {
+            Ending::Exited(0) => None,
+            Ending::Exited(c) => Some(format!("exited with code {c}")),
+            Ending::Signaled(s) => Some(format!("killed by signal {s}")),
+            Ending::TimedOut => Some("timed out".into()),
+            Ending::Cancelled => Some("cancelled".into()),
+            Ending::SpawnFailed(r) => Some(format!("spawn failed: {r}")),
+        }
+    }
+
+    /// The JSON shape printed by `etask run --json` and stored by the scheduler.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "status": self.status().as_str(),
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "result": self.result,
+            "result_error": self.result_error,
+            "duration_ms": self.duration.as_millis() as u64,
+            "log_bytes": self.log_bytes,
+            "truncated": self.log_truncated || self.result_truncated,
+            "error": self.error(),
+        })
+    }
+
+    fn failed_before_start(ending: Ending) -> Outcome {
+        Outcome {
+            ending,
+            exit_code: None,
+            signal: None,
+            result: None,
+            result_error: None,
+            result_truncated: false,
+            log_bytes: 0,
+            log_truncated: false,
+            duration: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEvent {
+    Started { key: RunKey, pid: i32 },
+    Log { key: RunKey, chunk: LogChunk },
+    Finished { key: RunKey, outcome: Outcome },
+}
+
+impl RunEvent {
+    pub fn key(&self) -> RunKey {
+        match self {
+            RunEvent::Started { key, .. } | RunEvent::Log { key, .. } | RunEvent::Finished { key, .. } => *key,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("invalid program: {0}")]
+    Invalid(#[from] ProgramError),
+    #[error("pool is full: {in_flight} runs running or queued (max {capacity}); try again later")]
+    Full { in_flight: usize, capacity: usize },
+    #[error("the pool has stopped")]
+    Stopped,
+}
+
+enum Cmd {
+    Submit(Box<RunRequest>, Sender<RunEvent>),
+    Cancel(RunKey),
+}
+
+struct Shared {
+    in_flight: AtomicUsize,
+    running: AtomicUsize,
+    stopping: AtomicBool,
+}
+
+/// Handle to the pool; dropping it cancels what is left and joins the reactor.
+pub struct Pool {
+    shared: Arc<Shared>,
+    poller: Arc<Poller>,
+    cmd_tx: Sender<Cmd>,
+    capacity: usize,
+    max_concurrent: usize,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Pool {
+    /// Starts the reactor thread. Makes this process a child subreaper and installs a SIGCHLD
+    /// handler: from now on the pool reaps every child of the process (see README, operating
+    /// notes), so nothing else in the process may wait on children of its own.
+    pub fn start(cfg: PoolConfig) -> io::Result<Pool> {
+        if cfg.run_as.is_some() && unsafe { libc::geteuid() } != 0 {
+            return Err(io::Error::other("run_as needs the node to run as root"));
+        }
+        std::fs::create_dir_all(&cfg.workspace_root).map_err(|e| {
+            io::Error::new(e.kind(), format!("workspace root {}: {e}", cfg.workspace_root.display()))
+        })?;
+        if cfg.run_as.is_some() {
+            use std::os::unix::fs::PermissionsExt;
+            // Runs dropped to another uid must be able to reach their own workspace.
+            std::fs::set_permissions(&cfg.workspace_root, std::fs::Permissions::from_mode(0o711))?;
+        }
+        tree::become_subreaper()?;
+        tree::raise_nofile_limit();
+        let sigchld = tree::sigchld_pipe()?;
+        let poller = Arc::new(Poller::new()?);
+        // SAFETY: the SIGCHLD pipe lives for the whole process and is removed from this poller
+        // when the reactor ends.
+        unsafe { poller.add_with_mode(sigchld, Event::readable(SIGCHLD_KEY), PollMode::Level)? };
+        let capacity = cfg.max_concurrent + cfg.queue_capacity;
+        let (cmd_tx, cmd_rx) = crossbeam_channel::bounded(capacity + 1024);
+        let shared = Arc::new(Shared {
+            in_flight: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+        });
+        let max_concurrent = cfg.max_concurrent;
+        let mut reactor = Reactor::new(cfg, poller.clone(), cmd_rx, shared.clone(), sigchld);
+        let thread = std::thread::Builder::new().name("runner-io".into()).spawn(move || reactor.run())?;
+        Ok(Pool { shared, poller, cmd_tx, capacity, max_concurrent, thread: Some(thread) })
+    }
+
+    /// Queues a run. Events for it arrive on `events`; the last one is always `Finished`.
+    pub fn submit(&self, req: RunRequest, events: Sender<RunEvent>) -> Result<(), SubmitError> {
+        req.program.validate()?;
+        if self.shared.stopping.load(Ordering::SeqCst) {
+            return Err(SubmitError::Stopped);
+        }
+        let prev = self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        if prev >= self.capacity {
+            self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Full { in_flight: prev, capacity: self.capacity });
+        }
+        self.send(Cmd::Submit(Box::new(req), events)).inspect_err(|_| {
+            self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        })
+    }
+
+    /// Stops a queued or running run (SIGTERM to its tree, then SIGKILL after the grace).
+    /// Unknown or finished runs are ignored, so cancel is idempotent.
+    pub fn cancel(&self, key: RunKey) {
+        let _ = self.send(Cmd::Cancel(key));
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), SubmitError> {
+        match self.cmd_tx.try_send(cmd) {
+            Ok(()) => {}
+            Err(TrySendError::Full(cmd)) => self.cmd_tx.send(cmd).map_err(|_| SubmitError::Stopped)?,
+            Err(TrySendError::Disconnected(_)) => return Err(SubmitError::Stopped),
+        }
+        let _ = self.poller.notify();
+        Ok(())
+    }
+
+    pub fn running(&self) -> usize {
+        self.shared.running.load(Ordering::SeqCst)
+    }
+    /// Runs running or waiting for a slot.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+    pub fn max_concurrent(&self) -> usize {
+        self.max_concurrent
+    }
+
+    /// Cancels everything left and waits for the reactor to finish.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = self.poller.notify();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// polling reserves usize::MAX for its own notifier.
+const SIGCHLD_KEY: usize = usize::MAX - 1;
+const FDS: usize = 4; // stdout, stderr, result, stdin
+const STDOUT: usize = 0;
+const STDERR: usize = 1;
+const RESULT: usize = 2;
+const STDIN: usize = 3;
+
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    None,
+    /// SIGTERM sent; SIGKILL at `until`. At each `again` the tree is checked, so a run whose
+    /// processes all obeyed SIGTERM ends without waiting out the grace.
+    Term { again: Instant, until: Instant },
+    /// SIGKILL sent; repeated every `again` until the tree is gone, forced finish at `until`.
+    Killed { again: Instant, until: Instant },
+    /// Main process gone, nothing left to kill; waiting for the pipes to reach EOF.
+    Draining { until: Instant },
+}
+
+impl Kill {
+    fn term(now: Instant, grace: Duration) -> Kill {
+        Kill::Term { again: now + Duration::from_millis(20), until: now + grace }
+    }
+}
+
+struct Run {
+    key: RunKey,
+    token: String,
+    events: Sender<RunEvent>,
+    pid: Option<i32>,
+    wait: Option<WaitStatus>,
+    fds: [Option<OwnedFd>; FDS],
+    stdin_data: Vec<u8>,
+    stdin_pos: usize,
+    logs: LogCapture,
+    result: ResultSink,
+    started: Instant,
+    deadline: Option<Instant>,
+    ending: Option<Ending>,
+    kill: Kill,
+    workspace: PathBuf,
+}
+
+impl Run {
+    fn outputs_open(&self) -> bool {
+        self.fds[..STDIN].iter().any(Option::is_some)
+    }
+}
+
+struct Reactor {
+    cfg: PoolConfig,
+    poller: Arc<Poller>,
+    cmd_rx: Receiver<Cmd>,
+    shared: Arc<Shared>,
+    sigchld: i32,
+    runs: Vec<Option<Run>>,
+    free: Vec<usize>,
+    by_key: HashMap<RunKey, usize>,
+    by_pid: HashMap<i32, usize>,
+    queue: VecDeque<(Box<RunRequest>, Sender<RunEvent>)>,
+    next_seq: u64,
+    scratch: Vec<u8>,
+    chunks: Vec<LogChunk>,
+}
+
+impl Reactor {
+    fn new(cfg: PoolConfig, poller: Arc<Poller>, cmd_rx: Receiver<Cmd>, shared: Arc<Shared>, sigchld: i32) -> Self {
+        Reactor {
+            cfg,
+            poller,
+            cmd_rx,
+            shared,
+            sigchld,
+            runs: Vec::new(),
+            free: Vec::new(),
+            by_key: HashMap::new(),
+            by_pid: HashMap::new(),
+            queue: VecDeque::new(),
+            next_seq: 0,
+            scratch: vec![0; 64 << 10],
+            chunks: Vec::new(),
+        }
+    }
+
+    fn run(&mut self) {
+        let mut events = Events::new();
+        let mut cancelled_all = false;
+        loop {
+            let timeout = self.next_wake().map(|t| t.saturating_duration_since(Instant::now()));
+            events.clear();
+            if let Err(e) = self.poller.wait(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!(target: LOG, "poll failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            for ev in events.iter() {
+                if ev.key == SIGCHLD_KEY {
+                    tree::drain_fd(self.sigchld);
+                } else {
+                    self.on_io(ev.key / FDS, ev.key % FDS);
+                }
+            }
+            self.reap();
+            while let Ok(cmd) = self.cmd_rx.try_recv() {
+                match cmd {
+                    Cmd::Submit(req, tx) => self.queue.push_back((req, tx)),
+                    Cmd::Cancel(key) => self.stop_run(key, Ending::Cancelled),
+                }
+            }
+            if self.shared.stopping.load(Ordering::SeqCst) && !cancelled_all {
+                cancelled_all = true;
+                let keys: Vec<RunKey> = self.by_key.keys().copied().collect();
+                let queued: Vec<RunKey> = self.queue.iter().map(|(r, _)| r.key()).collect();
+                for k in keys.into_iter().chain(queued) {
+                    self.stop_run(k, Ending::Cancelled);
+                }
+            }
+            self.start_queued();
+            self.on_timers(Instant::now());
+            if cancelled_all && self.by_key.is_empty() && self.queue.is_empty() {
+                let _ = self.poller.delete(unsafe { BorrowedFd::borrow_raw(self.sigchld) });
+                return;
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let mut wake: Option<Instant> = None;
+        let mut at = |t: Option<Instant>| {
+            if let Some(t) = t {
+                wake = Some(wake.map_or(t, |w| w.min(t)));
+            }
+        };
+        for run in self.runs.iter().flatten() {
+            if run.ending.is_none() {
+                at(run.deadline);
+            }
+            at(match run.kill {
+                Kill::None => None,
+                Kill::Draining { until } => Some(until),
+                Kill::Term { again, .. } | Kill::Killed { again, .. } => Some(again),
+            });
+            at(run.logs.next_deadline());
+        }
+        wake
+    }
+
+    fn start_queued(&mut self) {
+        while self.by_key.len() < self.cfg.max_concurrent {
+            let Some((req, tx)) = self.queue.pop_front() else { return };
+            if self.by_key.contains_key(&req.key()) {
+                log::warn!(target: LOG, "execution={} attempt={} is already running; duplicate refused", req.execution_id, req.attempt);
+                let outcome = Outcome::failed_before_start(Ending::SpawnFailed("this execution attempt is already running".into()));
+                let _ = tx.send(RunEvent::Finished { key: req.key(), outcome });
+                self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                continue;
+            }
+            self.start(*req, tx);
+        }
+    }
+
+    fn start(&mut self, req: RunRequest, tx: Sender<RunEvent>) {
+        let key = req.key();
+        self.next_seq += 1;
+        let token = format!("{}-{}", std::process::id(), self.next_seq);
+        let workspace = self.cfg.workspace_root.join(format!("run-{}-{}-{}", req.execution_id, req.attempt, self.next_seq));
+        let started = Instant::now();
+        let spawned = self.prepare_workspace(&req, &workspace).and_then(|launch| {
+            let env = self.child_env(&req, &workspace, &token);
+            let spec = SpawnSpec {
+                argv: &launch.argv,
+                env: &env,
+                cwd: &launch.cwd,
+                stdin: req.program.stdin.is_some(),
+                limits: &self.cfg.limits,
+                run_as: self.cfg.run_as,
+            };
+            spawn(&spec).map_err(|e| format!("{}: {e}", launch.argv[0]))
+        });
+        let sp = match spawned {
+            Ok(sp) => sp,
+            Err(reason) => {
+                log::warn!(target: LOG, "execution={} attempt={} spawn failed: {reason}", req.execution_id, req.attempt);
+                let _ = std::fs::remove_dir_all(&workspace);
+                let mut outcome = Outcome::failed_before_start(Ending::SpawnFailed(reason));
+                outcome.duration = started.elapsed();
+                let _ = tx.send(RunEvent::Finished { key, outcome });
+                self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+        };
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.runs.push(None);
+            self.runs.len() - 1
+        });
+        let fds = [Some(sp.stdout), Some(sp.stderr), Some(sp.result), sp.stdin];
+        for (i, fd) in fds.iter().enumerate() {
+            if let Some(fd) = fd {
+                let ev = if i == STDIN { Event::writable(slot * FDS + i) } else { Event::readable(slot * FDS + i) };
+                // SAFETY: every fd is deleted from the poller before it is closed (close_fd).
+                if let Err(e) = unsafe { self.poller.add_with_mode(fd.as_raw_fd(), ev, PollMode::Level) } {
+                    log::error!(target: LOG, "cannot watch a pipe of execution={}: {e}", req.execution_id);
+                }
+            }
+        }
+        log::debug!(target: LOG, "execution={} attempt={} started pid={}", req.execution_id, req.attempt, sp.pid);
+        let _ = tx.send(RunEvent::Started { key, pid: sp.pid });
+        self.runs[slot] = Some(Run {
+            key,
+            token,
+            events: tx,
+            pid: Some(sp.pid),
+            wait: None,
+            fds,
+            stdin_data: req.program.stdin.clone().unwrap_or_default().into_bytes(),
+            stdin_pos: 0,
+            logs: LogCapture::new(self.cfg.logs.clone(), req.program.secret_values()),
+            result: ResultSink::new(self.cfg.result_max_bytes),
+            started,
+            deadline: req.timeout.map(|t| started + t),
+            ending: None,
+            kill: Kill::None,
+            workspace,
+        });
+        self.by_key.insert(key, slot);
+        self.by_pid.insert(sp.pid, slot);
+        self.shared.running.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Creates the private workspace (and the script file) owned by the run's uid.
+    fn prepare_workspace(&self, req: &RunRequest, ws: &std::path::Path) -> Result<super::program::Launch, String> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let launch = launch(&req.program, ws, &self.cfg.interpreters).map_err(|e| e.0)?;
+        let io = |what: &str, p: &std::path::Path, e: io::Error| format!("{what} {}: {e}", p.display());
+        let mut dirs = vec![ws.to_path_buf(), ws.join("tmp"), ws.join(".etask")];
+        dirs.push(launch.cwd.clone());
+        for d in &dirs {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(d).map_err(|e| io("cannot create workspace dir", d, e))?;
+        }
+        let mut owned = dirs;
+        if let Some((path, bytes, mode)) = &launch.script {
+            std::fs::write(path, bytes).map_err(|e| io("cannot write", path, e))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(|e| io("cannot chmod", path, e))?;
+            owned.push(path.clone());
+        }
+        if let Some(RunAs { uid, gid }) = self.cfg.run_as {
+            for p in &owned {
+                std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|e| io("cannot chown", p, e))?;
+            }
+        }
+        Ok(launch)
+    }
+
+    fn child_env(&self, req: &RunRequest, ws: &std::path::Path, token: &str) -> Vec<(String, String)> {
+        let ws_s = ws.display().to_string();
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), self.cfg.path_env.clone()),
+            ("LANG".into(), self.cfg.lang.clone()),
+            ("HOME".into(), ws_s.clone()),
+            ("TMPDIR".into(), ws.join("tmp").display().to_string()),
+            ("ETASK_EXECUTION_ID".into(), req.execution_id.to_string()),
+            ("ETASK_TASK_ID".into(), req.task_id.to_string()),
+            ("ETASK_ATTEMPT".into(), req.attempt.to_string()),
+            ("ETASK_SHARD_INDEX".into(), req.shard_index.to_string()),
+            ("ETASK_SHARD_TOTAL".into(), req.shard_total.to_string()),
+            ("ETASK_WORKSPACE".into(), ws_s),
+            ("ETASK_RESULT_FD".into(), "3".into()),
+            ("EWORK_RESULT_FD".into(), "3".into()),
+            (tree::TOKEN_VAR.into(), token.into()),
+        ];
+        // Request env may override PATH/LANG/HOME/TMPDIR (validated: never ETASK_*).
+        for (k, v) in req.program.env.iter().chain(req.program.secret_env.iter()) {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.clone(), v.clone()));
+        }
+        env
+    }
+
+    fn on_io(&mut self, slot: usize, which: usize) {
+        let Some(run) = self.runs.get_mut(slot).and_then(Option::as_mut) else { return };
+        if which == STDIN {
+            Self::write_stdin(&self.poller, run);
+            return;
+        }
+        let now = Instant::now();
+        loop {
+            let Some(fd) = run.fds[which].as_ref() else { return };
+            // SAFETY: reading into our scratch buffer from a non-blocking fd we own.
+            let n = unsafe { libc::read(fd.as_raw_fd(), self.scratch.as_mut_ptr().cast(), self.scratch.len()) };
+            if n > 0 {
+                let bytes = &self.scratch[..n as usize];
+                match which {
+                    STDOUT => run.logs.push(Stream::Stdout, bytes, now),
+                    STDERR => run.logs.push(Stream::Stderr, bytes, now),
+                    RESULT => run.result.push(bytes),
+                    _ => unreachable!("stdin is handled above"),
+                }
+                if (n as usize) < self.scratch.len() {
+                    // Level-triggered: anything left wakes us again; this keeps one noisy run
+                    // from starving the others.
+                    return;
+                }
+            } else if n == 0 {
+                Self::close_fd(&self.poller, run, which);
+                return;
+            } else {
+                let err = io::Error::last_os_error();
+                match err.kind() {
+                    io::ErrorKind::WouldBlock => return,
+                    io::ErrorKind::Interrupted => continue,
+                    _ => {
+                        Self::close_fd(&self.poller, run, which);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_stdin(poller: &Poller, run: &mut Run) {
+        while run.stdin_pos < run.stdin_data.len() {
+            let Some(fd) = run.fds[STDIN].as_ref() else { return };
+            let rest = &run.stdin_data[run.stdin_pos..];
+            // SAFETY: writing from our buffer to a non-blocking fd we own.
+            let n = unsafe { libc::write(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len()) };
+            if n >= 0 {
+                run.stdin_pos += n as usize;
+            } else if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+                return;
+            } else {
+                break; // EPIPE: the child closed stdin; the rest is not wanted.
+            }
+        }
+        Self::close_fd(poller, run, STDIN);
+        run.stdin_data = Vec::new();
+    }
+
+    fn close_fd(poller: &Poller, run: &mut Run, which: usize) {
+        if let Some(fd) = run.fds[which].take() {
+            let _ = poller.delete(&fd);
+        }
+    }
+
+    fn reap(&mut self) {
+        let mut exited = Vec::new();
+        tree::reap_all(|pid, ws| exited.push((pid, ws)));
+        for (pid, ws) in exited {
+            let Some(slot) = self.by_pid.remove(&pid) else {
+                log::debug!(target: LOG, "reaped adopted orphan pid={pid} {ws:?}");
+                continue;
+            };
+            let grace = self.cfg.kill_grace;
+            let Some(run) = self.runs[slot].as_mut() else { continue };
+            run.pid = None;
+            run.wait = Some(ws);
+            Self::close_fd(&self.poller, run, STDIN);
+            let now = Instant::now();
+            if matches!(run.kill, Kill::None) {
+                // The main process is gone; whatever it left behind is stopped too, since the
+                // run (and its workspace) ends here.
+                let left = tree::signal_run(None, &run.token, &|p| self.by_pid.contains_key(&p), libc::SIGTERM);
+                run.kill = if left > 0 {
+                    log::info!(target: LOG, "execution={} attempt={} left {left} processes behind; terminating them", run.key.execution, run.key.attempt);
+                    Kill::term(now, grace)
+                } else {
+                    Kill::Draining { until: now + Duration::from_secs(2) }
+                };
+            }
+        }
+    }
+
+    fn stop_run(&mut self, key: RunKey, why: Ending) {
+        if let Some(pos) = self.queue.iter().position(|(r, _)| r.key() == key) {
+            if let Some((_, tx)) = self.queue.remove(pos) {
+                let _ = tx.send(RunEvent::Finished { key, outcome: Outcome::failed_before_start(why) });
+                self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+            return;
+        }
+        let Some(&slot) = self.by_key.get(&key) else { return };
+        let grace = self.cfg.kill_grace;
+        let by_pid = &self.by_pid;
+        let Some(run) = self.runs[slot].as_mut() else { return };
+        if run.ending.is_some() || run.wait.is_some() {
+            return; // already stopping, or already over
+        }
+        log::info!(target: LOG, "execution={} attempt={} stopping: {why:?}", key.execution, key.attempt);
+        run.ending = Some(why);
+        tree::signal_run(run.pid, &run.token, &|p| by_pid.contains_key(&p) && Some(p) != run.pid, libc::SIGTERM);
+        run.kill = Kill::term(Instant::now(), grace);
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        let mut timed_out = Vec::new();
+        let mut done = Vec::new();
+        for (slot, run) in self.runs.iter_mut().enumerate() {
+            let Some(run) = run.as_mut() else { continue };
+            if run.ending.is_none() && run.wait.is_none() && run.deadline.is_some_and(|d| now >= d) {
+                timed_out.push(run.key);
+            }
+            let is_root = |p: i32| self.by_pid.contains_key(&p) && Some(p) != run.pid;
+            match run.kill {
+                Kill::Term { again, until } if now >= again && now < until => {
+                    let gone = run.wait.is_some() && tree::run_members(None, &run.token, &is_root).is_empty();
+                    run.kill = if gone {
+                        Kill::Draining { until: now + Duration::from_secs(2) }
+                    } else {
+                        Kill::Term { again: now + Duration::from_millis(100), until }
+                    };
+                }
+                Kill::Term { until, .. } if now >= until => {
+                    tree::signal_run(run.pid, &run.token, &is_root, libc::SIGKILL);
+                    run.kill = Kill::Killed { again: now + Duration::from_millis(100), until: now + Duration::from_secs(5) };
+                }
+                Kill::Killed { again, until } if now >= again => {
+                    let left = tree::signal_run(run.pid, &run.token, &is_root, libc::SIGKILL);
+                    if left == 0 && run.wait.is_some() && !run.outputs_open() {
+                        done.push(slot);
+                    } else if now >= until {
+                        log::warn!(target: LOG, "execution={} attempt={} still has {left} processes or open pipes after SIGKILL; giving up on them", run.key.execution, run.key.attempt);
+                        done.push(slot);
+                    } else {
+                        run.kill = Kill::Killed { again: now + Duration::from_millis(100), until };
+                    }
+                }
+                Kill::Draining { until } if now >= until => done.push(slot),
+                _ => {}
+            }
+            if run.wait.is_some() && !run.outputs_open() && !matches!(run.kill, Kill::Term { .. }) {
+                done.push(slot);
+            }
+            run.logs.take_due(now, &mut self.chunks);
+            for chunk in self.chunks.drain(..) {
+                let _ = run.events.send(RunEvent::Log { key: run.key, chunk });
+            }
+        }
+        for key in timed_out {
+            self.stop_run(key, Ending::TimedOut);
+        }
+        done.sort_unstable();
+        done.dedup();
+        for slot in done {
+            self.finish(slot);
+        }
+    }
+
+    fn finish(&mut self, slot: usize) {
+        let Some(mut run) = self.runs[slot].take() else { return };
+        self.free.push(slot);
+        for i in 0..FDS {
+            Self::close_fd(&self.poller, &mut run, i);
+        }
+        if let Some(pid) = run.pid {
+            // Forced finish with the main process still unreaped (it ignored SIGKILL for 5 s,
+            // e.g. stuck in the kernel). It will be reaped as an orphan later.
+            self.by_pid.remove(&pid);
+        }
+        self.by_key.remove(&run.key);
+        let now = Instant::now();
+        run.logs.take_all(now, &mut self.chunks);
+        for chunk in self.chunks.drain(..) {
+            let _ = run.events.send(RunEvent::Log { key: run.key, chunk });
+        }
+        let (exit_code, signal) = match run.wait {
+            Some(WaitStatus::Exited(c)) => (Some(c), None),
+            Some(WaitStatus::Signaled(s)) => (None, Some(s)),
+            None => (None, None),
+        };
+        let ending = run.ending.take().unwrap_or(match run.wait {
+            Some(WaitStatus::Exited(c)) => Ending::Exited(c),
+            Some(WaitStatus::Signaled(s)) => Ending::Signaled(s),
+            None => Ending::Signaled(libc::SIGKILL),
+        });
+        let parsed = std::mem::replace(&mut run.result, ResultSink::new(0)).finish();
+        let outcome = Outcome {
+            ending,
+            exit_code,
+            signal,
+            result: parsed.result,
+            result_error: parsed.error,
+            result_truncated: parsed.truncated,
+            log_bytes: run.logs.total_bytes,
+            log_truncated: run.logs.truncated,
+            duration: now - run.started,
+        };
+        let keep = self.cfg.keep_failed_workspaces && outcome.status() != Status::Succeeded;
+        if keep {
+            log::info!(target: LOG, "execution={} attempt={} workspace kept at {}", run.key.execution, run.key.attempt, run.workspace.display());
+        } else if let Err(e) = std::fs::remove_dir_all(&run.workspace) {
+            log::warn!(target: LOG, "cannot remove workspace {}: {e}", run.workspace.display());
+        }
+        log::debug!(target: LOG, "execution={} attempt={} finished status={} duration_ms={}", run.key.execution, run.key.attempt, outcome.status(), outcome.duration.as_millis());
+        let _ = run.events.send(RunEvent::Finished { key: run.key, outcome });
+        self.shared.running.fetch_sub(1, Ordering::SeqCst);
+        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}

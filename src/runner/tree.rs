@@ -1,0 +1,222 @@
+//! Process-tree control for the pool: makes this process a child subreaper, turns SIGCHLD into
+//! a readable pipe for the reactor, finds every process that belongs to a run (its descendants,
+//! plus orphans re-parented to us that carry the run's token in their environment) and kills them.
+//! Linux only; reads /proc. Owns no run state.
+
+use std::collections::{HashSet, VecDeque};
+use std::path::Path;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
+
+/// Name of the env variable that tags every process of a run, so orphans that were re-parented
+/// to the node (after `setsid` or a double fork) can still be attributed to their run.
+pub const TOKEN_VAR: &str = "ETASK_RUN_TOKEN";
+
+/// Makes the current process adopt orphaned descendants instead of init, so they can be found
+/// and reaped.
+pub fn become_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Raises the soft open-file limit to the hard one: each run holds three pipes.
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a stack struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+static SIGCHLD_PIPE: OnceLock<(RawFd, RawFd)> = OnceLock::new();
+
+extern "C" fn on_sigchld(_: libc::c_int) {
+    if let Some(&(_, w)) = SIGCHLD_PIPE.get() {
+        // SAFETY: write(2) is async-signal-safe; errno is saved and restored around it.
+        unsafe {
+            let errno = *libc::__errno_location();
+            libc::write(w, b"c".as_ptr().cast(), 1);
+            *libc::__errno_location() = errno;
+        }
+    }
+}
+
+/// Installs the SIGCHLD handler (once per process) and returns the read end of its pipe. The
+/// pipe is non-blocking on both ends; a full pipe just means a wake-up is already pending.
+pub fn sigchld_pipe() -> io::Result<RawFd> {
+    if let Some(&(r, _)) = SIGCHLD_PIPE.get() {
+        return Ok(r);
+    }
+    let (r, w) = pipe_cloexec()?;
+    set_nonblocking(r.as_raw_fd())?;
+    set_nonblocking(w.as_raw_fd())?;
+    // Leaked on purpose: the handler may run at any time for the life of the process.
+    let pair = (r.as_raw_fd(), w.as_raw_fd());
+    if SIGCHLD_PIPE.set(pair).is_ok() {
+        std::mem::forget(r);
+        std::mem::forget(w);
+        // SAFETY: installing a handler that only calls write(2).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigchld as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART | libc::SA_NOCLDSTOP;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGCHLD, &sa, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(SIGCHLD_PIPE.get().map(|p| p.0).unwrap_or(pair.0))
+}
+
+/// Empties the SIGCHLD pipe.
+pub fn drain_fd(fd: RawFd) {
+    let mut buf = [0u8; 256];
+    // SAFETY: reading into a stack buffer from a non-blocking fd.
+    while unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+}
+
+pub fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 fills the two-element array on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we own.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl < 0 || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// How a reaped process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitStatus {
+    Exited(i32),
+    Signaled(i32),
+}
+
+/// Reaps every child that has ended (run roots and adopted orphans alike), without blocking.
+pub fn reap_all(mut each: impl FnMut(i32, WaitStatus)) {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid out pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return;
+        }
+        let ws = if libc::WIFEXITED(status) {
+            WaitStatus::Exited(libc::WEXITSTATUS(status))
+        } else if libc::WIFSIGNALED(status) {
+            WaitStatus::Signaled(libc::WTERMSIG(status))
+        } else {
+            continue;
+        };
+        each(pid, ws);
+    }
+}
+
+/// Direct children of `pid` (all its threads), from /proc.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        read_children(&t.path().join("children"), &mut out);
+    }
+    out
+}
+
+fn read_children(file: &Path, out: &mut Vec<i32>) -> bool {
+    match std::fs::read_to_string(file) {
+        Ok(s) => {
+            out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Orphans adopted by this process. The kernel hands them to the first live thread of a
+/// subreaper, which is the main thread, so one small file is enough in the common case.
+fn adopted() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    if read_children(Path::new(&format!("/proc/{me}/task/{me}/children")), &mut out) {
+        out
+    } else {
+        children_of(me)
+    }
+}
+
+/// The run token in a process's environment, if it has one.
+pub fn token_of(pid: i32) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{TOKEN_VAR}=");
+    env.split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Every live process of a run: the root's descendants and the orphans (children of this
+/// process that are not run roots) carrying `token`, with their descendants.
+pub fn run_members(root: Option<i32>, token: &str, is_root: &dyn Fn(i32) -> bool) -> Vec<i32> {
+    let mut queue: VecDeque<i32> = VecDeque::new();
+    if let Some(r) = root {
+        queue.push_back(r);
+    }
+    for c in adopted() {
+        if !is_root(c) && token_of(c).as_deref() == Some(token) {
+            queue.push_back(c);
+        }
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    while let Some(p) = queue.pop_front() {
+        if !seen.insert(p) {
+            continue;
+        }
+        out.push(p);
+        queue.extend(children_of(p));
+    }
+    out
+}
+
+/// Signals a run's process group and every member found. Returns how many were signalled.
+pub fn signal_run(root: Option<i32>, token: &str, is_root: &dyn Fn(i32) -> bool, sig: i32) -> usize {
+    if let Some(r) = root {
+        // The root called setsid, so its pgid is its pid; this catches a fork storm in one go.
+        // SAFETY: kill(2) on a process group we created.
+        unsafe { libc::kill(-r, sig) };
+    }
+    let members = run_members(root, token, is_root);
+    for &p in &members {
+        // SAFETY: kill(2); a pid that just exited gives ESRCH, which is fine.
+        unsafe { libc::kill(p, sig) };
+    }
+    members.len()
+}
+
+/// True while a process with this pid exists (zombies count until reaped).
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}

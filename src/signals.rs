@@ -1,0 +1,34 @@
+//! Termination signals as channel messages: SIGINT and SIGTERM are blocked in every thread and
+//! one named thread receives them with sigwait, so shutdown is ordinary control flow and no
+//! signal handler touches program state. Call before spawning any other thread.
+
+use crossbeam_channel::Receiver;
+
+/// Blocks SIGINT, SIGTERM and SIGHUP for the process and returns a channel that yields each
+/// one as it arrives. Child processes start with an empty mask (std resets it before exec).
+pub fn termination() -> std::io::Result<Receiver<i32>> {
+    let sigs = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    // SAFETY: building and applying a signal mask on a stack sigset.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in sigs {
+            libc::sigaddset(&mut set, s);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        set
+    };
+    // Unbounded on purpose: a handful of signals at most, and the waiter must never block.
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::Builder::new().name("signals".into()).spawn(move || loop {
+        let mut sig = 0;
+        // SAFETY: sigwait on the set blocked above.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 && tx.send(sig).is_err() {
+            return;
+        }
+    })?;
+    Ok(rx)
+}
