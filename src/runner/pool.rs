@@ -378,6 +378,7 @@ struct Reactor {
     cmd_rx: Receiver<Cmd>,
     shared: Arc<Shared>,
     sigchld: i32,
+    pool_id: usize,
     runs: Vec<Option<Run>>,
     free: Vec<usize>,
     by_key: HashMap<RunKey, usize>,
@@ -392,10 +393,11 @@ impl Reactor {
     fn new(cfg: PoolConfig, poller: Arc<Poller>, cmd_rx: Receiver<Cmd>, shared: Arc<Shared>, sigchld: i32) -> Self {
         Reactor {
             cfg,
-            poller,
+            poller: poller.clone(),
             cmd_rx,
             shared,
             sigchld,
+            pool_id: tree::register_pool(poller.clone()),
             runs: Vec::new(),
             free: Vec::new(),
             by_key: HashMap::new(),
@@ -444,7 +446,9 @@ impl Reactor {
             self.start_queued();
             self.on_timers(Instant::now());
             if cancelled_all && self.by_key.is_empty() && self.queue.is_empty() {
+                // SAFETY: the SIGCHLD pipe is never closed (see tree::sigchld_pipe).
                 let _ = self.poller.delete(unsafe { BorrowedFd::borrow_raw(self.sigchld) });
+                tree::unregister_pool(self.pool_id);
                 return;
             }
         }
@@ -501,10 +505,11 @@ impl Reactor {
                 limits: &self.cfg.limits,
                 run_as: self.cfg.run_as,
             };
-            spawn(&spec).map_err(|e| format!("{}: {e}", launch.argv[0]))
+            tree::spawn_root(self.pool_id, || spawn(&spec).map(|sp| (sp.pid, sp)))
+                .map_err(|e| format!("{}: {e}", launch.argv[0]))
         });
         let sp = match spawned {
-            Ok(sp) => sp,
+            Ok((_, sp)) => sp,
             Err(reason) => {
                 log::warn!(target: LOG, "execution={} attempt={} spawn failed: {reason}", req.execution_id, req.attempt);
                 let _ = std::fs::remove_dir_all(&workspace);
@@ -668,13 +673,8 @@ impl Reactor {
     }
 
     fn reap(&mut self) {
-        let mut exited = Vec::new();
-        tree::reap_all(|pid, ws| exited.push((pid, ws)));
-        for (pid, ws) in exited {
-            let Some(slot) = self.by_pid.remove(&pid) else {
-                log::debug!(target: LOG, "reaped adopted orphan pid={pid} {ws:?}");
-                continue;
-            };
+        for (pid, ws) in tree::collect_exits(self.pool_id) {
+            let Some(slot) = self.by_pid.remove(&pid) else { continue };
             let grace = self.cfg.kill_grace;
             let Some(run) = self.runs[slot].as_mut() else { continue };
             run.pid = None;

@@ -66,6 +66,16 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     // SAFETY: the closure only makes async-signal-safe syscalls and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
+            // A clean signal state: the node blocks SIGTERM/SIGINT/SIGHUP (they are read with
+            // sigwait) and ignores SIGPIPE, and both would otherwise survive exec.
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            for sig in 1..32 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }

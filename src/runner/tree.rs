@@ -3,7 +3,10 @@
 //! plus orphans re-parented to us that carry the run's token in their environment) and kills them.
 //! Linux only; reads /proc. Owns no run state.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, LazyLock, Mutex};
+
+use polling::Poller;
 use std::path::Path;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -113,8 +116,72 @@ pub enum WaitStatus {
     Signaled(i32),
 }
 
-/// Reaps every child that has ended (run roots and adopted orphans alike), without blocking.
-pub fn reap_all(mut each: impl FnMut(i32, WaitStatus)) {
+/// Every child of the process is reaped here, whichever pool wakes first: run roots are filed
+/// for the pool that owns them (and that pool's poller is woken), adopted orphans are dropped.
+/// Spawning happens under the same lock, so a root is registered before anyone can reap it.
+struct Reaper {
+    roots: HashMap<i32, usize>,
+    exits: HashMap<usize, Vec<(i32, WaitStatus)>>,
+    pollers: HashMap<usize, Arc<Poller>>,
+    next_pool: usize,
+}
+
+static REAPER: LazyLock<Mutex<Reaper>> = LazyLock::new(|| {
+    Mutex::new(Reaper { roots: HashMap::new(), exits: HashMap::new(), pollers: HashMap::new(), next_pool: 0 })
+});
+
+fn reaper() -> std::sync::MutexGuard<'static, Reaper> {
+    // A panic while holding the lock leaves plain maps behind; they are still consistent.
+    REAPER.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Registers a pool with the process-wide reaper; returns its id.
+pub fn register_pool(poller: Arc<Poller>) -> usize {
+    let mut r = reaper();
+    r.next_pool += 1;
+    let id = r.next_pool;
+    r.pollers.insert(id, poller);
+    id
+}
+
+pub fn unregister_pool(id: usize) {
+    let mut r = reaper();
+    r.pollers.remove(&id);
+    r.exits.remove(&id);
+    r.roots.retain(|_, owner| *owner != id);
+}
+
+/// Runs `spawn` under the reaper lock and records the new root for `pool`.
+pub fn spawn_root<T>(pool: usize, spawn: impl FnOnce() -> io::Result<(i32, T)>) -> io::Result<(i32, T)> {
+    let mut r = reaper();
+    let (pid, t) = spawn()?;
+    r.roots.insert(pid, pool);
+    Ok((pid, t))
+}
+
+/// Reaps what has ended and returns the exits of `pool`'s roots.
+pub fn collect_exits(pool: usize) -> Vec<(i32, WaitStatus)> {
+    let mut r = reaper();
+    let mut wake = Vec::new();
+    reap_all(|pid, ws| match r.roots.remove(&pid) {
+        Some(owner) => {
+            r.exits.entry(owner).or_default().push((pid, ws));
+            if owner != pool {
+                wake.push(owner);
+            }
+        }
+        None => log::debug!(target: "etask::runner", "reaped adopted orphan pid={pid} {ws:?}"),
+    });
+    for owner in wake {
+        if let Some(p) = r.pollers.get(&owner) {
+            let _ = p.notify();
+        }
+    }
+    r.exits.remove(&pool).unwrap_or_default()
+}
+
+/// Reaps every child that has ended, without blocking.
+fn reap_all(mut each: impl FnMut(i32, WaitStatus)) {
     loop {
         let mut status = 0;
         // SAFETY: waitpid with a valid out pointer.
