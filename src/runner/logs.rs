@@ -122,6 +122,8 @@ impl LogCapture {
                 continue;
             }
             buf.partial.extend_from_slice(line);
+            // An unterminated line ages too, so a prompt is sent after the batch interval.
+            buf.since.get_or_insert(now);
             if complete {
                 let line = std::mem::take(&mut buf.partial);
                 self.accept(stream, line, now);

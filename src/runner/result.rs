@@ -58,7 +58,11 @@ pub fn parse_objects(bytes: &[u8]) -> (Option<Map<String, Value>>, Option<String
     let mut merged: Option<Map<String, Value>> = None;
     let mut stream = serde_json::Deserializer::from_slice(bytes).into_iter::<Value>();
     loop {
-        let offset = stream.byte_offset();
+        // Point at the offending value itself, not at the whitespace before it.
+        let mut offset = stream.byte_offset();
+        while bytes.get(offset).is_some_and(u8::is_ascii_whitespace) {
+            offset += 1;
+        }
         match stream.next() {
             None => return (merged, None),
             Some(Ok(Value::Object(obj))) => {
