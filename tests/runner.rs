@@ -457,3 +457,23 @@ fn child_starts_with_no_blocked_or_ignored_signals() {
     // Standard signals 1..=31 (bits 0..=30); the real-time ones reserved by libc are not ours.
     assert_eq!(masks.iter().map(|m| m & 0x7fff_ffff).collect::<Vec<_>>(), vec![0, 0], "SigBlk, SigIgn");
 }
+
+#[test]
+fn a_long_queue_drains_through_few_slots() {
+    // Slots freed by timers must be refilled at once, not at the next unrelated wake-up
+    // (a run that exits quietly frees its slot from the timer pass).
+    let pool = Pool::start(PoolConfig { max_concurrent: 2, queue_capacity: 300, ..cfg() }).unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for i in 0..300i64 {
+        pool.submit(RunRequest::new(ExecutionId(20_000 + i), Program::shell("true")), tx.clone()).unwrap();
+    }
+    let mut done = 0;
+    while done < 300 {
+        if let RunEvent::Finished { outcome, .. } =
+            rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("queue stalled after {done} runs"))
+        {
+            assert_eq!(outcome.status(), Status::Succeeded, "{outcome:?}");
+            done += 1;
+        }
+    }
+}

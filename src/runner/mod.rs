@@ -2,6 +2,7 @@
 //! log chunks and reads its JSON result from fd 3. It takes `RunRequest`s and emits `RunEvent`s
 //! on crossbeam channels, and knows nothing of transports, storage or the scheduler.
 
+mod launcher;
 pub mod logs;
 pub mod pool;
 pub mod program;

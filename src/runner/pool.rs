@@ -17,9 +17,10 @@ use polling::{Event, Events, PollMode, Poller};
 use serde_json::{json, Map, Value};
 
 use super::logs::{LogCapture, LogChunk, LogLimits, Stream};
-use super::program::{launch, Interpreters, Program, ProgramError};
+use super::launcher::{self, Job, SpawnDone, SpawnJob};
+use super::program::{Interpreters, Program, ProgramError};
 use super::result::ResultSink;
-use super::spawn::{spawn, RunAs, Rlimits, SpawnSpec};
+use super::spawn::{RunAs, Rlimits};
 use super::tree::{self, WaitStatus};
 use crate::model::{Attempt, ExecutionId, Status, TaskId};
 
@@ -29,6 +30,8 @@ const LOG: &str = "etask::runner";
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     pub max_concurrent: usize,
+    /// Threads that create workspaces, fork/exec and clean up, so the reactor never blocks.
+    pub launchers: usize,
     /// Runs waiting for a slot; a submit beyond it is refused with `SubmitError::Full`.
     pub queue_capacity: usize,
     pub workspace_root: PathBuf,
@@ -48,6 +51,7 @@ impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             max_concurrent: 64,
+            launchers: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
             queue_capacity: 1024,
             workspace_root: std::env::temp_dir().join("etask-work"),
             keep_failed_workspaces: false,
@@ -221,6 +225,7 @@ pub struct Pool {
     capacity: usize,
     max_concurrent: usize,
     thread: Option<JoinHandle<()>>,
+    launchers: Vec<JoinHandle<()>>,
 }
 
 impl Pool {
@@ -254,9 +259,15 @@ impl Pool {
             stopping: AtomicBool::new(false),
         });
         let max_concurrent = cfg.max_concurrent;
-        let mut reactor = Reactor::new(cfg, poller.clone(), cmd_rx, shared.clone(), sigchld);
+        let cfg = Arc::new(cfg);
+        let pool_id = tree::register_pool(poller.clone());
+        // Bounded by what can be in flight: one job per run plus one workspace removal per run.
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(2 * capacity);
+        let (spawned_tx, spawned_rx) = crossbeam_channel::bounded(capacity);
+        let launchers = launcher::start(cfg.launchers, cfg.clone(), pool_id, jobs_rx, spawned_tx, poller.clone())?;
+        let mut reactor = Reactor::new(cfg, poller.clone(), cmd_rx, shared.clone(), sigchld, pool_id, jobs_tx, spawned_rx);
         let thread = std::thread::Builder::new().name("runner-io".into()).spawn(move || reactor.run())?;
-        Ok(Pool { shared, poller, cmd_tx, capacity, max_concurrent, thread: Some(thread) })
+        Ok(Pool { shared, poller, cmd_tx, capacity, max_concurrent, thread: Some(thread), launchers })
     }
 
     /// Queues a run. Events for it arrive on `events`; the last one is always `Finished`.
@@ -311,6 +322,10 @@ impl Pool {
         self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = self.poller.notify();
         if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // The reactor dropped the job sender on exit; launchers finish pending removals and end.
+        for t in self.launchers.drain(..) {
             let _ = t.join();
         }
     }
@@ -373,7 +388,7 @@ impl Run {
 }
 
 struct Reactor {
-    cfg: PoolConfig,
+    cfg: Arc<PoolConfig>,
     poller: Arc<Poller>,
     cmd_rx: Receiver<Cmd>,
     shared: Arc<Shared>,
@@ -384,20 +399,39 @@ struct Reactor {
     by_key: HashMap<RunKey, usize>,
     by_pid: HashMap<i32, usize>,
     queue: VecDeque<(Box<RunRequest>, Sender<RunEvent>)>,
+    /// Runs handed to a launcher, with whether a cancel arrived meanwhile.
+    starting: HashMap<RunKey, bool>,
+    early_exits: HashMap<i32, WaitStatus>,
+    jobs: Sender<Job>,
+    spawned_rx: Receiver<SpawnDone>,
     next_seq: u64,
     scratch: Vec<u8>,
     chunks: Vec<LogChunk>,
 }
 
 impl Reactor {
-    fn new(cfg: PoolConfig, poller: Arc<Poller>, cmd_rx: Receiver<Cmd>, shared: Arc<Shared>, sigchld: i32) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: Arc<PoolConfig>,
+        poller: Arc<Poller>,
+        cmd_rx: Receiver<Cmd>,
+        shared: Arc<Shared>,
+        sigchld: i32,
+        pool_id: usize,
+        jobs: Sender<Job>,
+        spawned_rx: Receiver<SpawnDone>,
+    ) -> Self {
         Reactor {
             cfg,
-            poller: poller.clone(),
+            poller,
             cmd_rx,
             shared,
             sigchld,
-            pool_id: tree::register_pool(poller.clone()),
+            pool_id,
+            starting: HashMap::new(),
+            early_exits: HashMap::new(),
+            jobs,
+            spawned_rx,
             runs: Vec::new(),
             free: Vec::new(),
             by_key: HashMap::new(),
@@ -429,6 +463,9 @@ impl Reactor {
                 }
             }
             self.reap();
+            while let Ok(done) = self.spawned_rx.try_recv() {
+                self.started(done);
+            }
             while let Ok(cmd) = self.cmd_rx.try_recv() {
                 match cmd {
                     Cmd::Submit(req, tx) => self.queue.push_back((req, tx)),
@@ -437,15 +474,17 @@ impl Reactor {
             }
             if self.shared.stopping.load(Ordering::SeqCst) && !cancelled_all {
                 cancelled_all = true;
-                let keys: Vec<RunKey> = self.by_key.keys().copied().collect();
+                let keys: Vec<RunKey> = self.by_key.keys().chain(self.starting.keys()).copied().collect();
                 let queued: Vec<RunKey> = self.queue.iter().map(|(r, _)| r.key()).collect();
                 for k in keys.into_iter().chain(queued) {
                     self.stop_run(k, Ending::Cancelled);
                 }
             }
-            self.start_queued();
+            // Timers may finish runs; refill their slots before sleeping, or the queue would
+            // wait for an unrelated wake-up.
             self.on_timers(Instant::now());
-            if cancelled_all && self.by_key.is_empty() && self.queue.is_empty() {
+            self.start_queued();
+            if cancelled_all && self.by_key.is_empty() && self.queue.is_empty() && self.starting.is_empty() {
                 // SAFETY: the SIGCHLD pipe is never closed (see tree::sigchld_pipe).
                 let _ = self.poller.delete(unsafe { BorrowedFd::borrow_raw(self.sigchld) });
                 tree::unregister_pool(self.pool_id);
@@ -476,46 +515,51 @@ impl Reactor {
     }
 
     fn start_queued(&mut self) {
-        while self.by_key.len() < self.cfg.max_concurrent {
+        while self.by_key.len() + self.starting.len() < self.cfg.max_concurrent {
             let Some((req, tx)) = self.queue.pop_front() else { return };
-            if self.by_key.contains_key(&req.key()) {
-                log::warn!(target: LOG, "execution={} attempt={} is already running; duplicate refused", req.execution_id, req.attempt);
-                let outcome = Outcome::failed_before_start(Ending::SpawnFailed("this execution attempt is already running".into()));
-                let _ = tx.send(RunEvent::Finished { key: req.key(), outcome });
-                self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let key = req.key();
+            if self.by_key.contains_key(&key) || self.starting.contains_key(&key) {
+                log::warn!(target: LOG, "execution={} attempt={} is already running; duplicate refused", key.execution, key.attempt);
+                self.refuse(key, &tx, Ending::SpawnFailed("this execution attempt is already running".into()));
                 continue;
             }
-            self.start(*req, tx);
+            self.begin(req, tx);
         }
     }
 
-    fn start(&mut self, req: RunRequest, tx: Sender<RunEvent>) {
-        let key = req.key();
+    /// Hands a queued run to a launcher thread; it counts against `max_concurrent` from now.
+    fn begin(&mut self, req: Box<RunRequest>, events: Sender<RunEvent>) {
         self.next_seq += 1;
         let token = format!("{}-{}", std::process::id(), self.next_seq);
-        let workspace = self.cfg.workspace_root.join(format!("run-{}-{}-{}", req.execution_id, req.attempt, self.next_seq));
-        let started = Instant::now();
-        let spawned = self.prepare_workspace(&req, &workspace).and_then(|launch| {
-            let env = self.child_env(&req, &workspace, &token);
-            let spec = SpawnSpec {
-                argv: &launch.argv,
-                env: &env,
-                cwd: &launch.cwd,
-                stdin: req.program.stdin.is_some(),
-                limits: &self.cfg.limits,
-                run_as: self.cfg.run_as,
-            };
-            tree::spawn_root(self.pool_id, || spawn(&spec).map(|sp| (sp.pid, sp)))
-                .map_err(|e| format!("{}: {e}", launch.argv[0]))
-        });
-        let sp = match spawned {
-            Ok((_, sp)) => sp,
+        let workspace =
+            self.cfg.workspace_root.join(format!("run-{}-{}-{}", req.execution_id, req.attempt, self.next_seq));
+        self.starting.insert(req.key(), false);
+        if let Err(crossbeam_channel::SendError(Job::Spawn(job))) =
+            self.jobs.send(Job::Spawn(SpawnJob { req, events, token, workspace }))
+        {
+            // Launchers are gone only while the pool stops.
+            self.starting.remove(&job.req.key());
+            self.refuse(job.req.key(), &job.events, Ending::SpawnFailed("the pool is stopping".into()));
+        }
+    }
+
+    fn refuse(&self, key: RunKey, events: &Sender<RunEvent>, ending: Ending) {
+        let _ = events.send(RunEvent::Finished { key, outcome: Outcome::failed_before_start(ending) });
+        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// A launcher finished starting a run (or failed to).
+    fn started(&mut self, done: SpawnDone) {
+        let SpawnDone { job, started, result } = done;
+        let key = job.req.key();
+        let cancel = self.starting.remove(&key).unwrap_or(false);
+        let sp = match result {
+            Ok(sp) => sp,
             Err(reason) => {
-                log::warn!(target: LOG, "execution={} attempt={} spawn failed: {reason}", req.execution_id, req.attempt);
-                let _ = std::fs::remove_dir_all(&workspace);
+                log::warn!(target: LOG, "execution={} attempt={} spawn failed: {reason}", key.execution, key.attempt);
                 let mut outcome = Outcome::failed_before_start(Ending::SpawnFailed(reason));
                 outcome.duration = started.elapsed();
-                let _ = tx.send(RunEvent::Finished { key, outcome });
+                let _ = job.events.send(RunEvent::Finished { key, outcome });
                 self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
                 return;
             }
@@ -530,16 +574,17 @@ impl Reactor {
                 let ev = if i == STDIN { Event::writable(slot * FDS + i) } else { Event::readable(slot * FDS + i) };
                 // SAFETY: every fd is deleted from the poller before it is closed (close_fd).
                 if let Err(e) = unsafe { self.poller.add_with_mode(fd.as_raw_fd(), ev, PollMode::Level) } {
-                    log::error!(target: LOG, "cannot watch a pipe of execution={}: {e}", req.execution_id);
+                    log::error!(target: LOG, "cannot watch a pipe of execution={}: {e}", key.execution);
                 }
             }
         }
-        log::debug!(target: LOG, "execution={} attempt={} started pid={}", req.execution_id, req.attempt, sp.pid);
-        let _ = tx.send(RunEvent::Started { key, pid: sp.pid });
+        log::debug!(target: LOG, "execution={} attempt={} started pid={}", key.execution, key.attempt, sp.pid);
+        let _ = job.events.send(RunEvent::Started { key, pid: sp.pid });
+        let req = job.req;
         self.runs[slot] = Some(Run {
             key,
-            token,
-            events: tx,
+            token: job.token,
+            events: job.events,
             pid: Some(sp.pid),
             wait: None,
             fds,
@@ -551,60 +596,17 @@ impl Reactor {
             deadline: req.timeout.map(|t| started + t),
             ending: None,
             kill: Kill::None,
-            workspace,
+            workspace: job.workspace,
         });
         self.by_key.insert(key, slot);
         self.by_pid.insert(sp.pid, slot);
         self.shared.running.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// Creates the private workspace (and the script file) owned by the run's uid.
-    fn prepare_workspace(&self, req: &RunRequest, ws: &std::path::Path) -> Result<super::program::Launch, String> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        let launch = launch(&req.program, ws, &self.cfg.interpreters).map_err(|e| e.0)?;
-        let io = |what: &str, p: &std::path::Path, e: io::Error| format!("{what} {}: {e}", p.display());
-        let mut dirs = vec![ws.to_path_buf(), ws.join("tmp"), ws.join(".etask")];
-        dirs.push(launch.cwd.clone());
-        for d in &dirs {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(d).map_err(|e| io("cannot create workspace dir", d, e))?;
+        if let Some(ws) = self.early_exits.remove(&sp.pid) {
+            self.on_exit(sp.pid, ws);
         }
-        let mut owned = dirs;
-        if let Some((path, bytes, mode)) = &launch.script {
-            std::fs::write(path, bytes).map_err(|e| io("cannot write", path, e))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(|e| io("cannot chmod", path, e))?;
-            owned.push(path.clone());
+        if cancel {
+            self.stop_run(key, Ending::Cancelled);
         }
-        if let Some(RunAs { uid, gid }) = self.cfg.run_as {
-            for p in &owned {
-                std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|e| io("cannot chown", p, e))?;
-            }
-        }
-        Ok(launch)
-    }
-
-    fn child_env(&self, req: &RunRequest, ws: &std::path::Path, token: &str) -> Vec<(String, String)> {
-        let ws_s = ws.display().to_string();
-        let mut env: Vec<(String, String)> = vec![
-            ("PATH".into(), self.cfg.path_env.clone()),
-            ("LANG".into(), self.cfg.lang.clone()),
-            ("HOME".into(), ws_s.clone()),
-            ("TMPDIR".into(), ws.join("tmp").display().to_string()),
-            ("ETASK_EXECUTION_ID".into(), req.execution_id.to_string()),
-            ("ETASK_TASK_ID".into(), req.task_id.to_string()),
-            ("ETASK_ATTEMPT".into(), req.attempt.to_string()),
-            ("ETASK_SHARD_INDEX".into(), req.shard_index.to_string()),
-            ("ETASK_SHARD_TOTAL".into(), req.shard_total.to_string()),
-            ("ETASK_WORKSPACE".into(), ws_s),
-            ("ETASK_RESULT_FD".into(), "3".into()),
-            ("EWORK_RESULT_FD".into(), "3".into()),
-            (tree::TOKEN_VAR.into(), token.into()),
-        ];
-        // Request env may override PATH/LANG/HOME/TMPDIR (validated: never ETASK_*).
-        for (k, v) in req.program.env.iter().chain(req.program.secret_env.iter()) {
-            env.retain(|(ek, _)| ek != k);
-            env.push((k.clone(), v.clone()));
-        }
-        env
     }
 
     fn on_io(&mut self, slot: usize, which: usize) {
@@ -674,33 +676,45 @@ impl Reactor {
 
     fn reap(&mut self) {
         for (pid, ws) in tree::collect_exits(self.pool_id) {
-            let Some(slot) = self.by_pid.remove(&pid) else { continue };
-            let grace = self.cfg.kill_grace;
-            let Some(run) = self.runs[slot].as_mut() else { continue };
-            run.pid = None;
-            run.wait = Some(ws);
-            Self::close_fd(&self.poller, run, STDIN);
-            let now = Instant::now();
-            if matches!(run.kill, Kill::None) {
-                // The main process is gone; whatever it left behind is stopped too, since the
-                // run (and its workspace) ends here.
-                let left = tree::signal_run(None, &run.token, &|p| self.by_pid.contains_key(&p), libc::SIGTERM);
-                run.kill = if left > 0 {
-                    log::info!(target: LOG, "execution={} attempt={} left {left} processes behind; terminating them", run.key.execution, run.key.attempt);
-                    Kill::term(now, grace)
-                } else {
-                    Kill::Draining { until: now + Duration::from_secs(2) }
-                };
+            if self.by_pid.contains_key(&pid) {
+                self.on_exit(pid, ws);
+            } else {
+                // Reaped before its launcher reported the spawn; applied in `started`.
+                self.early_exits.insert(pid, ws);
             }
+        }
+    }
+
+    fn on_exit(&mut self, pid: i32, ws: WaitStatus) {
+        let Some(slot) = self.by_pid.remove(&pid) else { return };
+        let grace = self.cfg.kill_grace;
+        let Some(run) = self.runs[slot].as_mut() else { return };
+        run.pid = None;
+        run.wait = Some(ws);
+        Self::close_fd(&self.poller, run, STDIN);
+        let now = Instant::now();
+        if matches!(run.kill, Kill::None) {
+            // The main process is gone; whatever it left behind is stopped too, since the
+            // run (and its workspace) ends here.
+            let left = tree::signal_run(None, &run.token, &|p| self.by_pid.contains_key(&p), libc::SIGTERM);
+            run.kill = if left > 0 {
+                log::info!(target: LOG, "execution={} attempt={} left {left} processes behind; terminating them", run.key.execution, run.key.attempt);
+                Kill::term(now, grace)
+            } else {
+                Kill::Draining { until: now + Duration::from_secs(2) }
+            };
         }
     }
 
     fn stop_run(&mut self, key: RunKey, why: Ending) {
         if let Some(pos) = self.queue.iter().position(|(r, _)| r.key() == key) {
             if let Some((_, tx)) = self.queue.remove(pos) {
-                let _ = tx.send(RunEvent::Finished { key, outcome: Outcome::failed_before_start(why) });
-                self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                self.refuse(key, &tx, why);
             }
+            return;
+        }
+        if let Some(cancel) = self.starting.get_mut(&key) {
+            *cancel = true; // applied as soon as the launcher reports the pid
             return;
         }
         let Some(&slot) = self.by_key.get(&key) else { return };
@@ -812,11 +826,16 @@ impl Reactor {
         let keep = self.cfg.keep_failed_workspaces && outcome.status() != Status::Succeeded;
         if keep {
             log::info!(target: LOG, "execution={} attempt={} workspace kept at {}", run.key.execution, run.key.attempt, run.workspace.display());
-        } else if let Err(e) = std::fs::remove_dir_all(&run.workspace) {
-            log::warn!(target: LOG, "cannot remove workspace {}: {e}", run.workspace.display());
         }
         log::debug!(target: LOG, "execution={} attempt={} finished status={} duration_ms={}", run.key.execution, run.key.attempt, outcome.status(), outcome.duration.as_millis());
-        let _ = run.events.send(RunEvent::Finished { key: run.key, outcome });
+        let job = Job::Finish {
+            workspace: (!keep).then_some(run.workspace),
+            events: run.events,
+            finished: RunEvent::Finished { key: run.key, outcome },
+        };
+        if let Err(crossbeam_channel::SendError(Job::Finish { workspace, events, finished })) = self.jobs.send(job) {
+            launcher::finish(workspace, &events, finished);
+        }
         self.shared.running.fetch_sub(1, Ordering::SeqCst);
         self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
     }

@@ -1,0 +1,145 @@
+//! Launcher threads: the slow, blocking part of starting and ending a run (creating the private
+//! workspace and script file, fork/exec, removing the workspace afterwards). Kept off the
+//! reactor so pipes keep flowing and several runs can start at once.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use polling::Poller;
+
+use super::pool::{PoolConfig, RunEvent, RunRequest};
+use super::program::{launch, Launch};
+use super::spawn::{spawn, RunAs, SpawnSpec, Spawned};
+use super::tree;
+
+pub(super) enum Job {
+    Spawn(SpawnJob),
+    /// Remove a finished run's workspace (if any), then deliver its `Finished` event, so a
+    /// caller that sees `Finished` never finds the workspace still on disk.
+    Finish { workspace: Option<PathBuf>, events: Sender<RunEvent>, finished: RunEvent },
+}
+
+pub(super) struct SpawnJob {
+    pub req: Box<RunRequest>,
+    pub events: Sender<RunEvent>,
+    pub token: String,
+    pub workspace: PathBuf,
+}
+
+pub(super) struct SpawnDone {
+    pub job: SpawnJob,
+    pub started: Instant,
+    pub result: Result<Spawned, String>,
+}
+
+/// Starts `n` launcher threads. They stop when the job channel is closed and empty.
+pub(super) fn start(
+    n: usize,
+    cfg: Arc<PoolConfig>,
+    pool_id: usize,
+    jobs: Receiver<Job>,
+    done: Sender<SpawnDone>,
+    poller: Arc<Poller>,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    (0..n.max(1))
+        .map(|i| {
+            let (cfg, jobs, done, poller) = (cfg.clone(), jobs.clone(), done.clone(), poller.clone());
+            std::thread::Builder::new().name(format!("runner-launch-{i}")).spawn(move || {
+                for job in jobs.iter() {
+                    match job {
+                        Job::Spawn(job) => {
+                            let started = Instant::now();
+                            let result = launch_one(&cfg, pool_id, &job);
+                            if done.send(SpawnDone { job, started, result }).is_err() {
+                                return;
+                            }
+                            let _ = poller.notify();
+                        }
+                        Job::Finish { workspace, events, finished } => finish(workspace, &events, finished),
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+pub(super) fn finish(workspace: Option<PathBuf>, events: &Sender<RunEvent>, finished: RunEvent) {
+    if let Some(ws) = workspace {
+        if let Err(e) = std::fs::remove_dir_all(&ws) {
+            log::warn!(target: "etask::runner", "cannot remove workspace {}: {e}", ws.display());
+        }
+    }
+    let _ = events.send(finished);
+}
+
+fn launch_one(cfg: &PoolConfig, pool_id: usize, job: &SpawnJob) -> Result<Spawned, String> {
+    let launch = prepare_workspace(cfg, &job.req, &job.workspace)?;
+    let env = child_env(cfg, &job.req, &job.workspace, &job.token);
+    let spec = SpawnSpec {
+        argv: &launch.argv,
+        env: &env,
+        cwd: &launch.cwd,
+        stdin: job.req.program.stdin.is_some(),
+        limits: &cfg.limits,
+        run_as: cfg.run_as,
+    };
+    let spawned = tree::spawn_root(pool_id, || spawn(&spec).map(|sp| (sp.pid, sp)));
+    match spawned {
+        Ok((_, sp)) => Ok(sp),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&job.workspace);
+            Err(format!("{}: {e}", launch.argv[0]))
+        }
+    }
+}
+
+/// Creates the private workspace (and the script file), owned by the run's uid.
+fn prepare_workspace(cfg: &PoolConfig, req: &RunRequest, ws: &Path) -> Result<Launch, String> {
+    let launch = launch(&req.program, ws, &cfg.interpreters).map_err(|e| e.0)?;
+    let io = |what: &str, p: &Path, e: io::Error| format!("{what} {}: {e}", p.display());
+    let mut owned = vec![ws.to_path_buf(), ws.join("tmp"), ws.join(".etask"), launch.cwd.clone()];
+    for d in &owned {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(d).map_err(|e| io("cannot create workspace dir", d, e))?;
+    }
+    if let Some((path, bytes, mode)) = &launch.script {
+        std::fs::write(path, bytes).map_err(|e| io("cannot write", path, e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(|e| io("cannot chmod", path, e))?;
+        owned.push(path.clone());
+    }
+    if let Some(RunAs { uid, gid }) = cfg.run_as {
+        for p in &owned {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|e| io("cannot chown", p, e))?;
+        }
+    }
+    Ok(launch)
+}
+
+fn child_env(cfg: &PoolConfig, req: &RunRequest, ws: &Path, token: &str) -> Vec<(String, String)> {
+    let ws_s = ws.display().to_string();
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), cfg.path_env.clone()),
+        ("LANG".into(), cfg.lang.clone()),
+        ("HOME".into(), ws_s.clone()),
+        ("TMPDIR".into(), ws.join("tmp").display().to_string()),
+        ("ETASK_EXECUTION_ID".into(), req.execution_id.to_string()),
+        ("ETASK_TASK_ID".into(), req.task_id.to_string()),
+        ("ETASK_ATTEMPT".into(), req.attempt.to_string()),
+        ("ETASK_SHARD_INDEX".into(), req.shard_index.to_string()),
+        ("ETASK_SHARD_TOTAL".into(), req.shard_total.to_string()),
+        ("ETASK_WORKSPACE".into(), ws_s),
+        ("ETASK_RESULT_FD".into(), "3".into()),
+        ("EWORK_RESULT_FD".into(), "3".into()),
+        (tree::TOKEN_VAR.into(), token.into()),
+    ];
+    // Request env may override PATH/LANG/HOME/TMPDIR (validation refuses any ETASK_* name).
+    for (k, v) in req.program.env.iter().chain(req.program.secret_env.iter()) {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.clone(), v.clone()));
+    }
+    env
+}
