@@ -27,7 +27,10 @@ fn raw_spawn_rate(runs: usize, conc: usize) -> f64 {
         .map(|_| {
             std::thread::spawn(move || {
                 for _ in 0..per {
-                    let out = std::process::Command::new("sh").args(["-c", "true"]).output().expect("spawn sh");
+                    let out = std::process::Command::new("sh")
+                        .args(["-c", "true"])
+                        .output()
+                        .expect("spawn sh");
                     assert!(out.status.success());
                 }
             })
@@ -40,7 +43,11 @@ fn raw_spawn_rate(runs: usize, conc: usize) -> f64 {
 }
 
 fn pool_rate(runs: usize, conc: usize, root: Option<&str>) -> f64 {
-    let mut cfg = PoolConfig { max_concurrent: conc, queue_capacity: runs, ..PoolConfig::default() };
+    let mut cfg = PoolConfig {
+        max_concurrent: conc,
+        queue_capacity: runs,
+        ..PoolConfig::default()
+    };
     if let Some(r) = root {
         cfg.workspace_root = r.into();
     }
@@ -48,7 +55,11 @@ fn pool_rate(runs: usize, conc: usize, root: Option<&str>) -> f64 {
     let (tx, rx) = crossbeam_channel::unbounded();
     let t0 = Instant::now();
     for i in 0..runs {
-        pool.submit(RunRequest::new(ExecutionId(i as i64), Program::shell("true")), tx.clone()).expect("submit");
+        pool.submit(
+            RunRequest::new(ExecutionId(i as i64), Program::shell("true")),
+            tx.clone(),
+        )
+        .expect("submit");
     }
     let mut done = 0;
     while done < runs {
@@ -63,7 +74,11 @@ fn pool_rate(runs: usize, conc: usize, root: Option<&str>) -> f64 {
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(str::to_owned)
+        })
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
 }
@@ -81,7 +96,8 @@ fn rss_with_sleepers(n: usize) -> (u64, u64, Duration) {
     let t0 = Instant::now();
     for i in 0..n {
         let p = Program::exec(vec!["sleep".into(), "30".into()]);
-        pool.submit(RunRequest::new(ExecutionId(i as i64), p), tx.clone()).expect("submit");
+        pool.submit(RunRequest::new(ExecutionId(i as i64), p), tx.clone())
+            .expect("submit");
     }
     let mut started = 0;
     while started < n {
@@ -111,16 +127,32 @@ fn main() {
     let default_root = PoolConfig::default().workspace_root;
     println!("pool: {runs} runs of `true` at concurrency {conc}");
     println!("  raw spawn (sh -c true, piped stdio): {raw:8.0} runs/s");
-    println!("  through the pool (shell program):   {pooled:8.0} runs/s  (workspaces under {})", default_root.display());
-    println!("  ratio pool/raw: {:.0} % (target >= 80 %)", 100.0 * pooled / raw);
+    println!(
+        "  through the pool (shell program):   {pooled:8.0} runs/s  (workspaces under {})",
+        default_root.display()
+    );
+    println!(
+        "  ratio pool/raw: {:.0} % (target >= 80 %)",
+        100.0 * pooled / raw
+    );
     // Each run creates and removes a private workspace; on a disk file system that inode churn
     // is most of the pool's own cost, so show the same run with workspaces on tmpfs too.
     if std::path::Path::new("/dev/shm").is_dir() {
         let shm = pool_rate(runs, conc, Some("/dev/shm/etask-bench-work"));
-        println!("  through the pool, workspaces on tmpfs (/dev/shm): {shm:8.0} runs/s, ratio {:.0} %", 100.0 * shm / raw);
+        println!(
+            "  through the pool, workspaces on tmpfs (/dev/shm): {shm:8.0} runs/s, ratio {:.0} %",
+            100.0 * shm / raw
+        );
         let _ = std::fs::remove_dir_all("/dev/shm/etask-bench-work");
     }
     let (before, during, t) = rss_with_sleepers(sleepers);
-    println!("rss: {sleepers} `sleep 30` children running (all started in {} ms)", t.as_millis());
-    println!("  node RSS before: {:.1} MiB, while running: {:.1} MiB (target <= 64 MiB)", before as f64 / 1024.0, during as f64 / 1024.0);
+    println!(
+        "rss: {sleepers} `sleep 30` children running (all started in {} ms)",
+        t.as_millis()
+    );
+    println!(
+        "  node RSS before: {:.1} MiB, while running: {:.1} MiB (target <= 64 MiB)",
+        before as f64 / 1024.0,
+        during as f64 / 1024.0
+    );
 }

@@ -22,7 +22,12 @@ impl Log for StderrLogger {
                 Level::Debug => "DEBUG",
                 Level::Trace => "TRACE",
             };
-            let _ = writeln!(std::io::stderr().lock(), "{lvl} {}: {}", r.target(), r.args());
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "{lvl} {}: {}",
+                r.target(),
+                r.args()
+            );
         }
     }
     fn flush(&self) {}
@@ -30,7 +35,10 @@ impl Log for StderrLogger {
 
 /// Installs the logger once; later calls are ignored. `default` applies when ETASK_LOG is unset.
 pub fn init(default: LevelFilter) {
-    let level = std::env::var("ETASK_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let level = std::env::var("ETASK_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
     if log::set_boxed_logger(Box::new(StderrLogger { level })).is_ok() {
         log::set_max_level(level);
     }

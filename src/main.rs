@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use argh::FromArgs;
 use etask::model::ExecutionId;
-use etask::runner::{Ending, Outcome, Pool, PoolConfig, Program, RunEvent, RunRequest, ShellKind, Stream};
+use etask::runner::{
+    Ending, Outcome, Pool, PoolConfig, Program, RunEvent, RunRequest, ShellKind, Stream,
+};
 
 #[derive(FromArgs)]
 /// ETask: distributed execution of ops scripts (scheduler, executors, agents, local runs).
@@ -93,11 +95,15 @@ fn read_file(p: &PathBuf) -> Result<String, String> {
 }
 
 fn seconds(v: f64, flag: &str) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(v).map_err(|_| format!("{flag} takes a positive number of seconds, got {v}"))
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| format!("{flag} takes a positive number of seconds, got {v}"))
 }
 
 fn cmd_run(c: RunCmd) -> Result<ExitCode, String> {
-    let chosen = [c.shell.is_some(), c.python.is_some(), c.exec].iter().filter(|b| **b).count();
+    let chosen = [c.shell.is_some(), c.python.is_some(), c.exec]
+        .iter()
+        .filter(|b| **b)
+        .count();
     if chosen != 1 {
         return Err("give exactly one of --shell FILE, --python FILE or --exec -- ARGV...".into());
     }
@@ -119,14 +125,22 @@ fn cmd_run(c: RunCmd) -> Result<ExitCode, String> {
         Program::exec(c.args.clone())
     };
     program.env = parse_kv(&c.env, "--env")?.into_iter().collect();
-    program.secret_env = parse_kv(&c.secret_env, "--secret-env")?.into_iter().collect();
+    program.secret_env = parse_kv(&c.secret_env, "--secret-env")?
+        .into_iter()
+        .collect();
     if let Some(f) = &c.stdin {
         program.stdin = Some(read_file(f)?);
     }
     program.validate().map_err(|e| e.to_string())?;
 
-    let signals = etask::signals::termination().map_err(|e| format!("cannot set up signal handling: {e}"))?;
-    let cfg = PoolConfig { max_concurrent: 1, queue_capacity: 1, kill_grace: seconds(c.grace, "--grace")?, ..PoolConfig::default() };
+    let signals =
+        etask::signals::termination().map_err(|e| format!("cannot set up signal handling: {e}"))?;
+    let cfg = PoolConfig {
+        max_concurrent: 1,
+        queue_capacity: 1,
+        kill_grace: seconds(c.grace, "--grace")?,
+        ..PoolConfig::default()
+    };
     let pool = Pool::start(cfg).map_err(|e| format!("cannot start the process pool: {e}"))?;
     let mut req = RunRequest::new(ExecutionId(0), program);
     req.timeout = c.timeout.map(|t| seconds(t, "--timeout")).transpose()?;
@@ -181,7 +195,13 @@ fn print_summary(o: &Outcome) {
         Ending::Cancelled => "cancelled".into(),
         Ending::SpawnFailed(r) => format!("could not start: {r}"),
     };
-    eprintln!("== {} ({how}) in {} ms, {} log bytes{}", o.status(), o.duration.as_millis(), o.log_bytes, if o.log_truncated { " (truncated)" } else { "" });
+    eprintln!(
+        "== {} ({how}) in {} ms, {} log bytes{}",
+        o.status(),
+        o.duration.as_millis(),
+        o.log_bytes,
+        if o.log_truncated { " (truncated)" } else { "" }
+    );
     if let Some(r) = &o.result {
         eprintln!("== result: {}", serde_json::Value::Object(r.clone()));
     }

@@ -107,7 +107,11 @@ impl Status {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            Status::Succeeded | Status::Failed | Status::TimedOut | Status::Cancelled | Status::Lost
+            Status::Succeeded
+                | Status::Failed
+                | Status::TimedOut
+                | Status::Cancelled
+                | Status::Lost
         )
     }
 
@@ -153,7 +157,10 @@ mod tests {
     fn terminal_states_never_move() {
         for from in Status::ALL.iter().copied().filter(|s| s.is_terminal()) {
             for to in Status::ALL {
-                assert!(from.transition(to).is_err(), "{from} -> {to} must be refused");
+                assert!(
+                    from.transition(to).is_err(),
+                    "{from} -> {to} must be refused"
+                );
             }
         }
     }

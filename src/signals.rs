@@ -23,12 +23,14 @@ pub fn termination() -> std::io::Result<Receiver<i32>> {
     };
     // Unbounded on purpose: a handful of signals at most, and the waiter must never block.
     let (tx, rx) = crossbeam_channel::unbounded();
-    std::thread::Builder::new().name("signals".into()).spawn(move || loop {
-        let mut sig = 0;
-        // SAFETY: sigwait on the set blocked above.
-        if unsafe { libc::sigwait(&set, &mut sig) } == 0 && tx.send(sig).is_err() {
-            return;
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: sigwait on the set blocked above.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 && tx.send(sig).is_err() {
+                return;
+            }
+        })?;
     Ok(rx)
 }

@@ -7,14 +7,18 @@ use std::time::{Duration, Instant};
 
 use etask::model::{Attempt, ExecutionId, Status};
 use etask::runner::{
-    Ending, LogChunk, LogLimits, Outcome, Pool, PoolConfig, Program, RunAs, RunEvent, RunRequest, Rlimits, Stream,
-    SubmitError,
+    Ending, LogChunk, LogLimits, Outcome, Pool, PoolConfig, Program, Rlimits, RunAs, RunEvent,
+    RunRequest, Stream, SubmitError,
 };
 use serde_json::json;
 
 fn cfg() -> PoolConfig {
     let root = std::env::temp_dir().join(format!("etask-test-ws-{}", std::process::id()));
-    PoolConfig { workspace_root: root, kill_grace: Duration::from_millis(500), ..PoolConfig::default() }
+    PoolConfig {
+        workspace_root: root,
+        kill_grace: Duration::from_millis(500),
+        ..PoolConfig::default()
+    }
 }
 
 struct Ran {
@@ -25,7 +29,11 @@ struct Ran {
 
 impl Ran {
     fn text(&self, s: Stream) -> String {
-        self.logs.iter().filter(|c| c.stream == s).map(|c| c.data.as_str()).collect()
+        self.logs
+            .iter()
+            .filter(|c| c.stream == s)
+            .map(|c| c.data.as_str())
+            .collect()
     }
     fn result(&self) -> serde_json::Value {
         serde_json::Value::Object(self.outcome.result.clone().expect("a result"))
@@ -36,7 +44,10 @@ fn collect(rx: crossbeam_channel::Receiver<RunEvent>) -> Ran {
     let mut logs = Vec::new();
     let mut pid = None;
     loop {
-        match rx.recv_timeout(Duration::from_secs(60)).expect("run finished within 60 s") {
+        match rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("run finished within 60 s")
+        {
             RunEvent::Started { pid: p, .. } => pid = Some(p),
             RunEvent::Log { chunk, .. } => logs.push(chunk),
             RunEvent::Finished { outcome, .. } => return Ran { outcome, logs, pid },
@@ -46,7 +57,10 @@ fn collect(rx: crossbeam_channel::Receiver<RunEvent>) -> Ran {
 
 fn run_on(pool: &Pool, program: Program, timeout: Option<Duration>) -> Ran {
     static NEXT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
-    let mut req = RunRequest::new(ExecutionId(NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)), program);
+    let mut req = RunRequest::new(
+        ExecutionId(NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)),
+        program,
+    );
     req.timeout = timeout;
     let (tx, rx) = crossbeam_channel::unbounded();
     pool.submit(req, tx).expect("submit");
@@ -71,7 +85,10 @@ fn gone(pid: i32, within: Duration) -> bool {
 }
 
 fn pids_in(text: &str, key: &str) -> Vec<i32> {
-    text.lines().filter_map(|l| l.strip_prefix(key)).filter_map(|p| p.trim().parse().ok()).collect()
+    text.lines()
+        .filter_map(|l| l.strip_prefix(key))
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
 }
 
 #[test]
@@ -89,12 +106,19 @@ fn python_sees_result_fd_and_reference_name() {
     let r = run(Program::python(
         "import os, json\nfd = int(os.environ['EWORK_RESULT_FD'])\nassert fd == int(os.environ['ETASK_RESULT_FD']) == 3\nos.write(fd, json.dumps({'py': True}).encode())\n",
     ));
-    assert_eq!(r.result(), json!({"py": true}), "stderr: {}", r.text(Stream::Stderr));
+    assert_eq!(
+        r.result(),
+        json!({"py": true}),
+        "stderr: {}",
+        r.text(Stream::Stderr)
+    );
 }
 
 #[test]
 fn invalid_json_after_valid_object_keeps_object_exit_code_and_logs() {
-    let r = run(Program::shell("echo '{\"ok\": true}' >&3\necho 'oops {' >&3\necho still-logged\nexit 3\n"));
+    let r = run(Program::shell(
+        "echo '{\"ok\": true}' >&3\necho 'oops {' >&3\necho still-logged\nexit 3\n",
+    ));
     assert_eq!(r.outcome.ending, Ending::Exited(3));
     assert_eq!(r.outcome.exit_code, Some(3));
     assert_eq!(r.result(), json!({"ok": true}));
@@ -105,17 +129,28 @@ fn invalid_json_after_valid_object_keeps_object_exit_code_and_logs() {
 
 #[test]
 fn result_over_cap_is_truncated_and_child_not_blocked() {
-    let pool = Pool::start(PoolConfig { result_max_bytes: 1024, ..cfg() }).unwrap();
+    let pool = Pool::start(PoolConfig {
+        result_max_bytes: 1024,
+        ..cfg()
+    })
+    .unwrap();
     // 5 MB to fd 3: far over the cap and over any pipe buffer; the child must still finish.
     let r = run_on(
         &pool,
-        Program::shell("echo '{\"first\": 1}' >&3\nhead -c 5000000 /dev/zero | tr '\\0' 'x' >&3\necho done\n"),
+        Program::shell(
+            "echo '{\"first\": 1}' >&3\nhead -c 5000000 /dev/zero | tr '\\0' 'x' >&3\necho done\n",
+        ),
         Some(Duration::from_secs(20)),
     );
     assert_eq!(r.outcome.status(), Status::Succeeded);
     assert!(r.outcome.result_truncated);
     assert_eq!(r.result(), json!({"first": 1}));
-    assert!(r.outcome.result_error.as_deref().unwrap().contains("exceeded the limit of 1024 bytes"));
+    assert!(r
+        .outcome
+        .result_error
+        .as_deref()
+        .unwrap()
+        .contains("exceeded the limit of 1024 bytes"));
     assert_eq!(r.text(Stream::Stdout), "done\n");
 }
 
@@ -138,24 +173,39 @@ fn stdin_is_delivered() {
 
 #[test]
 fn stdout_and_stderr_are_kept_per_stream_in_order() {
-    let r = run(Program::shell("for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; done\n"));
+    let r = run(Program::shell(
+        "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; done\n",
+    ));
     assert_eq!(r.text(Stream::Stdout), "out1\nout2\nout3\nout4\nout5\n");
     assert_eq!(r.text(Stream::Stderr), "err1\nerr2\nerr3\nerr4\nerr5\n");
     let seqs: Vec<u64> = r.logs.iter().map(|c| c.seq).collect();
-    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "seq numbers are consecutive: {seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "seq numbers are consecutive: {seqs:?}"
+    );
 }
 
 #[test]
 fn logs_stream_while_the_script_runs() {
     let pool = Pool::start(cfg()).unwrap();
     let (tx, rx) = crossbeam_channel::unbounded();
-    pool.submit(RunRequest::new(ExecutionId(900_001), Program::shell("echo early\nsleep 3\necho late\n")), tx).unwrap();
+    pool.submit(
+        RunRequest::new(
+            ExecutionId(900_001),
+            Program::shell("echo early\nsleep 3\necho late\n"),
+        ),
+        tx,
+    )
+    .unwrap();
     let t0 = Instant::now();
     loop {
         match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
             RunEvent::Log { chunk, .. } => {
                 assert_eq!(chunk.data, "early\n");
-                assert!(t0.elapsed() < Duration::from_millis(2500), "first line arrived before the script ended");
+                assert!(
+                    t0.elapsed() < Duration::from_millis(2500),
+                    "first line arrived before the script ended"
+                );
                 break;
             }
             RunEvent::Finished { .. } => panic!("finished before any log was streamed"),
@@ -166,24 +216,54 @@ fn logs_stream_while_the_script_runs() {
 
 #[test]
 fn output_flood_of_100_mb_is_capped() {
-    let limits = LogLimits { run_max_bytes: 1 << 20, ..LogLimits::default() };
-    let pool = Pool::start(PoolConfig { logs: limits, ..cfg() }).unwrap();
-    let r = run_on(&pool, Program::shell("yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c 100000000\n"), Some(Duration::from_secs(60)));
+    let limits = LogLimits {
+        run_max_bytes: 1 << 20,
+        ..LogLimits::default()
+    };
+    let pool = Pool::start(PoolConfig {
+        logs: limits,
+        ..cfg()
+    })
+    .unwrap();
+    let r = run_on(
+        &pool,
+        Program::shell("yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c 100000000\n"),
+        Some(Duration::from_secs(60)),
+    );
     assert_eq!(r.outcome.status(), Status::Succeeded);
     assert_eq!(r.outcome.log_bytes, 100_000_000, "every byte was drained");
     assert!(r.outcome.log_truncated);
     let kept: usize = r.logs.iter().map(|c| c.data.len()).sum();
     assert!(kept <= (1 << 20) + 200, "kept {kept} bytes, cap is 1 MiB");
-    assert!(r.text(Stream::Stdout).ends_with("further output is discarded]\n"));
+    assert!(r
+        .text(Stream::Stdout)
+        .ends_with("further output is discarded]\n"));
 }
 
 #[test]
 fn long_line_is_truncated_with_marker() {
-    let limits = LogLimits { line_max_bytes: 100, ..LogLimits::default() };
-    let pool = Pool::start(PoolConfig { logs: limits, ..cfg() }).unwrap();
-    let r = run_on(&pool, Program::shell("head -c 5000 /dev/zero | tr '\\0' a; echo; echo short\n"), None);
+    let limits = LogLimits {
+        line_max_bytes: 100,
+        ..LogLimits::default()
+    };
+    let pool = Pool::start(PoolConfig {
+        logs: limits,
+        ..cfg()
+    })
+    .unwrap();
+    let r = run_on(
+        &pool,
+        Program::shell("head -c 5000 /dev/zero | tr '\\0' a; echo; echo short\n"),
+        None,
+    );
     let out = r.text(Stream::Stdout);
-    assert_eq!(out, format!("{} …[etask: line truncated at 100 bytes]\nshort\n", "a".repeat(100)));
+    assert_eq!(
+        out,
+        format!(
+            "{} …[etask: line truncated at 100 bytes]\nshort\n",
+            "a".repeat(100)
+        )
+    );
 }
 
 #[test]
@@ -191,7 +271,11 @@ fn timeout_kills_setsid_escapee_and_double_forked_grandchild() {
     let pool = Pool::start(cfg()).unwrap();
     let script = "setsid sleep 1000 &\necho escapee=$!\n( sleep 1001 & echo grandchild=$! ) \nsleep 1002 &\necho child=$!\nsleep 100\n";
     let t0 = Instant::now();
-    let r = run_on(&pool, Program::shell(script), Some(Duration::from_millis(700)));
+    let r = run_on(
+        &pool,
+        Program::shell(script),
+        Some(Duration::from_millis(700)),
+    );
     assert_eq!(r.outcome.ending, Ending::TimedOut);
     assert_eq!(r.outcome.status(), Status::TimedOut);
     assert!(t0.elapsed() < Duration::from_secs(5));
@@ -202,22 +286,33 @@ fn timeout_kills_setsid_escapee_and_double_forked_grandchild() {
     pids.extend(r.pid);
     assert_eq!(pids.len(), 4, "all pids printed: {out}");
     for pid in pids {
-        assert!(gone(pid, Duration::from_secs(3)), "pid {pid} survived the timeout");
+        assert!(
+            gone(pid, Duration::from_secs(3)),
+            "pid {pid} survived the timeout"
+        );
     }
 }
 
 #[test]
 fn processes_left_behind_after_a_normal_exit_are_stopped() {
-    let r = run(Program::shell("setsid sleep 1000 > /dev/null 2>&1 &\necho left=$!\n"));
+    let r = run(Program::shell(
+        "setsid sleep 1000 > /dev/null 2>&1 &\necho left=$!\n",
+    ));
     assert_eq!(r.outcome.status(), Status::Succeeded);
     let pid = pids_in(&r.text(Stream::Stdout), "left=")[0];
-    assert!(gone(pid, Duration::from_secs(3)), "leftover {pid} still alive");
+    assert!(
+        gone(pid, Duration::from_secs(3)),
+        "leftover {pid} still alive"
+    );
 }
 
 #[test]
 fn cancel_mid_run_stops_the_tree() {
     let pool = Pool::start(cfg()).unwrap();
-    let req = RunRequest::new(ExecutionId(900_002), Program::shell("echo started\nsleep 1000\n"));
+    let req = RunRequest::new(
+        ExecutionId(900_002),
+        Program::shell("echo started\nsleep 1000\n"),
+    );
     let key = req.key();
     let (tx, rx) = crossbeam_channel::unbounded();
     pool.submit(req, tx).unwrap();
@@ -239,8 +334,16 @@ fn cancel_mid_run_stops_the_tree() {
 
 #[test]
 fn sigterm_ignoring_script_is_killed_after_grace() {
-    let pool = Pool::start(PoolConfig { kill_grace: Duration::from_millis(300), ..cfg() }).unwrap();
-    let r = run_on(&pool, Program::shell("trap '' TERM\nsleep 1000\n"), Some(Duration::from_millis(300)));
+    let pool = Pool::start(PoolConfig {
+        kill_grace: Duration::from_millis(300),
+        ..cfg()
+    })
+    .unwrap();
+    let r = run_on(
+        &pool,
+        Program::shell("trap '' TERM\nsleep 1000\n"),
+        Some(Duration::from_millis(300)),
+    );
     assert_eq!(r.outcome.ending, Ending::TimedOut);
     assert_eq!(r.outcome.signal, Some(libc::SIGKILL));
 }
@@ -253,24 +356,43 @@ fn uid_has_processes(uid: u32) -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
         .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
-        .filter(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid.to_string())))
+        .filter(|s| {
+            s.lines().any(|l| {
+                l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid.to_string())
+            })
+        })
         .count()
 }
 
 #[test]
 fn fork_bomb_is_contained_by_the_process_limit() {
-    assert!(is_root(), "this test drops to an unprivileged uid and needs root (CI runs as root)");
+    assert!(
+        is_root(),
+        "this test drops to an unprivileged uid and needs root (CI runs as root)"
+    );
     let uid = 64_000 + (std::process::id() % 1000);
     let pool = Pool::start(PoolConfig {
         run_as: Some(RunAs { uid, gid: uid }),
-        limits: Rlimits { processes: Some(30), ..Rlimits::default() },
+        limits: Rlimits {
+            processes: Some(30),
+            ..Rlimits::default()
+        },
         kill_grace: Duration::from_millis(200),
         ..cfg()
     })
     .unwrap();
-    let r = run_on(&pool, Program::shell("bomb() { bomb | bomb & }\nbomb\nsleep 5\n"), Some(Duration::from_secs(2)));
+    let r = run_on(
+        &pool,
+        Program::shell("bomb() { bomb | bomb & }\nbomb\nsleep 5\n"),
+        Some(Duration::from_secs(2)),
+    );
     assert!(
         matches!(r.outcome.ending, Ending::TimedOut | Ending::Exited(_)),
         "the node survived and reported: {:?}",
@@ -280,15 +402,31 @@ fn fork_bomb_is_contained_by_the_process_limit() {
     while uid_has_processes(uid) > 0 && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(uid_has_processes(uid), 0, "bomb processes of uid {uid} left behind");
+    assert_eq!(
+        uid_has_processes(uid),
+        0,
+        "bomb processes of uid {uid} left behind"
+    );
 }
 
 #[test]
 fn run_as_drops_to_the_given_uid_and_gid() {
     assert!(is_root(), "needs root (CI runs as root)");
-    let pool = Pool::start(PoolConfig { run_as: Some(RunAs { uid: 65534, gid: 65534 }), ..cfg() }).unwrap();
+    let pool = Pool::start(PoolConfig {
+        run_as: Some(RunAs {
+            uid: 65534,
+            gid: 65534,
+        }),
+        ..cfg()
+    })
+    .unwrap();
     let r = run_on(&pool, Program::shell("echo \"$(id -u) $(id -g) $(id -G)\"\ntouch \"$ETASK_WORKSPACE/can-write\" && echo ws-ok\n"), None);
-    assert_eq!(r.text(Stream::Stdout), "65534 65534 65534\nws-ok\n", "stderr: {}", r.text(Stream::Stderr));
+    assert_eq!(
+        r.text(Stream::Stdout),
+        "65534 65534 65534\nws-ok\n",
+        "stderr: {}",
+        r.text(Stream::Stderr)
+    );
 }
 
 #[test]
@@ -303,7 +441,10 @@ fn missing_interpreter_is_a_spawn_failure_not_a_panic() {
     }
     assert_eq!(r.outcome.status(), Status::Failed);
     // The pool keeps working afterwards.
-    assert_eq!(run_on(&pool, Program::shell("true"), None).outcome.status(), Status::Succeeded);
+    assert_eq!(
+        run_on(&pool, Program::shell("true"), None).outcome.status(),
+        Status::Succeeded
+    );
 }
 
 #[test]
@@ -335,10 +476,16 @@ fn environment_is_scrubbed_and_describes_the_run() {
         assert!(env.lines().any(|l| l == want), "missing {want} in:\n{env}");
     }
     assert!(!env.contains("must-not-leak"));
-    let ws = env.lines().find_map(|l| l.strip_prefix("ETASK_WORKSPACE=")).unwrap();
+    let ws = env
+        .lines()
+        .find_map(|l| l.strip_prefix("ETASK_WORKSPACE="))
+        .unwrap();
     assert!(env.lines().any(|l| l == format!("HOME={ws}")));
     assert!(env.lines().any(|l| l == format!("TMPDIR={ws}/tmp")));
-    assert!(!PathBuf::from(ws).exists(), "workspace removed after the run");
+    assert!(
+        !PathBuf::from(ws).exists(),
+        "workspace removed after the run"
+    );
 }
 
 #[test]
@@ -346,9 +493,17 @@ fn only_fds_0_to_3_reach_the_child() {
     // An fd the node holds without CLOEXEC must not leak into scripts.
     let leaked = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
     assert!(leaked > 3);
-    let r = run(Program::exec(vec!["sh".into(), "-c".into(), "ls /proc/$$/fd".into()]));
+    let r = run(Program::exec(vec![
+        "sh".into(),
+        "-c".into(),
+        "ls /proc/$$/fd".into(),
+    ]));
     unsafe { libc::close(leaked) };
-    let fds: Vec<i32> = r.text(Stream::Stdout).split_whitespace().filter_map(|f| f.parse().ok()).collect();
+    let fds: Vec<i32> = r
+        .text(Stream::Stdout)
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
     assert_eq!(fds, vec![0, 1, 2, 3], "fds seen by the child");
 }
 
@@ -362,12 +517,20 @@ fn secret_env_values_are_masked_in_logs() {
 
 #[test]
 fn uploaded_executable_and_workdir() {
-    let mut p = Program { code: Some("#!/bin/sh\necho \"in $(basename \"$PWD\") args=$*\"\n".into()), ..Program::exec(vec![]) };
+    let mut p = Program {
+        code: Some("#!/bin/sh\necho \"in $(basename \"$PWD\") args=$*\"\n".into()),
+        ..Program::exec(vec![])
+    };
     p.argv = None;
     p.args = vec!["a".into(), "b c".into()];
     p.workdir = Some("sub/dir".into());
     let r = run(p);
-    assert_eq!(r.text(Stream::Stdout), "in dir args=a b c\n", "stderr: {}", r.text(Stream::Stderr));
+    assert_eq!(
+        r.text(Stream::Stdout),
+        "in dir args=a b c\n",
+        "stderr: {}",
+        r.text(Stream::Stderr)
+    );
 }
 
 #[test]
@@ -376,48 +539,101 @@ fn invalid_env_name_is_rejected_before_spawn() {
     let mut p = Program::shell("true");
     p.env.insert("BAD-NAME".into(), "x".into());
     let (tx, _rx) = crossbeam_channel::unbounded();
-    let err = pool.submit(RunRequest::new(ExecutionId(1), p), tx).unwrap_err();
+    let err = pool
+        .submit(RunRequest::new(ExecutionId(1), p), tx)
+        .unwrap_err();
     assert!(matches!(err, SubmitError::Invalid(_)));
-    assert!(err.to_string().contains("invalid env variable name \"BAD-NAME\""), "{err}");
+    assert!(
+        err.to_string()
+            .contains("invalid env variable name \"BAD-NAME\""),
+        "{err}"
+    );
 }
 
 #[test]
 fn full_pool_refuses_with_a_clear_error() {
-    let pool = Pool::start(PoolConfig { max_concurrent: 1, queue_capacity: 1, ..cfg() }).unwrap();
+    let pool = Pool::start(PoolConfig {
+        max_concurrent: 1,
+        queue_capacity: 1,
+        ..cfg()
+    })
+    .unwrap();
     let (tx, rx) = crossbeam_channel::unbounded();
     for i in 0..2 {
-        pool.submit(RunRequest::new(ExecutionId(500 + i), Program::shell("sleep 0.3")), tx.clone()).unwrap();
+        pool.submit(
+            RunRequest::new(ExecutionId(500 + i), Program::shell("sleep 0.3")),
+            tx.clone(),
+        )
+        .unwrap();
     }
-    let err = pool.submit(RunRequest::new(ExecutionId(502), Program::shell("true")), tx.clone()).unwrap_err();
-    assert!(matches!(err, SubmitError::Full { in_flight: 2, capacity: 2 }), "{err}");
+    let err = pool
+        .submit(
+            RunRequest::new(ExecutionId(502), Program::shell("true")),
+            tx.clone(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SubmitError::Full {
+                in_flight: 2,
+                capacity: 2
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("pool is full"));
     let mut finished = 0;
     while finished < 2 {
-        if let RunEvent::Finished { outcome, .. } = rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+        if let RunEvent::Finished { outcome, .. } =
+            rx.recv_timeout(Duration::from_secs(10)).unwrap()
+        {
             assert_eq!(outcome.status(), Status::Succeeded);
             finished += 1;
         }
     }
     // Room again once they are done.
-    pool.submit(RunRequest::new(ExecutionId(503), Program::shell("true")), tx).unwrap();
+    pool.submit(
+        RunRequest::new(ExecutionId(503), Program::shell("true")),
+        tx,
+    )
+    .unwrap();
 }
 
 #[test]
 fn two_hundred_concurrent_runs_get_their_own_results() {
-    let pool = Pool::start(PoolConfig { max_concurrent: 200, ..cfg() }).unwrap();
+    let pool = Pool::start(PoolConfig {
+        max_concurrent: 200,
+        ..cfg()
+    })
+    .unwrap();
     let (tx, rx) = crossbeam_channel::unbounded();
     for i in 0..200i64 {
-        let p = Program::shell(format!("echo line-{i}\nsleep 0.2\necho '{{\"n\": {i}, \"id\": '$ETASK_EXECUTION_ID'}}' >&3\n"));
-        pool.submit(RunRequest::new(ExecutionId(10_000 + i), p), tx.clone()).unwrap();
+        let p = Program::shell(format!(
+            "echo line-{i}\nsleep 0.2\necho '{{\"n\": {i}, \"id\": '$ETASK_EXECUTION_ID'}}' >&3\n"
+        ));
+        pool.submit(RunRequest::new(ExecutionId(10_000 + i), p), tx.clone())
+            .unwrap();
     }
     let mut logs: BTreeMap<i64, String> = BTreeMap::new();
     let mut done = 0;
     while done < 200 {
-        match rx.recv_timeout(Duration::from_secs(60)).expect("all 200 finish") {
-            RunEvent::Log { key, chunk } => logs.entry(key.execution.0).or_default().push_str(&chunk.data),
+        match rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("all 200 finish")
+        {
+            RunEvent::Log { key, chunk } => logs
+                .entry(key.execution.0)
+                .or_default()
+                .push_str(&chunk.data),
             RunEvent::Finished { key, outcome } => {
                 let n = key.execution.0 - 10_000;
-                assert_eq!(outcome.status(), Status::Succeeded, "run {n}: {:?}", outcome);
+                assert_eq!(
+                    outcome.status(),
+                    Status::Succeeded,
+                    "run {n}: {:?}",
+                    outcome
+                );
                 assert_eq!(
                     serde_json::Value::Object(outcome.result.unwrap()),
                     json!({"n": n, "id": key.execution.0})
@@ -445,7 +661,16 @@ fn child_starts_with_no_blocked_or_ignored_signals() {
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         }
         let pool = Pool::start(cfg()).unwrap();
-        run_on(&pool, Program::exec(vec!["grep".into(), "-E".into(), "^Sig(Blk|Ign)".into(), "/proc/self/status".into()]), None)
+        run_on(
+            &pool,
+            Program::exec(vec![
+                "grep".into(),
+                "-E".into(),
+                "^Sig(Blk|Ign)".into(),
+                "/proc/self/status".into(),
+            ]),
+            None,
+        )
     })
     .join()
     .unwrap();
@@ -455,22 +680,36 @@ fn child_starts_with_no_blocked_or_ignored_signals() {
         .map(|l| u64::from_str_radix(l.split('\t').nth(1).unwrap(), 16).unwrap())
         .collect();
     // Standard signals 1..=31 (bits 0..=30); the real-time ones reserved by libc are not ours.
-    assert_eq!(masks.iter().map(|m| m & 0x7fff_ffff).collect::<Vec<_>>(), vec![0, 0], "SigBlk, SigIgn");
+    assert_eq!(
+        masks.iter().map(|m| m & 0x7fff_ffff).collect::<Vec<_>>(),
+        vec![0, 0],
+        "SigBlk, SigIgn"
+    );
 }
 
 #[test]
 fn a_long_queue_drains_through_few_slots() {
     // Slots freed by timers must be refilled at once, not at the next unrelated wake-up
     // (a run that exits quietly frees its slot from the timer pass).
-    let pool = Pool::start(PoolConfig { max_concurrent: 2, queue_capacity: 300, ..cfg() }).unwrap();
+    let pool = Pool::start(PoolConfig {
+        max_concurrent: 2,
+        queue_capacity: 300,
+        ..cfg()
+    })
+    .unwrap();
     let (tx, rx) = crossbeam_channel::unbounded();
     for i in 0..300i64 {
-        pool.submit(RunRequest::new(ExecutionId(20_000 + i), Program::shell("true")), tx.clone()).unwrap();
+        pool.submit(
+            RunRequest::new(ExecutionId(20_000 + i), Program::shell("true")),
+            tx.clone(),
+        )
+        .unwrap();
     }
     let mut done = 0;
     while done < 300 {
-        if let RunEvent::Finished { outcome, .. } =
-            rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("queue stalled after {done} runs"))
+        if let RunEvent::Finished { outcome, .. } = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("queue stalled after {done} runs"))
         {
             assert_eq!(outcome.status(), Status::Succeeded, "{outcome:?}");
             done += 1;

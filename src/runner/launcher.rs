@@ -21,7 +21,11 @@ pub(super) enum Job {
     Spawn(SpawnJob),
     /// Remove a finished run's workspace (if any), then deliver its `Finished` event, so a
     /// caller that sees `Finished` never finds the workspace still on disk.
-    Finish { workspace: Option<PathBuf>, events: Sender<RunEvent>, finished: RunEvent },
+    Finish {
+        workspace: Option<PathBuf>,
+        events: Sender<RunEvent>,
+        finished: RunEvent,
+    },
 }
 
 pub(super) struct SpawnJob {
@@ -48,22 +52,36 @@ pub(super) fn start(
 ) -> io::Result<Vec<JoinHandle<()>>> {
     (0..n.max(1))
         .map(|i| {
-            let (cfg, jobs, done, poller) = (cfg.clone(), jobs.clone(), done.clone(), poller.clone());
-            std::thread::Builder::new().name(format!("runner-launch-{i}")).spawn(move || {
-                for job in jobs.iter() {
-                    match job {
-                        Job::Spawn(job) => {
-                            let started = Instant::now();
-                            let result = launch_one(&cfg, pool_id, &job);
-                            if done.send(SpawnDone { job, started, result }).is_err() {
-                                return;
+            let (cfg, jobs, done, poller) =
+                (cfg.clone(), jobs.clone(), done.clone(), poller.clone());
+            std::thread::Builder::new()
+                .name(format!("runner-launch-{i}"))
+                .spawn(move || {
+                    for job in jobs.iter() {
+                        match job {
+                            Job::Spawn(job) => {
+                                let started = Instant::now();
+                                let result = launch_one(&cfg, pool_id, &job);
+                                if done
+                                    .send(SpawnDone {
+                                        job,
+                                        started,
+                                        result,
+                                    })
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                                let _ = poller.notify();
                             }
-                            let _ = poller.notify();
+                            Job::Finish {
+                                workspace,
+                                events,
+                                finished,
+                            } => finish(workspace, &events, finished),
                         }
-                        Job::Finish { workspace, events, finished } => finish(workspace, &events, finished),
                     }
-                }
-            })
+                })
         })
         .collect()
 }
@@ -102,18 +120,29 @@ fn launch_one(cfg: &PoolConfig, pool_id: usize, job: &SpawnJob) -> Result<Spawne
 fn prepare_workspace(cfg: &PoolConfig, req: &RunRequest, ws: &Path) -> Result<Launch, String> {
     let launch = launch(&req.program, ws, &cfg.interpreters).map_err(|e| e.0)?;
     let io = |what: &str, p: &Path, e: io::Error| format!("{what} {}: {e}", p.display());
-    let mut owned = vec![ws.to_path_buf(), ws.join("tmp"), ws.join(".etask"), launch.cwd.clone()];
+    let mut owned = vec![
+        ws.to_path_buf(),
+        ws.join("tmp"),
+        ws.join(".etask"),
+        launch.cwd.clone(),
+    ];
     for d in &owned {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(d).map_err(|e| io("cannot create workspace dir", d, e))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(d)
+            .map_err(|e| io("cannot create workspace dir", d, e))?;
     }
     if let Some((path, bytes, mode)) = &launch.script {
         std::fs::write(path, bytes).map_err(|e| io("cannot write", path, e))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).map_err(|e| io("cannot chmod", path, e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
+            .map_err(|e| io("cannot chmod", path, e))?;
         owned.push(path.clone());
     }
     if let Some(RunAs { uid, gid }) = cfg.run_as {
         for p in &owned {
-            std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|e| io("cannot chown", p, e))?;
+            std::os::unix::fs::chown(p, Some(uid), Some(gid))
+                .map_err(|e| io("cannot chown", p, e))?;
         }
     }
     Ok(launch)

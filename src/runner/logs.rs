@@ -88,8 +88,11 @@ fn idx(s: Stream) -> usize {
 
 impl LogCapture {
     pub fn new(limits: LogLimits, secrets: impl IntoIterator<Item = String>) -> Self {
-        let mut secrets: Vec<Vec<u8>> =
-            secrets.into_iter().filter(|s| !s.is_empty()).map(String::into_bytes).collect();
+        let mut secrets: Vec<Vec<u8>> = secrets
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .map(String::into_bytes)
+            .collect();
         // Longest first, so a secret that contains another is masked whole.
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         LogCapture {
@@ -130,7 +133,9 @@ impl LogCapture {
             } else if buf.partial.len() > max {
                 let mut line = std::mem::take(&mut buf.partial);
                 line.truncate(max);
-                line.extend_from_slice(format!(" …[etask: line truncated at {max} bytes]\n").as_bytes());
+                line.extend_from_slice(
+                    format!(" …[etask: line truncated at {max} bytes]\n").as_bytes(),
+                );
                 self.streams[idx(stream)].skipping_line = true;
                 self.truncated = true;
                 self.accept(stream, line, now);
@@ -149,9 +154,8 @@ impl LogCapture {
         if self.kept_bytes + line.len() as u64 > cap {
             self.volume_cap_hit = true;
             self.truncated = true;
-            let note = format!(
-                "[etask: log limit of {cap} bytes reached; further output is discarded]\n"
-            );
+            let note =
+                format!("[etask: log limit of {cap} bytes reached; further output is discarded]\n");
             buf.ready.extend_from_slice(note.as_bytes());
         } else {
             self.kept_bytes += line.len() as u64;
@@ -185,7 +189,9 @@ impl LogCapture {
         for s in [Stream::Stdout, Stream::Stderr] {
             let (full, old) = {
                 let b = &self.streams[idx(s)];
-                let old = b.since.is_some_and(|t| now >= t + self.limits.batch_interval);
+                let old = b
+                    .since
+                    .is_some_and(|t| now >= t + self.limits.batch_interval);
                 (b.ready.len() >= self.limits.batch_bytes, old)
             };
             if old {
@@ -224,7 +230,11 @@ impl LogCapture {
             Ok(s) => s,
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         };
-        out.push(LogChunk { seq: self.next_seq, stream: s, data });
+        out.push(LogChunk {
+            seq: self.next_seq,
+            stream: s,
+            data,
+        });
         self.next_seq += 1;
     }
 }
@@ -249,7 +259,11 @@ mod tests {
     use super::*;
 
     fn limits(line: usize, run: u64) -> LogLimits {
-        LogLimits { line_max_bytes: line, run_max_bytes: run, ..LogLimits::default() }
+        LogLimits {
+            line_max_bytes: line,
+            run_max_bytes: run,
+            ..LogLimits::default()
+        }
     }
 
     fn all(c: &mut LogCapture) -> Vec<LogChunk> {
@@ -267,14 +281,24 @@ mod tests {
         c.push(Stream::Stdout, b"t2\n", now);
         let v = all(&mut c);
         assert_eq!(v.len(), 2);
-        assert_eq!((v[0].seq, v[0].stream, v[0].data.as_str()), (1, Stream::Stdout, "out1\nout2\n"));
-        assert_eq!((v[1].seq, v[1].stream, v[1].data.as_str()), (2, Stream::Stderr, "err1\n"));
+        assert_eq!(
+            (v[0].seq, v[0].stream, v[0].data.as_str()),
+            (1, Stream::Stdout, "out1\nout2\n")
+        );
+        assert_eq!(
+            (v[1].seq, v[1].stream, v[1].data.as_str()),
+            (2, Stream::Stderr, "err1\n")
+        );
     }
 
     #[test]
     fn secrets_are_masked() {
         let mut c = LogCapture::new(LogLimits::default(), ["hunter2".to_string(), String::new()]);
-        c.push(Stream::Stdout, b"password=hunter2 again hunter2\n", Instant::now());
+        c.push(
+            Stream::Stdout,
+            b"password=hunter2 again hunter2\n",
+            Instant::now(),
+        );
         assert_eq!(all(&mut c)[0].data, "password=****** again ******\n");
     }
 
@@ -285,7 +309,10 @@ mod tests {
         c.push(Stream::Stdout, b"0123456789abcdef", now);
         c.push(Stream::Stdout, b"ghij\nnext\n", now);
         let v = all(&mut c);
-        assert_eq!(v[0].data, "01234567 …[etask: line truncated at 8 bytes]\nnext\n");
+        assert_eq!(
+            v[0].data,
+            "01234567 …[etask: line truncated at 8 bytes]\nnext\n"
+        );
         assert!(c.truncated);
     }
 
@@ -307,7 +334,11 @@ mod tests {
 
     #[test]
     fn batches_are_due_by_size_or_age() {
-        let lim = LogLimits { batch_bytes: 8, batch_interval: Duration::from_millis(200), ..LogLimits::default() };
+        let lim = LogLimits {
+            batch_bytes: 8,
+            batch_interval: Duration::from_millis(200),
+            ..LogLimits::default()
+        };
         let mut c = LogCapture::new(lim, []);
         let t0 = Instant::now();
         let mut v = Vec::new();

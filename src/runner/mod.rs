@@ -13,4 +13,4 @@ pub mod tree;
 pub use logs::{LogChunk, LogLimits, Stream};
 pub use pool::{Ending, Outcome, Pool, PoolConfig, RunEvent, RunKey, RunRequest, SubmitError};
 pub use program::{Interpreters, Program, ProgramError, ProgramKind, ShellKind};
-pub use spawn::{RunAs, Rlimits};
+pub use spawn::{Rlimits, RunAs};

@@ -16,11 +16,11 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use polling::{Event, Events, PollMode, Poller};
 use serde_json::{json, Map, Value};
 
-use super::logs::{LogCapture, LogChunk, LogLimits, Stream};
 use super::launcher::{self, Job, SpawnDone, SpawnJob};
+use super::logs::{LogCapture, LogChunk, LogLimits, Stream};
 use super::program::{Interpreters, Program, ProgramError};
 use super::result::ResultSink;
-use super::spawn::{RunAs, Rlimits};
+use super::spawn::{Rlimits, RunAs};
 use super::tree::{self, WaitStatus};
 use crate::model::{Attempt, ExecutionId, Status, TaskId};
 
@@ -92,7 +92,10 @@ impl RunRequest {
         }
     }
     pub fn key(&self) -> RunKey {
-        RunKey { execution: self.execution_id, attempt: self.attempt }
+        RunKey {
+            execution: self.execution_id,
+            attempt: self.attempt,
+        }
     }
 }
 
@@ -191,7 +194,9 @@ pub enum RunEvent {
 impl RunEvent {
     pub fn key(&self) -> RunKey {
         match self {
-            RunEvent::Started { key, .. } | RunEvent::Log { key, .. } | RunEvent::Finished { key, .. } => *key,
+            RunEvent::Started { key, .. }
+            | RunEvent::Log { key, .. }
+            | RunEvent::Finished { key, .. } => *key,
         }
     }
 }
@@ -237,7 +242,10 @@ impl Pool {
             return Err(io::Error::other("run_as needs the node to run as root"));
         }
         std::fs::create_dir_all(&cfg.workspace_root).map_err(|e| {
-            io::Error::new(e.kind(), format!("workspace root {}: {e}", cfg.workspace_root.display()))
+            io::Error::new(
+                e.kind(),
+                format!("workspace root {}: {e}", cfg.workspace_root.display()),
+            )
         })?;
         if cfg.run_as.is_some() {
             use std::os::unix::fs::PermissionsExt;
@@ -264,10 +272,36 @@ impl Pool {
         // Bounded by what can be in flight: one job per run plus one workspace removal per run.
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(2 * capacity);
         let (spawned_tx, spawned_rx) = crossbeam_channel::bounded(capacity);
-        let launchers = launcher::start(cfg.launchers, cfg.clone(), pool_id, jobs_rx, spawned_tx, poller.clone())?;
-        let mut reactor = Reactor::new(cfg, poller.clone(), cmd_rx, shared.clone(), sigchld, pool_id, jobs_tx, spawned_rx);
-        let thread = std::thread::Builder::new().name("runner-io".into()).spawn(move || reactor.run())?;
-        Ok(Pool { shared, poller, cmd_tx, capacity, max_concurrent, thread: Some(thread), launchers })
+        let launchers = launcher::start(
+            cfg.launchers,
+            cfg.clone(),
+            pool_id,
+            jobs_rx,
+            spawned_tx,
+            poller.clone(),
+        )?;
+        let mut reactor = Reactor::new(
+            cfg,
+            poller.clone(),
+            cmd_rx,
+            shared.clone(),
+            sigchld,
+            pool_id,
+            jobs_tx,
+            spawned_rx,
+        );
+        let thread = std::thread::Builder::new()
+            .name("runner-io".into())
+            .spawn(move || reactor.run())?;
+        Ok(Pool {
+            shared,
+            poller,
+            cmd_tx,
+            capacity,
+            max_concurrent,
+            thread: Some(thread),
+            launchers,
+        })
     }
 
     /// Queues a run. Events for it arrive on `events`; the last one is always `Finished`.
@@ -279,11 +313,15 @@ impl Pool {
         let prev = self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
         if prev >= self.capacity {
             self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(SubmitError::Full { in_flight: prev, capacity: self.capacity });
+            return Err(SubmitError::Full {
+                in_flight: prev,
+                capacity: self.capacity,
+            });
         }
-        self.send(Cmd::Submit(Box::new(req), events)).inspect_err(|_| {
-            self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-        })
+        self.send(Cmd::Submit(Box::new(req), events))
+            .inspect_err(|_| {
+                self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            })
     }
 
     /// Stops a queued or running run (SIGTERM to its tree, then SIGKILL after the grace).
@@ -295,7 +333,9 @@ impl Pool {
     fn send(&self, cmd: Cmd) -> Result<(), SubmitError> {
         match self.cmd_tx.try_send(cmd) {
             Ok(()) => {}
-            Err(TrySendError::Full(cmd)) => self.cmd_tx.send(cmd).map_err(|_| SubmitError::Stopped)?,
+            Err(TrySendError::Full(cmd)) => {
+                self.cmd_tx.send(cmd).map_err(|_| SubmitError::Stopped)?
+            }
             Err(TrySendError::Disconnected(_)) => return Err(SubmitError::Stopped),
         }
         let _ = self.poller.notify();
@@ -350,16 +390,27 @@ enum Kill {
     None,
     /// SIGTERM sent; SIGKILL at `until`. At each `again` the tree is checked, so a run whose
     /// processes all obeyed SIGTERM ends without waiting out the grace.
-    Term { again: Instant, until: Instant },
+    Term {
+        again: Instant,
+        until: Instant,
+    },
     /// SIGKILL sent; repeated every `again` until the tree is gone, forced finish at `until`.
-    Killed { again: Instant, until: Instant },
+    Killed {
+        again: Instant,
+        until: Instant,
+    },
     /// Main process gone, nothing left to kill; waiting for the pipes to reach EOF.
-    Draining { until: Instant },
+    Draining {
+        until: Instant,
+    },
 }
 
 impl Kill {
     fn term(now: Instant, grace: Duration) -> Kill {
-        Kill::Term { again: now + Duration::from_millis(20), until: now + grace }
+        Kill::Term {
+            again: now + Duration::from_millis(20),
+            until: now + grace,
+        }
     }
 }
 
@@ -447,7 +498,9 @@ impl Reactor {
         let mut events = Events::new();
         let mut cancelled_all = false;
         loop {
-            let timeout = self.next_wake().map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = self
+                .next_wake()
+                .map(|t| t.saturating_duration_since(Instant::now()));
             events.clear();
             if let Err(e) = self.poller.wait(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -474,7 +527,12 @@ impl Reactor {
             }
             if self.shared.stopping.load(Ordering::SeqCst) && !cancelled_all {
                 cancelled_all = true;
-                let keys: Vec<RunKey> = self.by_key.keys().chain(self.starting.keys()).copied().collect();
+                let keys: Vec<RunKey> = self
+                    .by_key
+                    .keys()
+                    .chain(self.starting.keys())
+                    .copied()
+                    .collect();
                 let queued: Vec<RunKey> = self.queue.iter().map(|(r, _)| r.key()).collect();
                 for k in keys.into_iter().chain(queued) {
                     self.stop_run(k, Ending::Cancelled);
@@ -484,9 +542,15 @@ impl Reactor {
             // wait for an unrelated wake-up.
             self.on_timers(Instant::now());
             self.start_queued();
-            if cancelled_all && self.by_key.is_empty() && self.queue.is_empty() && self.starting.is_empty() {
+            if cancelled_all
+                && self.by_key.is_empty()
+                && self.queue.is_empty()
+                && self.starting.is_empty()
+            {
                 // SAFETY: the SIGCHLD pipe is never closed (see tree::sigchld_pipe).
-                let _ = self.poller.delete(unsafe { BorrowedFd::borrow_raw(self.sigchld) });
+                let _ = self
+                    .poller
+                    .delete(unsafe { BorrowedFd::borrow_raw(self.sigchld) });
                 tree::unregister_pool(self.pool_id);
                 return;
             }
@@ -516,11 +580,17 @@ impl Reactor {
 
     fn start_queued(&mut self) {
         while self.by_key.len() + self.starting.len() < self.cfg.max_concurrent {
-            let Some((req, tx)) = self.queue.pop_front() else { return };
+            let Some((req, tx)) = self.queue.pop_front() else {
+                return;
+            };
             let key = req.key();
             if self.by_key.contains_key(&key) || self.starting.contains_key(&key) {
                 log::warn!(target: LOG, "execution={} attempt={} is already running; duplicate refused", key.execution, key.attempt);
-                self.refuse(key, &tx, Ending::SpawnFailed("this execution attempt is already running".into()));
+                self.refuse(
+                    key,
+                    &tx,
+                    Ending::SpawnFailed("this execution attempt is already running".into()),
+                );
                 continue;
             }
             self.begin(req, tx);
@@ -531,26 +601,44 @@ impl Reactor {
     fn begin(&mut self, req: Box<RunRequest>, events: Sender<RunEvent>) {
         self.next_seq += 1;
         let token = format!("{}-{}", std::process::id(), self.next_seq);
-        let workspace =
-            self.cfg.workspace_root.join(format!("run-{}-{}-{}", req.execution_id, req.attempt, self.next_seq));
+        let workspace = self.cfg.workspace_root.join(format!(
+            "run-{}-{}-{}",
+            req.execution_id, req.attempt, self.next_seq
+        ));
         self.starting.insert(req.key(), false);
         if let Err(crossbeam_channel::SendError(Job::Spawn(job))) =
-            self.jobs.send(Job::Spawn(SpawnJob { req, events, token, workspace }))
+            self.jobs.send(Job::Spawn(SpawnJob {
+                req,
+                events,
+                token,
+                workspace,
+            }))
         {
             // Launchers are gone only while the pool stops.
             self.starting.remove(&job.req.key());
-            self.refuse(job.req.key(), &job.events, Ending::SpawnFailed("the pool is stopping".into()));
+            self.refuse(
+                job.req.key(),
+                &job.events,
+                Ending::SpawnFailed("the pool is stopping".into()),
+            );
         }
     }
 
     fn refuse(&self, key: RunKey, events: &Sender<RunEvent>, ending: Ending) {
-        let _ = events.send(RunEvent::Finished { key, outcome: Outcome::failed_before_start(ending) });
+        let _ = events.send(RunEvent::Finished {
+            key,
+            outcome: Outcome::failed_before_start(ending),
+        });
         self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// A launcher finished starting a run (or failed to).
     fn started(&mut self, done: SpawnDone) {
-        let SpawnDone { job, started, result } = done;
+        let SpawnDone {
+            job,
+            started,
+            result,
+        } = done;
         let key = job.req.key();
         let cancel = self.starting.remove(&key).unwrap_or(false);
         let sp = match result {
@@ -571,9 +659,16 @@ impl Reactor {
         let fds = [Some(sp.stdout), Some(sp.stderr), Some(sp.result), sp.stdin];
         for (i, fd) in fds.iter().enumerate() {
             if let Some(fd) = fd {
-                let ev = if i == STDIN { Event::writable(slot * FDS + i) } else { Event::readable(slot * FDS + i) };
+                let ev = if i == STDIN {
+                    Event::writable(slot * FDS + i)
+                } else {
+                    Event::readable(slot * FDS + i)
+                };
                 // SAFETY: every fd is deleted from the poller before it is closed (close_fd).
-                if let Err(e) = unsafe { self.poller.add_with_mode(fd.as_raw_fd(), ev, PollMode::Level) } {
+                if let Err(e) = unsafe {
+                    self.poller
+                        .add_with_mode(fd.as_raw_fd(), ev, PollMode::Level)
+                } {
                     log::error!(target: LOG, "cannot watch a pipe of execution={}: {e}", key.execution);
                 }
             }
@@ -610,16 +705,26 @@ impl Reactor {
     }
 
     fn on_io(&mut self, slot: usize, which: usize) {
-        let Some(run) = self.runs.get_mut(slot).and_then(Option::as_mut) else { return };
+        let Some(run) = self.runs.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
         if which == STDIN {
             Self::write_stdin(&self.poller, run);
             return;
         }
         let now = Instant::now();
         loop {
-            let Some(fd) = run.fds[which].as_ref() else { return };
+            let Some(fd) = run.fds[which].as_ref() else {
+                return;
+            };
             // SAFETY: reading into our scratch buffer from a non-blocking fd we own.
-            let n = unsafe { libc::read(fd.as_raw_fd(), self.scratch.as_mut_ptr().cast(), self.scratch.len()) };
+            let n = unsafe {
+                libc::read(
+                    fd.as_raw_fd(),
+                    self.scratch.as_mut_ptr().cast(),
+                    self.scratch.len(),
+                )
+            };
             if n > 0 {
                 let bytes = &self.scratch[..n as usize];
                 match which {
@@ -652,7 +757,9 @@ impl Reactor {
 
     fn write_stdin(poller: &Poller, run: &mut Run) {
         while run.stdin_pos < run.stdin_data.len() {
-            let Some(fd) = run.fds[STDIN].as_ref() else { return };
+            let Some(fd) = run.fds[STDIN].as_ref() else {
+                return;
+            };
             let rest = &run.stdin_data[run.stdin_pos..];
             // SAFETY: writing from our buffer to a non-blocking fd we own.
             let n = unsafe { libc::write(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len()) };
@@ -686,9 +793,13 @@ impl Reactor {
     }
 
     fn on_exit(&mut self, pid: i32, ws: WaitStatus) {
-        let Some(slot) = self.by_pid.remove(&pid) else { return };
+        let Some(slot) = self.by_pid.remove(&pid) else {
+            return;
+        };
         let grace = self.cfg.kill_grace;
-        let Some(run) = self.runs[slot].as_mut() else { return };
+        let Some(run) = self.runs[slot].as_mut() else {
+            return;
+        };
         run.pid = None;
         run.wait = Some(ws);
         Self::close_fd(&self.poller, run, STDIN);
@@ -696,12 +807,19 @@ impl Reactor {
         if matches!(run.kill, Kill::None) {
             // The main process is gone; whatever it left behind is stopped too, since the
             // run (and its workspace) ends here.
-            let left = tree::signal_run(None, &run.token, &|p| self.by_pid.contains_key(&p), libc::SIGTERM);
+            let left = tree::signal_run(
+                None,
+                &run.token,
+                &|p| self.by_pid.contains_key(&p),
+                libc::SIGTERM,
+            );
             run.kill = if left > 0 {
                 log::info!(target: LOG, "execution={} attempt={} left {left} processes behind; terminating them", run.key.execution, run.key.attempt);
                 Kill::term(now, grace)
             } else {
-                Kill::Draining { until: now + Duration::from_secs(2) }
+                Kill::Draining {
+                    until: now + Duration::from_secs(2),
+                }
             };
         }
     }
@@ -717,16 +835,25 @@ impl Reactor {
             *cancel = true; // applied as soon as the launcher reports the pid
             return;
         }
-        let Some(&slot) = self.by_key.get(&key) else { return };
+        let Some(&slot) = self.by_key.get(&key) else {
+            return;
+        };
         let grace = self.cfg.kill_grace;
         let by_pid = &self.by_pid;
-        let Some(run) = self.runs[slot].as_mut() else { return };
+        let Some(run) = self.runs[slot].as_mut() else {
+            return;
+        };
         if run.ending.is_some() || run.wait.is_some() {
             return; // already stopping, or already over
         }
         log::info!(target: LOG, "execution={} attempt={} stopping: {why:?}", key.execution, key.attempt);
         run.ending = Some(why);
-        tree::signal_run(run.pid, &run.token, &|p| by_pid.contains_key(&p) && Some(p) != run.pid, libc::SIGTERM);
+        tree::signal_run(
+            run.pid,
+            &run.token,
+            &|p| by_pid.contains_key(&p) && Some(p) != run.pid,
+            libc::SIGTERM,
+        );
         run.kill = Kill::term(Instant::now(), grace);
     }
 
@@ -735,22 +862,32 @@ impl Reactor {
         let mut done = Vec::new();
         for (slot, run) in self.runs.iter_mut().enumerate() {
             let Some(run) = run.as_mut() else { continue };
-            if run.ending.is_none() && run.wait.is_none() && run.deadline.is_some_and(|d| now >= d) {
+            if run.ending.is_none() && run.wait.is_none() && run.deadline.is_some_and(|d| now >= d)
+            {
                 timed_out.push(run.key);
             }
             let is_root = |p: i32| self.by_pid.contains_key(&p) && Some(p) != run.pid;
             match run.kill {
                 Kill::Term { again, until } if now >= again && now < until => {
-                    let gone = run.wait.is_some() && tree::run_members(None, &run.token, &is_root).is_empty();
+                    let gone = run.wait.is_some()
+                        && tree::run_members(None, &run.token, &is_root).is_empty();
                     run.kill = if gone {
-                        Kill::Draining { until: now + Duration::from_secs(2) }
+                        Kill::Draining {
+                            until: now + Duration::from_secs(2),
+                        }
                     } else {
-                        Kill::Term { again: now + Duration::from_millis(100), until }
+                        Kill::Term {
+                            again: now + Duration::from_millis(100),
+                            until,
+                        }
                     };
                 }
                 Kill::Term { until, .. } if now >= until => {
                     tree::signal_run(run.pid, &run.token, &is_root, libc::SIGKILL);
-                    run.kill = Kill::Killed { again: now + Duration::from_millis(100), until: now + Duration::from_secs(5) };
+                    run.kill = Kill::Killed {
+                        again: now + Duration::from_millis(100),
+                        until: now + Duration::from_secs(5),
+                    };
                 }
                 Kill::Killed { again, until } if now >= again => {
                     let left = tree::signal_run(run.pid, &run.token, &is_root, libc::SIGKILL);
@@ -760,7 +897,10 @@ impl Reactor {
                         log::warn!(target: LOG, "execution={} attempt={} still has {left} processes or open pipes after SIGKILL; giving up on them", run.key.execution, run.key.attempt);
                         done.push(slot);
                     } else {
-                        run.kill = Kill::Killed { again: now + Duration::from_millis(100), until };
+                        run.kill = Kill::Killed {
+                            again: now + Duration::from_millis(100),
+                            until,
+                        };
                     }
                 }
                 Kill::Draining { until } if now >= until => done.push(slot),
@@ -771,7 +911,10 @@ impl Reactor {
             }
             run.logs.take_due(now, &mut self.chunks);
             for chunk in self.chunks.drain(..) {
-                let _ = run.events.send(RunEvent::Log { key: run.key, chunk });
+                let _ = run.events.send(RunEvent::Log {
+                    key: run.key,
+                    chunk,
+                });
             }
         }
         for key in timed_out {
@@ -785,7 +928,9 @@ impl Reactor {
     }
 
     fn finish(&mut self, slot: usize) {
-        let Some(mut run) = self.runs[slot].take() else { return };
+        let Some(mut run) = self.runs[slot].take() else {
+            return;
+        };
         self.free.push(slot);
         for i in 0..FDS {
             Self::close_fd(&self.poller, &mut run, i);
@@ -799,7 +944,10 @@ impl Reactor {
         let now = Instant::now();
         run.logs.take_all(now, &mut self.chunks);
         for chunk in self.chunks.drain(..) {
-            let _ = run.events.send(RunEvent::Log { key: run.key, chunk });
+            let _ = run.events.send(RunEvent::Log {
+                key: run.key,
+                chunk,
+            });
         }
         let (exit_code, signal) = match run.wait {
             Some(WaitStatus::Exited(c)) => (Some(c), None),
@@ -831,9 +979,17 @@ impl Reactor {
         let job = Job::Finish {
             workspace: (!keep).then_some(run.workspace),
             events: run.events,
-            finished: RunEvent::Finished { key: run.key, outcome },
+            finished: RunEvent::Finished {
+                key: run.key,
+                outcome,
+            },
         };
-        if let Err(crossbeam_channel::SendError(Job::Finish { workspace, events, finished })) = self.jobs.send(job) {
+        if let Err(crossbeam_channel::SendError(Job::Finish {
+            workspace,
+            events,
+            finished,
+        })) = self.jobs.send(job)
+        {
             launcher::finish(workspace, &events, finished);
         }
         self.shared.running.fetch_sub(1, Ordering::SeqCst);

@@ -94,13 +94,17 @@ impl Program {
             }
         }
         if self.shell.is_some() && self.kind != ProgramKind::Shell {
-            return Err(ProgramError::new("\"shell\" applies to program kind shell only"));
+            return Err(ProgramError::new(
+                "\"shell\" applies to program kind shell only",
+            ));
         }
         for (k, v) in self.env.iter().chain(self.secret_env.iter()) {
             validate_env(k, v)?;
         }
         if let Some(k) = self.env.keys().find(|k| self.secret_env.contains_key(*k)) {
-            return Err(ProgramError::new(format!("env variable {k} is given both in env and secret_env")));
+            return Err(ProgramError::new(format!(
+                "env variable {k} is given both in env and secret_env"
+            )));
         }
         for a in self.args.iter().chain(self.argv.iter().flatten()) {
             if a.contains('\0') {
@@ -140,28 +144,42 @@ impl ProgramError {
 }
 
 /// Names the runner sets itself; a request may not override them.
-pub const RESERVED_ENV: &[&str] = &["ETASK_RESULT_FD", "EWORK_RESULT_FD", "ETASK_WORKSPACE", "ETASK_RUN_TOKEN"];
+pub const RESERVED_ENV: &[&str] = &[
+    "ETASK_RESULT_FD",
+    "EWORK_RESULT_FD",
+    "ETASK_WORKSPACE",
+    "ETASK_RUN_TOKEN",
+];
 
 pub fn validate_env(name: &str, value: &str) -> Result<(), ProgramError> {
     let mut chars = name.chars();
-    let ok_first = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let ok_first = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     if !ok_first || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(ProgramError::new(format!(
             "invalid env variable name {name:?}: use letters, digits and '_', not starting with a digit"
         )));
     }
     if RESERVED_ENV.contains(&name) || name.starts_with("ETASK_") {
-        return Err(ProgramError::new(format!("env variable {name} is reserved for ETask")));
+        return Err(ProgramError::new(format!(
+            "env variable {name} is reserved for ETask"
+        )));
     }
     if value.contains('\0') {
-        return Err(ProgramError::new(format!("env variable {name} contains a NUL byte")));
+        return Err(ProgramError::new(format!(
+            "env variable {name} contains a NUL byte"
+        )));
     }
     Ok(())
 }
 
 fn relative_inside(p: &str) -> Result<PathBuf, ProgramError> {
     let path = Path::new(p);
-    if path.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+    if path
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    {
         Ok(path.to_path_buf())
     } else {
         Err(ProgramError::new(format!(
@@ -180,7 +198,11 @@ pub struct Interpreters {
 
 impl Default for Interpreters {
     fn default() -> Self {
-        Interpreters { sh: "/bin/sh".into(), bash: "bash".into(), python: "python3".into() }
+        Interpreters {
+            sh: "/bin/sh".into(),
+            bash: "bash".into(),
+            python: "python3".into(),
+        }
     }
 }
 
@@ -193,7 +215,11 @@ pub struct Launch {
 }
 
 /// Maps a validated program onto a workspace.
-pub fn launch(p: &Program, workspace: &Path, interp: &Interpreters) -> Result<Launch, ProgramError> {
+pub fn launch(
+    p: &Program,
+    workspace: &Path,
+    interp: &Interpreters,
+) -> Result<Launch, ProgramError> {
     let cwd = match &p.workdir {
         Some(w) => workspace.join(relative_inside(w)?),
         None => workspace.to_path_buf(),
@@ -238,10 +264,16 @@ mod tests {
     #[test]
     fn env_names_are_checked() {
         assert!(validate_env("GOOD_1", "x").is_ok());
-        assert!(validate_env("1BAD", "x").unwrap_err().0.contains("invalid env variable name"));
+        assert!(validate_env("1BAD", "x")
+            .unwrap_err()
+            .0
+            .contains("invalid env variable name"));
         assert!(validate_env("A-B", "x").is_err());
         assert!(validate_env("", "x").is_err());
-        assert!(validate_env("ETASK_ATTEMPT", "x").unwrap_err().0.contains("reserved"));
+        assert!(validate_env("ETASK_ATTEMPT", "x")
+            .unwrap_err()
+            .0
+            .contains("reserved"));
         assert!(validate_env("OK", "a\0b").is_err());
     }
 
@@ -257,7 +289,9 @@ mod tests {
         p.workdir = Some("../etc".into());
         assert!(p.validate().unwrap_err().0.contains("relative path"));
         let json = r#"{"kind":"shell","code":"x","bogus":1}"#;
-        let err = serde_json::from_str::<Program>(json).unwrap_err().to_string();
+        let err = serde_json::from_str::<Program>(json)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `bogus`"), "{err}");
     }
 

@@ -25,7 +25,11 @@ pub struct ResultSink {
 
 impl ResultSink {
     pub fn new(cap: usize) -> Self {
-        ResultSink { cap, buf: Vec::new(), dropped: 0 }
+        ResultSink {
+            cap,
+            buf: Vec::new(),
+            dropped: 0,
+        }
     }
 
     /// Takes what was read from the pipe; bytes past the cap are counted, not kept, so the child
@@ -48,7 +52,11 @@ impl ResultSink {
         } else {
             parse_error
         };
-        ParsedResult { result, error, truncated }
+        ParsedResult {
+            result,
+            error,
+            truncated,
+        }
     }
 }
 
@@ -82,11 +90,16 @@ pub fn parse_objects(bytes: &[u8]) -> (Option<Map<String, Value>>, Option<String
                 };
                 return (
                     merged,
-                    Some(format!("result at byte {offset} is {kind}; fd 3 takes JSON objects only")),
+                    Some(format!(
+                        "result at byte {offset} is {kind}; fd 3 takes JSON objects only"
+                    )),
                 );
             }
             Some(Err(e)) => {
-                return (merged, Some(format!("invalid JSON on fd 3 at byte {offset}: {e}")));
+                return (
+                    merged,
+                    Some(format!("invalid JSON on fd 3 at byte {offset}: {e}")),
+                );
             }
         }
     }
@@ -109,7 +122,10 @@ mod tests {
     fn objects_merge_last_write_wins() {
         let r = run(&[b"{\"a\":1,\"b\":1}\n", b"  {\"b\":2}{\"c\":[1]}"], 1024);
         assert_eq!(r.error, None);
-        assert_eq!(Value::Object(r.result.unwrap()), json!({"a":1,"b":2,"c":[1]}));
+        assert_eq!(
+            Value::Object(r.result.unwrap()),
+            json!({"a":1,"b":2,"c":[1]})
+        );
     }
 
     #[test]
@@ -129,7 +145,10 @@ mod tests {
 
     #[test]
     fn over_cap_is_truncated_and_flagged() {
-        let r = run(&[b"{\"a\":1}", b"{\"big\":\"xxxxxxxxxxxxxxxxxxxxxxxx\"}"], 10);
+        let r = run(
+            &[b"{\"a\":1}", b"{\"big\":\"xxxxxxxxxxxxxxxxxxxxxxxx\"}"],
+            10,
+        );
         assert!(r.truncated);
         assert_eq!(Value::Object(r.result.unwrap()), json!({"a":1}));
         assert!(r.error.unwrap().contains("exceeded the limit of 10 bytes"));
@@ -138,6 +157,13 @@ mod tests {
     #[test]
     fn empty_is_no_result_no_error() {
         let r = run(&[b"  \n"], 10);
-        assert_eq!(r, ParsedResult { result: None, error: None, truncated: false });
+        assert_eq!(
+            r,
+            ParsedResult {
+                result: None,
+                error: None,
+                truncated: false
+            }
+        );
     }
 }

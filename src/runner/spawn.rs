@@ -56,7 +56,11 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(spec.cwd)
-        .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
+        .stdin(if spec.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
 
@@ -80,7 +84,13 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
                 return Err(io::Error::last_os_error());
             }
             // Die with the node rather than run on unsupervised; the scheduler retries.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
             if wfd == RESULT_FD {
                 if libc::fcntl(wfd, libc::F_SETFD, 0) < 0 {
                     return Err(io::Error::last_os_error());
@@ -90,8 +100,17 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
             }
             // Everything above fd 3 closes on exec, whoever opened it (our pipes to other runs,
             // fds the node inherited). Marking rather than closing keeps std's exec-error pipe.
-            if libc::syscall(SYS_CLOSE_RANGE, 4 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
-                let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            if libc::syscall(
+                SYS_CLOSE_RANGE,
+                4 as libc::c_uint,
+                libc::c_uint::MAX,
+                CLOSE_RANGE_CLOEXEC,
+            ) != 0
+            {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
                 libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
                 let top = lim.rlim_cur.min(1 << 16) as RawFd;
                 for fd in 4..top {
@@ -99,7 +118,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
                 }
             }
             for (res, value) in limits.iter().flatten() {
-                let lim = libc::rlimit { rlim_cur: *value, rlim_max: *value };
+                let lim = libc::rlimit {
+                    rlim_cur: *value,
+                    rlim_max: *value,
+                };
                 if libc::setrlimit(*res, &lim) != 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -120,12 +142,36 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     let pid = child.id() as i32;
     // The reactor reaps with waitpid(-1); `child` is dropped without waiting on purpose.
     let stdin = child.stdin.take().map(OwnedFd::from);
-    let stdout = OwnedFd::from(child.stdout.take().ok_or_else(|| io::Error::other("no stdout pipe"))?);
-    let stderr = OwnedFd::from(child.stderr.take().ok_or_else(|| io::Error::other("no stderr pipe"))?);
-    for fd in [Some(&stdout), Some(&stderr), Some(&result_r), stdin.as_ref()].into_iter().flatten() {
+    let stdout = OwnedFd::from(
+        child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("no stdout pipe"))?,
+    );
+    let stderr = OwnedFd::from(
+        child
+            .stderr
+            .take()
+            .ok_or_else(|| io::Error::other("no stderr pipe"))?,
+    );
+    for fd in [
+        Some(&stdout),
+        Some(&stderr),
+        Some(&result_r),
+        stdin.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    {
         super::tree::set_nonblocking(fd.as_raw_fd())?;
     }
-    Ok(Spawned { pid, stdin, stdout, stderr, result: result_r })
+    Ok(Spawned {
+        pid,
+        stdin,
+        stdout,
+        stderr,
+        result: result_r,
+    })
 }
 
 #[cfg(target_env = "gnu")]
@@ -136,8 +182,10 @@ type RlimitResource = libc::c_int;
 fn to_rlimits(l: &Rlimits) -> [Option<(RlimitResource, libc::rlim_t)>; 4] {
     [
         l.cpu_seconds.map(|v| (libc::RLIMIT_CPU, v as libc::rlim_t)),
-        l.address_space_bytes.map(|v| (libc::RLIMIT_AS, v as libc::rlim_t)),
-        l.open_files.map(|v| (libc::RLIMIT_NOFILE, v as libc::rlim_t)),
+        l.address_space_bytes
+            .map(|v| (libc::RLIMIT_AS, v as libc::rlim_t)),
+        l.open_files
+            .map(|v| (libc::RLIMIT_NOFILE, v as libc::rlim_t)),
         l.processes.map(|v| (libc::RLIMIT_NPROC, v as libc::rlim_t)),
     ]
 }

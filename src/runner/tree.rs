@@ -7,9 +7,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use polling::Poller;
-use std::path::Path;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::sync::OnceLock;
 
 /// Name of the env variable that tags every process of a run, so orphans that were re-parented
@@ -30,7 +30,10 @@ pub fn become_subreaper() -> io::Result<()> {
 
 /// Raises the soft open-file limit to the hard one: each run holds three pipes.
 pub fn raise_nofile_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: plain syscalls on a stack struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
@@ -127,7 +130,12 @@ struct Reaper {
 }
 
 static REAPER: LazyLock<Mutex<Reaper>> = LazyLock::new(|| {
-    Mutex::new(Reaper { roots: HashMap::new(), exits: HashMap::new(), pollers: HashMap::new(), next_pool: 0 })
+    Mutex::new(Reaper {
+        roots: HashMap::new(),
+        exits: HashMap::new(),
+        pollers: HashMap::new(),
+        next_pool: 0,
+    })
 });
 
 fn reaper() -> std::sync::MutexGuard<'static, Reaper> {
@@ -152,7 +160,10 @@ pub fn unregister_pool(id: usize) {
 }
 
 /// Runs `spawn` under the reaper lock and records the new root for `pool`.
-pub fn spawn_root<T>(pool: usize, spawn: impl FnOnce() -> io::Result<(i32, T)>) -> io::Result<(i32, T)> {
+pub fn spawn_root<T>(
+    pool: usize,
+    spawn: impl FnOnce() -> io::Result<(i32, T)>,
+) -> io::Result<(i32, T)> {
     let mut r = reaper();
     let (pid, t) = spawn()?;
     r.roots.insert(pid, pool);
@@ -227,7 +238,10 @@ fn read_children(file: &Path, out: &mut Vec<i32>) -> bool {
 fn adopted() -> Vec<i32> {
     let me = std::process::id() as i32;
     let mut out = Vec::new();
-    if read_children(Path::new(&format!("/proc/{me}/task/{me}/children")), &mut out) {
+    if read_children(
+        Path::new(&format!("/proc/{me}/task/{me}/children")),
+        &mut out,
+    ) {
         out
     } else {
         children_of(me)
@@ -268,7 +282,12 @@ pub fn run_members(root: Option<i32>, token: &str, is_root: &dyn Fn(i32) -> bool
 }
 
 /// Signals a run's process group and every member found. Returns how many were signalled.
-pub fn signal_run(root: Option<i32>, token: &str, is_root: &dyn Fn(i32) -> bool, sig: i32) -> usize {
+pub fn signal_run(
+    root: Option<i32>,
+    token: &str,
+    is_root: &dyn Fn(i32) -> bool,
+    sig: i32,
+) -> usize {
     if let Some(r) = root {
         // The root called setsid, so its pgid is its pid; this catches a fork storm in one go.
         // SAFETY: kill(2) on a process group we created.

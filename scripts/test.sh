@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need on a fresh Debian-like machine (when
+# missing), starts the services they use, then builds and runs every test.
+#   scripts/test.sh            all tests
+#   scripts/test.sh --quick    skip the installation checks (services must already be up)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Build output lives outside the clone so repeated runs reuse it; correctness never depends on it.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/etask-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+
+need_pkgs=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have python3 || need_pkgs+=(python3)
+have mariadbd || [ -x /usr/sbin/mariadbd ] || need_pkgs+=(mariadb-server)
+have cc || need_pkgs+=(build-essential)
+have bash || need_pkgs+=(bash)
+
+if [ "${1:-}" != "--quick" ] && [ ${#need_pkgs[@]} -gt 0 ]; then
+    echo "test.sh: installing ${need_pkgs[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}"
+fi
+
+if ! have cargo; then
+    if [ -x "$HOME/.cargo/bin/cargo" ]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    else
+        echo "test.sh: installing the Rust toolchain with rustup"
+        curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+        export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+fi
+
+# MariaDB: use the one running on 127.0.0.1:3306, or start it.
+mysql_up() { python3 - <<'PY'
+import socket, sys
+s = socket.socket()
+s.settimeout(1)
+try:
+    s.connect(("127.0.0.1", 3306))
+except OSError:
+    sys.exit(1)
+PY
+}
+if ! mysql_up; then
+    echo "test.sh: starting MariaDB"
+    $SUDO mkdir -p /run/mysqld && $SUDO chown mysql:mysql /run/mysqld 2>/dev/null || true
+    if [ ! -d /var/lib/mysql/mysql ]; then
+        $SUDO mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/dev/null
+    fi
+    $SUDO start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql
+    for _ in $(seq 1 60); do mysql_up && break; sleep 0.5; done
+    mysql_up || { echo "test.sh: MariaDB did not come up on 127.0.0.1:3306" >&2; exit 1; }
+fi
+export ETASK_TEST_MYSQL="${ETASK_TEST_MYSQL:-mysql://root@127.0.0.1:3306/}"
+
+cargo build --all-targets --locked
+cargo test --locked -- --test-threads="${ETASK_TEST_THREADS:-4}"
