@@ -6,3 +6,11 @@ pub mod logging;
 pub mod model;
 pub mod runner;
 pub mod signals;
+pub mod store;
+
+/// Milliseconds since the Unix epoch: the time unit of the store and the API.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

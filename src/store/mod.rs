@@ -1,0 +1,817 @@
+//! Durable state of the scheduler: tasks, executions (with their attempts), log chunks and the
+//! callback outbox. `Store` is the interface the scheduler uses; `SqlStore` implements it once,
+//! in SQL both back ends understand, over a small `Backend` (SQLite or MySQL/MariaDB) that only
+//! runs statements. Every state change is a compare-and-set on (status, attempt).
+
+mod mysql;
+mod sqlite;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::model::{Attempt, ExecutionId, Status, TaskId};
+
+pub use self::mysql::Mysql;
+pub use self::sqlite::Sqlite;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store error: {0}")]
+    Internal(String),
+    #[error("invalid store URL {0:?}: use sqlite:PATH or mysql://user:pass@host:port/db")]
+    BadUrl(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A value bound to or read from a statement.
+#[derive(Debug, Clone, PartialEq)]
+pub enum V {
+    Null,
+    I(i64),
+    S(String),
+}
+
+impl V {
+    pub fn i(&self) -> Option<i64> {
+        match self {
+            V::I(i) => Some(*i),
+            V::S(s) => s.parse().ok(),
+            V::Null => None,
+        }
+    }
+    pub fn s(&self) -> Option<String> {
+        match self {
+            V::S(s) => Some(s.clone()),
+            V::I(i) => Some(i.to_string()),
+            V::Null => None,
+        }
+    }
+}
+
+impl From<i64> for V {
+    fn from(v: i64) -> V {
+        V::I(v)
+    }
+}
+impl From<&str> for V {
+    fn from(v: &str) -> V {
+        V::S(v.to_owned())
+    }
+}
+impl From<String> for V {
+    fn from(v: String) -> V {
+        V::S(v)
+    }
+}
+impl<T: Into<V>> From<Option<T>> for V {
+    fn from(v: Option<T>) -> V {
+        v.map_or(V::Null, Into::into)
+    }
+}
+
+/// One connection inside a transaction.
+pub trait Conn {
+    /// Runs a statement; returns the number of rows it changed.
+    fn exec(&mut self, sql: &str, params: &[V]) -> Result<u64>;
+    /// Runs an INSERT; returns the new row id.
+    fn insert(&mut self, sql: &str, params: &[V]) -> Result<i64>;
+    fn query(&mut self, sql: &str, params: &[V]) -> Result<Vec<Vec<V>>>;
+}
+
+/// What differs between the SQL back ends.
+pub trait Backend: Send + Sync {
+    /// Runs `f` in one transaction: committed when it returns Ok, rolled back otherwise.
+    fn tx(&self, f: &mut dyn FnMut(&mut dyn Conn) -> Result<()>) -> Result<()>;
+    /// Applies the migrations not applied yet (under a lock where several processes may race).
+    fn migrate(&self) -> Result<Vec<u32>>;
+    /// `INSERT OR IGNORE` (SQLite) / `INSERT IGNORE` (MySQL).
+    fn insert_ignore(&self) -> &'static str;
+    fn describe(&self) -> String;
+}
+
+/// Migrations of one back end, in order: (version, sql).
+pub fn migrations(dir: &str) -> Vec<(u32, &'static str)> {
+    match dir {
+        "sqlite" => vec![(1, include_str!("../../sql/sqlite/0001_init.sql"))],
+        _ => vec![(1, include_str!("../../sql/mysql/0001_init.sql"))],
+    }
+}
+
+/// Splits a migration file into statements (a `;` at the end of a line ends one).
+pub fn statements(sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in sql.lines() {
+        let t = line.trim();
+        if t.starts_with("--") || t.is_empty() {
+            continue;
+        }
+        cur.push_str(line);
+        cur.push('\n');
+        if t.ends_with(';') {
+            out.push(cur.trim().trim_end_matches(';').to_owned());
+            cur.clear();
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur.trim().to_owned());
+    }
+    out
+}
+
+/// Opens the store named by a URL: `sqlite:PATH` or `mysql://user:pass@host:port/db`.
+pub fn open(url: &str) -> Result<SqlStore> {
+    let backend: Box<dyn Backend> = if let Some(path) = url.strip_prefix("sqlite:") {
+        Box::new(Sqlite::open(path.trim_start_matches("//"))?)
+    } else if url.starts_with("mysql://") {
+        Box::new(Mysql::open(url)?)
+    } else {
+        return Err(StoreError::BadUrl(url.to_owned()));
+    };
+    Ok(SqlStore { b: backend })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Domain rows
+
+/// A task as stored: the submitted spec (JSON, as accepted by the intake) plus scheduling state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRow {
+    pub id: TaskId,
+    pub name: String,
+    pub request_id: Option<String>,
+    pub spec: Value,
+    pub cron_expr: Option<String>,
+    pub next_fire_at: Option<i64>,
+    pub paused: bool,
+    pub deleted: bool,
+    pub created_at: i64,
+}
+
+impl TaskRow {
+    pub fn to_json(&self) -> Value {
+        let mut spec = self.spec.clone();
+        // Secret values never leave the store through the API.
+        if let Some(secrets) = spec.pointer_mut("/program/secret_env").and_then(Value::as_object_mut) {
+            for v in secrets.values_mut() {
+                *v = json!("******");
+            }
+        }
+        json!({
+            "id": self.id, "name": self.name, "request_id": self.request_id, "spec": spec,
+            "next_fire_at": self.next_fire_at, "paused": self.paused, "deleted": self.deleted,
+            "created_at": self.created_at,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRow {
+    pub attempt: u32,
+    pub status: Status,
+    pub node: Option<String>,
+    pub exit_code: Option<i64>,
+    pub signal: Option<i64>,
+    pub error: Option<String>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecutionRow {
+    pub id: ExecutionId,
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub status: Status,
+    pub node: Option<String>,
+    pub due_at: i64,
+    pub deadline_at: Option<i64>,
+    pub exit_code: Option<i64>,
+    pub signal: Option<i64>,
+    pub result: Option<Value>,
+    pub result_error: Option<String>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub attempts: Vec<AttemptRow>,
+}
+
+impl ExecutionRow {
+    /// The API shape of an execution (also the callback body).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id, "task_id": self.task_id, "attempt": self.attempt, "status": self.status,
+            "node": self.node, "exit_code": self.exit_code, "signal": self.signal,
+            "result": self.result, "result_error": self.result_error, "created_at": self.created_at,
+            "started_at": self.started_at, "finished_at": self.finished_at, "error": self.error,
+            "attempts": self.attempts,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRow {
+    /// Position in the execution's log across attempts (`after_seq` in the API).
+    pub seq: i64,
+    pub attempt: u32,
+    pub stream: String,
+    pub data: String,
+}
+
+/// A new task. `first_due_at` creates its first execution at once (a `once` task); `cron`
+/// carries the expression and its first fire time.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub name: String,
+    pub request_id: Option<String>,
+    pub spec: Value,
+    pub cron: Option<(String, i64)>,
+    pub first_due_at: Option<i64>,
+    pub deadline_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Created {
+    pub task_id: TaskId,
+    pub execution_id: Option<ExecutionId>,
+    /// The request id was seen before: nothing was created, these are the first call's ids.
+    pub existed: bool,
+}
+
+/// An execution claimed for dispatch, with the spec of its task.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: ExecutionId,
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub due_at: i64,
+    pub spec: Value,
+}
+
+/// How an attempt ended, as reported by its node.
+#[derive(Debug, Clone, Default)]
+pub struct Finish {
+    pub status: Option<Status>,
+    pub exit_code: Option<i64>,
+    pub signal: Option<i64>,
+    pub result: Option<Map<String, Value>>,
+    pub result_error: Option<String>,
+    pub error: Option<String>,
+    /// Set when the attempt failed and the retry policy allows another: the next attempt is due
+    /// then (the execution waits in `retry_wait`).
+    pub retry_at: Option<i64>,
+    /// Queue a callback to this URL when the execution reaches its terminal state.
+    pub callback_url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    Cancelled { was: Status, node: Option<String>, attempt: Attempt },
+    AlreadyFinal(Status),
+    NotFound,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub execution_id: ExecutionId,
+    pub url: String,
+    pub attempts: i64,
+}
+
+/// An execution whose node went silent, for the sweeper to retry or end.
+#[derive(Debug, Clone)]
+pub struct Silent {
+    pub id: ExecutionId,
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub status: Status,
+    pub deadline_passed: bool,
+}
+
+/// The scheduler's view of durable state. Both back ends pass the same suite (tests/store.rs).
+pub trait Store: Send + Sync {
+    fn migrate(&self) -> Result<Vec<u32>>;
+    fn describe(&self) -> String;
+    fn create_task(&self, t: &NewTask, now: i64) -> Result<Created>;
+    fn get_task(&self, id: TaskId) -> Result<Option<TaskRow>>;
+    fn list_tasks(&self, name: Option<&str>, limit: u32, before: Option<TaskId>) -> Result<Vec<TaskRow>>;
+    fn set_paused(&self, id: TaskId, paused: bool) -> Result<bool>;
+    /// Marks the task deleted and cancels its executions that have not started.
+    fn delete_task(&self, id: TaskId, now: i64) -> Result<bool>;
+    fn add_execution(&self, task: TaskId, due_at: i64, deadline_ms: Option<i64>, now: i64) -> Result<ExecutionId>;
+    /// Cron tasks due at `now`.
+    fn due_cron(&self, now: i64, limit: u32) -> Result<Vec<TaskRow>>;
+    /// Moves a cron task's fire time from `expected` to `next` and creates the execution for
+    /// this fire, atomically; `None` if another scheduler fired it first.
+    fn fire_cron(&self, task: TaskId, expected: i64, next: Option<i64>, deadline_ms: Option<i64>, now: i64)
+        -> Result<Option<ExecutionId>>;
+    fn get_execution(&self, id: ExecutionId) -> Result<Option<ExecutionRow>>;
+    fn list_executions(&self, task: Option<TaskId>, status: Option<Status>, limit: u32, before: Option<ExecutionId>)
+        -> Result<Vec<ExecutionRow>>;
+    /// Claims up to `limit` pending executions due by `now` for `node` (compare-and-set: two
+    /// schedulers never claim the same attempt).
+    fn claim_due(&self, now: i64, limit: u32, node: &str) -> Result<Vec<Claimed>>;
+    /// Puts a claimed execution back (the node refused it).
+    fn unclaim(&self, id: ExecutionId, attempt: Attempt, now: i64) -> Result<bool>;
+    fn mark_running(&self, id: ExecutionId, attempt: Attempt, now: i64) -> Result<bool>;
+    /// Records that `node` is still alive for everything it holds.
+    fn heartbeat(&self, node: &str, now: i64) -> Result<u64>;
+    /// Ends an attempt; returns the new status, or `None` when the report is stale (older
+    /// attempt, or the execution already final).
+    fn finish(&self, id: ExecutionId, attempt: Attempt, fin: &Finish, now: i64) -> Result<Option<Status>>;
+    fn cancel(&self, id: ExecutionId, now: i64) -> Result<CancelOutcome>;
+    fn append_logs(&self, id: ExecutionId, attempt: Attempt, chunks: &[(u64, &str, &str)], now: i64) -> Result<()>;
+    fn logs_after(&self, id: ExecutionId, after_seq: i64, limit: u32) -> Result<Vec<LogRow>>;
+    /// `retry_wait` executions whose backoff is over become `pending` with the next attempt.
+    fn promote_retries(&self, now: i64) -> Result<u64>;
+    /// Dispatched/running executions whose node stopped heartbeating before `silent_before`.
+    fn silent(&self, silent_before: i64, now: i64, limit: u32) -> Result<Vec<Silent>>;
+    fn outbox_due(&self, now: i64, limit: u32) -> Result<Vec<OutboxRow>>;
+    fn outbox_result(&self, id: i64, delivered: bool, error: Option<&str>, next_at: Option<i64>) -> Result<()>;
+    fn outbox_pending(&self) -> Result<i64>;
+    fn status_counts(&self) -> Result<Vec<(Status, i64)>>;
+}
+
+pub struct SqlStore {
+    b: Box<dyn Backend>,
+}
+
+const EXEC_COLS: &str = "id, task_id, attempt, status, node, due_at, deadline_at, exit_code, `signal`, result, \
+                         result_error, error, created_at, started_at, finished_at";
+const TASK_COLS: &str = "id, name, request_id, spec, cron_expr, next_fire_at, paused, deleted, created_at";
+
+fn bad(what: &str) -> StoreError {
+    StoreError::Internal(format!("unexpected row shape: {what}"))
+}
+
+fn status_of(v: &V) -> Result<Status> {
+    v.s().and_then(|s| Status::parse(&s)).ok_or_else(|| bad("status"))
+}
+
+fn task_row(r: &[V]) -> Result<TaskRow> {
+    let spec = r[3].s().ok_or_else(|| bad("spec"))?;
+    Ok(TaskRow {
+        id: TaskId(r[0].i().ok_or_else(|| bad("id"))?),
+        name: r[1].s().unwrap_or_default(),
+        request_id: r[2].s(),
+        spec: serde_json::from_str(&spec).map_err(|e| StoreError::Internal(format!("task spec: {e}")))?,
+        cron_expr: r[4].s(),
+        next_fire_at: r[5].i(),
+        paused: r[6].i() == Some(1),
+        deleted: r[7].i() == Some(1),
+        created_at: r[8].i().unwrap_or(0),
+    })
+}
+
+fn exec_row(r: &[V]) -> Result<ExecutionRow> {
+    Ok(ExecutionRow {
+        id: ExecutionId(r[0].i().ok_or_else(|| bad("id"))?),
+        task_id: TaskId(r[1].i().ok_or_else(|| bad("task_id"))?),
+        attempt: Attempt(r[2].i().unwrap_or(1) as u32),
+        status: status_of(&r[3])?,
+        node: r[4].s(),
+        due_at: r[5].i().unwrap_or(0),
+        deadline_at: r[6].i(),
+        exit_code: r[7].i(),
+        signal: r[8].i(),
+        result: r[9].s().and_then(|s| serde_json::from_str(&s).ok()),
+        result_error: r[10].s(),
+        error: r[11].s(),
+        created_at: r[12].i().unwrap_or(0),
+        started_at: r[13].i(),
+        finished_at: r[14].i(),
+        attempts: Vec::new(),
+    })
+}
+
+impl SqlStore {
+    pub fn new(b: Box<dyn Backend>) -> SqlStore {
+        SqlStore { b }
+    }
+
+    fn tx<T>(&self, mut f: impl FnMut(&mut dyn Conn) -> Result<T>) -> Result<T> {
+        let mut out = None;
+        self.b.tx(&mut |c| {
+            out = Some(f(c)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| StoreError::Internal("transaction produced no value".into()))
+    }
+
+    fn insert_execution(c: &mut dyn Conn, task: TaskId, due_at: i64, deadline_ms: Option<i64>, now: i64) -> Result<ExecutionId> {
+        let deadline = deadline_ms.map(|d| due_at.max(now) + d);
+        c.insert(
+            "INSERT INTO executions (task_id, attempt, status, due_at, deadline_at, created_at, updated_at) \
+             VALUES (?, 1, 'pending', ?, ?, ?, ?)",
+            &[task.0.into(), due_at.into(), deadline.into(), now.into(), now.into()],
+        )
+        .map(ExecutionId)
+    }
+
+    fn load_execution(c: &mut dyn Conn, id: ExecutionId) -> Result<Option<ExecutionRow>> {
+        let rows = c.query(&format!("SELECT {EXEC_COLS} FROM executions WHERE id = ?"), &[id.0.into()])?;
+        let Some(r) = rows.first() else { return Ok(None) };
+        let mut e = exec_row(r)?;
+        let atts = c.query(
+            "SELECT attempt, status, node, exit_code, `signal`, error, started_at, finished_at FROM attempts \
+             WHERE execution_id = ? ORDER BY attempt",
+            &[id.0.into()],
+        )?;
+        for a in atts {
+            e.attempts.push(AttemptRow {
+                attempt: a[0].i().unwrap_or(0) as u32,
+                status: status_of(&a[1])?,
+                node: a[2].s(),
+                exit_code: a[3].i(),
+                signal: a[4].i(),
+                error: a[5].s(),
+                started_at: a[6].i(),
+                finished_at: a[7].i(),
+            });
+        }
+        Ok(Some(e))
+    }
+
+    fn record_attempt(c: &mut dyn Conn, id: ExecutionId, attempt: Attempt, st: Status, node: Option<String>, fin: &Finish,
+        started: Option<i64>, now: i64) -> Result<()> {
+        c.exec("DELETE FROM attempts WHERE execution_id = ? AND attempt = ?", &[id.0.into(), i64::from(attempt.0).into()])?;
+        c.exec(
+            "INSERT INTO attempts (execution_id, attempt, status, node, exit_code, `signal`, error, started_at, finished_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            &[id.0.into(), i64::from(attempt.0).into(), st.as_str().into(), node.into(), fin.exit_code.into(),
+              fin.signal.into(), fin.error.clone().into(), started.into(), now.into()],
+        )?;
+        Ok(())
+    }
+}
+
+impl Store for SqlStore {
+    fn migrate(&self) -> Result<Vec<u32>> {
+        self.b.migrate()
+    }
+
+    fn describe(&self) -> String {
+        self.b.describe()
+    }
+
+    fn create_task(&self, t: &NewTask, now: i64) -> Result<Created> {
+        let spec = t.spec.to_string();
+        let ignore = self.b.insert_ignore();
+        self.tx(|c| {
+            if let Some(rid) = &t.request_id {
+                let got = c.query("SELECT id FROM tasks WHERE request_id = ?", &[rid.as_str().into()])?;
+                if let Some(r) = got.first() {
+                    let task_id = TaskId(r[0].i().ok_or_else(|| bad("id"))?);
+                    let ex = c.query("SELECT MIN(id) FROM executions WHERE task_id = ?", &[task_id.0.into()])?;
+                    let execution_id = ex.first().and_then(|r| r[0].i()).map(ExecutionId);
+                    return Ok(Created { task_id, execution_id, existed: true });
+                }
+            }
+            let (cron_expr, next) = match &t.cron {
+                Some((e, n)) => (Some(e.clone()), Some(*n)),
+                None => (None, None),
+            };
+            // INSERT IGNORE: a concurrent call with the same request id loses quietly here and
+            // reads the winner's ids below.
+            let params = [t.name.as_str().into(), t.request_id.clone().into(), spec.as_str().into(), cron_expr.into(),
+                          next.into(), now.into()];
+            let sql = format!("{ignore} INTO tasks (name, request_id, spec, cron_expr, next_fire_at, created_at) VALUES (?, ?, ?, ?, ?, ?)");
+            let changed = c.exec(&sql, &params)?;
+            let rows = match &t.request_id {
+                Some(rid) => c.query("SELECT id FROM tasks WHERE request_id = ?", &[rid.as_str().into()])?,
+                None => c.query("SELECT MAX(id) FROM tasks WHERE name = ?", &[t.name.as_str().into()])?,
+            };
+            let task_id = TaskId(rows.first().and_then(|r| r[0].i()).ok_or_else(|| bad("inserted task"))?);
+            if changed == 0 {
+                let ex = c.query("SELECT MIN(id) FROM executions WHERE task_id = ?", &[task_id.0.into()])?;
+                return Ok(Created { task_id, execution_id: ex.first().and_then(|r| r[0].i()).map(ExecutionId), existed: true });
+            }
+            let execution_id = match t.first_due_at {
+                Some(due) => Some(Self::insert_execution(c, task_id, due, t.deadline_ms, now)?),
+                None => None,
+            };
+            Ok(Created { task_id, execution_id, existed: false })
+        })
+    }
+
+    fn get_task(&self, id: TaskId) -> Result<Option<TaskRow>> {
+        self.tx(|c| {
+            let rows = c.query(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?"), &[id.0.into()])?;
+            rows.first().map(|r| task_row(r)).transpose()
+        })
+    }
+
+    fn list_tasks(&self, name: Option<&str>, limit: u32, before: Option<TaskId>) -> Result<Vec<TaskRow>> {
+        self.tx(|c| {
+            let rows = c.query(
+                &format!("SELECT {TASK_COLS} FROM tasks WHERE deleted = 0 AND (? IS NULL OR name = ?) AND id < ? ORDER BY id DESC LIMIT ?"),
+                &[name.into(), name.into(), before.map_or(i64::MAX, |b| b.0).into(), i64::from(limit).into()],
+            )?;
+            rows.iter().map(|r| task_row(r)).collect()
+        })
+    }
+
+    fn set_paused(&self, id: TaskId, paused: bool) -> Result<bool> {
+        self.tx(|c| {
+            let found = c.query("SELECT id FROM tasks WHERE id = ? AND deleted = 0", &[id.0.into()])?;
+            if found.is_empty() {
+                return Ok(false);
+            }
+            c.exec("UPDATE tasks SET paused = ? WHERE id = ?", &[i64::from(paused).into(), id.0.into()])?;
+            Ok(true)
+        })
+    }
+
+    fn delete_task(&self, id: TaskId, now: i64) -> Result<bool> {
+        self.tx(|c| {
+            let n = c.exec("UPDATE tasks SET deleted = 1, next_fire_at = NULL WHERE id = ? AND deleted = 0", &[id.0.into()])?;
+            if n > 0 {
+                c.exec(
+                    "UPDATE executions SET status = 'cancelled', error = 'task deleted', finished_at = ?, updated_at = ? \
+                     WHERE task_id = ? AND status IN ('pending', 'retry_wait')",
+                    &[now.into(), now.into(), id.0.into()],
+                )?;
+            }
+            Ok(n > 0)
+        })
+    }
+
+    fn add_execution(&self, task: TaskId, due_at: i64, deadline_ms: Option<i64>, now: i64) -> Result<ExecutionId> {
+        self.tx(|c| Self::insert_execution(c, task, due_at, deadline_ms, now))
+    }
+
+    fn due_cron(&self, now: i64, limit: u32) -> Result<Vec<TaskRow>> {
+        self.tx(|c| {
+            let rows = c.query(
+                &format!("SELECT {TASK_COLS} FROM tasks WHERE next_fire_at IS NOT NULL AND next_fire_at <= ? \
+                          AND paused = 0 AND deleted = 0 ORDER BY next_fire_at LIMIT ?"),
+                &[now.into(), i64::from(limit).into()],
+            )?;
+            rows.iter().map(|r| task_row(r)).collect()
+        })
+    }
+
+    fn fire_cron(&self, task: TaskId, expected: i64, next: Option<i64>, deadline_ms: Option<i64>, now: i64) -> Result<Option<ExecutionId>> {
+        self.tx(|c| {
+            let n = c.exec(
+                "UPDATE tasks SET next_fire_at = ? WHERE id = ? AND next_fire_at = ? AND deleted = 0",
+                &[next.into(), task.0.into(), expected.into()],
+            )?;
+            if n == 0 {
+                return Ok(None);
+            }
+            Self::insert_execution(c, task, now, deadline_ms, now).map(Some)
+        })
+    }
+
+    fn get_execution(&self, id: ExecutionId) -> Result<Option<ExecutionRow>> {
+        self.tx(|c| Self::load_execution(c, id))
+    }
+
+    fn list_executions(&self, task: Option<TaskId>, status: Option<Status>, limit: u32, before: Option<ExecutionId>) -> Result<Vec<ExecutionRow>> {
+        self.tx(|c| {
+            let st = status.map(Status::as_str);
+            let rows = c.query(
+                &format!("SELECT {EXEC_COLS} FROM executions WHERE (? IS NULL OR task_id = ?) AND (? IS NULL OR status = ?) \
+                          AND id < ? ORDER BY id DESC LIMIT ?"),
+                &[task.map(|t| t.0).into(), task.map(|t| t.0).into(), st.into(), st.into(),
+                  before.map_or(i64::MAX, |b| b.0).into(), i64::from(limit).into()],
+            )?;
+            rows.iter().map(|r| exec_row(r)).collect()
+        })
+    }
+
+    fn claim_due(&self, now: i64, limit: u32, node: &str) -> Result<Vec<Claimed>> {
+        let candidates = self.tx(|c| {
+            c.query(
+                "SELECT e.id, e.task_id, e.attempt, e.due_at, t.spec FROM executions e JOIN tasks t ON t.id = e.task_id \
+                 WHERE e.status = 'pending' AND e.due_at <= ? ORDER BY e.due_at, e.id LIMIT ?",
+                &[now.into(), i64::from(limit).into()],
+            )
+        })?;
+        let mut out = Vec::new();
+        for r in candidates {
+            let (id, attempt) = (r[0].i().ok_or_else(|| bad("id"))?, r[2].i().unwrap_or(1));
+            // The compare-and-set that makes a claim exclusive across schedulers.
+            let won = self.tx(|c| {
+                c.exec(
+                    "UPDATE executions SET status = 'dispatched', node = ?, heartbeat_at = ?, updated_at = ? \
+                     WHERE id = ? AND attempt = ? AND status = 'pending'",
+                    &[node.into(), now.into(), now.into(), id.into(), attempt.into()],
+                )
+            })?;
+            if won == 1 {
+                let spec = r[4].s().ok_or_else(|| bad("spec"))?;
+                out.push(Claimed {
+                    id: ExecutionId(id),
+                    task_id: TaskId(r[1].i().unwrap_or(0)),
+                    attempt: Attempt(attempt as u32),
+                    due_at: r[3].i().unwrap_or(now),
+                    spec: serde_json::from_str(&spec).map_err(|e| StoreError::Internal(format!("task spec: {e}")))?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn unclaim(&self, id: ExecutionId, attempt: Attempt, now: i64) -> Result<bool> {
+        self.tx(|c| {
+            c.exec(
+                "UPDATE executions SET status = 'pending', node = NULL, updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
+                &[now.into(), id.0.into(), i64::from(attempt.0).into()],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    fn mark_running(&self, id: ExecutionId, attempt: Attempt, now: i64) -> Result<bool> {
+        self.tx(|c| {
+            c.exec(
+                "UPDATE executions SET status = 'running', started_at = COALESCE(started_at, ?), heartbeat_at = ?, updated_at = ? \
+                 WHERE id = ? AND attempt = ? AND status = 'dispatched'",
+                &[now.into(), now.into(), now.into(), id.0.into(), i64::from(attempt.0).into()],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    fn heartbeat(&self, node: &str, now: i64) -> Result<u64> {
+        self.tx(|c| {
+            c.exec(
+                "UPDATE executions SET heartbeat_at = ? WHERE node = ? AND status IN ('dispatched', 'running')",
+                &[now.into(), node.into()],
+            )
+        })
+    }
+
+    fn finish(&self, id: ExecutionId, attempt: Attempt, fin: &Finish, now: i64) -> Result<Option<Status>> {
+        let reported = fin.status.ok_or_else(|| StoreError::Internal("finish without a status".into()))?;
+        self.tx(|c| {
+            let rows = c.query("SELECT status, attempt, node, started_at FROM executions WHERE id = ?", &[id.0.into()])?;
+            let Some(r) = rows.first() else { return Ok(None) };
+            let (cur, cur_attempt, node, started) = (status_of(&r[0])?, r[1].i().unwrap_or(0), r[2].s(), r[3].i());
+            if cur_attempt != i64::from(attempt.0) || cur.is_terminal() || cur == Status::RetryWait || cur == Status::Pending {
+                return Ok(None); // stale: an older attempt, or already decided
+            }
+            let retry = fin.retry_at.filter(|_| !matches!(reported, Status::Succeeded | Status::Cancelled));
+            let new = if retry.is_some() { Status::RetryWait } else { reported };
+            if cur.transition(new).is_err() {
+                return Ok(None);
+            }
+            let result = fin.result.as_ref().map(|m| Value::Object(m.clone()).to_string());
+            let n = c.exec(
+                "UPDATE executions SET status = ?, exit_code = ?, `signal` = ?, result = ?, result_error = ?, error = ?, \
+                 finished_at = ?, due_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND status = ?",
+                &[new.as_str().into(), fin.exit_code.into(), fin.signal.into(), result.into(), fin.result_error.clone().into(),
+                  fin.error.clone().into(), if new.is_terminal() { Some(now) } else { None }.into(),
+                  retry.unwrap_or(now).into(), now.into(), id.0.into(), i64::from(attempt.0).into(), cur.as_str().into()],
+            )?;
+            if n != 1 {
+                return Ok(None);
+            }
+            Self::record_attempt(c, id, attempt, reported, node, fin, started, now)?;
+            if new.is_terminal() {
+                if let Some(url) = &fin.callback_url {
+                    c.insert(
+                        "INSERT INTO outbox (execution_id, url, next_at, created_at) VALUES (?, ?, ?, ?)",
+                        &[id.0.into(), url.as_str().into(), now.into(), now.into()],
+                    )?;
+                }
+            }
+            Ok(Some(new))
+        })
+    }
+
+    fn cancel(&self, id: ExecutionId, now: i64) -> Result<CancelOutcome> {
+        self.tx(|c| {
+            let rows = c.query("SELECT status, node, attempt, started_at FROM executions WHERE id = ?", &[id.0.into()])?;
+            let Some(r) = rows.first() else { return Ok(CancelOutcome::NotFound) };
+            let (cur, node, attempt) = (status_of(&r[0])?, r[1].s(), Attempt(r[2].i().unwrap_or(1) as u32));
+            if cur == Status::Cancelled {
+                return Ok(CancelOutcome::Cancelled { was: cur, node, attempt });
+            }
+            if cur.is_terminal() {
+                return Ok(CancelOutcome::AlreadyFinal(cur));
+            }
+            let n = c.exec(
+                "UPDATE executions SET status = 'cancelled', error = 'cancelled', finished_at = ?, updated_at = ? WHERE id = ? AND status = ?",
+                &[now.into(), now.into(), id.0.into(), cur.as_str().into()],
+            )?;
+            if n != 1 {
+                return Err(StoreError::Unavailable("execution changed while cancelling; retry".into()));
+            }
+            if matches!(cur, Status::Dispatched | Status::Running) {
+                let fin = Finish { error: Some("cancelled".into()), ..Finish::default() };
+                Self::record_attempt(c, id, attempt, Status::Cancelled, node.clone(), &fin, r[3].i(), now)?;
+            }
+            Ok(CancelOutcome::Cancelled { was: cur, node, attempt })
+        })
+    }
+
+    fn append_logs(&self, id: ExecutionId, attempt: Attempt, chunks: &[(u64, &str, &str)], now: i64) -> Result<()> {
+        let ignore = self.b.insert_ignore();
+        let sql = format!("{ignore} INTO log_chunks (execution_id, attempt, run_seq, stream, data, created_at) VALUES (?, ?, ?, ?, ?, ?)");
+        self.tx(|c| {
+            for (seq, stream, data) in chunks {
+                c.exec(&sql, &[id.0.into(), i64::from(attempt.0).into(), (*seq as i64).into(), (*stream).into(), (*data).into(), now.into()])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn logs_after(&self, id: ExecutionId, after_seq: i64, limit: u32) -> Result<Vec<LogRow>> {
+        self.tx(|c| {
+            let rows = c.query(
+                "SELECT id, attempt, stream, data FROM log_chunks WHERE execution_id = ? AND id > ? ORDER BY id LIMIT ?",
+                &[id.0.into(), after_seq.into(), i64::from(limit).into()],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| LogRow { seq: r[0].i().unwrap_or(0), attempt: r[1].i().unwrap_or(0) as u32, stream: r[2].s().unwrap_or_default(), data: r[3].s().unwrap_or_default() })
+                .collect())
+        })
+    }
+
+    fn promote_retries(&self, now: i64) -> Result<u64> {
+        self.tx(|c| {
+            c.exec(
+                "UPDATE executions SET status = 'pending', attempt = attempt + 1, node = NULL, exit_code = NULL, `signal` = NULL, \
+                 result = NULL, result_error = NULL, started_at = NULL, updated_at = ? WHERE status = 'retry_wait' AND due_at <= ?",
+                &[now.into(), now.into()],
+            )
+        })
+    }
+
+    fn silent(&self, silent_before: i64, now: i64, limit: u32) -> Result<Vec<Silent>> {
+        self.tx(|c| {
+            let rows = c.query(
+                "SELECT id, task_id, attempt, status, deadline_at FROM executions WHERE status IN ('dispatched', 'running') \
+                 AND (heartbeat_at IS NULL OR heartbeat_at < ?) ORDER BY id LIMIT ?",
+                &[silent_before.into(), i64::from(limit).into()],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Silent {
+                        id: ExecutionId(r[0].i().ok_or_else(|| bad("id"))?),
+                        task_id: TaskId(r[1].i().unwrap_or(0)),
+                        attempt: Attempt(r[2].i().unwrap_or(1) as u32),
+                        status: status_of(&r[3])?,
+                        deadline_passed: r[4].i().is_some_and(|d| d <= now),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn outbox_due(&self, now: i64, limit: u32) -> Result<Vec<OutboxRow>> {
+        self.tx(|c| {
+            let rows = c.query(
+                "SELECT id, execution_id, url, attempts FROM outbox WHERE done = 0 AND next_at <= ? ORDER BY next_at, id LIMIT ?",
+                &[now.into(), i64::from(limit).into()],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| OutboxRow { id: r[0].i().unwrap_or(0), execution_id: ExecutionId(r[1].i().unwrap_or(0)), url: r[2].s().unwrap_or_default(), attempts: r[3].i().unwrap_or(0) })
+                .collect())
+        })
+    }
+
+    fn outbox_result(&self, id: i64, delivered: bool, error: Option<&str>, next_at: Option<i64>) -> Result<()> {
+        self.tx(|c| {
+            // done: 1 delivered, 2 given up.
+            let done = if delivered { 1 } else if next_at.is_none() { 2 } else { 0 };
+            c.exec(
+                "UPDATE outbox SET attempts = attempts + 1, done = ?, last_error = ?, next_at = ? WHERE id = ?",
+                &[i64::from(done).into(), error.into(), next_at.unwrap_or(0).into(), id.into()],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn outbox_pending(&self) -> Result<i64> {
+        self.tx(|c| Ok(c.query("SELECT COUNT(*) FROM outbox WHERE done = 0", &[])?.first().and_then(|r| r[0].i()).unwrap_or(0)))
+    }
+
+    fn status_counts(&self) -> Result<Vec<(Status, i64)>> {
+        self.tx(|c| {
+            let rows = c.query("SELECT status, COUNT(*) FROM executions GROUP BY status", &[])?;
+            rows.iter().map(|r| Ok((status_of(&r[0])?, r[1].i().unwrap_or(0)))).collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_split_at_line_end_semicolons() {
+        let s = statements("-- c\nCREATE TABLE a (x INT);\n\nCREATE TABLE b (\n y INT\n);\n");
+        assert_eq!(s, vec!["CREATE TABLE a (x INT)".to_string(), "CREATE TABLE b (\n y INT\n)".to_string()]);
+    }
+}

@@ -1,0 +1,138 @@
+//! The production back end: MySQL / MariaDB through the pure-Rust `mysql` crate. Several
+//! schedulers may share one database: claims and cron fires are compare-and-set updates, and
+//! migrations run under `GET_LOCK('etask_migrate')`.
+
+use mysql::prelude::Queryable;
+use mysql::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, PooledConn, TxOpts, Value as MyValue};
+
+use super::{migrations, statements, Backend, Conn, Result, StoreError, V};
+
+pub struct Mysql {
+    pool: Pool,
+    describe: String,
+}
+
+fn err(e: mysql::Error) -> StoreError {
+    match e {
+        mysql::Error::IoError(_) | mysql::Error::DriverError(_) => StoreError::Unavailable(format!("mysql: {e}")),
+        e => StoreError::Internal(format!("mysql: {e}")),
+    }
+}
+
+fn params(p: &[V]) -> Params {
+    if p.is_empty() {
+        return Params::Empty;
+    }
+    Params::Positional(
+        p.iter()
+            .map(|v| match v {
+                V::Null => MyValue::NULL,
+                V::I(i) => MyValue::Int(*i),
+                V::S(s) => MyValue::Bytes(s.as_bytes().to_vec()),
+            })
+            .collect(),
+    )
+}
+
+fn value(v: MyValue) -> V {
+    match v {
+        MyValue::NULL => V::Null,
+        MyValue::Int(i) => V::I(i),
+        MyValue::UInt(u) => V::I(u as i64),
+        MyValue::Float(f) => V::I(f as i64),
+        MyValue::Double(f) => V::I(f as i64),
+        MyValue::Bytes(b) => V::S(String::from_utf8_lossy(&b).into_owned()),
+        other => V::S(other.as_sql(true)),
+    }
+}
+
+impl Mysql {
+    pub fn open(url: &str) -> Result<Mysql> {
+        let opts = Opts::from_url(url).map_err(|e| StoreError::BadUrl(format!("{url}: {e}")))?;
+        let describe = format!(
+            "mysql://{}@{}:{}/{}",
+            opts.get_user().unwrap_or(""),
+            opts.get_ip_or_hostname(),
+            opts.get_tcp_port(),
+            opts.get_db_name().unwrap_or("")
+        );
+        if opts.get_db_name().is_none_or(str::is_empty) {
+            return Err(StoreError::BadUrl(format!("{url}: no database name")));
+        }
+        // A few connections are plenty: every statement is short and the threads are few.
+        let constraints = PoolConstraints::new(1, 16).ok_or_else(|| StoreError::Internal("pool constraints".into()))?;
+        let opts = OptsBuilder::from_opts(opts).pool_opts(PoolOpts::default().with_constraints(constraints));
+        let pool = Pool::new(opts).map_err(|e| StoreError::Unavailable(format!("cannot connect to {describe}: {e}")))?;
+        Ok(Mysql { pool, describe })
+    }
+
+    fn conn(&self) -> Result<PooledConn> {
+        self.pool.get_conn().map_err(|e| StoreError::Unavailable(format!("cannot connect to {}: {e}", self.describe)))
+    }
+}
+
+struct Tx<'a, 'b>(&'a mut mysql::Transaction<'b>);
+
+impl Conn for Tx<'_, '_> {
+    fn exec(&mut self, sql: &str, p: &[V]) -> Result<u64> {
+        self.0.exec_drop(sql, params(p)).map_err(err)?;
+        Ok(self.0.affected_rows())
+    }
+    fn insert(&mut self, sql: &str, p: &[V]) -> Result<i64> {
+        self.0.exec_drop(sql, params(p)).map_err(err)?;
+        self.0.last_insert_id().map(|i| i as i64).ok_or_else(|| StoreError::Internal("no insert id".into()))
+    }
+    fn query(&mut self, sql: &str, p: &[V]) -> Result<Vec<Vec<V>>> {
+        let rows: Vec<mysql::Row> = self.0.exec(sql, params(p)).map_err(err)?;
+        Ok(rows.into_iter().map(|r| r.unwrap().into_iter().map(value).collect()).collect())
+    }
+}
+
+impl Backend for Mysql {
+    fn tx(&self, f: &mut dyn FnMut(&mut dyn Conn) -> Result<()>) -> Result<()> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.start_transaction(TxOpts::default()).map_err(err)?;
+        f(&mut Tx(&mut tx))?;
+        tx.commit().map_err(err)
+    }
+
+    fn migrate(&self) -> Result<Vec<u32>> {
+        let mut conn = self.conn()?;
+        let got: Option<Option<i64>> = conn.query_first("SELECT GET_LOCK('etask_migrate', 60)").map_err(err)?;
+        if got.flatten() != Some(1) {
+            return Err(StoreError::Unavailable("another scheduler holds the migration lock for over 60 s".into()));
+        }
+        let res = (|| {
+            conn.query_drop(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INT PRIMARY KEY, applied_at BIGINT NOT NULL) ENGINE=InnoDB",
+            )
+            .map_err(err)?;
+            let mut applied = Vec::new();
+            for (version, sql) in migrations("mysql") {
+                let have: Option<i64> =
+                    conn.exec_first("SELECT COUNT(*) FROM schema_migrations WHERE version = ?", (version,)).map_err(err)?;
+                if have.unwrap_or(0) > 0 {
+                    continue;
+                }
+                // MySQL DDL commits implicitly; the lock, not a transaction, keeps this single.
+                for st in statements(sql) {
+                    conn.query_drop(&st).map_err(|e| StoreError::Internal(format!("migration {version}: {e}")))?;
+                }
+                conn.exec_drop("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", (version, crate::now_ms()))
+                    .map_err(err)?;
+                applied.push(version);
+            }
+            Ok(applied)
+        })();
+        let _ = conn.query_drop("SELECT RELEASE_LOCK('etask_migrate')");
+        res
+    }
+
+    fn insert_ignore(&self) -> &'static str {
+        "INSERT IGNORE"
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
