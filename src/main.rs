@@ -21,6 +21,148 @@ struct Cli {
 #[argh(subcommand)]
 enum Cmd {
     Run(RunCmd),
+    Server(ServerCmd),
+    Migrate(MigrateCmd),
+    Config(ConfigCmd),
+    Submit(SubmitCmd),
+    Get(GetCmd),
+    Logs(LogsCmd),
+    Cancel(CancelCmd),
+    Tasks(TasksCmd),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "server")]
+/// run a server role: scheduler (HTTP intake, store, retries, callbacks), all (scheduler with a
+/// built-in node; needs no external service), executor and agent (not available yet).
+struct ServerCmd {
+    /// scheduler | agent | executor | all
+    #[argh(option)]
+    mode: String,
+    /// TOML config file (see `etask config --print-default`)
+    #[argh(option)]
+    config: Option<PathBuf>,
+    /// HTTP listen address (default 127.0.0.1:8765; port 0 picks a free one)
+    #[argh(option)]
+    listen: Option<String>,
+    /// data directory for the embedded store and workspaces (default ./etask-data)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// store URL: sqlite:PATH or mysql://user:pass@host:port/db
+    #[argh(option)]
+    store: Option<String>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "migrate")]
+/// apply the schema migrations (sql/) to a store; safe to run while schedulers start.
+struct MigrateCmd {
+    /// store URL: sqlite:PATH or mysql://user:pass@host:port/db
+    #[argh(option)]
+    store: String,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "config")]
+/// print the commented default configuration, or check a config file.
+struct ConfigCmd {
+    /// print the default config file with every key documented
+    #[argh(switch)]
+    print_default: bool,
+    /// parse and validate this file
+    #[argh(option)]
+    check: Option<PathBuf>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "submit")]
+/// submit a script as a task (runs once now, or on --cron); --wait follows it to the end and
+/// exits like `etask run`.
+struct SubmitCmd {
+    /// shell script file
+    #[argh(option)]
+    shell: Option<PathBuf>,
+    /// python script file
+    #[argh(option)]
+    python: Option<PathBuf>,
+    /// task name (default: the file name)
+    #[argh(option)]
+    name: Option<String>,
+    /// cron expression with seconds first, e.g. "0 */5 * * * *"
+    #[argh(option)]
+    cron: Option<String>,
+    /// timeout in seconds
+    #[argh(option)]
+    timeout: Option<f64>,
+    /// attempts in all (retry on failure, timeout, node loss)
+    #[argh(option)]
+    max_attempts: Option<u32>,
+    /// extra environment variable K=V (repeatable)
+    #[argh(option)]
+    env: Vec<String>,
+    /// idempotency key: the same key returns the first submission's ids
+    #[argh(option)]
+    request_id: Option<String>,
+    /// print logs live and the final result; exit status mirrors the outcome
+    #[argh(switch)]
+    wait: bool,
+    /// scheduler URL (default $ETASK_SERVER or http://127.0.0.1:8765)
+    #[argh(option)]
+    server: Option<String>,
+    /// script arguments
+    #[argh(positional, greedy)]
+    args: Vec<String>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "get")]
+/// show an execution as JSON.
+struct GetCmd {
+    #[argh(positional)]
+    id: i64,
+    /// scheduler URL (default $ETASK_SERVER or http://127.0.0.1:8765)
+    #[argh(option)]
+    server: Option<String>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "logs")]
+/// print an execution's logs; -f follows them until it ends.
+struct LogsCmd {
+    #[argh(positional)]
+    id: i64,
+    /// follow until the execution ends
+    #[argh(switch, short = 'f')]
+    follow: bool,
+    /// scheduler URL (default $ETASK_SERVER or http://127.0.0.1:8765)
+    #[argh(option)]
+    server: Option<String>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "cancel")]
+/// cancel an execution (its whole process tree is stopped).
+struct CancelCmd {
+    #[argh(positional)]
+    id: i64,
+    /// scheduler URL (default $ETASK_SERVER or http://127.0.0.1:8765)
+    #[argh(option)]
+    server: Option<String>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "tasks")]
+/// list tasks, newest first.
+struct TasksCmd {
+    /// only tasks with this name
+    #[argh(option)]
+    name: Option<String>,
+    /// how many (default 50)
+    #[argh(option, default = "50")]
+    limit: u32,
+    /// scheduler URL (default $ETASK_SERVER or http://127.0.0.1:8765)
+    #[argh(option)]
+    server: Option<String>,
 }
 
 #[derive(FromArgs)]
@@ -66,10 +208,20 @@ struct RunCmd {
 }
 
 fn main() -> ExitCode {
-    etask::logging::init(log::LevelFilter::Warn);
     let cli: Cli = argh::from_env();
+    // Daemons log their events; one-shot commands only what went wrong.
+    let level = if matches!(cli.cmd, Cmd::Server(_)) { log::LevelFilter::Info } else { log::LevelFilter::Warn };
+    etask::logging::init(level);
     let res = match cli.cmd {
         Cmd::Run(c) => cmd_run(c),
+        Cmd::Server(c) => cmd_server(c).map(|()| ExitCode::SUCCESS),
+        Cmd::Migrate(c) => cmd_migrate(c).map(|()| ExitCode::SUCCESS),
+        Cmd::Config(c) => cmd_config(c).map(|()| ExitCode::SUCCESS),
+        Cmd::Submit(c) => cmd_submit(c),
+        Cmd::Get(c) => client(&c.server).get(&format!("/api/v1/executions/{}", c.id)).map(print_json),
+        Cmd::Logs(c) => cmd_logs(c),
+        Cmd::Cancel(c) => client(&c.server).post(&format!("/api/v1/executions/{}/cancel", c.id), &serde_json::json!({})).map(print_json),
+        Cmd::Tasks(c) => cmd_tasks(c),
     };
     match res {
         Ok(code) => code,
@@ -219,4 +371,156 @@ fn exit_code(o: &Outcome) -> ExitCode {
         Ending::SpawnFailed(_) => 127,
     };
     ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+fn print_json(v: serde_json::Value) -> ExitCode {
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    ExitCode::SUCCESS
+}
+
+fn client(server: &Option<String>) -> etask::client::Client {
+    let base = server
+        .clone()
+        .or_else(|| std::env::var("ETASK_SERVER").ok())
+        .unwrap_or_else(|| "http://127.0.0.1:8765".into());
+    etask::client::Client::new(&base, std::env::var("ETASK_TOKEN").ok())
+}
+
+fn cmd_server(c: ServerCmd) -> Result<(), String> {
+    let mode: etask::server::Mode = c.mode.parse()?;
+    let mut cfg = match &c.config {
+        Some(p) => etask::config::Config::load(p)?,
+        None => etask::config::Config::default(),
+    };
+    if let Some(l) = c.listen {
+        cfg.server.listen = l;
+    }
+    if let Some(d) = c.data_dir {
+        cfg.server.data_dir = d;
+    }
+    if let Some(s) = c.store {
+        cfg.server.store = s;
+    }
+    if cfg.server.token.is_empty() {
+        if let Ok(t) = std::env::var("ETASK_TOKEN") {
+            cfg.server.token = t;
+        }
+    }
+    // Block the termination signals before any thread starts, so every thread inherits it.
+    let stop = etask::signals::termination().map_err(|e| format!("cannot set up signal handling: {e}"))?;
+    etask::server::run(mode, cfg, stop)
+}
+
+fn cmd_migrate(c: MigrateCmd) -> Result<(), String> {
+    let store = etask::store::open(&c.store).map_err(|e| e.to_string())?;
+    use etask::store::Store;
+    let applied = store.migrate().map_err(|e| e.to_string())?;
+    if applied.is_empty() {
+        println!("{}: schema up to date", store.describe());
+    } else {
+        println!("{}: applied migrations {applied:?}", store.describe());
+    }
+    Ok(())
+}
+
+fn cmd_config(c: ConfigCmd) -> Result<(), String> {
+    if let Some(p) = c.check {
+        etask::config::Config::load(&p)?;
+        println!("{}: ok", p.display());
+        return Ok(());
+    }
+    if !c.print_default {
+        return Err("use --print-default or --check FILE".into());
+    }
+    print!("{}", etask::config::DEFAULT_TOML);
+    Ok(())
+}
+
+fn cmd_submit(c: SubmitCmd) -> Result<ExitCode, String> {
+    use serde_json::json;
+    let (kind, file) = match (&c.shell, &c.python) {
+        (Some(f), None) => ("shell", f),
+        (None, Some(f)) => ("python", f),
+        _ => return Err("give exactly one of --shell FILE or --python FILE".into()),
+    };
+    let name = c.name.clone().unwrap_or_else(|| {
+        file.file_name().map_or("task".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let env: serde_json::Map<String, serde_json::Value> =
+        parse_kv(&c.env, "--env")?.into_iter().map(|(k, v)| (k, json!(v))).collect();
+    let mut body = json!({
+        "name": name,
+        "program": {"kind": kind, "code": read_file(file)?, "args": c.args, "env": env},
+    });
+    if let Some(e) = &c.cron {
+        body["schedule"] = json!({"kind": "cron", "expr": e});
+    }
+    if let Some(t) = c.timeout {
+        body["timeout_seconds"] = json!(t);
+    }
+    if let Some(n) = c.max_attempts {
+        body["retry"] = json!({"max_attempts": n});
+    }
+    if let Some(r) = &c.request_id {
+        body["request_id"] = json!(r);
+    }
+    let cl = client(&c.server);
+    let created = cl.post("/api/v1/tasks", &body)?;
+    let exec = created.get("execution_id").and_then(serde_json::Value::as_i64);
+    if !c.wait {
+        print_json(created);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(exec) = exec else {
+        return Err("--wait needs a task that runs now (not --cron)".into());
+    };
+    eprintln!("== execution {exec}");
+    cl.logs(exec, 0, true, |l| {
+        let data = l.get("data").and_then(serde_json::Value::as_str).unwrap_or("");
+        let stream = if l.get("stream").and_then(serde_json::Value::as_str) == Some("stderr") { Stream::Stderr } else { Stream::Stdout };
+        print_chunk(stream, data);
+    })?;
+    let e = cl.get(&format!("/api/v1/executions/{exec}"))?;
+    let status = e.get("status").and_then(serde_json::Value::as_str).unwrap_or("unknown").to_owned();
+    eprintln!("== {status}{}", e.get("error").and_then(serde_json::Value::as_str).map(|m| format!(" ({m})")).unwrap_or_default());
+    if let Some(r) = e.get("result").filter(|r| !r.is_null()) {
+        eprintln!("== result: {r}");
+    }
+    Ok(match status.as_str() {
+        "succeeded" => ExitCode::SUCCESS,
+        "timed_out" => ExitCode::from(124),
+        "cancelled" => ExitCode::from(130),
+        _ => match e.get("exit_code").and_then(serde_json::Value::as_i64) {
+            Some(c) if (1..=255).contains(&c) => ExitCode::from(c as u8),
+            _ => ExitCode::from(1),
+        },
+    })
+}
+
+fn cmd_logs(c: LogsCmd) -> Result<ExitCode, String> {
+    client(&c.server).logs(c.id, 0, c.follow, |l| {
+        let data = l.get("data").and_then(serde_json::Value::as_str).unwrap_or("");
+        let stream = if l.get("stream").and_then(serde_json::Value::as_str) == Some("stderr") { Stream::Stderr } else { Stream::Stdout };
+        print_chunk(stream, data);
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_tasks(c: TasksCmd) -> Result<ExitCode, String> {
+    let mut path = format!("/api/v1/tasks?limit={}", c.limit);
+    if let Some(n) = &c.name {
+        path.push_str(&format!("&name={}", n.replace('%', "%25").replace('&', "%26").replace(' ', "%20")));
+    }
+    let v = client(&c.server).get(&path)?;
+    for t in v.get("items").and_then(serde_json::Value::as_array).into_iter().flatten() {
+        let sched = t.pointer("/spec/schedule/expr").and_then(serde_json::Value::as_str).unwrap_or("once");
+        println!(
+            "{:>8}  {:<32}  {:<16}  {}",
+            t["id"],
+            t["name"].as_str().unwrap_or(""),
+            sched,
+            if t["paused"].as_bool() == Some(true) { "paused" } else { "" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

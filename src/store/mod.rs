@@ -310,6 +310,8 @@ pub trait Store: Send + Sync {
     /// this fire, atomically; `None` if another scheduler fired it first.
     fn fire_cron(&self, task: TaskId, expected: i64, next: Option<i64>, deadline_ms: Option<i64>, now: i64)
         -> Result<Option<ExecutionId>>;
+    /// Moves a cron task's fire time on without firing (missed fires with `cron_missed = "skip"`).
+    fn skip_cron(&self, task: TaskId, expected: i64, next: Option<i64>) -> Result<bool>;
     fn get_execution(&self, id: ExecutionId) -> Result<Option<ExecutionRow>>;
     fn list_executions(&self, task: Option<TaskId>, status: Option<Status>, limit: u32, before: Option<ExecutionId>)
         -> Result<Vec<ExecutionRow>>;
@@ -331,6 +333,7 @@ pub trait Store: Send + Sync {
     fn promote_retries(&self, now: i64) -> Result<u64>;
     /// Dispatched/running executions whose node stopped heartbeating before `silent_before`.
     fn silent(&self, silent_before: i64, now: i64, limit: u32) -> Result<Vec<Silent>>;
+    fn enqueue_callback(&self, id: ExecutionId, url: &str, now: i64) -> Result<()>;
     fn outbox_due(&self, now: i64, limit: u32) -> Result<Vec<OutboxRow>>;
     fn outbox_result(&self, id: i64, delivered: bool, error: Option<&str>, next_at: Option<i64>) -> Result<()>;
     fn outbox_pending(&self) -> Result<i64>;
@@ -569,6 +572,13 @@ impl Store for SqlStore {
         })
     }
 
+    fn skip_cron(&self, task: TaskId, expected: i64, next: Option<i64>) -> Result<bool> {
+        self.tx(|c| {
+            c.exec("UPDATE tasks SET next_fire_at = ? WHERE id = ? AND next_fire_at = ?", &[next.into(), task.0.into(), expected.into()])
+                .map(|n| n == 1)
+        })
+    }
+
     fn get_execution(&self, id: ExecutionId) -> Result<Option<ExecutionRow>> {
         self.tx(|c| Self::load_execution(c, id))
     }
@@ -765,6 +775,13 @@ impl Store for SqlStore {
                     })
                 })
                 .collect()
+        })
+    }
+
+    fn enqueue_callback(&self, id: ExecutionId, url: &str, now: i64) -> Result<()> {
+        self.tx(|c| {
+            c.insert("INSERT INTO outbox (execution_id, url, next_at, created_at) VALUES (?, ?, ?, ?)", &[id.0.into(), url.into(), now.into(), now.into()])?;
+            Ok(())
         })
     }
 

@@ -1,0 +1,283 @@
+//! The TOML configuration of `etask server`: every key, its default, and how command-line flags
+//! override it. `etask config --print-default` prints `DEFAULT_TOML`, which a unit test keeps
+//! in step with the `Default` impls here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::runner::{LogLimits, PoolConfig, Rlimits, RunAs};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub scheduler: SchedulerConfig,
+    pub callbacks: CallbackConfig,
+    pub node: NodeConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    /// `sqlite:PATH` or `mysql://user:pass@host:port/db`; empty = `sqlite:<data_dir>/etask.db`.
+    pub store: String,
+    /// Bearer token for the HTTP API; empty = no auth, and then only a loopback address may be used.
+    pub token: String,
+    pub max_body_bytes: usize,
+    pub http_threads: usize,
+    pub max_log_followers: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// How often the dispatcher looks for due work it was not told about (other schedulers,
+    /// retries); submissions to this scheduler wake it at once.
+    pub poll_interval_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    /// An execution whose node sent no heartbeat for this long is `lost` (or retried).
+    pub node_silent_after_ms: u64,
+    pub default_timeout_seconds: u64,
+    pub default_max_attempts: u32,
+    /// What a cron task does after the scheduler was down over several fire times:
+    /// "once" fires one execution on return, "skip" waits for the next fire time.
+    pub cron_missed: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallbackConfig {
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub max_concurrent: usize,
+    pub queue_capacity: usize,
+    /// Empty = `<data_dir>/work`.
+    pub workspace_root: String,
+    pub keep_failed_workspaces: bool,
+    pub kill_grace_seconds: u64,
+    pub result_max_bytes: usize,
+    pub log_line_max_bytes: usize,
+    pub log_run_max_bytes: u64,
+    /// 0 = unlimited.
+    pub rlimit_cpu_seconds: u64,
+    pub rlimit_address_space_bytes: u64,
+    pub rlimit_open_files: u64,
+    pub rlimit_processes: u64,
+    /// Run scripts as this uid/gid when the node runs as root (-1 = as the node itself).
+    pub run_as_uid: i64,
+    pub run_as_gid: i64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            callbacks: CallbackConfig::default(),
+            node: NodeConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8765".into(),
+            data_dir: PathBuf::from("./etask-data"),
+            store: String::new(),
+            token: String::new(),
+            max_body_bytes: 8 << 20,
+            http_threads: 8,
+            max_log_followers: 256,
+        }
+    }
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            poll_interval_ms: 500,
+            heartbeat_interval_ms: 2_000,
+            node_silent_after_ms: 10_000,
+            default_timeout_seconds: 3_600,
+            default_max_attempts: 1,
+            cron_missed: "once".into(),
+        }
+    }
+}
+
+impl Default for CallbackConfig {
+    fn default() -> Self {
+        CallbackConfig { max_attempts: 20, initial_backoff_ms: 1_000, max_backoff_ms: 300_000, timeout_ms: 10_000 }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        let pool = PoolConfig::default();
+        NodeConfig {
+            max_concurrent: pool.max_concurrent,
+            queue_capacity: pool.queue_capacity,
+            workspace_root: String::new(),
+            keep_failed_workspaces: false,
+            kill_grace_seconds: 5,
+            result_max_bytes: pool.result_max_bytes,
+            log_line_max_bytes: pool.logs.line_max_bytes,
+            log_run_max_bytes: pool.logs.run_max_bytes,
+            rlimit_cpu_seconds: 0,
+            rlimit_address_space_bytes: 0,
+            rlimit_open_files: 0,
+            rlimit_processes: 0,
+            run_as_uid: -1,
+            run_as_gid: -1,
+        }
+    }
+}
+
+/// The commented default file printed by `etask config --print-default`.
+pub const DEFAULT_TOML: &str = r#"# ETask server configuration. Every key is optional; shown values are the defaults.
+# Command-line flags (--listen, --data-dir, --store) override this file.
+
+[server]
+# HTTP intake address. Without a token only a loopback address is accepted.
+listen = "127.0.0.1:8765"
+# Where the embedded store and the run workspaces live (packages use /var/lib/etask).
+data_dir = "./etask-data"
+# sqlite:PATH or mysql://user:pass@host:port/db; empty means sqlite:<data_dir>/etask.db
+store = ""
+# Bearer token required on /api/* and /metrics (Authorization: Bearer ...); empty = no auth.
+token = ""
+# Larger request bodies are refused with 413.
+max_body_bytes = 8388608
+http_threads = 8
+# Concurrent `logs?follow=true` streams; more are refused with 503.
+max_log_followers = 256
+
+[scheduler]
+# Look for due work this often (submissions to this scheduler wake it at once).
+poll_interval_ms = 500
+# How often this scheduler's built-in node says it still holds its executions.
+heartbeat_interval_ms = 2000
+# An execution whose node is silent this long becomes lost (or is retried).
+node_silent_after_ms = 10000
+# Timeout of tasks that set none.
+default_timeout_seconds = 3600
+# Attempts of tasks that set no retry policy (1 = no retry).
+default_max_attempts = 1
+# After downtime over several cron fire times: "once" fires once on return, "skip" does not.
+cron_missed = "once"
+
+[callbacks]
+# POST of the execution to callback_url on its terminal state, from a durable outbox.
+max_attempts = 20
+initial_backoff_ms = 1000
+max_backoff_ms = 300000
+timeout_ms = 10000
+
+[node]
+# The built-in node of --mode all (the process pool).
+max_concurrent = 64
+queue_capacity = 1024
+# Empty means <data_dir>/work.
+workspace_root = ""
+keep_failed_workspaces = false
+kill_grace_seconds = 5
+result_max_bytes = 4194304
+log_line_max_bytes = 1048576
+log_run_max_bytes = 67108864
+# rlimits of each script; 0 = unlimited. rlimit_processes only binds with run_as (not for root).
+rlimit_cpu_seconds = 0
+rlimit_address_space_bytes = 0
+rlimit_open_files = 0
+rlimit_processes = 0
+# Run scripts as this uid/gid when the node runs as root; -1 = as the node itself.
+run_as_uid = -1
+run_as_gid = -1
+"#;
+
+impl Config {
+    pub fn load(path: &std::path::Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        Config::parse(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !matches!(self.scheduler.cron_missed.as_str(), "once" | "skip") {
+            return Err(format!("scheduler.cron_missed must be \"once\" or \"skip\", not {:?}", self.scheduler.cron_missed));
+        }
+        if self.node.max_concurrent == 0 || self.server.http_threads == 0 {
+            return Err("node.max_concurrent and server.http_threads must be at least 1".into());
+        }
+        if (self.node.run_as_uid < 0) != (self.node.run_as_gid < 0) {
+            return Err("node.run_as_uid and node.run_as_gid must be set together".into());
+        }
+        Ok(())
+    }
+
+    pub fn store_url(&self) -> String {
+        if self.server.store.is_empty() {
+            format!("sqlite:{}", self.server.data_dir.join("etask.db").display())
+        } else {
+            self.server.store.clone()
+        }
+    }
+
+    pub fn pool_config(&self) -> PoolConfig {
+        let n = &self.node;
+        let opt = |v: u64| (v > 0).then_some(v);
+        PoolConfig {
+            max_concurrent: n.max_concurrent,
+            queue_capacity: n.queue_capacity,
+            workspace_root: if n.workspace_root.is_empty() {
+                self.server.data_dir.join("work")
+            } else {
+                PathBuf::from(&n.workspace_root)
+            },
+            keep_failed_workspaces: n.keep_failed_workspaces,
+            kill_grace: Duration::from_secs(n.kill_grace_seconds),
+            result_max_bytes: n.result_max_bytes,
+            logs: LogLimits { line_max_bytes: n.log_line_max_bytes, run_max_bytes: n.log_run_max_bytes, ..LogLimits::default() },
+            limits: Rlimits {
+                cpu_seconds: opt(n.rlimit_cpu_seconds),
+                address_space_bytes: opt(n.rlimit_address_space_bytes),
+                open_files: opt(n.rlimit_open_files),
+                processes: opt(n.rlimit_processes),
+            },
+            run_as: (n.run_as_uid >= 0).then(|| RunAs { uid: n.run_as_uid as u32, gid: n.run_as_gid as u32 }),
+            ..PoolConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_default_file_parses_to_the_defaults() {
+        assert_eq!(Config::parse(DEFAULT_TOML).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(Config::parse("[server]\nlisen = \"x\"\n").unwrap_err().contains("lisen"));
+        assert!(Config::parse("[scheduler]\ncron_missed = \"all\"\n").unwrap_err().contains("cron_missed"));
+    }
+}

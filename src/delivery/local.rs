@@ -1,0 +1,59 @@
+//! The in-process path: dispatches go straight into this process's pool and its events go
+//! straight to the scheduler's report channel.
+
+use crossbeam_channel::Sender;
+
+use super::{Delivery, Dispatch, Refused};
+use crate::model::{Attempt, ExecutionId};
+use crate::runner::{Pool, RunEvent, RunKey, RunRequest, SubmitError};
+
+pub struct Local {
+    pool: Pool,
+    node: String,
+    reports: Sender<RunEvent>,
+}
+
+impl Local {
+    pub fn new(pool: Pool, node: String, reports: Sender<RunEvent>) -> Local {
+        Local { pool, node, reports }
+    }
+
+    /// Stops the pool: running scripts are cancelled and their trees killed.
+    pub fn shutdown(self) {
+        self.pool.shutdown();
+    }
+}
+
+impl Delivery for Local {
+    fn path(&self) -> &'static str {
+        "local"
+    }
+
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn free_slots(&self) -> usize {
+        self.pool.max_concurrent().saturating_sub(self.pool.in_flight())
+    }
+
+    fn dispatch(&self, d: Dispatch) -> Result<(), Refused> {
+        let req = RunRequest {
+            execution_id: d.execution_id,
+            task_id: d.task_id,
+            attempt: d.attempt,
+            shard_index: d.shard_index,
+            shard_total: d.shard_total,
+            program: d.program,
+            timeout: d.timeout,
+        };
+        self.pool.submit(req, self.reports.clone()).map_err(|e| match e {
+            SubmitError::Invalid(e) => Refused::Rejected(e.to_string()),
+            e @ (SubmitError::Full { .. } | SubmitError::Stopped) => Refused::Busy(e.to_string()),
+        })
+    }
+
+    fn cancel(&self, execution: ExecutionId, attempt: Attempt) {
+        self.pool.cancel(RunKey { execution, attempt });
+    }
+}

@@ -1,0 +1,45 @@
+//! How a claimed execution reaches a node: one `Delivery` implementation per path. Today the
+//! in-process path (`local`, the built-in node of `--mode all`); gRPC push/pull and Kafka add
+//! implementations, not a rewrite. Nodes report back as `RunEvent`s on one channel.
+
+pub mod local;
+
+use std::time::Duration;
+
+use crate::model::{Attempt, ExecutionId, TaskId};
+use crate::runner::Program;
+
+/// One attempt of an execution, as handed to a node.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    pub execution_id: ExecutionId,
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub program: Program,
+    pub timeout: Option<Duration>,
+    pub shard_index: u32,
+    pub shard_total: u32,
+}
+
+/// A node would not take a dispatch; the scheduler puts the execution back or fails it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refused {
+    /// Try again later (the node is full or briefly unavailable).
+    #[error("node busy: {0}")]
+    Busy(String),
+    /// This dispatch can never run there (e.g. an invalid program).
+    #[error("rejected: {0}")]
+    Rejected(String),
+}
+
+pub trait Delivery: Send + Sync {
+    /// The `target.path` this delivery serves.
+    fn path(&self) -> &'static str;
+    /// The node id executions are recorded under.
+    fn node(&self) -> &str;
+    /// How many more dispatches it would accept now.
+    fn free_slots(&self) -> usize;
+    fn dispatch(&self, d: Dispatch) -> Result<(), Refused>;
+    /// Stops an attempt wherever it runs; unknown attempts are ignored.
+    fn cancel(&self, id: ExecutionId, attempt: Attempt);
+}

@@ -1,0 +1,270 @@
+//! The shapes of the intake API (`POST /api/v1/tasks` body) and the API's error type. Parsing
+//! refuses unknown fields and explains every invalid value; nothing here touches the store.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::runner::Program;
+
+/// An API error: a code from the documented set, with the HTTP status it maps to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn invalid(m: impl Into<String>) -> ApiError {
+        ApiError { code: "invalid_argument", message: m.into() }
+    }
+    pub fn not_found(m: impl Into<String>) -> ApiError {
+        ApiError { code: "not_found", message: m.into() }
+    }
+    pub fn conflict(m: impl Into<String>) -> ApiError {
+        ApiError { code: "conflict", message: m.into() }
+    }
+    pub fn unauthenticated(m: impl Into<String>) -> ApiError {
+        ApiError { code: "unauthenticated", message: m.into() }
+    }
+    pub fn unavailable(m: impl Into<String>) -> ApiError {
+        ApiError { code: "unavailable", message: m.into() }
+    }
+    pub fn too_large(m: impl Into<String>) -> ApiError {
+        ApiError { code: "payload_too_large", message: m.into() }
+    }
+    pub fn internal(m: impl Into<String>) -> ApiError {
+        ApiError { code: "internal", message: m.into() }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self.code {
+            "invalid_argument" => 400,
+            "unauthenticated" => 401,
+            "not_found" => 404,
+            "method_not_allowed" => 405,
+            "conflict" => 409,
+            "payload_too_large" => 413,
+            "unavailable" => 503,
+            _ => 500,
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {"code": self.code, "message": self.message}})
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> ApiError {
+        match e {
+            crate::store::StoreError::Unavailable(m) => ApiError::unavailable(m),
+            e => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Schedule {
+    /// Run once: now, or at `at` (unix ms).
+    Once {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<i64>,
+    },
+    /// Cron with seconds first (`0 */5 * * * *`) or a descriptor (`@hourly`).
+    Cron { expr: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    #[serde(default = "local")]
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
+}
+
+fn local() -> String {
+    "local".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    #[serde(default = "default_initial_backoff")]
+    pub initial_backoff_ms: u64,
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_ms: u64,
+}
+
+fn default_initial_backoff() -> u64 {
+    1_000
+}
+fn default_max_backoff() -> u64 {
+    60_000
+}
+
+impl RetryPolicy {
+    /// When attempt `attempt + 1` is due after attempt `attempt` failed at `now`, if any.
+    pub fn next_at(&self, attempt: u32, now: i64) -> Option<i64> {
+        if attempt >= self.max_attempts {
+            return None;
+        }
+        let exp = attempt.saturating_sub(1).min(32);
+        let backoff = self.initial_backoff_ms.saturating_mul(1u64 << exp).min(self.max_backoff_ms);
+        Some(now + backoff as i64)
+    }
+}
+
+/// The body of `POST /api/v1/tasks`, stored as the task's spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(default = "once_now")]
+    pub schedule: Schedule,
+    pub program: Program,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Target>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn once_now() -> Schedule {
+    Schedule::Once { at: None }
+}
+
+pub const MAX_ATTEMPTS: u32 = 100;
+
+/// Parses a cron expression: 6 fields (seconds first), 7 with a year, or a descriptor.
+pub fn parse_cron(expr: &str) -> Result<cron::Schedule, ApiError> {
+    cron::Schedule::from_str(expr.trim()).map_err(|e| {
+        ApiError::invalid(format!(
+            "schedule.expr {expr:?} is not a valid cron expression ({e}); use 6 fields with seconds first, \
+             e.g. \"0 */5 * * * *\", or @hourly/@daily/..."
+        ))
+    })
+}
+
+/// The next fire time of `expr` strictly after `after_ms`.
+pub fn next_fire(schedule: &cron::Schedule, after_ms: i64) -> Option<i64> {
+    let after = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(after_ms)?;
+    schedule.after(&after).next().map(|t| t.timestamp_millis())
+}
+
+impl TaskSpec {
+    /// Parses and validates a request body; `paths` are the target paths this scheduler serves.
+    pub fn parse(body: &[u8], paths: &[&str]) -> Result<TaskSpec, ApiError> {
+        let spec: TaskSpec = serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid task: {e}")))?;
+        spec.validate(paths)?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self, paths: &[&str]) -> Result<(), ApiError> {
+        if self.name.trim().is_empty() || self.name.len() > 255 {
+            return Err(ApiError::invalid("name must be 1 to 255 characters"));
+        }
+        if self.request_id.as_ref().is_some_and(|r| r.is_empty() || r.len() > 255) {
+            return Err(ApiError::invalid("request_id must be 1 to 255 characters"));
+        }
+        self.program.validate().map_err(|e| ApiError::invalid(format!("program: {}", e.0)))?;
+        if let Schedule::Cron { expr } = &self.schedule {
+            parse_cron(expr)?;
+        }
+        let path = self.path();
+        if !paths.contains(&path) {
+            let why = match path {
+                "push" | "pull" | "agent" => "that delivery path is not built yet".to_string(),
+                "local" => "this scheduler has no built-in node (run --mode all)".to_string(),
+                _ => format!("unknown path; use one of {paths:?}"),
+            };
+            return Err(ApiError::invalid(format!("target.path {path:?} is not available here: {why}")));
+        }
+        if let Some(t) = self.timeout_seconds {
+            if !(t > 0.0 && t <= 7.0 * 86_400.0) {
+                return Err(ApiError::invalid("timeout_seconds must be > 0 and at most 604800 (7 days)"));
+            }
+        }
+        if let Some(r) = &self.retry {
+            if r.max_attempts == 0 || r.max_attempts > MAX_ATTEMPTS {
+                return Err(ApiError::invalid(format!("retry.max_attempts must be 1 to {MAX_ATTEMPTS}")));
+            }
+            if r.initial_backoff_ms > r.max_backoff_ms {
+                return Err(ApiError::invalid("retry.initial_backoff_ms must not exceed retry.max_backoff_ms"));
+            }
+        }
+        if let Some(u) = &self.callback_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(ApiError::invalid("callback_url must be an http:// or https:// URL"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &str {
+        self.target.as_ref().map_or("local", |t| t.path.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<TaskSpec, ApiError> {
+        TaskSpec::parse(v.to_string().as_bytes(), &["local"])
+    }
+
+    #[test]
+    fn minimal_task_defaults_to_once_now_on_local() {
+        let s = parse(json!({"name": "n", "program": {"kind": "shell", "code": "true"}})).unwrap();
+        assert_eq!(s.schedule, Schedule::Once { at: None });
+        assert_eq!(s.path(), "local");
+    }
+
+    #[test]
+    fn bad_input_is_explained() {
+        let e = parse(json!({"name": "n", "program": {"kind": "shell", "code": "true"}, "colour": 1})).unwrap_err();
+        assert!(e.message.contains("unknown field `colour`"), "{e:?}");
+        let e = parse(json!({"name": "n", "program": {"kind": "shell", "code": 5}})).unwrap_err();
+        assert!(e.message.contains("invalid type"), "{e:?}");
+        let e = parse(json!({"name": "n", "schedule": {"kind": "cron", "expr": "every minute"}, "program": {"kind": "shell", "code": "true"}})).unwrap_err();
+        assert!(e.message.contains("cron"), "{e:?}");
+        let e = parse(json!({"name": "n", "target": {"path": "push"}, "program": {"kind": "shell", "code": "true"}})).unwrap_err();
+        assert!(e.message.contains("not built yet"), "{e:?}");
+        let e = parse(json!({"name": "n", "retry": {"max_attempts": 0}, "program": {"kind": "shell", "code": "true"}})).unwrap_err();
+        assert!(e.message.contains("max_attempts"), "{e:?}");
+    }
+
+    #[test]
+    fn cron_accepts_seconds_and_descriptors() {
+        let s = parse_cron("*/2 * * * * *").unwrap();
+        let n = next_fire(&s, 1_000).unwrap();
+        assert_eq!(n, 2_000);
+        assert!(parse_cron("@hourly").is_ok());
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let r = RetryPolicy { max_attempts: 4, initial_backoff_ms: 100, max_backoff_ms: 250 };
+        assert_eq!(r.next_at(1, 0), Some(100));
+        assert_eq!(r.next_at(2, 0), Some(200));
+        assert_eq!(r.next_at(3, 0), Some(250));
+        assert_eq!(r.next_at(4, 0), None);
+    }
+}

@@ -1,0 +1,435 @@
+//! The scheduler: the HTTP intake, and the threads that move executions through their states —
+//! dispatcher (claims due work, hands it to a `Delivery`), ingest (node reports → store),
+//! cron ticker, sweeper (silent nodes, retries) and the callback outbox. Each thread owns its
+//! loop and talks to the others through the store and small wake-up channels.
+
+pub mod api;
+mod callbacks;
+pub mod http;
+pub mod metrics;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::delivery::{Delivery, Dispatch, Refused};
+use crate::model::{Attempt, ExecutionId, Status, TaskId};
+use crate::now_ms;
+use crate::runner::{Outcome, RunEvent};
+use crate::store::{CancelOutcome, Created, Finish, NewTask, Store};
+use api::{next_fire, parse_cron, ApiError, RetryPolicy, Schedule, TaskSpec};
+use metrics::Metrics;
+
+const LOG: &str = "etask::scheduler";
+
+/// State shared by the scheduler's threads and HTTP handlers.
+pub struct Core {
+    pub store: Arc<dyn Store>,
+    pub cfg: Config,
+    pub metrics: Metrics,
+    deliveries: Vec<Arc<dyn Delivery>>,
+    kick_dispatch: Sender<()>,
+    kick_callbacks: Sender<()>,
+    stopping: AtomicBool,
+    pub followers: AtomicUsize,
+}
+
+fn kick(tx: &Sender<()>) {
+    // Capacity 1: a pending wake-up already covers this one.
+    let _ = tx.try_send(());
+}
+
+impl Core {
+    pub fn paths(&self) -> Vec<&'static str> {
+        self.deliveries.iter().map(|d| d.path()).collect()
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn default_retry(&self) -> RetryPolicy {
+        RetryPolicy { max_attempts: self.cfg.scheduler.default_max_attempts, initial_backoff_ms: 1_000, max_backoff_ms: 60_000 }
+    }
+
+    fn timeout_ms(&self, spec: &TaskSpec) -> i64 {
+        let secs = spec.timeout_seconds.unwrap_or(self.cfg.scheduler.default_timeout_seconds as f64);
+        (secs * 1000.0) as i64
+    }
+
+    /// Creates a task (and its first execution for `once`); idempotent on `request_id`.
+    pub fn submit(&self, spec: TaskSpec) -> Result<Created, ApiError> {
+        let now = now_ms();
+        let (cron, first_due_at) = match &spec.schedule {
+            Schedule::Once { at } => (None, Some(at.unwrap_or(now))),
+            Schedule::Cron { expr } => {
+                let next = next_fire(&parse_cron(expr)?, now)
+                    .ok_or_else(|| ApiError::invalid(format!("schedule.expr {expr:?} never fires")))?;
+                (Some((expr.clone(), next)), None)
+            }
+        };
+        let t = NewTask {
+            name: spec.name.clone(),
+            request_id: spec.request_id.clone(),
+            deadline_ms: Some(self.timeout_ms(&spec)),
+            spec: serde_json::to_value(&spec).map_err(|e| ApiError::internal(e.to_string()))?,
+            cron,
+            first_due_at,
+        };
+        let created = self.store.create_task(&t, now)?;
+        if !created.existed {
+            self.metrics.tasks_submitted.fetch_add(1, Ordering::Relaxed);
+            log::info!(target: LOG, "task={} name={:?} created execution={:?}", created.task_id, spec.name,
+                created.execution_id.map(|e| e.0));
+        }
+        if created.execution_id.is_some() {
+            kick(&self.kick_dispatch);
+        }
+        Ok(created)
+    }
+
+    pub fn run_now(&self, task: TaskId) -> Result<ExecutionId, ApiError> {
+        let row = self.store.get_task(task)?.filter(|t| !t.deleted).ok_or_else(|| ApiError::not_found(format!("task {task} not found")))?;
+        let spec: TaskSpec = serde_json::from_value(row.spec).map_err(|e| ApiError::internal(format!("stored spec: {e}")))?;
+        let now = now_ms();
+        let id = self.store.add_execution(task, now, Some(self.timeout_ms(&spec)), now)?;
+        kick(&self.kick_dispatch);
+        Ok(id)
+    }
+
+    /// Cancels an execution: at once in the store, then on its node. Idempotent.
+    pub fn cancel(&self, id: ExecutionId) -> Result<Value, ApiError> {
+        let now = now_ms();
+        match self.store.cancel(id, now)? {
+            CancelOutcome::NotFound => Err(ApiError::not_found(format!("execution {id} not found"))),
+            CancelOutcome::AlreadyFinal(st) => Err(ApiError::conflict(format!("execution {id} already ended: {st}"))),
+            CancelOutcome::Cancelled { was, node, attempt } => {
+                if was != Status::Cancelled {
+                    log::info!(target: LOG, "execution={id} attempt={attempt} cancelled (was {was})");
+                    if let Some(node) = node {
+                        for d in self.deliveries.iter().filter(|d| d.node() == node) {
+                            d.cancel(id, attempt);
+                        }
+                    }
+                    self.queue_callback(id, now);
+                }
+                Ok(json!({"id": id, "status": "cancelled"}))
+            }
+        }
+    }
+
+    fn queue_callback(&self, id: ExecutionId, now: i64) {
+        let url = self
+            .store
+            .get_execution(id)
+            .ok()
+            .flatten()
+            .and_then(|e| self.store.get_task(e.task_id).ok().flatten())
+            .and_then(|t| t.spec.get("callback_url").and_then(Value::as_str).map(str::to_owned));
+        if let Some(url) = url {
+            if let Err(e) = self.store.enqueue_callback(id, &url, now) {
+                log::error!(target: LOG, "execution={id} cannot queue callback: {e}");
+            }
+            kick(&self.kick_callbacks);
+        }
+    }
+
+    /// Retry policy and callback URL of the task an execution belongs to.
+    fn policy_of(&self, task: TaskId) -> (RetryPolicy, Option<String>) {
+        let spec = self.store.get_task(task).ok().flatten().and_then(|t| serde_json::from_value::<TaskSpec>(t.spec).ok());
+        match spec {
+            Some(s) => (s.retry.unwrap_or_else(|| self.default_retry()), s.callback_url),
+            None => (self.default_retry(), None),
+        }
+    }
+
+    /// Records how an attempt ended (from a node report or the sweeper), applying the retry
+    /// policy; stale reports change nothing.
+    fn finish(&self, id: ExecutionId, attempt: Attempt, mut fin: Finish) {
+        let now = now_ms();
+        let task = match self.store.get_execution(id) {
+            Ok(Some(e)) => e.task_id,
+            Ok(None) => return,
+            Err(e) => {
+                log::error!(target: LOG, "execution={id} attempt={attempt} cannot load: {e}");
+                return;
+            }
+        };
+        let (retry, callback_url) = self.policy_of(task);
+        if matches!(fin.status, Some(Status::Failed | Status::TimedOut | Status::Lost)) {
+            fin.retry_at = retry.next_at(attempt.0, now);
+        }
+        fin.callback_url = callback_url;
+        match self.store.finish(id, attempt, &fin, now) {
+            Ok(Some(st)) => {
+                log::info!(target: LOG, "execution={id} attempt={attempt} status={st}{}",
+                    fin.error.as_deref().map(|e| format!(" error={e:?}")).unwrap_or_default());
+                if st == Status::RetryWait {
+                    kick(&self.kick_dispatch);
+                } else if fin.callback_url.is_some() {
+                    kick(&self.kick_callbacks);
+                }
+            }
+            Ok(None) => log::debug!(target: LOG, "execution={id} attempt={attempt} stale report ignored"),
+            Err(e) => log::error!(target: LOG, "execution={id} attempt={attempt} cannot record outcome: {e}"),
+        }
+    }
+}
+
+/// A running scheduler; `stop` ends every thread and joins it.
+pub struct Scheduler {
+    pub core: Arc<Core>,
+    threads: Vec<JoinHandle<()>>,
+    http: Option<http::HttpServer>,
+}
+
+impl Scheduler {
+    /// Starts the scheduler threads. `reports` carries the events of every in-process node.
+    pub fn start(
+        store: Arc<dyn Store>,
+        cfg: Config,
+        deliveries: Vec<Arc<dyn Delivery>>,
+        reports: Receiver<RunEvent>,
+    ) -> Result<Scheduler, String> {
+        let applied = store.migrate().map_err(|e| format!("store {}: {e}", store.describe()))?;
+        if !applied.is_empty() {
+            log::info!(target: LOG, "store {} migrated to version {:?}", store.describe(), applied.last());
+        }
+        let (kick_dispatch, dispatch_rx) = crossbeam_channel::bounded(1);
+        let (kick_callbacks, callbacks_rx) = crossbeam_channel::bounded(1);
+        let core = Arc::new(Core {
+            store,
+            cfg,
+            metrics: Metrics::default(),
+            deliveries,
+            kick_dispatch,
+            kick_callbacks,
+            stopping: AtomicBool::new(false),
+            followers: AtomicUsize::new(0),
+        });
+        let http = http::HttpServer::start(core.clone())?;
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name.into()).spawn(f).map_err(|e| format!("cannot start thread {name}: {e}"))
+        };
+        let mut threads = Vec::new();
+        let c = core.clone();
+        threads.push(spawn("sched-dispatch", Box::new(move || dispatcher(&c, &dispatch_rx)))?);
+        let c = core.clone();
+        threads.push(spawn("sched-ingest", Box::new(move || ingest(&c, &reports)))?);
+        let c = core.clone();
+        threads.push(spawn("sched-cron", Box::new(move || cron_ticker(&c)))?);
+        let c = core.clone();
+        threads.push(spawn("sched-sweeper", Box::new(move || sweeper(&c)))?);
+        let c = core.clone();
+        threads.push(spawn("sched-callbacks", Box::new(move || callbacks::run(&c, &callbacks_rx)))?);
+        Ok(Scheduler { core, threads, http: Some(http) })
+    }
+
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().map(|h| h.addr)
+    }
+
+    /// Stops intake first, then the loops. The caller stops its nodes afterwards: what they
+    /// still run is no longer reported and ends up `lost` (or retried) on the next start.
+    pub fn stop(mut self) {
+        self.core.stopping.store(true, Ordering::SeqCst);
+        if let Some(h) = self.http.take() {
+            h.stop();
+        }
+        kick(&self.core.kick_dispatch);
+        kick(&self.core.kick_callbacks);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Claims due executions and hands them to their delivery path.
+fn dispatcher(core: &Core, wake: &Receiver<()>) {
+    let poll = Duration::from_millis(core.cfg.scheduler.poll_interval_ms.max(10));
+    while !core.stopping() {
+        let now = now_ms();
+        if let Err(e) = core.store.promote_retries(now) {
+            log::warn!(target: LOG, "cannot promote retries: {e}");
+        }
+        let mut busy = false;
+        for d in &core.deliveries {
+            let free = d.free_slots().min(256);
+            if free == 0 {
+                continue;
+            }
+            // Only deliveries that run work claim it; today every stored task targets `local`
+            // (the intake refuses other paths), so the claim needs no path filter yet.
+            let claimed = match core.store.claim_due(now, free as u32, d.node()) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::warn!(target: LOG, "cannot claim due executions: {e}");
+                    break;
+                }
+            };
+            busy |= claimed.len() == free;
+            for c in claimed {
+                dispatch_one(core, d.as_ref(), c);
+            }
+        }
+        if busy {
+            continue; // more may be due right now
+        }
+        let _ = wake.recv_timeout(poll);
+    }
+}
+
+fn dispatch_one(core: &Core, d: &dyn Delivery, c: crate::store::Claimed) {
+    let now = now_ms();
+    let spec: TaskSpec = match serde_json::from_value(c.spec) {
+        Ok(s) => s,
+        Err(e) => {
+            let fin = Finish { status: Some(Status::Failed), error: Some(format!("stored task spec unreadable: {e}")), ..Finish::default() };
+            core.finish(c.id, c.attempt, fin);
+            return;
+        }
+    };
+    let dispatch = Dispatch {
+        execution_id: c.id,
+        task_id: c.task_id,
+        attempt: c.attempt,
+        timeout: Some(Duration::from_millis(core.timeout_ms(&spec) as u64)),
+        program: spec.program,
+        shard_index: 0,
+        shard_total: 1,
+    };
+    match d.dispatch(dispatch) {
+        Ok(()) => {
+            core.metrics.observe_dispatch((now - c.due_at).max(0) as u64);
+            log::debug!(target: LOG, "execution={} attempt={} dispatched node={}", c.id, c.attempt, d.node());
+        }
+        Err(Refused::Busy(why)) => {
+            log::info!(target: LOG, "execution={} attempt={} node={} busy ({why}); back to the queue", c.id, c.attempt, d.node());
+            let _ = core.store.unclaim(c.id, c.attempt, now);
+        }
+        Err(Refused::Rejected(why)) => {
+            let fin = Finish { status: Some(Status::Failed), error: Some(why), ..Finish::default() };
+            core.finish(c.id, c.attempt, fin);
+        }
+    }
+}
+
+fn finish_of(outcome: &Outcome) -> Finish {
+    Finish {
+        status: Some(outcome.status()),
+        exit_code: outcome.exit_code.map(i64::from),
+        signal: outcome.signal.map(i64::from),
+        result: outcome.result.clone(),
+        result_error: outcome.result_error.clone(),
+        error: outcome.error(),
+        retry_at: None,
+        callback_url: None,
+    }
+}
+
+/// Node reports → store. Log chunks of a run that arrive together are written in one go.
+fn ingest(core: &Core, reports: &Receiver<RunEvent>) {
+    loop {
+        let ev = match reports.recv_timeout(Duration::from_millis(200)) {
+            Ok(ev) => ev,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) if core.stopping() => return,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
+        if core.stopping() {
+            return; // what is still running is recovered as lost on the next start
+        }
+        let now = now_ms();
+        match ev {
+            RunEvent::Started { key, pid } => {
+                log::debug!(target: LOG, "execution={} attempt={} running pid={pid}", key.execution, key.attempt);
+                if let Err(e) = core.store.mark_running(key.execution, key.attempt, now) {
+                    log::error!(target: LOG, "execution={} cannot mark running: {e}", key.execution);
+                }
+            }
+            RunEvent::Log { key, chunk } => {
+                let chunks = [(chunk.seq, chunk.stream.as_str(), chunk.data.as_str())];
+                if let Err(e) = core.store.append_logs(key.execution, key.attempt, &chunks, now) {
+                    log::error!(target: LOG, "execution={} cannot store logs: {e}", key.execution);
+                }
+            }
+            RunEvent::Finished { key, outcome } => core.finish(key.execution, key.attempt, finish_of(&outcome)),
+        }
+    }
+}
+
+/// Fires due cron tasks. A fire is a compare-and-set on the task's next fire time, so several
+/// schedulers fire each time once.
+fn cron_ticker(core: &Core) {
+    let tick = Duration::from_millis(200);
+    let late_after = (4 * core.cfg.scheduler.poll_interval_ms).max(2_000) as i64;
+    while !core.stopping() {
+        let now = now_ms();
+        match core.store.due_cron(now, 100) {
+            Ok(tasks) => {
+                for t in tasks {
+                    let (Some(expr), Some(expected)) = (t.cron_expr.as_deref(), t.next_fire_at) else { continue };
+                    let next = parse_cron(expr).ok().and_then(|s| next_fire(&s, now));
+                    let spec = serde_json::from_value::<TaskSpec>(t.spec.clone()).ok();
+                    let deadline = spec.as_ref().map(|s| core.timeout_ms(s));
+                    let missed = now - expected > late_after;
+                    if missed && core.cfg.scheduler.cron_missed == "skip" {
+                        // Only move the fire time on; a CAS like the fire itself.
+                        let _ = core.store.skip_cron(t.id, expected, next);
+                        log::info!(target: LOG, "task={} missed fire at {expected} skipped", t.id);
+                        continue;
+                    }
+                    match core.store.fire_cron(t.id, expected, next, deadline, now) {
+                        Ok(Some(e)) => {
+                            log::info!(target: LOG, "task={} cron fired execution={e}{}", t.id, if missed { " (missed fires collapsed into one)" } else { "" });
+                            kick(&core.kick_dispatch);
+                        }
+                        Ok(None) => {}
+                        Err(e) => log::warn!(target: LOG, "task={} cannot fire: {e}", t.id),
+                    }
+                }
+            }
+            Err(e) => log::warn!(target: LOG, "cannot read due cron tasks: {e}"),
+        }
+        std::thread::sleep(tick);
+    }
+}
+
+/// Keeps this scheduler's nodes' executions alive in the store and ends (or retries) those of
+/// nodes that went silent: a crashed scheduler's built-in node, later a dead executor.
+fn sweeper(core: &Core) {
+    let every = Duration::from_millis(core.cfg.scheduler.heartbeat_interval_ms.max(100));
+    let silent_after = core.cfg.scheduler.node_silent_after_ms as i64;
+    while !core.stopping() {
+        let now = now_ms();
+        for d in &core.deliveries {
+            if let Err(e) = core.store.heartbeat(d.node(), now) {
+                log::warn!(target: LOG, "node={} heartbeat not recorded: {e}", d.node());
+            }
+        }
+        match core.store.silent(now - silent_after, now, 100) {
+            Ok(list) => {
+                for s in list {
+                    let (status, error) = if s.deadline_passed {
+                        (Status::TimedOut, "timed out: its node stopped reporting past the deadline")
+                    } else {
+                        (Status::Lost, "lost: its node stopped reporting")
+                    };
+                    log::warn!(target: LOG, "execution={} attempt={} was {} on a silent node; {status}", s.id, s.attempt, s.status);
+                    let fin = Finish { status: Some(status), error: Some(error.into()), ..Finish::default() };
+                    core.finish(s.id, s.attempt, fin);
+                }
+            }
+            Err(e) => log::warn!(target: LOG, "cannot look for silent executions: {e}"),
+        }
+        let deadline = std::time::Instant::now() + every;
+        while !core.stopping() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
