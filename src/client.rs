@@ -14,8 +14,14 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str, token: Option<String>) -> Client {
-        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
-        Client { base: base.trim_end_matches('/').to_owned(), token: token.filter(|t| !t.is_empty()), agent }
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .build();
+        Client {
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.filter(|t| !t.is_empty()),
+            agent,
+        }
     }
 
     fn req(&self, method: &str, path: &str) -> ureq::Request {
@@ -33,14 +39,24 @@ impl Client {
             None => r.call(),
         };
         match res {
-            Ok(resp) => resp.into_json().map_err(|e| format!("bad response from {}: {e}", self.base)),
+            Ok(resp) => resp
+                .into_json()
+                .map_err(|e| format!("bad response from {}: {e}", self.base)),
             Err(ureq::Error::Status(code, resp)) => {
                 let v: Value = resp.into_json().unwrap_or(Value::Null);
-                let msg = v.pointer("/error/message").and_then(Value::as_str).unwrap_or("no message");
-                let kind = v.pointer("/error/code").and_then(Value::as_str).unwrap_or("error");
+                let msg = v
+                    .pointer("/error/message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no message");
+                let kind = v
+                    .pointer("/error/code")
+                    .and_then(Value::as_str)
+                    .unwrap_or("error");
                 Err(format!("{kind} (HTTP {code}): {msg}"))
             }
-            Err(ureq::Error::Transport(t)) => Err(format!("cannot reach the scheduler at {}: {t}", self.base)),
+            Err(ureq::Error::Transport(t)) => {
+                Err(format!("cannot reach the scheduler at {}: {t}", self.base))
+            }
         }
     }
 
@@ -52,13 +68,24 @@ impl Client {
     }
 
     /// Streams log lines (JSON) to `each` until the server ends the response.
-    pub fn logs(&self, id: i64, after: i64, follow: bool, mut each: impl FnMut(&Value)) -> Result<(), String> {
+    pub fn logs(
+        &self,
+        id: i64,
+        after: i64,
+        follow: bool,
+        mut each: impl FnMut(&Value),
+    ) -> Result<(), String> {
         let path = format!("/api/v1/executions/{id}/logs?after_seq={after}&follow={follow}");
         let resp = match self.req("GET", &path).call() {
             Ok(r) => r,
             Err(ureq::Error::Status(code, resp)) => {
                 let v: Value = resp.into_json().unwrap_or(Value::Null);
-                return Err(format!("HTTP {code}: {}", v.pointer("/error/message").and_then(Value::as_str).unwrap_or("")));
+                return Err(format!(
+                    "HTTP {code}: {}",
+                    v.pointer("/error/message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                ));
             }
             Err(e) => return Err(format!("cannot reach the scheduler at {}: {e}", self.base)),
         };

@@ -119,7 +119,12 @@ impl Default for SchedulerConfig {
 
 impl Default for CallbackConfig {
     fn default() -> Self {
-        CallbackConfig { max_attempts: 20, initial_backoff_ms: 1_000, max_backoff_ms: 300_000, timeout_ms: 10_000 }
+        CallbackConfig {
+            max_attempts: 20,
+            initial_backoff_ms: 1_000,
+            max_backoff_ms: 300_000,
+            timeout_ms: 10_000,
+        }
     }
 }
 
@@ -208,7 +213,8 @@ run_as_gid = -1
 
 impl Config {
     pub fn load(path: &std::path::Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
         Config::parse(&text).map_err(|e| format!("config {}: {e}", path.display()))
     }
 
@@ -220,7 +226,10 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), String> {
         if !matches!(self.scheduler.cron_missed.as_str(), "once" | "skip") {
-            return Err(format!("scheduler.cron_missed must be \"once\" or \"skip\", not {:?}", self.scheduler.cron_missed));
+            return Err(format!(
+                "scheduler.cron_missed must be \"once\" or \"skip\", not {:?}",
+                self.scheduler.cron_missed
+            ));
         }
         if self.node.max_concurrent == 0 || self.server.http_threads == 0 {
             return Err("node.max_concurrent and server.http_threads must be at least 1".into());
@@ -253,14 +262,21 @@ impl Config {
             keep_failed_workspaces: n.keep_failed_workspaces,
             kill_grace: Duration::from_secs(n.kill_grace_seconds),
             result_max_bytes: n.result_max_bytes,
-            logs: LogLimits { line_max_bytes: n.log_line_max_bytes, run_max_bytes: n.log_run_max_bytes, ..LogLimits::default() },
+            logs: LogLimits {
+                line_max_bytes: n.log_line_max_bytes,
+                run_max_bytes: n.log_run_max_bytes,
+                ..LogLimits::default()
+            },
             limits: Rlimits {
                 cpu_seconds: opt(n.rlimit_cpu_seconds),
                 address_space_bytes: opt(n.rlimit_address_space_bytes),
                 open_files: opt(n.rlimit_open_files),
                 processes: opt(n.rlimit_processes),
             },
-            run_as: (n.run_as_uid >= 0).then(|| RunAs { uid: n.run_as_uid as u32, gid: n.run_as_gid as u32 }),
+            run_as: (n.run_as_uid >= 0).then(|| RunAs {
+                uid: n.run_as_uid as u32,
+                gid: n.run_as_gid as u32,
+            }),
             ..PoolConfig::default()
         }
     }
@@ -277,7 +293,11 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {
-        assert!(Config::parse("[server]\nlisen = \"x\"\n").unwrap_err().contains("lisen"));
-        assert!(Config::parse("[scheduler]\ncron_missed = \"all\"\n").unwrap_err().contains("cron_missed"));
+        assert!(Config::parse("[server]\nlisen = \"x\"\n")
+            .unwrap_err()
+            .contains("lisen"));
+        assert!(Config::parse("[scheduler]\ncron_missed = \"all\"\n")
+            .unwrap_err()
+            .contains("cron_missed"));
     }
 }

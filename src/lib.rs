@@ -14,8 +14,8 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
+pub mod client;
 pub mod config;
 pub mod delivery;
 pub mod scheduler;
-pub mod client;
 pub mod server;

@@ -210,7 +210,11 @@ struct RunCmd {
 fn main() -> ExitCode {
     let cli: Cli = argh::from_env();
     // Daemons log their events; one-shot commands only what went wrong.
-    let level = if matches!(cli.cmd, Cmd::Server(_)) { log::LevelFilter::Info } else { log::LevelFilter::Warn };
+    let level = if matches!(cli.cmd, Cmd::Server(_)) {
+        log::LevelFilter::Info
+    } else {
+        log::LevelFilter::Warn
+    };
     etask::logging::init(level);
     let res = match cli.cmd {
         Cmd::Run(c) => cmd_run(c),
@@ -218,9 +222,16 @@ fn main() -> ExitCode {
         Cmd::Migrate(c) => cmd_migrate(c).map(|()| ExitCode::SUCCESS),
         Cmd::Config(c) => cmd_config(c).map(|()| ExitCode::SUCCESS),
         Cmd::Submit(c) => cmd_submit(c),
-        Cmd::Get(c) => client(&c.server).get(&format!("/api/v1/executions/{}", c.id)).map(print_json),
+        Cmd::Get(c) => client(&c.server)
+            .get(&format!("/api/v1/executions/{}", c.id))
+            .map(print_json),
         Cmd::Logs(c) => cmd_logs(c),
-        Cmd::Cancel(c) => client(&c.server).post(&format!("/api/v1/executions/{}/cancel", c.id), &serde_json::json!({})).map(print_json),
+        Cmd::Cancel(c) => client(&c.server)
+            .post(
+                &format!("/api/v1/executions/{}/cancel", c.id),
+                &serde_json::json!({}),
+            )
+            .map(print_json),
         Cmd::Tasks(c) => cmd_tasks(c),
     };
     match res {
@@ -407,7 +418,8 @@ fn cmd_server(c: ServerCmd) -> Result<(), String> {
         }
     }
     // Block the termination signals before any thread starts, so every thread inherits it.
-    let stop = etask::signals::termination().map_err(|e| format!("cannot set up signal handling: {e}"))?;
+    let stop =
+        etask::signals::termination().map_err(|e| format!("cannot set up signal handling: {e}"))?;
     etask::server::run(mode, cfg, stop)
 }
 
@@ -444,10 +456,13 @@ fn cmd_submit(c: SubmitCmd) -> Result<ExitCode, String> {
         _ => return Err("give exactly one of --shell FILE or --python FILE".into()),
     };
     let name = c.name.clone().unwrap_or_else(|| {
-        file.file_name().map_or("task".into(), |n| n.to_string_lossy().into_owned())
+        file.file_name()
+            .map_or("task".into(), |n| n.to_string_lossy().into_owned())
     });
-    let env: serde_json::Map<String, serde_json::Value> =
-        parse_kv(&c.env, "--env")?.into_iter().map(|(k, v)| (k, json!(v))).collect();
+    let env: serde_json::Map<String, serde_json::Value> = parse_kv(&c.env, "--env")?
+        .into_iter()
+        .map(|(k, v)| (k, json!(v)))
+        .collect();
     let mut body = json!({
         "name": name,
         "program": {"kind": kind, "code": read_file(file)?, "args": c.args, "env": env},
@@ -466,7 +481,9 @@ fn cmd_submit(c: SubmitCmd) -> Result<ExitCode, String> {
     }
     let cl = client(&c.server);
     let created = cl.post("/api/v1/tasks", &body)?;
-    let exec = created.get("execution_id").and_then(serde_json::Value::as_i64);
+    let exec = created
+        .get("execution_id")
+        .and_then(serde_json::Value::as_i64);
     if !c.wait {
         print_json(created);
         return Ok(ExitCode::SUCCESS);
@@ -476,13 +493,30 @@ fn cmd_submit(c: SubmitCmd) -> Result<ExitCode, String> {
     };
     eprintln!("== execution {exec}");
     cl.logs(exec, 0, true, |l| {
-        let data = l.get("data").and_then(serde_json::Value::as_str).unwrap_or("");
-        let stream = if l.get("stream").and_then(serde_json::Value::as_str) == Some("stderr") { Stream::Stderr } else { Stream::Stdout };
+        let data = l
+            .get("data")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("");
+        let stream = if l.get("stream").and_then(serde_json::Value::as_str) == Some("stderr") {
+            Stream::Stderr
+        } else {
+            Stream::Stdout
+        };
         print_chunk(stream, data);
     })?;
     let e = cl.get(&format!("/api/v1/executions/{exec}"))?;
-    let status = e.get("status").and_then(serde_json::Value::as_str).unwrap_or("unknown").to_owned();
-    eprintln!("== {status}{}", e.get("error").and_then(serde_json::Value::as_str).map(|m| format!(" ({m})")).unwrap_or_default());
+    let status = e
+        .get("status")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("unknown")
+        .to_owned();
+    eprintln!(
+        "== {status}{}",
+        e.get("error")
+            .and_then(serde_json::Value::as_str)
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default()
+    );
     if let Some(r) = e.get("result").filter(|r| !r.is_null()) {
         eprintln!("== result: {r}");
     }
@@ -499,8 +533,15 @@ fn cmd_submit(c: SubmitCmd) -> Result<ExitCode, String> {
 
 fn cmd_logs(c: LogsCmd) -> Result<ExitCode, String> {
     client(&c.server).logs(c.id, 0, c.follow, |l| {
-        let data = l.get("data").and_then(serde_json::Value::as_str).unwrap_or("");
-        let stream = if l.get("stream").and_then(serde_json::Value::as_str) == Some("stderr") { Stream::Stderr } else { Stream::Stdout };
+        let data = l
+            .get("data")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("");
+        let stream = if l.get("stream").and_then(serde_json::Value::as_str) == Some("stderr") {
+            Stream::Stderr
+        } else {
+            Stream::Stdout
+        };
         print_chunk(stream, data);
     })?;
     Ok(ExitCode::SUCCESS)
@@ -509,17 +550,34 @@ fn cmd_logs(c: LogsCmd) -> Result<ExitCode, String> {
 fn cmd_tasks(c: TasksCmd) -> Result<ExitCode, String> {
     let mut path = format!("/api/v1/tasks?limit={}", c.limit);
     if let Some(n) = &c.name {
-        path.push_str(&format!("&name={}", n.replace('%', "%25").replace('&', "%26").replace(' ', "%20")));
+        path.push_str(&format!(
+            "&name={}",
+            n.replace('%', "%25")
+                .replace('&', "%26")
+                .replace(' ', "%20")
+        ));
     }
     let v = client(&c.server).get(&path)?;
-    for t in v.get("items").and_then(serde_json::Value::as_array).into_iter().flatten() {
-        let sched = t.pointer("/spec/schedule/expr").and_then(serde_json::Value::as_str).unwrap_or("once");
+    for t in v
+        .get("items")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let sched = t
+            .pointer("/spec/schedule/expr")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("once");
         println!(
             "{:>8}  {:<32}  {:<16}  {}",
             t["id"],
             t["name"].as_str().unwrap_or(""),
             sched,
-            if t["paused"].as_bool() == Some(true) { "paused" } else { "" }
+            if t["paused"].as_bool() == Some(true) {
+                "paused"
+            } else {
+                ""
+            }
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -26,7 +26,9 @@ impl std::str::FromStr for Mode {
             "agent" => Ok(Mode::Agent),
             "executor" => Ok(Mode::Executor),
             "all" => Ok(Mode::All),
-            _ => Err(format!("unknown mode {s:?}: use scheduler, agent, executor or all")),
+            _ => Err(format!(
+                "unknown mode {s:?}: use scheduler, agent, executor or all"
+            )),
         }
     }
 }
@@ -35,7 +37,12 @@ impl std::str::FromStr for Mode {
 /// recognised as silent (and recovered) rather than mistaken for live ones after a restart.
 fn node_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!("local-{}-{}-{:06x}", host.trim(), std::process::id(), fastrand::u32(..0xff_ffff))
+    format!(
+        "local-{}-{}-{:06x}",
+        host.trim(),
+        std::process::id(),
+        fastrand::u32(..0xff_ffff)
+    )
 }
 
 /// Runs until `stop` yields (SIGTERM/SIGINT in the CLI), then shuts down in order.
@@ -47,14 +54,19 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
             if mode == Mode::Agent { "agent" } else { "executor" }
         ));
     }
-    std::fs::create_dir_all(&cfg.server.data_dir)
-        .map_err(|e| format!("cannot create data dir {}: {e}", cfg.server.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.server.data_dir).map_err(|e| {
+        format!(
+            "cannot create data dir {}: {e}",
+            cfg.server.data_dir.display()
+        )
+    })?;
     let store = crate::store::open(&cfg.store_url()).map_err(|e| e.to_string())?;
     let (reports_tx, reports_rx) = crossbeam_channel::bounded(4096);
     let mut local = None;
     let mut deliveries: Vec<Arc<dyn Delivery>> = Vec::new();
     if mode == Mode::All {
-        let pool = Pool::start(cfg.pool_config()).map_err(|e| format!("cannot start the process pool: {e}"))?;
+        let pool = Pool::start(cfg.pool_config())
+            .map_err(|e| format!("cannot start the process pool: {e}"))?;
         let l = Arc::new(Local::new(pool, node_id(), reports_tx));
         deliveries.push(l.clone());
         local = Some(l);
@@ -71,7 +83,9 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     if let Some(l) = local {
         match Arc::try_unwrap(l) {
             Ok(l) => l.shutdown(),
-            Err(_) => log::warn!(target: "etask::server", "built-in node still referenced; not waiting for it"),
+            Err(_) => {
+                log::warn!(target: "etask::server", "built-in node still referenced; not waiting for it")
+            }
         }
     }
     Ok(())

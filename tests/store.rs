@@ -11,12 +11,18 @@ use serde_json::json;
 
 fn backends(tag: &str) -> Vec<Arc<dyn Store>> {
     let dir = support::temp_dir(tag);
-    let sqlite = store::open(&format!("sqlite:{}", dir.join("etask.db").display())).expect("sqlite");
+    let sqlite =
+        store::open(&format!("sqlite:{}", dir.join("etask.db").display())).expect("sqlite");
     let mysql = store::open(&support::mysql_db(tag)).expect("mysql");
     let all: Vec<Arc<dyn Store>> = vec![Arc::new(sqlite), Arc::new(mysql)];
     for s in &all {
         assert_eq!(s.migrate().expect("migrate"), vec![1], "{}", s.describe());
-        assert_eq!(s.migrate().expect("migrate twice"), Vec::<u32>::new(), "{}", s.describe());
+        assert_eq!(
+            s.migrate().expect("migrate twice"),
+            Vec::<u32>::new(),
+            "{}",
+            s.describe()
+        );
     }
     all
 }
@@ -40,9 +46,18 @@ fn create_is_idempotent_on_request_id() {
         assert!(!a.existed && b.existed, "{}", s.describe());
         assert_eq!((a.task_id, a.execution_id), (b.task_id, b.execution_id));
         assert!(a.execution_id.is_some());
-        assert_eq!(s.list_executions(Some(a.task_id), None, 10, None).unwrap().len(), 1);
+        assert_eq!(
+            s.list_executions(Some(a.task_id), None, 10, None)
+                .unwrap()
+                .len(),
+            1
+        );
         let task = s.get_task(a.task_id).unwrap().unwrap();
-        assert_eq!(task.to_json()["spec"]["program"]["secret_env"]["K"], "******", "secrets are masked");
+        assert_eq!(
+            task.to_json()["spec"]["program"]["secret_env"]["K"],
+            "******",
+            "secrets are masked"
+        );
     }
 }
 
@@ -51,43 +66,106 @@ fn claim_is_exclusive_and_attempts_fence_reports() {
     for s in backends("claim") {
         let c = s.create_task(&once("t", None), 1_000).unwrap();
         let e = c.execution_id.unwrap();
-        assert!(s.claim_due(500, 10, "n1").unwrap().is_empty(), "not due yet");
+        assert!(
+            s.claim_due(500, 10, "n1").unwrap().is_empty(),
+            "not due yet"
+        );
         let got = s.claim_due(1_000, 10, "n1").unwrap();
         assert_eq!(got.len(), 1);
-        assert!(s.claim_due(1_000, 10, "n2").unwrap().is_empty(), "claimed once only");
+        assert!(
+            s.claim_due(1_000, 10, "n2").unwrap().is_empty(),
+            "claimed once only"
+        );
         assert!(s.mark_running(e, Attempt(1), 1_100).unwrap());
         // Attempt 1 fails with a retry allowed.
-        let fin = Finish { status: Some(Status::Failed), exit_code: Some(3), retry_at: Some(2_000), error: Some("exit 3".into()), ..Finish::default() };
-        assert_eq!(s.finish(e, Attempt(1), &fin, 1_200).unwrap(), Some(Status::RetryWait));
-        assert_eq!(s.finish(e, Attempt(1), &fin, 1_200).unwrap(), None, "duplicate report ignored");
+        let fin = Finish {
+            status: Some(Status::Failed),
+            exit_code: Some(3),
+            retry_at: Some(2_000),
+            error: Some("exit 3".into()),
+            ..Finish::default()
+        };
+        assert_eq!(
+            s.finish(e, Attempt(1), &fin, 1_200).unwrap(),
+            Some(Status::RetryWait)
+        );
+        assert_eq!(
+            s.finish(e, Attempt(1), &fin, 1_200).unwrap(),
+            None,
+            "duplicate report ignored"
+        );
         assert_eq!(s.promote_retries(1_500).unwrap(), 0);
         assert_eq!(s.promote_retries(2_000).unwrap(), 1);
         let got = s.claim_due(2_000, 10, "n1").unwrap();
         assert_eq!(got[0].attempt, Attempt(2));
         // A late report from attempt 1 does not touch attempt 2.
-        let ok = Finish { status: Some(Status::Succeeded), exit_code: Some(0), result: Some(json!({"a": 1}).as_object().unwrap().clone()), callback_url: Some("http://127.0.0.1:1/cb".into()), ..Finish::default() };
+        let ok = Finish {
+            status: Some(Status::Succeeded),
+            exit_code: Some(0),
+            result: Some(json!({"a": 1}).as_object().unwrap().clone()),
+            callback_url: Some("http://127.0.0.1:1/cb".into()),
+            ..Finish::default()
+        };
         assert_eq!(s.finish(e, Attempt(1), &ok, 2_100).unwrap(), None);
-        assert_eq!(s.finish(e, Attempt(2), &ok, 2_100).unwrap(), Some(Status::Succeeded));
+        assert_eq!(
+            s.finish(e, Attempt(2), &ok, 2_100).unwrap(),
+            Some(Status::Succeeded)
+        );
         let row = s.get_execution(e).unwrap().unwrap();
         assert_eq!(row.status, Status::Succeeded);
         assert_eq!(row.result, Some(json!({"a": 1})));
-        assert_eq!(row.attempts.iter().map(|a| (a.attempt, a.status)).collect::<Vec<_>>(), vec![(1, Status::Failed), (2, Status::Succeeded)]);
+        assert_eq!(
+            row.attempts
+                .iter()
+                .map(|a| (a.attempt, a.status))
+                .collect::<Vec<_>>(),
+            vec![(1, Status::Failed), (2, Status::Succeeded)]
+        );
         // Terminal is final: cancel answers with the status, a new report changes nothing.
-        assert_eq!(s.cancel(e, 3_000).unwrap(), CancelOutcome::AlreadyFinal(Status::Succeeded));
-        let fail = Finish { status: Some(Status::Failed), ..Finish::default() };
+        assert_eq!(
+            s.cancel(e, 3_000).unwrap(),
+            CancelOutcome::AlreadyFinal(Status::Succeeded)
+        );
+        let fail = Finish {
+            status: Some(Status::Failed),
+            ..Finish::default()
+        };
         assert_eq!(s.finish(e, Attempt(2), &fail, 3_000).unwrap(), None);
-        assert_eq!(s.outbox_due(3_000, 10).unwrap().len(), 1, "terminal state queued its callback");
+        assert_eq!(
+            s.outbox_due(3_000, 10).unwrap().len(),
+            1,
+            "terminal state queued its callback"
+        );
     }
 }
 
 #[test]
 fn cancel_is_idempotent_and_pending_work_is_not_claimed() {
     for s in backends("cancel") {
-        let e = s.create_task(&once("t", None), 1_000).unwrap().execution_id.unwrap();
-        assert!(matches!(s.cancel(e, 1_000).unwrap(), CancelOutcome::Cancelled { was: Status::Pending, .. }));
-        assert!(matches!(s.cancel(e, 1_001).unwrap(), CancelOutcome::Cancelled { was: Status::Cancelled, .. }));
+        let e = s
+            .create_task(&once("t", None), 1_000)
+            .unwrap()
+            .execution_id
+            .unwrap();
+        assert!(matches!(
+            s.cancel(e, 1_000).unwrap(),
+            CancelOutcome::Cancelled {
+                was: Status::Pending,
+                ..
+            }
+        ));
+        assert!(matches!(
+            s.cancel(e, 1_001).unwrap(),
+            CancelOutcome::Cancelled {
+                was: Status::Cancelled,
+                ..
+            }
+        ));
         assert!(s.claim_due(5_000, 10, "n").unwrap().is_empty());
-        assert_eq!(s.cancel(ExecutionId(999_999), 1).unwrap(), CancelOutcome::NotFound);
+        assert_eq!(
+            s.cancel(ExecutionId(999_999), 1).unwrap(),
+            CancelOutcome::NotFound
+        );
     }
 }
 
@@ -100,10 +178,21 @@ fn cron_fire_is_compare_and_set() {
         let id = s.create_task(&t, 1_000).unwrap().task_id;
         assert!(s.due_cron(4_999, 10).unwrap().is_empty());
         assert_eq!(s.due_cron(5_000, 10).unwrap().len(), 1);
-        assert!(s.fire_cron(id, 5_000, Some(6_000), None, 5_000).unwrap().is_some());
-        assert!(s.fire_cron(id, 5_000, Some(6_000), None, 5_000).unwrap().is_none(), "second fire of the same time loses");
+        assert!(s
+            .fire_cron(id, 5_000, Some(6_000), None, 5_000)
+            .unwrap()
+            .is_some());
+        assert!(
+            s.fire_cron(id, 5_000, Some(6_000), None, 5_000)
+                .unwrap()
+                .is_none(),
+            "second fire of the same time loses"
+        );
         assert!(s.set_paused(id, true).unwrap());
-        assert!(s.due_cron(7_000, 10).unwrap().is_empty(), "paused tasks do not fire");
+        assert!(
+            s.due_cron(7_000, 10).unwrap().is_empty(),
+            "paused tasks do not fire"
+        );
         assert!(s.set_paused(id, false).unwrap());
         assert!(s.delete_task(id, 7_000).unwrap());
         assert!(s.due_cron(7_000, 10).unwrap().is_empty());
@@ -114,11 +203,30 @@ fn cron_fire_is_compare_and_set() {
 #[test]
 fn logs_are_ordered_deduplicated_and_paged() {
     for s in backends("logs") {
-        let e = s.create_task(&once("t", None), 1_000).unwrap().execution_id.unwrap();
-        s.append_logs(e, Attempt(1), &[(0, "stdout", "a\n"), (1, "stderr", "b\n")], 1).unwrap();
-        s.append_logs(e, Attempt(1), &[(1, "stderr", "b\n"), (2, "stdout", "ü\n")], 2).unwrap();
+        let e = s
+            .create_task(&once("t", None), 1_000)
+            .unwrap()
+            .execution_id
+            .unwrap();
+        s.append_logs(
+            e,
+            Attempt(1),
+            &[(0, "stdout", "a\n"), (1, "stderr", "b\n")],
+            1,
+        )
+        .unwrap();
+        s.append_logs(
+            e,
+            Attempt(1),
+            &[(1, "stderr", "b\n"), (2, "stdout", "ü\n")],
+            2,
+        )
+        .unwrap();
         let all = s.logs_after(e, 0, 100).unwrap();
-        assert_eq!(all.iter().map(|l| l.data.as_str()).collect::<Vec<_>>(), vec!["a\n", "b\n", "ü\n"]);
+        assert_eq!(
+            all.iter().map(|l| l.data.as_str()).collect::<Vec<_>>(),
+            vec!["a\n", "b\n", "ü\n"]
+        );
         let rest = s.logs_after(e, all[0].seq, 100).unwrap();
         assert_eq!(rest.len(), 2);
         assert_eq!(rest[0].stream, "stderr");
@@ -128,7 +236,11 @@ fn logs_are_ordered_deduplicated_and_paged() {
 #[test]
 fn silent_executions_are_found_by_heartbeat() {
     for s in backends("silent") {
-        let e = s.create_task(&once("t", None), 1_000).unwrap().execution_id.unwrap();
+        let e = s
+            .create_task(&once("t", None), 1_000)
+            .unwrap()
+            .execution_id
+            .unwrap();
         s.claim_due(1_000, 10, "n1").unwrap();
         assert!(s.silent(1_000, 1_000, 10).unwrap().is_empty());
         assert_eq!(s.heartbeat("n1", 5_000).unwrap(), 1);
@@ -157,8 +269,18 @@ fn two_stores_on_one_mysql_never_claim_the_same_execution() {
         a.create_task(&once(&format!("t{i}"), None), 1_000).unwrap();
     }
     let (ca, cb) = std::thread::scope(|sc| {
-        let ha = sc.spawn(|| (0..50).flat_map(|_| a.claim_due(1_000, 7, "a").unwrap()).map(|c| c.id).collect::<Vec<_>>());
-        let hb = sc.spawn(|| (0..50).flat_map(|_| b.claim_due(1_000, 7, "b").unwrap()).map(|c| c.id).collect::<Vec<_>>());
+        let ha = sc.spawn(|| {
+            (0..50)
+                .flat_map(|_| a.claim_due(1_000, 7, "a").unwrap())
+                .map(|c| c.id)
+                .collect::<Vec<_>>()
+        });
+        let hb = sc.spawn(|| {
+            (0..50)
+                .flat_map(|_| b.claim_due(1_000, 7, "b").unwrap())
+                .map(|c| c.id)
+                .collect::<Vec<_>>()
+        });
         (ha.join().unwrap(), hb.join().unwrap())
     });
     let mut all = [ca.clone(), cb.clone()].concat();
@@ -166,5 +288,11 @@ fn two_stores_on_one_mysql_never_claim_the_same_execution() {
     let n = all.len();
     all.dedup();
     assert_eq!(all.len(), n, "an execution was claimed twice");
-    assert_eq!(n, 200, "every execution claimed (a: {}, b: {})", ca.len(), cb.len());
+    assert_eq!(
+        n,
+        200,
+        "every execution claimed (a: {}, b: {})",
+        ca.len(),
+        cb.len()
+    );
 }

@@ -15,7 +15,11 @@ pub struct Local {
 
 impl Local {
     pub fn new(pool: Pool, node: String, reports: Sender<RunEvent>) -> Local {
-        Local { pool, node, reports }
+        Local {
+            pool,
+            node,
+            reports,
+        }
     }
 
     /// Stops the pool: running scripts are cancelled and their trees killed.
@@ -34,7 +38,9 @@ impl Delivery for Local {
     }
 
     fn free_slots(&self) -> usize {
-        self.pool.max_concurrent().saturating_sub(self.pool.in_flight())
+        self.pool
+            .max_concurrent()
+            .saturating_sub(self.pool.in_flight())
     }
 
     fn dispatch(&self, d: Dispatch) -> Result<(), Refused> {
@@ -47,10 +53,14 @@ impl Delivery for Local {
             program: d.program,
             timeout: d.timeout,
         };
-        self.pool.submit(req, self.reports.clone()).map_err(|e| match e {
-            SubmitError::Invalid(e) => Refused::Rejected(e.to_string()),
-            e @ (SubmitError::Full { .. } | SubmitError::Stopped) => Refused::Busy(e.to_string()),
-        })
+        self.pool
+            .submit(req, self.reports.clone())
+            .map_err(|e| match e {
+                SubmitError::Invalid(e) => Refused::Rejected(e.to_string()),
+                e @ (SubmitError::Full { .. } | SubmitError::Stopped) => {
+                    Refused::Busy(e.to_string())
+                }
+            })
     }
 
     fn cancel(&self, execution: ExecutionId, attempt: Attempt) {

@@ -18,25 +18,46 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn invalid(m: impl Into<String>) -> ApiError {
-        ApiError { code: "invalid_argument", message: m.into() }
+        ApiError {
+            code: "invalid_argument",
+            message: m.into(),
+        }
     }
     pub fn not_found(m: impl Into<String>) -> ApiError {
-        ApiError { code: "not_found", message: m.into() }
+        ApiError {
+            code: "not_found",
+            message: m.into(),
+        }
     }
     pub fn conflict(m: impl Into<String>) -> ApiError {
-        ApiError { code: "conflict", message: m.into() }
+        ApiError {
+            code: "conflict",
+            message: m.into(),
+        }
     }
     pub fn unauthenticated(m: impl Into<String>) -> ApiError {
-        ApiError { code: "unauthenticated", message: m.into() }
+        ApiError {
+            code: "unauthenticated",
+            message: m.into(),
+        }
     }
     pub fn unavailable(m: impl Into<String>) -> ApiError {
-        ApiError { code: "unavailable", message: m.into() }
+        ApiError {
+            code: "unavailable",
+            message: m.into(),
+        }
     }
     pub fn too_large(m: impl Into<String>) -> ApiError {
-        ApiError { code: "payload_too_large", message: m.into() }
+        ApiError {
+            code: "payload_too_large",
+            message: m.into(),
+        }
     }
     pub fn internal(m: impl Into<String>) -> ApiError {
-        ApiError { code: "internal", message: m.into() }
+        ApiError {
+            code: "internal",
+            message: m.into(),
+        }
     }
 
     pub fn status(&self) -> u16 {
@@ -60,7 +81,9 @@ impl ApiError {
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> ApiError {
         match e {
-            crate::store::StoreError::Unavailable(m) => ApiError::unavailable(m),
+            crate::store::StoreError::Unavailable(m) | crate::store::StoreError::Retry(m) => {
+                ApiError::unavailable(m)
+            }
             e => ApiError::internal(e.to_string()),
         }
     }
@@ -119,7 +142,10 @@ impl RetryPolicy {
             return None;
         }
         let exp = attempt.saturating_sub(1).min(32);
-        let backoff = self.initial_backoff_ms.saturating_mul(1u64 << exp).min(self.max_backoff_ms);
+        let backoff = self
+            .initial_backoff_ms
+            .saturating_mul(1u64 << exp)
+            .min(self.max_backoff_ms);
         Some(now + backoff as i64)
     }
 }
@@ -171,7 +197,8 @@ pub fn next_fire(schedule: &cron::Schedule, after_ms: i64) -> Option<i64> {
 impl TaskSpec {
     /// Parses and validates a request body; `paths` are the target paths this scheduler serves.
     pub fn parse(body: &[u8], paths: &[&str]) -> Result<TaskSpec, ApiError> {
-        let spec: TaskSpec = serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid task: {e}")))?;
+        let spec: TaskSpec = serde_json::from_slice(body)
+            .map_err(|e| ApiError::invalid(format!("invalid task: {e}")))?;
         spec.validate(paths)?;
         Ok(spec)
     }
@@ -180,10 +207,16 @@ impl TaskSpec {
         if self.name.trim().is_empty() || self.name.len() > 255 {
             return Err(ApiError::invalid("name must be 1 to 255 characters"));
         }
-        if self.request_id.as_ref().is_some_and(|r| r.is_empty() || r.len() > 255) {
+        if self
+            .request_id
+            .as_ref()
+            .is_some_and(|r| r.is_empty() || r.len() > 255)
+        {
             return Err(ApiError::invalid("request_id must be 1 to 255 characters"));
         }
-        self.program.validate().map_err(|e| ApiError::invalid(format!("program: {}", e.0)))?;
+        self.program
+            .validate()
+            .map_err(|e| ApiError::invalid(format!("program: {}", e.0)))?;
         if let Schedule::Cron { expr } = &self.schedule {
             parse_cron(expr)?;
         }
@@ -194,24 +227,34 @@ impl TaskSpec {
                 "local" => "this scheduler has no built-in node (run --mode all)".to_string(),
                 _ => format!("unknown path; use one of {paths:?}"),
             };
-            return Err(ApiError::invalid(format!("target.path {path:?} is not available here: {why}")));
+            return Err(ApiError::invalid(format!(
+                "target.path {path:?} is not available here: {why}"
+            )));
         }
         if let Some(t) = self.timeout_seconds {
             if !(t > 0.0 && t <= 7.0 * 86_400.0) {
-                return Err(ApiError::invalid("timeout_seconds must be > 0 and at most 604800 (7 days)"));
+                return Err(ApiError::invalid(
+                    "timeout_seconds must be > 0 and at most 604800 (7 days)",
+                ));
             }
         }
         if let Some(r) = &self.retry {
             if r.max_attempts == 0 || r.max_attempts > MAX_ATTEMPTS {
-                return Err(ApiError::invalid(format!("retry.max_attempts must be 1 to {MAX_ATTEMPTS}")));
+                return Err(ApiError::invalid(format!(
+                    "retry.max_attempts must be 1 to {MAX_ATTEMPTS}"
+                )));
             }
             if r.initial_backoff_ms > r.max_backoff_ms {
-                return Err(ApiError::invalid("retry.initial_backoff_ms must not exceed retry.max_backoff_ms"));
+                return Err(ApiError::invalid(
+                    "retry.initial_backoff_ms must not exceed retry.max_backoff_ms",
+                ));
             }
         }
         if let Some(u) = &self.callback_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
-                return Err(ApiError::invalid("callback_url must be an http:// or https:// URL"));
+                return Err(ApiError::invalid(
+                    "callback_url must be an http:// or https:// URL",
+                ));
             }
         }
         Ok(())
@@ -239,7 +282,9 @@ mod tests {
 
     #[test]
     fn bad_input_is_explained() {
-        let e = parse(json!({"name": "n", "program": {"kind": "shell", "code": "true"}, "colour": 1})).unwrap_err();
+        let e =
+            parse(json!({"name": "n", "program": {"kind": "shell", "code": "true"}, "colour": 1}))
+                .unwrap_err();
         assert!(e.message.contains("unknown field `colour`"), "{e:?}");
         let e = parse(json!({"name": "n", "program": {"kind": "shell", "code": 5}})).unwrap_err();
         assert!(e.message.contains("invalid type"), "{e:?}");
@@ -261,7 +306,11 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_caps() {
-        let r = RetryPolicy { max_attempts: 4, initial_backoff_ms: 100, max_backoff_ms: 250 };
+        let r = RetryPolicy {
+            max_attempts: 4,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 250,
+        };
         assert_eq!(r.next_at(1, 0), Some(100));
         assert_eq!(r.next_at(2, 0), Some(200));
         assert_eq!(r.next_at(3, 0), Some(250));

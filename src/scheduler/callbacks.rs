@@ -11,7 +11,9 @@ use crate::now_ms;
 
 pub(super) fn run(core: &Core, wake: &Receiver<()>) {
     let cfg = core.cfg.callbacks.clone();
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_millis(cfg.timeout_ms.max(100))).build();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_millis(cfg.timeout_ms.max(100)))
+        .build();
     while !core.stopping() {
         let now = now_ms();
         let due = match core.store.outbox_due(now, 32) {
@@ -28,7 +30,12 @@ pub(super) fn run(core: &Core, wake: &Receiver<()>) {
             let body = match core.store.get_execution(row.execution_id) {
                 Ok(Some(e)) => e.to_json(),
                 Ok(None) => {
-                    let _ = core.store.outbox_result(row.id, false, Some("execution no longer exists"), None);
+                    let _ = core.store.outbox_result(
+                        row.id,
+                        false,
+                        Some("execution no longer exists"),
+                        None,
+                    );
                     continue;
                 }
                 Err(e) => {
@@ -44,7 +51,9 @@ pub(super) fn run(core: &Core, wake: &Receiver<()>) {
             match sent {
                 Ok(_) => {
                     log::info!(target: LOG, "execution={} callback delivered url={}", row.execution_id, row.url);
-                    core.metrics.callbacks_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    core.metrics
+                        .callbacks_sent
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let _ = core.store.outbox_result(row.id, true, None, None);
                 }
                 Err(e) => {
@@ -55,13 +64,21 @@ pub(super) fn run(core: &Core, wake: &Receiver<()>) {
                     };
                     let next = (attempts < i64::from(cfg.max_attempts)).then(|| {
                         let exp = (attempts - 1).clamp(0, 30) as u32;
-                        now_ms() + cfg.initial_backoff_ms.saturating_mul(1 << exp).min(cfg.max_backoff_ms) as i64
+                        now_ms()
+                            + cfg
+                                .initial_backoff_ms
+                                .saturating_mul(1 << exp)
+                                .min(cfg.max_backoff_ms) as i64
                     });
                     match next {
-                        Some(_) => log::warn!(target: LOG, "execution={} callback attempt {attempts} failed: {err}; will retry", row.execution_id),
+                        Some(_) => {
+                            log::warn!(target: LOG, "execution={} callback attempt {attempts} failed: {err}; will retry", row.execution_id)
+                        }
                         None => {
                             log::error!(target: LOG, "execution={} callback given up after {attempts} attempts: {err}", row.execution_id);
-                            core.metrics.callbacks_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            core.metrics
+                                .callbacks_failed
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
                     let _ = core.store.outbox_result(row.id, false, Some(&err), next);

@@ -2,7 +2,7 @@
 //! scheduler core. A few worker threads serve requests; a `logs?follow=true` stream gets a
 //! thread of its own (bounded by `server.max_log_followers`) so it never starves the API.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,15 +25,21 @@ pub struct HttpServer {
 impl HttpServer {
     pub fn start(core: Arc<Core>) -> Result<HttpServer, String> {
         let listen = core.cfg.server.listen.clone();
-        let addr: SocketAddr = listen.parse().map_err(|_| format!("listen address {listen:?} is not IP:PORT"))?;
+        let addr: SocketAddr = listen
+            .parse()
+            .map_err(|_| format!("listen address {listen:?} is not IP:PORT"))?;
         if core.cfg.server.token.is_empty() && !addr.ip().is_loopback() {
             return Err(format!(
                 "refusing to listen on {addr} without a token: set server.token (clients send \
                  `Authorization: Bearer <token>`) or listen on a loopback address"
             ));
         }
-        let server = Arc::new(Server::http(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?);
-        let addr = server.server_addr().to_ip().ok_or("listening on a non-IP socket")?;
+        let server =
+            Arc::new(Server::http(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?);
+        let addr = server
+            .server_addr()
+            .to_ip()
+            .ok_or("listening on a non-IP socket")?;
         let mut workers = Vec::new();
         for i in 0..core.cfg.server.http_threads {
             let (server, core) = (server.clone(), core.clone());
@@ -48,7 +54,11 @@ impl HttpServer {
             workers.push(t);
         }
         log::info!(target: LOG, "http intake listening on {addr}");
-        Ok(HttpServer { server, workers, addr })
+        Ok(HttpServer {
+            server,
+            workers,
+            addr,
+        })
     }
 
     pub fn stop(self) {
@@ -66,7 +76,9 @@ fn json_header() -> Header {
 }
 
 fn reply(req: Request, status: u16, body: &Value) {
-    let resp = Response::from_string(body.to_string()).with_status_code(status).with_header(json_header());
+    let resp = Response::from_string(body.to_string())
+        .with_status_code(status)
+        .with_header(json_header());
     let _ = req.respond(resp);
 }
 
@@ -79,7 +91,9 @@ fn reply_err(req: Request, e: &ApiError) {
 
 /// Query string pairs, percent-decoded.
 fn query(url: &str) -> Vec<(String, String)> {
-    let Some((_, q)) = url.split_once('?') else { return Vec::new() };
+    let Some((_, q)) = url.split_once('?') else {
+        return Vec::new();
+    };
     q.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
@@ -120,12 +134,17 @@ fn param<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
 fn num<T: std::str::FromStr>(q: &[(String, String)], k: &str) -> Result<Option<T>, ApiError> {
     param(q, k)
         .filter(|v| !v.is_empty())
-        .map(|v| v.parse::<T>().map_err(|_| ApiError::invalid(format!("query parameter {k}={v:?} is not a valid number"))))
+        .map(|v| {
+            v.parse::<T>().map_err(|_| {
+                ApiError::invalid(format!("query parameter {k}={v:?} is not a valid number"))
+            })
+        })
         .transpose()
 }
 
 fn id_of(seg: &str, what: &str) -> Result<i64, ApiError> {
-    seg.parse::<i64>().map_err(|_| ApiError::invalid(format!("{what} id {seg:?} is not a number")))
+    seg.parse::<i64>()
+        .map_err(|_| ApiError::invalid(format!("{what} id {seg:?} is not a number")))
 }
 
 fn authorized(core: &Core, req: &Request) -> bool {
@@ -138,7 +157,12 @@ fn authorized(core: &Core, req: &Request) -> bool {
         h.field.equiv("Authorization") && {
             let got = h.value.as_str().as_bytes();
             // Constant-time compare: do not leak the token's prefix through timing.
-            got.len() == expected.len() && got.iter().zip(expected.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+            got.len() == expected.len()
+                && got
+                    .iter()
+                    .zip(expected.as_bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
         }
     })
 }
@@ -146,7 +170,9 @@ fn authorized(core: &Core, req: &Request) -> bool {
 fn read_body(core: &Core, req: &mut Request) -> Result<Vec<u8>, ApiError> {
     let limit = core.cfg.server.max_body_bytes;
     if req.body_length().is_some_and(|n| n > limit) {
-        return Err(ApiError::too_large(format!("request body over the {limit}-byte limit")));
+        return Err(ApiError::too_large(format!(
+            "request body over the {limit}-byte limit"
+        )));
     }
     let mut body = Vec::new();
     req.as_reader()
@@ -154,14 +180,21 @@ fn read_body(core: &Core, req: &mut Request) -> Result<Vec<u8>, ApiError> {
         .read_to_end(&mut body)
         .map_err(|e| ApiError::invalid(format!("cannot read request body: {e}")))?;
     if body.len() > limit {
-        return Err(ApiError::too_large(format!("request body over the {limit}-byte limit")));
+        return Err(ApiError::too_large(format!(
+            "request body over the {limit}-byte limit"
+        )));
     }
     Ok(body)
 }
 
 fn handle(core: &Arc<Core>, mut req: Request) {
     let url = req.url().to_owned();
-    let path = url.split('?').next().unwrap_or("").trim_end_matches('/').to_owned();
+    let path = url
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .trim_end_matches('/')
+        .to_owned();
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
     if path == "/healthz" {
@@ -170,18 +203,30 @@ fn handle(core: &Arc<Core>, mut req: Request) {
         return reply(req, if ok { 200 } else { 503 }, &body);
     }
     if (path == "/metrics" || path.starts_with("/api/")) && !authorized(core, &req) {
-        return reply_err(req, &ApiError::unauthenticated("missing or wrong bearer token (Authorization: Bearer <token>)"));
+        return reply_err(
+            req,
+            &ApiError::unauthenticated(
+                "missing or wrong bearer token (Authorization: Bearer <token>)",
+            ),
+        );
     }
     if path == "/metrics" {
         let counts = core.store.status_counts().unwrap_or_default();
-        let text = core.metrics.render(&counts, core.store.outbox_pending().unwrap_or(0));
-        let h = Header::from_bytes("Content-Type", "text/plain; version=0.0.4").expect("static header");
+        let text = core
+            .metrics
+            .render(&counts, core.store.outbox_pending().unwrap_or(0));
+        let h =
+            Header::from_bytes("Content-Type", "text/plain; version=0.0.4").expect("static header");
         let _ = req.respond(Response::from_string(text).with_header(h));
         return;
     }
     let q = query(&url);
     // Follow streams leave the worker pool: they last as long as the execution.
-    if method == Method::Get && segs.len() == 5 && segs[..3] == ["api", "v1", "executions"] && segs[4] == "logs" {
+    if method == Method::Get
+        && segs.len() == 5
+        && segs[..3] == ["api", "v1", "executions"]
+        && segs[4] == "logs"
+    {
         return logs(core, req, segs[3], &q);
     }
     let res = route(core, &method, &segs, &q, &mut req);
@@ -191,25 +236,49 @@ fn handle(core: &Arc<Core>, mut req: Request) {
     }
 }
 
-fn route(core: &Core, method: &Method, segs: &[&str], q: &[(String, String)], req: &mut Request) -> Result<(u16, Value), ApiError> {
+fn route(
+    core: &Core,
+    method: &Method,
+    segs: &[&str],
+    q: &[(String, String)],
+    req: &mut Request,
+) -> Result<(u16, Value), ApiError> {
     if segs.len() < 3 || segs[0] != "api" || segs[1] != "v1" {
-        return Err(ApiError::not_found(format!("no route {}; the API lives under /api/v1/", req.url())));
+        return Err(ApiError::not_found(format!(
+            "no route {}; the API lives under /api/v1/",
+            req.url()
+        )));
     }
-    let not_allowed = || ApiError { code: "method_not_allowed", message: format!("{method} is not allowed on {}", req.url()) };
+    let not_allowed = || ApiError {
+        code: "method_not_allowed",
+        message: format!("{method} is not allowed on {}", req.url()),
+    };
     match (segs[2], &segs[3..]) {
         ("tasks", []) => match method {
             Method::Post => {
                 let body = read_body(core, req)?;
                 let spec = TaskSpec::parse(&body, &core.paths())?;
                 let c = core.submit(spec)?;
-                Ok((if c.existed { 200 } else { 201 }, json!({"task_id": c.task_id, "execution_id": c.execution_id})))
+                Ok((
+                    if c.existed { 200 } else { 201 },
+                    json!({"task_id": c.task_id, "execution_id": c.execution_id}),
+                ))
             }
             Method::Get => {
                 let limit = num::<u32>(q, "limit")?.unwrap_or(50).clamp(1, 500);
                 let cursor = num::<i64>(q, "cursor")?.map(TaskId);
-                let rows = core.store.list_tasks(param(q, "name").filter(|n| !n.is_empty()), limit, cursor)?;
-                let next = (rows.len() == limit as usize).then(|| rows.last().map(|t| t.id)).flatten();
-                Ok((200, json!({"items": rows.iter().map(|t| t.to_json()).collect::<Vec<_>>(), "next_cursor": next})))
+                let rows = core.store.list_tasks(
+                    param(q, "name").filter(|n| !n.is_empty()),
+                    limit,
+                    cursor,
+                )?;
+                let next = (rows.len() == limit as usize)
+                    .then(|| rows.last().map(|t| t.id))
+                    .flatten();
+                Ok((
+                    200,
+                    json!({"items": rows.iter().map(|t| t.to_json()).collect::<Vec<_>>(), "next_cursor": next}),
+                ))
             }
             _ => Err(not_allowed()),
         },
@@ -217,7 +286,10 @@ fn route(core: &Core, method: &Method, segs: &[&str], q: &[(String, String)], re
             let id = TaskId(id_of(id, "task")?);
             match method {
                 Method::Get => {
-                    let t = core.store.get_task(id)?.ok_or_else(|| ApiError::not_found(format!("task {id} not found")))?;
+                    let t = core
+                        .store
+                        .get_task(id)?
+                        .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))?;
                     Ok((200, t.to_json()))
                 }
                 Method::Delete => {
@@ -233,7 +305,10 @@ fn route(core: &Core, method: &Method, segs: &[&str], q: &[(String, String)], re
         ("tasks", [id, action]) if *method == Method::Post => {
             let id = TaskId(id_of(id, "task")?);
             match *action {
-                "run" => Ok((201, json!({"task_id": id, "execution_id": core.run_now(id)?}))),
+                "run" => Ok((
+                    201,
+                    json!({"task_id": id, "execution_id": core.run_now(id)?}),
+                )),
                 "pause" | "resume" => {
                     if core.store.set_paused(id, *action == "pause")? {
                         Ok((200, json!({"id": id, "paused": *action == "pause"})))
@@ -241,7 +316,9 @@ fn route(core: &Core, method: &Method, segs: &[&str], q: &[(String, String)], re
                         Err(ApiError::not_found(format!("task {id} not found")))
                     }
                 }
-                _ => Err(ApiError::not_found(format!("no action {action:?} on tasks; use run, pause or resume"))),
+                _ => Err(ApiError::not_found(format!(
+                    "no action {action:?} on tasks; use run, pause or resume"
+                ))),
             }
         }
         ("executions", []) if *method == Method::Get => {
@@ -249,16 +326,27 @@ fn route(core: &Core, method: &Method, segs: &[&str], q: &[(String, String)], re
             let cursor = num::<i64>(q, "cursor")?.map(ExecutionId);
             let task = num::<i64>(q, "task_id")?.map(TaskId);
             let status = match param(q, "status").filter(|s| !s.is_empty()) {
-                Some(s) => Some(Status::parse(s).ok_or_else(|| ApiError::invalid(format!("unknown status {s:?}")))?),
+                Some(s) => Some(
+                    Status::parse(s)
+                        .ok_or_else(|| ApiError::invalid(format!("unknown status {s:?}")))?,
+                ),
                 None => None,
             };
             let rows = core.store.list_executions(task, status, limit, cursor)?;
-            let next = (rows.len() == limit as usize).then(|| rows.last().map(|e| e.id)).flatten();
-            Ok((200, json!({"items": rows.iter().map(|e| e.to_json()).collect::<Vec<_>>(), "next_cursor": next})))
+            let next = (rows.len() == limit as usize)
+                .then(|| rows.last().map(|e| e.id))
+                .flatten();
+            Ok((
+                200,
+                json!({"items": rows.iter().map(|e| e.to_json()).collect::<Vec<_>>(), "next_cursor": next}),
+            ))
         }
         ("executions", [id]) if *method == Method::Get => {
             let id = ExecutionId(id_of(id, "execution")?);
-            let e = core.store.get_execution(id)?.ok_or_else(|| ApiError::not_found(format!("execution {id} not found")))?;
+            let e = core
+                .store
+                .get_execution(id)?
+                .ok_or_else(|| ApiError::not_found(format!("execution {id} not found")))?;
             Ok((200, e.to_json()))
         }
         ("executions", [id, "cancel"]) if *method == Method::Post => {
@@ -277,7 +365,9 @@ fn logs(core: &Arc<Core>, req: Request, id: &str, q: &[(String, String)]) {
         let id = ExecutionId(id_of(id, "execution")?);
         let after = num::<i64>(q, "after_seq")?.unwrap_or(0);
         let follow = matches!(param(q, "follow"), Some("true" | "1"));
-        core.store.get_execution(id)?.ok_or_else(|| ApiError::not_found(format!("execution {id} not found")))?;
+        core.store
+            .get_execution(id)?
+            .ok_or_else(|| ApiError::not_found(format!("execution {id} not found")))?;
         Ok::<_, ApiError>((id, after, follow))
     })();
     let (id, after, follow) = match parsed {
@@ -288,7 +378,8 @@ fn logs(core: &Arc<Core>, req: Request, id: &str, q: &[(String, String)]) {
         return match core.store.logs_after(id, after, 100_000) {
             Ok(rows) => {
                 let body: String = rows.iter().map(|r| line(r) + "\n").collect();
-                let h = Header::from_bytes("Content-Type", "application/x-ndjson").expect("static header");
+                let h = Header::from_bytes("Content-Type", "application/x-ndjson")
+                    .expect("static header");
                 let _ = req.respond(Response::from_string(body).with_header(h));
             }
             Err(e) => reply_err(req, &e.into()),
@@ -297,64 +388,71 @@ fn logs(core: &Arc<Core>, req: Request, id: &str, q: &[(String, String)]) {
     let max = core.cfg.server.max_log_followers;
     if core.followers.fetch_add(1, Ordering::SeqCst) >= max {
         core.followers.fetch_sub(1, Ordering::SeqCst);
-        return reply_err(req, &ApiError::unavailable(format!("too many log followers (max {max}); retry later")));
+        return reply_err(
+            req,
+            &ApiError::unavailable(format!("too many log followers (max {max}); retry later")),
+        );
     }
     let core2 = core.clone();
-    let spawned = std::thread::Builder::new().name("http-follow".into()).spawn(move || {
-        let reader = Follow { core: core2.clone(), id, after, buf: Vec::new(), pos: 0, done: false };
-        let h = Header::from_bytes("Content-Type", "application/x-ndjson").expect("static header");
-        let _ = req.respond(Response::new(200.into(), vec![h], reader, None, None));
-        core2.followers.fetch_sub(1, Ordering::SeqCst);
-    });
+    let spawned = std::thread::Builder::new()
+        .name("http-follow".into())
+        .spawn(move || {
+            if let Err(e) = stream_logs(&core2, req, id, after) {
+                log::debug!(target: LOG, "execution={id} log follower gone: {e}");
+            }
+            core2.followers.fetch_sub(1, Ordering::SeqCst);
+        });
     if spawned.is_err() {
         core.followers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
+/// Writes the chunked response by hand: tiny_http's own encoder buffers 8 KiB before sending,
+/// which would hold back a slow script's lines. Each batch of chunks is flushed at once.
+fn stream_logs(core: &Core, req: Request, id: ExecutionId, mut after: i64) -> std::io::Result<()> {
+    let mut w = req.into_writer();
+    w.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\
+          Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+    )?;
+    w.flush()?;
+    let mut buf = String::new();
+    loop {
+        // Read the state before the chunks: whatever was stored before the final state is then
+        // in this read, so nothing is missed when the stream ends.
+        let finished = core
+            .store
+            .get_execution(id)
+            .ok()
+            .flatten()
+            .is_none_or(|e| e.status.is_terminal());
+        let rows = core
+            .store
+            .logs_after(id, after, 1_000)
+            .map_err(std::io::Error::other)?;
+        buf.clear();
+        for r in &rows {
+            buf.push_str(&line(r));
+            buf.push('\n');
+            after = r.seq;
+        }
+        if !buf.is_empty() {
+            write!(w, "{:x}\r\n{buf}\r\n", buf.len())?;
+            w.flush()?;
+        }
+        if rows.is_empty() {
+            if finished || core.stopping() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    w.write_all(b"0\r\n\r\n")?;
+    w.flush()
+}
+
 fn line(r: &crate::store::LogRow) -> String {
     json!({"seq": r.seq, "attempt": r.attempt, "stream": r.stream, "data": r.data}).to_string()
-}
-
-/// The body of a follow stream: polls the store for new chunks until the execution is final.
-struct Follow {
-    core: Arc<Core>,
-    id: ExecutionId,
-    after: i64,
-    buf: Vec<u8>,
-    pos: usize,
-    done: bool,
-}
-
-impl Read for Follow {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos >= self.buf.len() {
-            if self.done || self.core.stopping() {
-                return Ok(0);
-            }
-            // Check the state before reading: chunks stored before the final state are then
-            // all in the read that follows.
-            let finished = self.core.store.get_execution(self.id).ok().flatten().is_none_or(|e| e.status.is_terminal());
-            let rows = self.core.store.logs_after(self.id, self.after, 1_000).map_err(std::io::Error::other)?;
-            self.buf.clear();
-            self.pos = 0;
-            for r in &rows {
-                self.buf.extend_from_slice(line(r).as_bytes());
-                self.buf.push(b'\n');
-                self.after = r.seq;
-            }
-            if rows.is_empty() {
-                if finished {
-                    self.done = true;
-                } else {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            }
-        }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
 }
 
 #[cfg(test)]

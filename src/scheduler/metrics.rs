@@ -34,34 +34,81 @@ impl Metrics {
     pub fn render(&self, by_status: &[(Status, i64)], outbox_pending: i64) -> String {
         let mut s = String::new();
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(s, "# HELP etask_tasks_submitted_total Tasks created through this scheduler.");
+        let _ = writeln!(
+            s,
+            "# HELP etask_tasks_submitted_total Tasks created through this scheduler."
+        );
         let _ = writeln!(s, "# TYPE etask_tasks_submitted_total counter");
-        let _ = writeln!(s, "etask_tasks_submitted_total {}", c(&self.tasks_submitted));
-        let _ = writeln!(s, "# HELP etask_executions Executions in the store by status.");
+        let _ = writeln!(
+            s,
+            "etask_tasks_submitted_total {}",
+            c(&self.tasks_submitted)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP etask_executions Executions in the store by status."
+        );
         let _ = writeln!(s, "# TYPE etask_executions gauge");
         for st in Status::ALL {
-            let n = by_status.iter().find(|(s, _)| *s == st).map_or(0, |(_, n)| *n);
+            let n = by_status
+                .iter()
+                .find(|(s, _)| *s == st)
+                .map_or(0, |(_, n)| *n);
             let _ = writeln!(s, "etask_executions{{status=\"{st}\"}} {n}");
         }
-        let queued: i64 = by_status.iter().filter(|(s, _)| matches!(s, Status::Pending | Status::RetryWait)).map(|(_, n)| n).sum();
-        let _ = writeln!(s, "# HELP etask_queue_depth Executions waiting for a node (pending or retry_wait).");
+        let queued: i64 = by_status
+            .iter()
+            .filter(|(s, _)| matches!(s, Status::Pending | Status::RetryWait))
+            .map(|(_, n)| n)
+            .sum();
+        let _ = writeln!(
+            s,
+            "# HELP etask_queue_depth Executions waiting for a node (pending or retry_wait)."
+        );
         let _ = writeln!(s, "# TYPE etask_queue_depth gauge");
         let _ = writeln!(s, "etask_queue_depth {queued}");
-        let _ = writeln!(s, "# HELP etask_callbacks_pending Callbacks not delivered yet.");
+        let _ = writeln!(
+            s,
+            "# HELP etask_callbacks_pending Callbacks not delivered yet."
+        );
         let _ = writeln!(s, "# TYPE etask_callbacks_pending gauge");
         let _ = writeln!(s, "etask_callbacks_pending {outbox_pending}");
         let _ = writeln!(s, "# TYPE etask_callbacks_sent_total counter");
         let _ = writeln!(s, "etask_callbacks_sent_total {}", c(&self.callbacks_sent));
         let _ = writeln!(s, "# TYPE etask_callbacks_failed_total counter");
-        let _ = writeln!(s, "etask_callbacks_failed_total {}", c(&self.callbacks_failed));
-        let _ = writeln!(s, "# HELP etask_dispatch_latency_seconds From due time to hand-off to a node.");
+        let _ = writeln!(
+            s,
+            "etask_callbacks_failed_total {}",
+            c(&self.callbacks_failed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP etask_dispatch_latency_seconds From due time to hand-off to a node."
+        );
         let _ = writeln!(s, "# TYPE etask_dispatch_latency_seconds histogram");
         for (i, b) in BUCKETS_MS.iter().enumerate() {
-            let _ = writeln!(s, "etask_dispatch_latency_seconds_bucket{{le=\"{}\"}} {}", *b as f64 / 1000.0, c(&self.latency_buckets[i]));
+            let _ = writeln!(
+                s,
+                "etask_dispatch_latency_seconds_bucket{{le=\"{}\"}} {}",
+                *b as f64 / 1000.0,
+                c(&self.latency_buckets[i])
+            );
         }
-        let _ = writeln!(s, "etask_dispatch_latency_seconds_bucket{{le=\"+Inf\"}} {}", c(&self.latency_count));
-        let _ = writeln!(s, "etask_dispatch_latency_seconds_sum {}", c(&self.latency_sum_ms) as f64 / 1000.0);
-        let _ = writeln!(s, "etask_dispatch_latency_seconds_count {}", c(&self.latency_count));
+        let _ = writeln!(
+            s,
+            "etask_dispatch_latency_seconds_bucket{{le=\"+Inf\"}} {}",
+            c(&self.latency_count)
+        );
+        let _ = writeln!(
+            s,
+            "etask_dispatch_latency_seconds_sum {}",
+            c(&self.latency_sum_ms) as f64 / 1000.0
+        );
+        let _ = writeln!(
+            s,
+            "etask_dispatch_latency_seconds_count {}",
+            c(&self.latency_count)
+        );
         s
     }
 }
@@ -76,8 +123,14 @@ mod tests {
         m.observe_dispatch(3);
         m.observe_dispatch(700);
         let text = m.render(&[(Status::Pending, 2)], 0);
-        assert!(text.contains("etask_dispatch_latency_seconds_bucket{le=\"0.005\"} 1\n"), "{text}");
-        assert!(text.contains("etask_dispatch_latency_seconds_bucket{le=\"1\"} 2\n"), "{text}");
+        assert!(
+            text.contains("etask_dispatch_latency_seconds_bucket{le=\"0.005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("etask_dispatch_latency_seconds_bucket{le=\"1\"} 2\n"),
+            "{text}"
+        );
         assert!(text.contains("etask_queue_depth 2\n"));
     }
 }

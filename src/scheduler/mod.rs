@@ -54,11 +54,17 @@ impl Core {
     }
 
     fn default_retry(&self) -> RetryPolicy {
-        RetryPolicy { max_attempts: self.cfg.scheduler.default_max_attempts, initial_backoff_ms: 1_000, max_backoff_ms: 60_000 }
+        RetryPolicy {
+            max_attempts: self.cfg.scheduler.default_max_attempts,
+            initial_backoff_ms: 1_000,
+            max_backoff_ms: 60_000,
+        }
     }
 
     fn timeout_ms(&self, spec: &TaskSpec) -> i64 {
-        let secs = spec.timeout_seconds.unwrap_or(self.cfg.scheduler.default_timeout_seconds as f64);
+        let secs = spec
+            .timeout_seconds
+            .unwrap_or(self.cfg.scheduler.default_timeout_seconds as f64);
         (secs * 1000.0) as i64
     }
 
@@ -68,8 +74,9 @@ impl Core {
         let (cron, first_due_at) = match &spec.schedule {
             Schedule::Once { at } => (None, Some(at.unwrap_or(now))),
             Schedule::Cron { expr } => {
-                let next = next_fire(&parse_cron(expr)?, now)
-                    .ok_or_else(|| ApiError::invalid(format!("schedule.expr {expr:?} never fires")))?;
+                let next = next_fire(&parse_cron(expr)?, now).ok_or_else(|| {
+                    ApiError::invalid(format!("schedule.expr {expr:?} never fires"))
+                })?;
                 (Some((expr.clone(), next)), None)
             }
         };
@@ -94,10 +101,17 @@ impl Core {
     }
 
     pub fn run_now(&self, task: TaskId) -> Result<ExecutionId, ApiError> {
-        let row = self.store.get_task(task)?.filter(|t| !t.deleted).ok_or_else(|| ApiError::not_found(format!("task {task} not found")))?;
-        let spec: TaskSpec = serde_json::from_value(row.spec).map_err(|e| ApiError::internal(format!("stored spec: {e}")))?;
+        let row = self
+            .store
+            .get_task(task)?
+            .filter(|t| !t.deleted)
+            .ok_or_else(|| ApiError::not_found(format!("task {task} not found")))?;
+        let spec: TaskSpec = serde_json::from_value(row.spec)
+            .map_err(|e| ApiError::internal(format!("stored spec: {e}")))?;
         let now = now_ms();
-        let id = self.store.add_execution(task, now, Some(self.timeout_ms(&spec)), now)?;
+        let id = self
+            .store
+            .add_execution(task, now, Some(self.timeout_ms(&spec)), now)?;
         kick(&self.kick_dispatch);
         Ok(id)
     }
@@ -106,8 +120,12 @@ impl Core {
     pub fn cancel(&self, id: ExecutionId) -> Result<Value, ApiError> {
         let now = now_ms();
         match self.store.cancel(id, now)? {
-            CancelOutcome::NotFound => Err(ApiError::not_found(format!("execution {id} not found"))),
-            CancelOutcome::AlreadyFinal(st) => Err(ApiError::conflict(format!("execution {id} already ended: {st}"))),
+            CancelOutcome::NotFound => {
+                Err(ApiError::not_found(format!("execution {id} not found")))
+            }
+            CancelOutcome::AlreadyFinal(st) => Err(ApiError::conflict(format!(
+                "execution {id} already ended: {st}"
+            ))),
             CancelOutcome::Cancelled { was, node, attempt } => {
                 if was != Status::Cancelled {
                     log::info!(target: LOG, "execution={id} attempt={attempt} cancelled (was {was})");
@@ -130,7 +148,12 @@ impl Core {
             .ok()
             .flatten()
             .and_then(|e| self.store.get_task(e.task_id).ok().flatten())
-            .and_then(|t| t.spec.get("callback_url").and_then(Value::as_str).map(str::to_owned));
+            .and_then(|t| {
+                t.spec
+                    .get("callback_url")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
         if let Some(url) = url {
             if let Err(e) = self.store.enqueue_callback(id, &url, now) {
                 log::error!(target: LOG, "execution={id} cannot queue callback: {e}");
@@ -141,9 +164,17 @@ impl Core {
 
     /// Retry policy and callback URL of the task an execution belongs to.
     fn policy_of(&self, task: TaskId) -> (RetryPolicy, Option<String>) {
-        let spec = self.store.get_task(task).ok().flatten().and_then(|t| serde_json::from_value::<TaskSpec>(t.spec).ok());
+        let spec = self
+            .store
+            .get_task(task)
+            .ok()
+            .flatten()
+            .and_then(|t| serde_json::from_value::<TaskSpec>(t.spec).ok());
         match spec {
-            Some(s) => (s.retry.unwrap_or_else(|| self.default_retry()), s.callback_url),
+            Some(s) => (
+                s.retry.unwrap_or_else(|| self.default_retry()),
+                s.callback_url,
+            ),
             None => (self.default_retry(), None),
         }
     }
@@ -161,11 +192,27 @@ impl Core {
             }
         };
         let (retry, callback_url) = self.policy_of(task);
-        if matches!(fin.status, Some(Status::Failed | Status::TimedOut | Status::Lost)) {
+        if matches!(
+            fin.status,
+            Some(Status::Failed | Status::TimedOut | Status::Lost)
+        ) {
             fin.retry_at = retry.next_at(attempt.0, now);
         }
         fin.callback_url = callback_url;
-        match self.store.finish(id, attempt, &fin, now) {
+        // An outcome must not be dropped on a transient store error: the execution would stay
+        // `running` under a live node. Retry with backoff for a while.
+        let mut res = self.store.finish(id, attempt, &fin, now);
+        for i in 0..10 {
+            match &res {
+                Err(e) if !self.stopping() => {
+                    log::warn!(target: LOG, "execution={id} attempt={attempt} outcome not stored yet: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis((100 << i).min(2_000)));
+                    res = self.store.finish(id, attempt, &fin, now_ms());
+                }
+                _ => break,
+            }
+        }
+        match res {
             Ok(Some(st)) => {
                 log::info!(target: LOG, "execution={id} attempt={attempt} status={st}{}",
                     fin.error.as_deref().map(|e| format!(" error={e:?}")).unwrap_or_default());
@@ -175,8 +222,12 @@ impl Core {
                     kick(&self.kick_callbacks);
                 }
             }
-            Ok(None) => log::debug!(target: LOG, "execution={id} attempt={attempt} stale report ignored"),
-            Err(e) => log::error!(target: LOG, "execution={id} attempt={attempt} cannot record outcome: {e}"),
+            Ok(None) => {
+                log::debug!(target: LOG, "execution={id} attempt={attempt} stale report ignored")
+            }
+            Err(e) => {
+                log::error!(target: LOG, "execution={id} attempt={attempt} cannot record outcome: {e}")
+            }
         }
     }
 }
@@ -196,7 +247,9 @@ impl Scheduler {
         deliveries: Vec<Arc<dyn Delivery>>,
         reports: Receiver<RunEvent>,
     ) -> Result<Scheduler, String> {
-        let applied = store.migrate().map_err(|e| format!("store {}: {e}", store.describe()))?;
+        let applied = store
+            .migrate()
+            .map_err(|e| format!("store {}: {e}", store.describe()))?;
         if !applied.is_empty() {
             log::info!(target: LOG, "store {} migrated to version {:?}", store.describe(), applied.last());
         }
@@ -214,20 +267,36 @@ impl Scheduler {
         });
         let http = http::HttpServer::start(core.clone())?;
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new().name(name.into()).spawn(f).map_err(|e| format!("cannot start thread {name}: {e}"))
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| format!("cannot start thread {name}: {e}"))
         };
         let mut threads = Vec::new();
         let c = core.clone();
-        threads.push(spawn("sched-dispatch", Box::new(move || dispatcher(&c, &dispatch_rx)))?);
+        threads.push(spawn(
+            "sched-dispatch",
+            Box::new(move || dispatcher(&c, &dispatch_rx)),
+        )?);
         let c = core.clone();
-        threads.push(spawn("sched-ingest", Box::new(move || ingest(&c, &reports)))?);
+        threads.push(spawn(
+            "sched-ingest",
+            Box::new(move || ingest(&c, &reports)),
+        )?);
         let c = core.clone();
         threads.push(spawn("sched-cron", Box::new(move || cron_ticker(&c)))?);
         let c = core.clone();
         threads.push(spawn("sched-sweeper", Box::new(move || sweeper(&c)))?);
         let c = core.clone();
-        threads.push(spawn("sched-callbacks", Box::new(move || callbacks::run(&c, &callbacks_rx)))?);
-        Ok(Scheduler { core, threads, http: Some(http) })
+        threads.push(spawn(
+            "sched-callbacks",
+            Box::new(move || callbacks::run(&c, &callbacks_rx)),
+        )?);
+        Ok(Scheduler {
+            core,
+            threads,
+            http: Some(http),
+        })
     }
 
     pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
@@ -289,7 +358,11 @@ fn dispatch_one(core: &Core, d: &dyn Delivery, c: crate::store::Claimed) {
     let spec: TaskSpec = match serde_json::from_value(c.spec) {
         Ok(s) => s,
         Err(e) => {
-            let fin = Finish { status: Some(Status::Failed), error: Some(format!("stored task spec unreadable: {e}")), ..Finish::default() };
+            let fin = Finish {
+                status: Some(Status::Failed),
+                error: Some(format!("stored task spec unreadable: {e}")),
+                ..Finish::default()
+            };
             core.finish(c.id, c.attempt, fin);
             return;
         }
@@ -305,7 +378,8 @@ fn dispatch_one(core: &Core, d: &dyn Delivery, c: crate::store::Claimed) {
     };
     match d.dispatch(dispatch) {
         Ok(()) => {
-            core.metrics.observe_dispatch((now - c.due_at).max(0) as u64);
+            core.metrics
+                .observe_dispatch((now - c.due_at).max(0) as u64);
             log::debug!(target: LOG, "execution={} attempt={} dispatched node={}", c.id, c.attempt, d.node());
         }
         Err(Refused::Busy(why)) => {
@@ -313,7 +387,11 @@ fn dispatch_one(core: &Core, d: &dyn Delivery, c: crate::store::Claimed) {
             let _ = core.store.unclaim(c.id, c.attempt, now);
         }
         Err(Refused::Rejected(why)) => {
-            let fin = Finish { status: Some(Status::Failed), error: Some(why), ..Finish::default() };
+            let fin = Finish {
+                status: Some(Status::Failed),
+                error: Some(why),
+                ..Finish::default()
+            };
             core.finish(c.id, c.attempt, fin);
         }
     }
@@ -354,11 +432,16 @@ fn ingest(core: &Core, reports: &Receiver<RunEvent>) {
             }
             RunEvent::Log { key, chunk } => {
                 let chunks = [(chunk.seq, chunk.stream.as_str(), chunk.data.as_str())];
-                if let Err(e) = core.store.append_logs(key.execution, key.attempt, &chunks, now) {
+                if let Err(e) = core
+                    .store
+                    .append_logs(key.execution, key.attempt, &chunks, now)
+                {
                     log::error!(target: LOG, "execution={} cannot store logs: {e}", key.execution);
                 }
             }
-            RunEvent::Finished { key, outcome } => core.finish(key.execution, key.attempt, finish_of(&outcome)),
+            RunEvent::Finished { key, outcome } => {
+                core.finish(key.execution, key.attempt, finish_of(&outcome))
+            }
         }
     }
 }
@@ -373,7 +456,10 @@ fn cron_ticker(core: &Core) {
         match core.store.due_cron(now, 100) {
             Ok(tasks) => {
                 for t in tasks {
-                    let (Some(expr), Some(expected)) = (t.cron_expr.as_deref(), t.next_fire_at) else { continue };
+                    let (Some(expr), Some(expected)) = (t.cron_expr.as_deref(), t.next_fire_at)
+                    else {
+                        continue;
+                    };
                     let next = parse_cron(expr).ok().and_then(|s| next_fire(&s, now));
                     let spec = serde_json::from_value::<TaskSpec>(t.spec.clone()).ok();
                     let deadline = spec.as_ref().map(|s| core.timeout_ms(s));
@@ -416,12 +502,19 @@ fn sweeper(core: &Core) {
             Ok(list) => {
                 for s in list {
                     let (status, error) = if s.deadline_passed {
-                        (Status::TimedOut, "timed out: its node stopped reporting past the deadline")
+                        (
+                            Status::TimedOut,
+                            "timed out: its node stopped reporting past the deadline",
+                        )
                     } else {
                         (Status::Lost, "lost: its node stopped reporting")
                     };
                     log::warn!(target: LOG, "execution={} attempt={} was {} on a silent node; {status}", s.id, s.attempt, s.status);
-                    let fin = Finish { status: Some(status), error: Some(error.into()), ..Finish::default() };
+                    let fin = Finish {
+                        status: Some(status),
+                        error: Some(error.into()),
+                        ..Finish::default()
+                    };
                     core.finish(s.id, s.attempt, fin);
                 }
             }

@@ -20,6 +20,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store error: {0}")]
     Internal(String),
+    /// A transaction lost a lock conflict and may simply be run again (handled inside the
+    /// back end; callers see `Unavailable` if it keeps happening).
+    #[error("store busy: {0}")]
+    Retry(String),
     #[error("invalid store URL {0:?}: use sqlite:PATH or mysql://user:pass@host:port/db")]
     BadUrl(String),
 }
@@ -155,7 +159,10 @@ impl TaskRow {
     pub fn to_json(&self) -> Value {
         let mut spec = self.spec.clone();
         // Secret values never leave the store through the API.
-        if let Some(secrets) = spec.pointer_mut("/program/secret_env").and_then(Value::as_object_mut) {
+        if let Some(secrets) = spec
+            .pointer_mut("/program/secret_env")
+            .and_then(Value::as_object_mut)
+        {
             for v in secrets.values_mut() {
                 *v = json!("******");
             }
@@ -270,7 +277,11 @@ pub struct Finish {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum CancelOutcome {
-    Cancelled { was: Status, node: Option<String>, attempt: Attempt },
+    Cancelled {
+        was: Status,
+        node: Option<String>,
+        attempt: Attempt,
+    },
     AlreadyFinal(Status),
     NotFound,
 }
@@ -299,22 +310,44 @@ pub trait Store: Send + Sync {
     fn describe(&self) -> String;
     fn create_task(&self, t: &NewTask, now: i64) -> Result<Created>;
     fn get_task(&self, id: TaskId) -> Result<Option<TaskRow>>;
-    fn list_tasks(&self, name: Option<&str>, limit: u32, before: Option<TaskId>) -> Result<Vec<TaskRow>>;
+    fn list_tasks(
+        &self,
+        name: Option<&str>,
+        limit: u32,
+        before: Option<TaskId>,
+    ) -> Result<Vec<TaskRow>>;
     fn set_paused(&self, id: TaskId, paused: bool) -> Result<bool>;
     /// Marks the task deleted and cancels its executions that have not started.
     fn delete_task(&self, id: TaskId, now: i64) -> Result<bool>;
-    fn add_execution(&self, task: TaskId, due_at: i64, deadline_ms: Option<i64>, now: i64) -> Result<ExecutionId>;
+    fn add_execution(
+        &self,
+        task: TaskId,
+        due_at: i64,
+        deadline_ms: Option<i64>,
+        now: i64,
+    ) -> Result<ExecutionId>;
     /// Cron tasks due at `now`.
     fn due_cron(&self, now: i64, limit: u32) -> Result<Vec<TaskRow>>;
     /// Moves a cron task's fire time from `expected` to `next` and creates the execution for
     /// this fire, atomically; `None` if another scheduler fired it first.
-    fn fire_cron(&self, task: TaskId, expected: i64, next: Option<i64>, deadline_ms: Option<i64>, now: i64)
-        -> Result<Option<ExecutionId>>;
+    fn fire_cron(
+        &self,
+        task: TaskId,
+        expected: i64,
+        next: Option<i64>,
+        deadline_ms: Option<i64>,
+        now: i64,
+    ) -> Result<Option<ExecutionId>>;
     /// Moves a cron task's fire time on without firing (missed fires with `cron_missed = "skip"`).
     fn skip_cron(&self, task: TaskId, expected: i64, next: Option<i64>) -> Result<bool>;
     fn get_execution(&self, id: ExecutionId) -> Result<Option<ExecutionRow>>;
-    fn list_executions(&self, task: Option<TaskId>, status: Option<Status>, limit: u32, before: Option<ExecutionId>)
-        -> Result<Vec<ExecutionRow>>;
+    fn list_executions(
+        &self,
+        task: Option<TaskId>,
+        status: Option<Status>,
+        limit: u32,
+        before: Option<ExecutionId>,
+    ) -> Result<Vec<ExecutionRow>>;
     /// Claims up to `limit` pending executions due by `now` for `node` (compare-and-set: two
     /// schedulers never claim the same attempt).
     fn claim_due(&self, now: i64, limit: u32, node: &str) -> Result<Vec<Claimed>>;
@@ -325,9 +358,21 @@ pub trait Store: Send + Sync {
     fn heartbeat(&self, node: &str, now: i64) -> Result<u64>;
     /// Ends an attempt; returns the new status, or `None` when the report is stale (older
     /// attempt, or the execution already final).
-    fn finish(&self, id: ExecutionId, attempt: Attempt, fin: &Finish, now: i64) -> Result<Option<Status>>;
+    fn finish(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        fin: &Finish,
+        now: i64,
+    ) -> Result<Option<Status>>;
     fn cancel(&self, id: ExecutionId, now: i64) -> Result<CancelOutcome>;
-    fn append_logs(&self, id: ExecutionId, attempt: Attempt, chunks: &[(u64, &str, &str)], now: i64) -> Result<()>;
+    fn append_logs(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        chunks: &[(u64, &str, &str)],
+        now: i64,
+    ) -> Result<()>;
     fn logs_after(&self, id: ExecutionId, after_seq: i64, limit: u32) -> Result<Vec<LogRow>>;
     /// `retry_wait` executions whose backoff is over become `pending` with the next attempt.
     fn promote_retries(&self, now: i64) -> Result<u64>;
@@ -335,7 +380,13 @@ pub trait Store: Send + Sync {
     fn silent(&self, silent_before: i64, now: i64, limit: u32) -> Result<Vec<Silent>>;
     fn enqueue_callback(&self, id: ExecutionId, url: &str, now: i64) -> Result<()>;
     fn outbox_due(&self, now: i64, limit: u32) -> Result<Vec<OutboxRow>>;
-    fn outbox_result(&self, id: i64, delivered: bool, error: Option<&str>, next_at: Option<i64>) -> Result<()>;
+    fn outbox_result(
+        &self,
+        id: i64,
+        delivered: bool,
+        error: Option<&str>,
+        next_at: Option<i64>,
+    ) -> Result<()>;
     fn outbox_pending(&self) -> Result<i64>;
     fn status_counts(&self) -> Result<Vec<(Status, i64)>>;
 }
@@ -344,16 +395,20 @@ pub struct SqlStore {
     b: Box<dyn Backend>,
 }
 
-const EXEC_COLS: &str = "id, task_id, attempt, status, node, due_at, deadline_at, exit_code, `signal`, result, \
+const EXEC_COLS: &str =
+    "id, task_id, attempt, status, node, due_at, deadline_at, exit_code, `signal`, result, \
                          result_error, error, created_at, started_at, finished_at";
-const TASK_COLS: &str = "id, name, request_id, spec, cron_expr, next_fire_at, paused, deleted, created_at";
+const TASK_COLS: &str =
+    "id, name, request_id, spec, cron_expr, next_fire_at, paused, deleted, created_at";
 
 fn bad(what: &str) -> StoreError {
     StoreError::Internal(format!("unexpected row shape: {what}"))
 }
 
 fn status_of(v: &V) -> Result<Status> {
-    v.s().and_then(|s| Status::parse(&s)).ok_or_else(|| bad("status"))
+    v.s()
+        .and_then(|s| Status::parse(&s))
+        .ok_or_else(|| bad("status"))
 }
 
 fn task_row(r: &[V]) -> Result<TaskRow> {
@@ -362,7 +417,8 @@ fn task_row(r: &[V]) -> Result<TaskRow> {
         id: TaskId(r[0].i().ok_or_else(|| bad("id"))?),
         name: r[1].s().unwrap_or_default(),
         request_id: r[2].s(),
-        spec: serde_json::from_str(&spec).map_err(|e| StoreError::Internal(format!("task spec: {e}")))?,
+        spec: serde_json::from_str(&spec)
+            .map_err(|e| StoreError::Internal(format!("task spec: {e}")))?,
         cron_expr: r[4].s(),
         next_fire_at: r[5].i(),
         paused: r[6].i() == Some(1),
@@ -406,7 +462,13 @@ impl SqlStore {
         out.ok_or_else(|| StoreError::Internal("transaction produced no value".into()))
     }
 
-    fn insert_execution(c: &mut dyn Conn, task: TaskId, due_at: i64, deadline_ms: Option<i64>, now: i64) -> Result<ExecutionId> {
+    fn insert_execution(
+        c: &mut dyn Conn,
+        task: TaskId,
+        due_at: i64,
+        deadline_ms: Option<i64>,
+        now: i64,
+    ) -> Result<ExecutionId> {
         let deadline = deadline_ms.map(|d| due_at.max(now) + d);
         c.insert(
             "INSERT INTO executions (task_id, attempt, status, due_at, deadline_at, created_at, updated_at) \
@@ -417,8 +479,13 @@ impl SqlStore {
     }
 
     fn load_execution(c: &mut dyn Conn, id: ExecutionId) -> Result<Option<ExecutionRow>> {
-        let rows = c.query(&format!("SELECT {EXEC_COLS} FROM executions WHERE id = ?"), &[id.0.into()])?;
-        let Some(r) = rows.first() else { return Ok(None) };
+        let rows = c.query(
+            &format!("SELECT {EXEC_COLS} FROM executions WHERE id = ?"),
+            &[id.0.into()],
+        )?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
         let mut e = exec_row(r)?;
         let atts = c.query(
             "SELECT attempt, status, node, exit_code, `signal`, error, started_at, finished_at FROM attempts \
@@ -440,9 +507,20 @@ impl SqlStore {
         Ok(Some(e))
     }
 
-    fn record_attempt(c: &mut dyn Conn, id: ExecutionId, attempt: Attempt, st: Status, node: Option<String>, fin: &Finish,
-        started: Option<i64>, now: i64) -> Result<()> {
-        c.exec("DELETE FROM attempts WHERE execution_id = ? AND attempt = ?", &[id.0.into(), i64::from(attempt.0).into()])?;
+    fn record_attempt(
+        c: &mut dyn Conn,
+        id: ExecutionId,
+        attempt: Attempt,
+        st: Status,
+        node: Option<String>,
+        fin: &Finish,
+        started: Option<i64>,
+        now: i64,
+    ) -> Result<()> {
+        c.exec(
+            "DELETE FROM attempts WHERE execution_id = ? AND attempt = ?",
+            &[id.0.into(), i64::from(attempt.0).into()],
+        )?;
         c.exec(
             "INSERT INTO attempts (execution_id, attempt, status, node, exit_code, `signal`, error, started_at, finished_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -504,12 +582,20 @@ impl Store for SqlStore {
 
     fn get_task(&self, id: TaskId) -> Result<Option<TaskRow>> {
         self.tx(|c| {
-            let rows = c.query(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?"), &[id.0.into()])?;
+            let rows = c.query(
+                &format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?"),
+                &[id.0.into()],
+            )?;
             rows.first().map(|r| task_row(r)).transpose()
         })
     }
 
-    fn list_tasks(&self, name: Option<&str>, limit: u32, before: Option<TaskId>) -> Result<Vec<TaskRow>> {
+    fn list_tasks(
+        &self,
+        name: Option<&str>,
+        limit: u32,
+        before: Option<TaskId>,
+    ) -> Result<Vec<TaskRow>> {
         self.tx(|c| {
             let rows = c.query(
                 &format!("SELECT {TASK_COLS} FROM tasks WHERE deleted = 0 AND (? IS NULL OR name = ?) AND id < ? ORDER BY id DESC LIMIT ?"),
@@ -521,11 +607,17 @@ impl Store for SqlStore {
 
     fn set_paused(&self, id: TaskId, paused: bool) -> Result<bool> {
         self.tx(|c| {
-            let found = c.query("SELECT id FROM tasks WHERE id = ? AND deleted = 0", &[id.0.into()])?;
+            let found = c.query(
+                "SELECT id FROM tasks WHERE id = ? AND deleted = 0",
+                &[id.0.into()],
+            )?;
             if found.is_empty() {
                 return Ok(false);
             }
-            c.exec("UPDATE tasks SET paused = ? WHERE id = ?", &[i64::from(paused).into(), id.0.into()])?;
+            c.exec(
+                "UPDATE tasks SET paused = ? WHERE id = ?",
+                &[i64::from(paused).into(), id.0.into()],
+            )?;
             Ok(true)
         })
     }
@@ -544,7 +636,13 @@ impl Store for SqlStore {
         })
     }
 
-    fn add_execution(&self, task: TaskId, due_at: i64, deadline_ms: Option<i64>, now: i64) -> Result<ExecutionId> {
+    fn add_execution(
+        &self,
+        task: TaskId,
+        due_at: i64,
+        deadline_ms: Option<i64>,
+        now: i64,
+    ) -> Result<ExecutionId> {
         self.tx(|c| Self::insert_execution(c, task, due_at, deadline_ms, now))
     }
 
@@ -559,7 +657,14 @@ impl Store for SqlStore {
         })
     }
 
-    fn fire_cron(&self, task: TaskId, expected: i64, next: Option<i64>, deadline_ms: Option<i64>, now: i64) -> Result<Option<ExecutionId>> {
+    fn fire_cron(
+        &self,
+        task: TaskId,
+        expected: i64,
+        next: Option<i64>,
+        deadline_ms: Option<i64>,
+        now: i64,
+    ) -> Result<Option<ExecutionId>> {
         self.tx(|c| {
             let n = c.exec(
                 "UPDATE tasks SET next_fire_at = ? WHERE id = ? AND next_fire_at = ? AND deleted = 0",
@@ -574,8 +679,11 @@ impl Store for SqlStore {
 
     fn skip_cron(&self, task: TaskId, expected: i64, next: Option<i64>) -> Result<bool> {
         self.tx(|c| {
-            c.exec("UPDATE tasks SET next_fire_at = ? WHERE id = ? AND next_fire_at = ?", &[next.into(), task.0.into(), expected.into()])
-                .map(|n| n == 1)
+            c.exec(
+                "UPDATE tasks SET next_fire_at = ? WHERE id = ? AND next_fire_at = ?",
+                &[next.into(), task.0.into(), expected.into()],
+            )
+            .map(|n| n == 1)
         })
     }
 
@@ -583,7 +691,13 @@ impl Store for SqlStore {
         self.tx(|c| Self::load_execution(c, id))
     }
 
-    fn list_executions(&self, task: Option<TaskId>, status: Option<Status>, limit: u32, before: Option<ExecutionId>) -> Result<Vec<ExecutionRow>> {
+    fn list_executions(
+        &self,
+        task: Option<TaskId>,
+        status: Option<Status>,
+        limit: u32,
+        before: Option<ExecutionId>,
+    ) -> Result<Vec<ExecutionRow>> {
         self.tx(|c| {
             let st = status.map(Status::as_str);
             let rows = c.query(
@@ -622,7 +736,8 @@ impl Store for SqlStore {
                     task_id: TaskId(r[1].i().unwrap_or(0)),
                     attempt: Attempt(attempt as u32),
                     due_at: r[3].i().unwrap_or(now),
-                    spec: serde_json::from_str(&spec).map_err(|e| StoreError::Internal(format!("task spec: {e}")))?,
+                    spec: serde_json::from_str(&spec)
+                        .map_err(|e| StoreError::Internal(format!("task spec: {e}")))?,
                 });
             }
         }
@@ -659,8 +774,16 @@ impl Store for SqlStore {
         })
     }
 
-    fn finish(&self, id: ExecutionId, attempt: Attempt, fin: &Finish, now: i64) -> Result<Option<Status>> {
-        let reported = fin.status.ok_or_else(|| StoreError::Internal("finish without a status".into()))?;
+    fn finish(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        fin: &Finish,
+        now: i64,
+    ) -> Result<Option<Status>> {
+        let reported = fin
+            .status
+            .ok_or_else(|| StoreError::Internal("finish without a status".into()))?;
         self.tx(|c| {
             let rows = c.query("SELECT status, attempt, node, started_at FROM executions WHERE id = ?", &[id.0.into()])?;
             let Some(r) = rows.first() else { return Ok(None) };
@@ -723,12 +846,28 @@ impl Store for SqlStore {
         })
     }
 
-    fn append_logs(&self, id: ExecutionId, attempt: Attempt, chunks: &[(u64, &str, &str)], now: i64) -> Result<()> {
+    fn append_logs(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        chunks: &[(u64, &str, &str)],
+        now: i64,
+    ) -> Result<()> {
         let ignore = self.b.insert_ignore();
         let sql = format!("{ignore} INTO log_chunks (execution_id, attempt, run_seq, stream, data, created_at) VALUES (?, ?, ?, ?, ?, ?)");
         self.tx(|c| {
             for (seq, stream, data) in chunks {
-                c.exec(&sql, &[id.0.into(), i64::from(attempt.0).into(), (*seq as i64).into(), (*stream).into(), (*data).into(), now.into()])?;
+                c.exec(
+                    &sql,
+                    &[
+                        id.0.into(),
+                        i64::from(attempt.0).into(),
+                        (*seq as i64).into(),
+                        (*stream).into(),
+                        (*data).into(),
+                        now.into(),
+                    ],
+                )?;
             }
             Ok(())
         })
@@ -780,7 +919,10 @@ impl Store for SqlStore {
 
     fn enqueue_callback(&self, id: ExecutionId, url: &str, now: i64) -> Result<()> {
         self.tx(|c| {
-            c.insert("INSERT INTO outbox (execution_id, url, next_at, created_at) VALUES (?, ?, ?, ?)", &[id.0.into(), url.into(), now.into(), now.into()])?;
+            c.insert(
+                "INSERT INTO outbox (execution_id, url, next_at, created_at) VALUES (?, ?, ?, ?)",
+                &[id.0.into(), url.into(), now.into(), now.into()],
+            )?;
             Ok(())
         })
     }
@@ -798,7 +940,13 @@ impl Store for SqlStore {
         })
     }
 
-    fn outbox_result(&self, id: i64, delivered: bool, error: Option<&str>, next_at: Option<i64>) -> Result<()> {
+    fn outbox_result(
+        &self,
+        id: i64,
+        delivered: bool,
+        error: Option<&str>,
+        next_at: Option<i64>,
+    ) -> Result<()> {
         self.tx(|c| {
             // done: 1 delivered, 2 given up.
             let done = if delivered { 1 } else if next_at.is_none() { 2 } else { 0 };
@@ -811,13 +959,23 @@ impl Store for SqlStore {
     }
 
     fn outbox_pending(&self) -> Result<i64> {
-        self.tx(|c| Ok(c.query("SELECT COUNT(*) FROM outbox WHERE done = 0", &[])?.first().and_then(|r| r[0].i()).unwrap_or(0)))
+        self.tx(|c| {
+            Ok(c.query("SELECT COUNT(*) FROM outbox WHERE done = 0", &[])?
+                .first()
+                .and_then(|r| r[0].i())
+                .unwrap_or(0))
+        })
     }
 
     fn status_counts(&self) -> Result<Vec<(Status, i64)>> {
         self.tx(|c| {
-            let rows = c.query("SELECT status, COUNT(*) FROM executions GROUP BY status", &[])?;
-            rows.iter().map(|r| Ok((status_of(&r[0])?, r[1].i().unwrap_or(0)))).collect()
+            let rows = c.query(
+                "SELECT status, COUNT(*) FROM executions GROUP BY status",
+                &[],
+            )?;
+            rows.iter()
+                .map(|r| Ok((status_of(&r[0])?, r[1].i().unwrap_or(0))))
+                .collect()
         })
     }
 }
@@ -829,6 +987,12 @@ mod tests {
     #[test]
     fn statements_split_at_line_end_semicolons() {
         let s = statements("-- c\nCREATE TABLE a (x INT);\n\nCREATE TABLE b (\n y INT\n);\n");
-        assert_eq!(s, vec!["CREATE TABLE a (x INT)".to_string(), "CREATE TABLE b (\n y INT\n)".to_string()]);
+        assert_eq!(
+            s,
+            vec![
+                "CREATE TABLE a (x INT)".to_string(),
+                "CREATE TABLE b (\n y INT\n)".to_string()
+            ]
+        );
     }
 }

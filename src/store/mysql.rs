@@ -3,7 +3,10 @@
 //! migrations run under `GET_LOCK('etask_migrate')`.
 
 use mysql::prelude::Queryable;
-use mysql::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, PooledConn, TxOpts, Value as MyValue};
+use mysql::{
+    Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, PooledConn, TxOpts,
+    Value as MyValue,
+};
 
 use super::{migrations, statements, Backend, Conn, Result, StoreError, V};
 
@@ -14,7 +17,12 @@ pub struct Mysql {
 
 fn err(e: mysql::Error) -> StoreError {
     match e {
-        mysql::Error::IoError(_) | mysql::Error::DriverError(_) => StoreError::Unavailable(format!("mysql: {e}")),
+        mysql::Error::MySqlError(ref m) if m.code == 1213 || m.code == 1205 => {
+            StoreError::Retry(format!("mysql: {e}"))
+        }
+        mysql::Error::IoError(_) | mysql::Error::DriverError(_) => {
+            StoreError::Unavailable(format!("mysql: {e}"))
+        }
         e => StoreError::Internal(format!("mysql: {e}")),
     }
 }
@@ -60,14 +68,19 @@ impl Mysql {
             return Err(StoreError::BadUrl(format!("{url}: no database name")));
         }
         // A few connections are plenty: every statement is short and the threads are few.
-        let constraints = PoolConstraints::new(1, 16).ok_or_else(|| StoreError::Internal("pool constraints".into()))?;
-        let opts = OptsBuilder::from_opts(opts).pool_opts(PoolOpts::default().with_constraints(constraints));
-        let pool = Pool::new(opts).map_err(|e| StoreError::Unavailable(format!("cannot connect to {describe}: {e}")))?;
+        let constraints = PoolConstraints::new(1, 16)
+            .ok_or_else(|| StoreError::Internal("pool constraints".into()))?;
+        let opts = OptsBuilder::from_opts(opts)
+            .pool_opts(PoolOpts::default().with_constraints(constraints));
+        let pool = Pool::new(opts)
+            .map_err(|e| StoreError::Unavailable(format!("cannot connect to {describe}: {e}")))?;
         Ok(Mysql { pool, describe })
     }
 
     fn conn(&self) -> Result<PooledConn> {
-        self.pool.get_conn().map_err(|e| StoreError::Unavailable(format!("cannot connect to {}: {e}", self.describe)))
+        self.pool.get_conn().map_err(|e| {
+            StoreError::Unavailable(format!("cannot connect to {}: {e}", self.describe))
+        })
     }
 }
 
@@ -80,27 +93,51 @@ impl Conn for Tx<'_, '_> {
     }
     fn insert(&mut self, sql: &str, p: &[V]) -> Result<i64> {
         self.0.exec_drop(sql, params(p)).map_err(err)?;
-        self.0.last_insert_id().map(|i| i as i64).ok_or_else(|| StoreError::Internal("no insert id".into()))
+        self.0
+            .last_insert_id()
+            .map(|i| i as i64)
+            .ok_or_else(|| StoreError::Internal("no insert id".into()))
     }
     fn query(&mut self, sql: &str, p: &[V]) -> Result<Vec<Vec<V>>> {
         let rows: Vec<mysql::Row> = self.0.exec(sql, params(p)).map_err(err)?;
-        Ok(rows.into_iter().map(|r| r.unwrap().into_iter().map(value).collect()).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| r.unwrap().into_iter().map(value).collect())
+            .collect())
     }
 }
 
 impl Backend for Mysql {
     fn tx(&self, f: &mut dyn FnMut(&mut dyn Conn) -> Result<()>) -> Result<()> {
-        let mut conn = self.conn()?;
-        let mut tx = conn.start_transaction(TxOpts::default()).map_err(err)?;
-        f(&mut Tx(&mut tx))?;
-        tx.commit().map_err(err)
+        // InnoDB resolves lock cycles between concurrent schedulers by aborting one
+        // transaction (1213 deadlock, 1205 lock wait timeout); the aborted one is simply run
+        // again, as the server asks.
+        let mut tries = 0;
+        loop {
+            let mut conn = self.conn()?;
+            let mut tx = conn.start_transaction(TxOpts::default()).map_err(err)?;
+            let res = f(&mut Tx(&mut tx)).and_then(|()| tx.commit().map_err(err));
+            match res {
+                Err(StoreError::Retry(msg)) if tries < 8 => {
+                    tries += 1;
+                    log::debug!(target: "etask::store", "transaction retried ({msg})");
+                    std::thread::sleep(std::time::Duration::from_millis(5 << tries.min(6)));
+                }
+                Err(StoreError::Retry(msg)) => return Err(StoreError::Unavailable(msg)),
+                other => return other,
+            }
+        }
     }
 
     fn migrate(&self) -> Result<Vec<u32>> {
         let mut conn = self.conn()?;
-        let got: Option<Option<i64>> = conn.query_first("SELECT GET_LOCK('etask_migrate', 60)").map_err(err)?;
+        let got: Option<Option<i64>> = conn
+            .query_first("SELECT GET_LOCK('etask_migrate', 60)")
+            .map_err(err)?;
         if got.flatten() != Some(1) {
-            return Err(StoreError::Unavailable("another scheduler holds the migration lock for over 60 s".into()));
+            return Err(StoreError::Unavailable(
+                "another scheduler holds the migration lock for over 60 s".into(),
+            ));
         }
         let res = (|| {
             conn.query_drop(
@@ -109,17 +146,25 @@ impl Backend for Mysql {
             .map_err(err)?;
             let mut applied = Vec::new();
             for (version, sql) in migrations("mysql") {
-                let have: Option<i64> =
-                    conn.exec_first("SELECT COUNT(*) FROM schema_migrations WHERE version = ?", (version,)).map_err(err)?;
+                let have: Option<i64> = conn
+                    .exec_first(
+                        "SELECT COUNT(*) FROM schema_migrations WHERE version = ?",
+                        (version,),
+                    )
+                    .map_err(err)?;
                 if have.unwrap_or(0) > 0 {
                     continue;
                 }
                 // MySQL DDL commits implicitly; the lock, not a transaction, keeps this single.
                 for st in statements(sql) {
-                    conn.query_drop(&st).map_err(|e| StoreError::Internal(format!("migration {version}: {e}")))?;
+                    conn.query_drop(&st)
+                        .map_err(|e| StoreError::Internal(format!("migration {version}: {e}")))?;
                 }
-                conn.exec_drop("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", (version, crate::now_ms()))
-                    .map_err(err)?;
+                conn.exec_drop(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (version, crate::now_ms()),
+                )
+                .map_err(err)?;
                 applied.push(version);
             }
             Ok(applied)

@@ -35,15 +35,26 @@ impl ToSql for V {
 
 impl Sqlite {
     pub fn open(path: &str) -> Result<Sqlite> {
-        if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        if let Some(dir) = Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
         }
-        let conn = Connection::open(path).map_err(|e| StoreError::Unavailable(format!("cannot open sqlite:{path}: {e}")))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
-        Ok(Sqlite { conn: Mutex::new(conn), path: path.to_owned() })
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open sqlite:{path}: {e}")))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        Ok(Sqlite {
+            conn: Mutex::new(conn),
+            path: path.to_owned(),
+        })
     }
 }
 
@@ -52,7 +63,9 @@ struct Tx<'a>(&'a rusqlite::Transaction<'a>);
 impl Conn for Tx<'_> {
     fn exec(&mut self, sql: &str, params: &[V]) -> Result<u64> {
         let mut st = self.0.prepare_cached(sql).map_err(err)?;
-        st.execute(params_from_iter(params.iter())).map(|n| n as u64).map_err(err)
+        st.execute(params_from_iter(params.iter()))
+            .map(|n| n as u64)
+            .map_err(err)
     }
     fn insert(&mut self, sql: &str, params: &[V]) -> Result<i64> {
         self.exec(sql, params)?;
@@ -70,7 +83,9 @@ impl Conn for Tx<'_> {
                     ValueRef::Null => V::Null,
                     ValueRef::Integer(i) => V::I(i),
                     ValueRef::Real(f) => V::I(f as i64),
-                    ValueRef::Text(t) | ValueRef::Blob(t) => V::S(String::from_utf8_lossy(t).into_owned()),
+                    ValueRef::Text(t) | ValueRef::Blob(t) => {
+                        V::S(String::from_utf8_lossy(t).into_owned())
+                    }
                 });
             }
             out.push(row);
@@ -82,7 +97,9 @@ impl Conn for Tx<'_> {
 impl Backend for Sqlite {
     fn tx(&self, f: &mut dyn FnMut(&mut dyn Conn) -> Result<()>) -> Result<()> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
         f(&mut Tx(&tx))?;
         tx.commit().map_err(err)
     }
@@ -91,22 +108,32 @@ impl Backend for Sqlite {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         // An exclusive transaction is the lock: a second process waits (busy_timeout), then
         // sees the versions the first applied.
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive).map_err(err)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+            .map_err(err)?;
         tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
             .map_err(err)?;
         let mut applied = Vec::new();
         for (version, sql) in migrations("sqlite") {
             let have: i64 = tx
-                .query_row("SELECT COUNT(*) FROM schema_migrations WHERE version = ?", [version], |r| r.get(0))
+                .query_row(
+                    "SELECT COUNT(*) FROM schema_migrations WHERE version = ?",
+                    [version],
+                    |r| r.get(0),
+                )
                 .map_err(err)?;
             if have > 0 {
                 continue;
             }
             for st in statements(sql) {
-                tx.execute_batch(&st).map_err(|e| StoreError::Internal(format!("migration {version}: {e}")))?;
+                tx.execute_batch(&st)
+                    .map_err(|e| StoreError::Internal(format!("migration {version}: {e}")))?;
             }
-            tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", [version as i64, crate::now_ms()])
-                .map_err(err)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                [version as i64, crate::now_ms()],
+            )
+            .map_err(err)?;
             applied.push(version);
         }
         tx.commit().map_err(err)?;

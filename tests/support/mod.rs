@@ -7,7 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 static N: AtomicUsize = AtomicUsize::new(0);
 
 pub fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("etask-test-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let d = std::env::temp_dir().join(format!(
+        "etask-test-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("temp dir");
     d
@@ -22,10 +26,18 @@ pub fn mysql_server() -> String {
 pub fn mysql_db(tag: &str) -> String {
     use mysql::prelude::Queryable;
     let server = mysql_server();
-    let db = format!("etask_t_{tag}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+    let db = format!(
+        "etask_t_{tag}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    );
     let mut conn = mysql::Conn::new(mysql::Opts::from_url(&server).expect("ETASK_TEST_MYSQL url"))
-        .unwrap_or_else(|e| panic!("MariaDB at {server} is needed for this test (scripts/test.sh starts it): {e}"));
-    conn.query_drop(format!("DROP DATABASE IF EXISTS {db}")).expect("drop db");
-    conn.query_drop(format!("CREATE DATABASE {db} CHARACTER SET utf8mb4")).expect("create db");
+        .unwrap_or_else(|e| {
+            panic!("MariaDB at {server} is needed for this test (scripts/test.sh starts it): {e}")
+        });
+    conn.query_drop(format!("DROP DATABASE IF EXISTS {db}"))
+        .expect("drop db");
+    conn.query_drop(format!("CREATE DATABASE {db} CHARACTER SET utf8mb4"))
+        .expect("create db");
     format!("{}{db}", server.trim_end_matches('/').to_owned() + "/")
 }

@@ -1,0 +1,592 @@
+//! End to end through the real binary and its HTTP API: `etask server --mode all` on a free
+//! port, with the embedded store (and MariaDB for the two-scheduler test).
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    url: String,
+    dir: PathBuf,
+}
+
+impl Server {
+    /// Starts `etask server --mode all` with `extra_config` appended to a test config.
+    fn start(dir: &Path, extra_args: &[&str], extra_config: &str) -> Server {
+        let cfg = dir.join("etask.toml");
+        let text = format!(
+            "[scheduler]\npoll_interval_ms = 200\nheartbeat_interval_ms = 300\nnode_silent_after_ms = 2000\n\
+             [callbacks]\ninitial_backoff_ms = 200\nmax_backoff_ms = 500\ntimeout_ms = 2000\n\
+             [node]\nkill_grace_seconds = 1\n{extra_config}"
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_etask"))
+            .args([
+                "server",
+                "--mode",
+                "all",
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(extra_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("server.log"))
+                    .unwrap(),
+            ))
+            .spawn()
+            .expect("start etask server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("etask listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "no listen line; server log:\n{}",
+                    std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+                )
+            })
+            .to_owned();
+        Server {
+            child,
+            url,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let req =
+            ureq::request(method, &format!("{}{path}", self.url)).timeout(Duration::from_secs(30));
+        let res = match body {
+            Some(b) => req.set("Content-Type", "application/json").send_string(b),
+            None => req.call(),
+        };
+        match res {
+            Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+            Err(e) => panic!("{method} {path}: {e}"),
+        }
+    }
+
+    fn submit(&self, body: Value) -> (i64, i64) {
+        let (code, v) = self.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+        assert_eq!(code, 201, "{v}");
+        (
+            v["task_id"].as_i64().unwrap(),
+            v["execution_id"].as_i64().unwrap_or(0),
+        )
+    }
+
+    fn execution(&self, id: i64) -> Value {
+        let (code, v) = self.call("GET", &format!("/api/v1/executions/{id}"), None);
+        assert_eq!(code, 200, "{v}");
+        v
+    }
+
+    /// Polls until the execution satisfies `done`.
+    fn wait_for(&self, id: i64, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let t0 = Instant::now();
+        loop {
+            let e = self.execution(id);
+            if done(&e) {
+                return e;
+            }
+            if t0.elapsed() > within {
+                panic!(
+                    "execution {id} did not get there in {within:?}: {e}\nserver log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_final(&self, id: i64, within: Duration) -> Value {
+        self.wait_for(id, within, |e| {
+            matches!(
+                e["status"].as_str(),
+                Some("succeeded" | "failed" | "timed_out" | "cancelled" | "lost")
+            )
+        })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn shell(name: &str, code: &str) -> Value {
+    json!({"name": name, "program": {"kind": "shell", "code": code}})
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+#[test]
+fn submitted_script_succeeds_with_merged_result() {
+    let s = Server::start(&support::temp_dir("e2e-ok"), &[], "");
+    let (_, e) = s.submit(shell(
+        "disk",
+        "echo checking\necho '{\"disk_free_gb\": 41, \"a\": 1}' >&3\necho '{\"a\": 2}' >&3\n",
+    ));
+    let v = s.wait_final(e, Duration::from_secs(20));
+    assert_eq!(v["status"], "succeeded", "{v}");
+    assert_eq!(v["result"], json!({"disk_free_gb": 41, "a": 2}));
+    assert_eq!(v["exit_code"], 0);
+    assert!(v["node"].as_str().unwrap().starts_with("local-"));
+    let (code, _) = s.call("GET", "/healthz", None);
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn failing_script_is_retried_then_fails_with_attempts_recorded() {
+    let s = Server::start(&support::temp_dir("e2e-retry"), &[], "");
+    let mut body = shell("flaky", "echo \"attempt $ETASK_ATTEMPT\" >&2\nexit 3\n");
+    body["retry"] = json!({"max_attempts": 3, "initial_backoff_ms": 100, "max_backoff_ms": 200});
+    let (_, e) = s.submit(body);
+    let v = s.wait_final(e, Duration::from_secs(30));
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(v["attempt"], 3);
+    assert_eq!(v["exit_code"], 3);
+    let atts: Vec<(i64, String)> = v["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["attempt"].as_i64().unwrap(),
+                a["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        atts,
+        vec![
+            (1, "failed".into()),
+            (2, "failed".into()),
+            (3, "failed".into())
+        ]
+    );
+    let (_, logs) = (
+        0,
+        ureq::get(&format!("{}/api/v1/executions/{e}/logs", s.url))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap(),
+    );
+    for n in 1..=3 {
+        assert!(logs.contains(&format!("attempt {n}")), "{logs}");
+    }
+}
+
+#[test]
+fn timeout_ends_the_execution_as_timed_out() {
+    let s = Server::start(&support::temp_dir("e2e-timeout"), &[], "");
+    let mut body = shell("slow", "sleep 30\n");
+    body["timeout_seconds"] = json!(0.5);
+    let (_, e) = s.submit(body);
+    let t0 = Instant::now();
+    let v = s.wait_final(e, Duration::from_secs(20));
+    assert_eq!(v["status"], "timed_out", "{v}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the 30 s sleep was not cut short"
+    );
+}
+
+#[test]
+fn cancel_while_running_stops_the_script() {
+    let dir = support::temp_dir("e2e-cancel");
+    let s = Server::start(&dir, &[], "");
+    let pidfile = dir.join("pid");
+    let (_, e) = s.submit(shell(
+        "long",
+        &format!("echo $$ > {}\nexec sleep 60\n", pidfile.display()),
+    ));
+    s.wait_for(e, Duration::from_secs(20), |v| {
+        v["status"] == "running" && pidfile.exists()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(pid_alive(pid));
+    let (code, v) = s.call(
+        "POST",
+        &format!("/api/v1/executions/{e}/cancel"),
+        Some("{}"),
+    );
+    assert_eq!(
+        (code, v["status"].as_str()),
+        (200, Some("cancelled")),
+        "{v}"
+    );
+    let (code, _) = s.call(
+        "POST",
+        &format!("/api/v1/executions/{e}/cancel"),
+        Some("{}"),
+    );
+    assert_eq!(code, 200, "cancel is idempotent");
+    let t0 = Instant::now();
+    while pid_alive(pid) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !pid_alive(pid),
+        "script process {pid} still alive after cancel"
+    );
+    assert_eq!(s.execution(e)["status"], "cancelled");
+}
+
+#[test]
+fn same_request_id_returns_the_same_ids() {
+    let s = Server::start(&support::temp_dir("e2e-idem"), &[], "");
+    let mut body = shell("idem", "true");
+    body["request_id"] = json!("ecmdb-42");
+    let (c1, v1) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    let (c2, v2) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!((c1, c2), (201, 200));
+    assert_eq!(v1, v2);
+    let tid = v1["task_id"].as_i64().unwrap();
+    let (_, list) = s.call("GET", &format!("/api/v1/executions?task_id={tid}"), None);
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+}
+
+#[test]
+fn cron_task_fires_repeatedly_and_pause_stops_it() {
+    let s = Server::start(&support::temp_dir("e2e-cron"), &[], "");
+    let mut body = shell("tick", "echo tick");
+    body["schedule"] = json!({"kind": "cron", "expr": "* * * * * *"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!(code, 201, "{v}");
+    assert!(v["execution_id"].is_null());
+    let tid = v["task_id"].as_i64().unwrap();
+    let count = || {
+        s.call(
+            "GET",
+            &format!("/api/v1/executions?task_id={tid}&status=succeeded"),
+            None,
+        )
+        .1["items"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let t0 = Instant::now();
+    while count() < 2 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(count() >= 2, "cron fired {} times in 10 s", count());
+    assert_eq!(
+        s.call("POST", &format!("/api/v1/tasks/{tid}/pause"), Some("{}"))
+            .0,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let all = || {
+        s.call("GET", &format!("/api/v1/executions?task_id={tid}"), None)
+            .1["items"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let paused_at = all();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(all(), paused_at, "a paused cron task fired");
+}
+
+#[test]
+fn logs_follow_streams_until_the_execution_ends() {
+    let s = Server::start(&support::temp_dir("e2e-follow"), &[], "");
+    let (_, e) = s.submit(shell(
+        "talk",
+        "for i in 1 2 3 4 5; do echo line-$i; sleep 0.2; done\necho oops >&2\n",
+    ));
+    let t0 = Instant::now();
+    let resp = ureq::get(&format!("{}/api/v1/executions/{e}/logs?follow=true", s.url))
+        .call()
+        .unwrap();
+    let mut lines = Vec::new();
+    let mut first_at = None;
+    for l in BufReader::new(resp.into_reader()).lines() {
+        let v: Value = serde_json::from_str(&l.unwrap()).unwrap();
+        first_at.get_or_insert(t0.elapsed());
+        lines.push((
+            v["stream"].as_str().unwrap().to_owned(),
+            v["data"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let out: String = lines
+        .iter()
+        .filter(|(s, _)| s == "stdout")
+        .map(|(_, d)| d.as_str())
+        .collect();
+    assert_eq!(out, "line-1\nline-2\nline-3\nline-4\nline-5\n");
+    assert!(lines.iter().any(|(s, d)| s == "stderr" && d == "oops\n"));
+    assert!(
+        first_at.unwrap() < Duration::from_millis(900),
+        "first chunk arrived only after {:?}",
+        first_at
+    );
+    assert_eq!(
+        s.execution(e)["status"],
+        "succeeded",
+        "the stream ended before the execution did"
+    );
+}
+
+#[test]
+fn bad_requests_get_the_documented_errors() {
+    let dir = support::temp_dir("e2e-bad");
+    let s = Server::start(&dir, &[], "[server]\nmax_body_bytes = 10000\n");
+    let post = |b: &str| s.call("POST", "/api/v1/tasks", Some(b));
+    let check = |(code, v): (u16, Value), want: u16, kind: &str, needle: &str| {
+        assert_eq!(code, want, "{v}");
+        assert_eq!(v["error"]["code"], kind, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
+    };
+    check(post("{not json"), 400, "invalid_argument", "invalid task");
+    check(
+        post(r#"{"name": 5, "program": {"kind": "shell", "code": "true"}}"#),
+        400,
+        "invalid_argument",
+        "invalid type",
+    );
+    check(
+        post(r#"{"name": "x", "colour": "red", "program": {"kind": "shell", "code": "true"}}"#),
+        400,
+        "invalid_argument",
+        "colour",
+    );
+    check(
+        post(
+            r#"{"name": "x", "program": {"kind": "shell", "code": "true", "env": {"1BAD": "v"}}}"#,
+        ),
+        400,
+        "invalid_argument",
+        "1BAD",
+    );
+    check(
+        post(
+            r#"{"name": "x", "schedule": {"kind": "cron", "expr": "61 * * * * *"}, "program": {"kind": "shell", "code": "true"}}"#,
+        ),
+        400,
+        "invalid_argument",
+        "cron",
+    );
+    let big =
+        json!({"name": "x", "program": {"kind": "shell", "code": "x".repeat(20_000)}}).to_string();
+    check(post(&big), 413, "payload_too_large", "limit");
+    check(
+        s.call("GET", "/api/v1/executions/999999", None),
+        404,
+        "not_found",
+        "999999",
+    );
+    check(
+        s.call("GET", "/api/v1/tasks/424242", None),
+        404,
+        "not_found",
+        "424242",
+    );
+    check(
+        s.call("GET", "/api/v1/executions/abc", None),
+        400,
+        "invalid_argument",
+        "abc",
+    );
+    check(
+        s.call("POST", "/api/v1/executions/31337/cancel", Some("{}")),
+        404,
+        "not_found",
+        "31337",
+    );
+    check(
+        s.call("GET", "/api/v1/nowhere", None),
+        404,
+        "not_found",
+        "nowhere",
+    );
+    let (_, e) = s.submit(shell("quick", "true"));
+    s.wait_final(e, Duration::from_secs(20));
+    check(
+        s.call(
+            "POST",
+            &format!("/api/v1/executions/{e}/cancel"),
+            Some("{}"),
+        ),
+        409,
+        "conflict",
+        "succeeded",
+    );
+    // The server is still fine after all that.
+    assert_eq!(s.call("GET", "/healthz", None).0, 200);
+}
+
+#[test]
+fn token_is_required_when_configured() {
+    let s = Server::start(
+        &support::temp_dir("e2e-auth"),
+        &[],
+        "[server]\ntoken = \"s3cret\"\n",
+    );
+    let (code, v) = s.call("GET", "/api/v1/tasks", None);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (401, Some("unauthenticated"))
+    );
+    let r = ureq::get(&format!("{}/api/v1/tasks", s.url))
+        .set("Authorization", "Bearer s3cret")
+        .call()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = ureq::get(&format!("{}/api/v1/tasks", s.url))
+        .set("Authorization", "Bearer s3creX")
+        .call();
+    assert!(matches!(r, Err(ureq::Error::Status(401, _))));
+}
+
+/// Receives callbacks on a free port; `bodies` collects them.
+fn callback_receiver() -> (
+    String,
+    crossbeam_channel::Receiver<Value>,
+    tiny_http::Server,
+    u16,
+) {
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let port = server.server_addr().to_ip().unwrap().port();
+    let (_tx, rx) = crossbeam_channel::unbounded();
+    (format!("http://127.0.0.1:{port}/cb"), rx, server, port)
+}
+
+fn serve_callbacks(server: tiny_http::Server, tx: crossbeam_channel::Sender<Value>) {
+    std::thread::spawn(move || {
+        for mut req in server.incoming_requests() {
+            let mut body = String::new();
+            let _ = req.as_reader().read_to_string(&mut body);
+            let _ = tx.send(serde_json::from_str(&body).unwrap_or(Value::Null));
+            let _ = req.respond(tiny_http::Response::from_string("ok"));
+        }
+    });
+}
+
+#[test]
+fn sigkill_mid_run_then_restart_ends_definitely_and_delivers_callbacks() {
+    let dir = support::temp_dir("e2e-crash");
+    // Reserve a port for the callback receiver, but do not listen yet: callbacks fail and wait
+    // in the outbox across the crash.
+    let (cb_url, _, reserved, port) = callback_receiver();
+    drop(reserved);
+    let mut s = Server::start(&dir, &[], "");
+    let mut quick = shell("quick", "echo '{\"ok\": true}' >&3");
+    quick["callback_url"] = json!(cb_url);
+    let (_, quick_e) = s.submit(quick);
+    let mut long = shell("long", "exec sleep 60");
+    long["callback_url"] = json!(cb_url);
+    let (long_t, long_e) = s.submit(long);
+    s.wait_final(quick_e, Duration::from_secs(20));
+    s.wait_for(long_e, Duration::from_secs(20), |v| {
+        v["status"] == "running"
+    });
+    std::thread::sleep(Duration::from_millis(500)); // at least one failed callback attempt
+    s.kill9();
+
+    let server = tiny_http::Server::http(format!("127.0.0.1:{port}")).unwrap();
+    let (tx, got) = crossbeam_channel::unbounded();
+    serve_callbacks(server, tx);
+    let s2 = Server::start(&dir, &[], "");
+    let v = s2.wait_final(long_e, Duration::from_secs(30));
+    assert_eq!(v["status"], "lost", "{v}");
+    assert_eq!(v["attempts"].as_array().unwrap().len(), 1, "{v}");
+    let (_, list) = s2.call("GET", &format!("/api/v1/executions?task_id={long_t}"), None);
+    assert_eq!(
+        list["items"].as_array().unwrap().len(),
+        1,
+        "the crashed run was duplicated: {list}"
+    );
+    let mut seen = std::collections::HashMap::new();
+    let t0 = Instant::now();
+    while seen.len() < 2 && t0.elapsed() < Duration::from_secs(20) {
+        if let Ok(b) = got.recv_timeout(Duration::from_millis(200)) {
+            *seen.entry(b["id"].as_i64().unwrap()).or_insert(0) += 1;
+            assert!(
+                matches!(b["status"].as_str(), Some("succeeded" | "lost")),
+                "{b}"
+            );
+        }
+    }
+    assert!(
+        seen.contains_key(&quick_e),
+        "the callback pending before the crash was not delivered: {seen:?}"
+    );
+    assert!(
+        seen.contains_key(&long_e),
+        "no callback for the lost execution: {seen:?}"
+    );
+}
+
+#[test]
+fn two_schedulers_on_one_mariadb_run_each_execution_once() {
+    let url = support::mysql_db("e2e2");
+    let dir = support::temp_dir("e2e-two");
+    let (da, db) = (dir.join("a"), dir.join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let a = Server::start(&da, &["--store", &url], "");
+    let b = Server::start(&db, &["--store", &url], "");
+    let ran = dir.join("ran.txt");
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let code = format!(
+            "echo $ETASK_EXECUTION_ID >> {}\nsleep 0.05\n",
+            ran.display()
+        );
+        let target = if i % 2 == 0 { &a } else { &b };
+        ids.push(target.submit(shell(&format!("t{i}"), &code)).1);
+    }
+    for id in &ids {
+        let v = a.wait_final(*id, Duration::from_secs(60));
+        assert_eq!(v["status"], "succeeded", "{v}");
+        assert_eq!(v["attempts"].as_array().unwrap().len(), 1);
+    }
+    let text = std::fs::read_to_string(&ran).unwrap();
+    let mut runs: Vec<i64> = text.lines().map(|l| l.parse().unwrap()).collect();
+    runs.sort();
+    let n = runs.len();
+    runs.dedup();
+    assert_eq!(n, runs.len(), "an execution ran twice: {text}");
+    assert_eq!(n, 40);
+}
