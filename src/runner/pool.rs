@@ -976,6 +976,10 @@ impl Reactor {
             log::info!(target: LOG, "execution={} attempt={} workspace kept at {}", run.key.execution, run.key.attempt, run.workspace.display());
         }
         log::debug!(target: LOG, "execution={} attempt={} finished status={} duration_ms={}", run.key.execution, run.key.attempt, outcome.status(), outcome.duration.as_millis());
+        // Free the slot before `Finished` can be seen: whoever reacts to it (a dispatcher
+        // refilling the pool) must find the capacity already there.
+        self.shared.running.fetch_sub(1, Ordering::SeqCst);
+        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         let job = Job::Finish {
             workspace: (!keep).then_some(run.workspace),
             events: run.events,
@@ -992,7 +996,5 @@ impl Reactor {
         {
             launcher::finish(workspace, &events, finished);
         }
-        self.shared.running.fetch_sub(1, Ordering::SeqCst);
-        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }

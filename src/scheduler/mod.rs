@@ -8,8 +8,9 @@ mod callbacks;
 pub mod http;
 pub mod metrics;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -37,6 +38,15 @@ pub struct Core {
     kick_callbacks: Sender<()>,
     stopping: AtomicBool,
     pub followers: AtomicUsize,
+    /// Retry policy and callback URL of dispatched attempts, so a report needs no task lookup.
+    /// Filled at dispatch, taken at finish; a miss (after a restart) falls back to the store.
+    policies: Mutex<HashMap<(ExecutionId, Attempt), Policy>>,
+}
+
+#[derive(Clone)]
+struct Policy {
+    retry: RetryPolicy,
+    callback_url: Option<String>,
 }
 
 fn kick(tx: &Sender<()>) {
@@ -162,43 +172,58 @@ impl Core {
         }
     }
 
-    /// Retry policy and callback URL of the task an execution belongs to.
-    fn policy_of(&self, task: TaskId) -> (RetryPolicy, Option<String>) {
+    fn policy(&self, task: TaskId, spec: Option<&TaskSpec>) -> Policy {
+        let _ = task;
+        Policy {
+            retry: spec
+                .and_then(|s| s.retry)
+                .unwrap_or_else(|| self.default_retry()),
+            callback_url: spec.and_then(|s| s.callback_url.clone()),
+        }
+    }
+
+    /// Retry policy and callback URL of an execution's task: cached since dispatch, or read
+    /// from the store (after a restart, or for the sweeper).
+    fn policy_of(&self, id: ExecutionId, attempt: Attempt) -> Option<Policy> {
+        let cached = self
+            .policies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(id, attempt));
+        if cached.is_some() {
+            return cached;
+        }
+        let task = match self.store.get_execution(id) {
+            Ok(Some(e)) => e.task_id,
+            Ok(None) => return None,
+            Err(e) => {
+                log::error!(target: LOG, "execution={id} attempt={attempt} cannot load: {e}");
+                return None;
+            }
+        };
         let spec = self
             .store
             .get_task(task)
             .ok()
             .flatten()
             .and_then(|t| serde_json::from_value::<TaskSpec>(t.spec).ok());
-        match spec {
-            Some(s) => (
-                s.retry.unwrap_or_else(|| self.default_retry()),
-                s.callback_url,
-            ),
-            None => (self.default_retry(), None),
-        }
+        Some(self.policy(task, spec.as_ref()))
     }
 
     /// Records how an attempt ended (from a node report or the sweeper), applying the retry
     /// policy; stale reports change nothing.
     fn finish(&self, id: ExecutionId, attempt: Attempt, mut fin: Finish) {
         let now = now_ms();
-        let task = match self.store.get_execution(id) {
-            Ok(Some(e)) => e.task_id,
-            Ok(None) => return,
-            Err(e) => {
-                log::error!(target: LOG, "execution={id} attempt={attempt} cannot load: {e}");
-                return;
-            }
+        let Some(policy) = self.policy_of(id, attempt) else {
+            return;
         };
-        let (retry, callback_url) = self.policy_of(task);
         if matches!(
             fin.status,
             Some(Status::Failed | Status::TimedOut | Status::Lost)
         ) {
-            fin.retry_at = retry.next_at(attempt.0, now);
+            fin.retry_at = policy.retry.next_at(attempt.0, now);
         }
-        fin.callback_url = callback_url;
+        fin.callback_url = policy.callback_url;
         // An outcome must not be dropped on a transient store error: the execution would stay
         // `running` under a live node. Retry with backoff for a while.
         let mut res = self.store.finish(id, attempt, &fin, now);
@@ -264,6 +289,7 @@ impl Scheduler {
             kick_callbacks,
             stopping: AtomicBool::new(false),
             followers: AtomicUsize::new(0),
+            policies: Mutex::new(HashMap::new()),
         });
         let http = http::HttpServer::start(core.clone())?;
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -367,6 +393,11 @@ fn dispatch_one(core: &Core, d: &dyn Delivery, c: crate::store::Claimed) {
             return;
         }
     };
+    let policy = core.policy(c.task_id, Some(&spec));
+    core.policies
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert((c.id, c.attempt), policy);
     let dispatch = Dispatch {
         execution_id: c.id,
         task_id: c.task_id,
@@ -383,6 +414,10 @@ fn dispatch_one(core: &Core, d: &dyn Delivery, c: crate::store::Claimed) {
             log::debug!(target: LOG, "execution={} attempt={} dispatched node={}", c.id, c.attempt, d.node());
         }
         Err(Refused::Busy(why)) => {
+            core.policies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&(c.id, c.attempt));
             log::info!(target: LOG, "execution={} attempt={} node={} busy ({why}); back to the queue", c.id, c.attempt, d.node());
             let _ = core.store.unclaim(c.id, c.attempt, now);
         }
@@ -440,7 +475,9 @@ fn ingest(core: &Core, reports: &Receiver<RunEvent>) {
                 }
             }
             RunEvent::Finished { key, outcome } => {
-                core.finish(key.execution, key.attempt, finish_of(&outcome))
+                // A node slot is free again: let the dispatcher fill it now, not at its next poll.
+                kick(&core.kick_dispatch);
+                core.finish(key.execution, key.attempt, finish_of(&outcome));
             }
         }
     }

@@ -711,37 +711,36 @@ impl Store for SqlStore {
     }
 
     fn claim_due(&self, now: i64, limit: u32, node: &str) -> Result<Vec<Claimed>> {
-        let candidates = self.tx(|c| {
-            c.query(
+        self.tx(|c| {
+            let candidates = c.query(
                 "SELECT e.id, e.task_id, e.attempt, e.due_at, t.spec FROM executions e JOIN tasks t ON t.id = e.task_id \
                  WHERE e.status = 'pending' AND e.due_at <= ? ORDER BY e.due_at, e.id LIMIT ?",
                 &[now.into(), i64::from(limit).into()],
-            )
-        })?;
-        let mut out = Vec::new();
-        for r in candidates {
-            let (id, attempt) = (r[0].i().ok_or_else(|| bad("id"))?, r[2].i().unwrap_or(1));
-            // The compare-and-set that makes a claim exclusive across schedulers.
-            let won = self.tx(|c| {
-                c.exec(
+            )?;
+            let mut out = Vec::new();
+            for r in candidates {
+                let (id, attempt) = (r[0].i().ok_or_else(|| bad("id"))?, r[2].i().unwrap_or(1));
+                // The compare-and-set that makes a claim exclusive across schedulers: the
+                // UPDATE re-reads the row under its lock, so a row another scheduler claimed
+                // since our SELECT no longer matches.
+                let won = c.exec(
                     "UPDATE executions SET status = 'dispatched', node = ?, heartbeat_at = ?, updated_at = ? \
                      WHERE id = ? AND attempt = ? AND status = 'pending'",
                     &[node.into(), now.into(), now.into(), id.into(), attempt.into()],
-                )
-            })?;
-            if won == 1 {
-                let spec = r[4].s().ok_or_else(|| bad("spec"))?;
-                out.push(Claimed {
-                    id: ExecutionId(id),
-                    task_id: TaskId(r[1].i().unwrap_or(0)),
-                    attempt: Attempt(attempt as u32),
-                    due_at: r[3].i().unwrap_or(now),
-                    spec: serde_json::from_str(&spec)
-                        .map_err(|e| StoreError::Internal(format!("task spec: {e}")))?,
-                });
+                )?;
+                if won == 1 {
+                    let spec = r[4].s().ok_or_else(|| bad("spec"))?;
+                    out.push(Claimed {
+                        id: ExecutionId(id),
+                        task_id: TaskId(r[1].i().unwrap_or(0)),
+                        attempt: Attempt(attempt as u32),
+                        due_at: r[3].i().unwrap_or(now),
+                        spec: serde_json::from_str(&spec).map_err(|e| StoreError::Internal(format!("task spec: {e}")))?,
+                    });
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     fn unclaim(&self, id: ExecutionId, attempt: Attempt, now: i64) -> Result<bool> {
