@@ -54,6 +54,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
             if mode == Mode::Agent { "agent" } else { "executor" }
         ));
     }
+    crate::scheduler::http::check_listen(&cfg)?;
     std::fs::create_dir_all(&cfg.server.data_dir).map_err(|e| {
         format!(
             "cannot create data dir {}: {e}",

@@ -22,18 +22,23 @@ pub struct HttpServer {
     pub addr: SocketAddr,
 }
 
+/// Checks the listen address before anything else starts: without a token, only loopback.
+pub fn check_listen(cfg: &crate::config::Config) -> Result<SocketAddr, String> {
+    let listen = &cfg.server.listen;
+    let addr: SocketAddr =
+        listen.parse().map_err(|_| format!("listen address {listen:?} is not IP:PORT"))?;
+    if cfg.server.token.is_empty() && !addr.ip().is_loopback() {
+        return Err(format!(
+            "refusing to listen on {addr} without a token: set server.token (clients send \
+             `Authorization: Bearer <token>`) or listen on a loopback address"
+        ));
+    }
+    Ok(addr)
+}
+
 impl HttpServer {
     pub fn start(core: Arc<Core>) -> Result<HttpServer, String> {
-        let listen = core.cfg.server.listen.clone();
-        let addr: SocketAddr = listen
-            .parse()
-            .map_err(|_| format!("listen address {listen:?} is not IP:PORT"))?;
-        if core.cfg.server.token.is_empty() && !addr.ip().is_loopback() {
-            return Err(format!(
-                "refusing to listen on {addr} without a token: set server.token (clients send \
-                 `Authorization: Bearer <token>`) or listen on a loopback address"
-            ));
-        }
+        let addr = check_listen(&core.cfg)?;
         let server =
             Arc::new(Server::http(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?);
         let addr = server
