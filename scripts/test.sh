@@ -18,6 +18,7 @@ have python3 || need_pkgs+=(python3)
 have mariadbd || [ -x /usr/sbin/mariadbd ] || need_pkgs+=(mariadb-server)
 have cc || need_pkgs+=(build-essential)
 have bash || need_pkgs+=(bash)
+have musl-gcc || need_pkgs+=(musl-tools)
 
 if [ "${1:-}" != "--quick" ] && [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "test.sh: installing ${need_pkgs[*]}"
@@ -60,3 +61,25 @@ export ETASK_TEST_MYSQL="${ETASK_TEST_MYSQL:-mysql://root@127.0.0.1:3306/}"
 
 cargo build --all-targets --locked
 cargo test --locked -- --test-threads="${ETASK_TEST_THREADS:-4}"
+
+# The shipped artifact is a static musl binary: build it and run one task through it end to end.
+rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl \
+    || rustup target add x86_64-unknown-linux-musl
+export CC_x86_64_unknown_linux_musl=musl-gcc
+cargo build --release --locked --target x86_64-unknown-linux-musl --bin etask
+bin="$CARGO_TARGET_DIR/x86_64-unknown-linux-musl/release/etask"
+if readelf -d "$bin" | grep -q NEEDED; then
+    echo "test.sh: $bin is not statically linked" >&2
+    exit 1
+fi
+smoke=$(mktemp -d)
+trap 'kill "$server_pid" 2>/dev/null || true; rm -rf "$smoke"' EXIT
+"$bin" server --mode all --listen 127.0.0.1:0 --data-dir "$smoke/data" >"$smoke/out" 2>"$smoke/log" &
+server_pid=$!
+for _ in $(seq 1 50); do grep -q "listening on" "$smoke/out" 2>/dev/null && break; sleep 0.1; done
+url=$(sed -n 's/^etask listening on //p' "$smoke/out")
+[ -n "$url" ] || { cat "$smoke/log" >&2; echo "test.sh: static server did not start" >&2; exit 1; }
+out=$("$bin" submit --server "$url" --shell examples/disk.sh --wait 2>&1)
+echo "$out" | grep -q '== result: {"disk_free_gb":' \
+    || { echo "$out" >&2; echo "test.sh: static binary smoke test failed" >&2; exit 1; }
+echo "test.sh: static musl binary OK ($(du -h "$bin" | cut -f1)), smoke task succeeded"

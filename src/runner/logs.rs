@@ -127,17 +127,19 @@ impl LogCapture {
             buf.partial.extend_from_slice(line);
             // An unterminated line ages too, so a prompt is sent after the batch interval.
             buf.since.get_or_insert(now);
-            if complete {
-                let line = std::mem::take(&mut buf.partial);
-                self.accept(stream, line, now);
-            } else if buf.partial.len() > max {
+            if complete || buf.partial.len() > max {
                 let mut line = std::mem::take(&mut buf.partial);
-                line.truncate(max);
-                line.extend_from_slice(
-                    format!(" …[etask: line truncated at {max} bytes]\n").as_bytes(),
-                );
-                self.streams[idx(stream)].skipping_line = true;
-                self.truncated = true;
+                // A long line may arrive whole in one read: cap it here too, not only while
+                // it is still unterminated.
+                let body = if complete { line.len() - 1 } else { line.len() };
+                if body > max {
+                    line.truncate(max);
+                    line.extend_from_slice(
+                        format!(" …[etask: line truncated at {max} bytes]\n").as_bytes(),
+                    );
+                    self.streams[idx(stream)].skipping_line = !complete;
+                    self.truncated = true;
+                }
                 self.accept(stream, line, now);
             }
         }
@@ -352,5 +354,23 @@ mod tests {
         c.push(Stream::Stderr, b"prompt> ", t0);
         c.take_due(t0 + Duration::from_millis(250), &mut v);
         assert_eq!(v[1].data, "prompt> ", "old partial line is sent");
+    }
+
+    #[test]
+    fn a_long_line_that_arrives_whole_is_capped() {
+        let limits = LogLimits {
+            line_max_bytes: 4,
+            ..LogLimits::default()
+        };
+        let mut c = LogCapture::new(limits, Vec::<String>::new());
+        let t = Instant::now();
+        c.push(Stream::Stdout, b"abcdefgh\nok\n", t);
+        let mut out = Vec::new();
+        c.take_all(t, &mut out);
+        assert_eq!(
+            out[0].data,
+            "abcd …[etask: line truncated at 4 bytes]\nok\n"
+        );
+        assert!(c.truncated);
     }
 }

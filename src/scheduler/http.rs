@@ -25,8 +25,9 @@ pub struct HttpServer {
 /// Checks the listen address before anything else starts: without a token, only loopback.
 pub fn check_listen(cfg: &crate::config::Config) -> Result<SocketAddr, String> {
     let listen = &cfg.server.listen;
-    let addr: SocketAddr =
-        listen.parse().map_err(|_| format!("listen address {listen:?} is not IP:PORT"))?;
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|_| format!("listen address {listen:?} is not IP:PORT"))?;
     if cfg.server.token.is_empty() && !addr.ip().is_loopback() {
         return Err(format!(
             "refusing to listen on {addr} without a token: set server.token (clients send \
