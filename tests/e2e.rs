@@ -590,3 +590,29 @@ fn two_schedulers_on_one_mariadb_run_each_execution_once() {
     assert_eq!(n, runs.len(), "an execution ran twice: {text}");
     assert_eq!(n, 40);
 }
+
+#[test]
+fn cron_fires_missed_during_downtime_collapse_into_one() {
+    let dir = support::temp_dir("e2e-storm");
+    let mut s = Server::start(&dir, &[], "");
+    let mut body = shell("tick", "true");
+    body["schedule"] = json!({"kind": "cron", "expr": "* * * * * *"});
+    let (tid, _) = s.submit(body);
+    let list = |s: &Server| -> Vec<i64> {
+        let (_, v) = s.call("GET", &format!("/api/v1/executions?task_id={tid}&limit=500"), None);
+        v["items"].as_array().unwrap().iter().map(|e| e["created_at"].as_i64().unwrap()).collect()
+    };
+    let t0 = Instant::now();
+    while list(&s).is_empty() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!list(&s).is_empty(), "the cron task never fired");
+    s.kill9();
+    std::thread::sleep(Duration::from_secs(6)); // six fire times missed
+    let s2 = Server::start(&dir, &[], "");
+    let up = etask::now_ms();
+    std::thread::sleep(Duration::from_millis(700));
+    let burst = list(&s2).into_iter().filter(|&c| c >= up - 200 && c < up + 500).count();
+    assert!(burst <= 2, "{burst} executions right after the restart: missed fires were replayed");
+    assert!(burst >= 1, "the missed fires did not fire once on return");
+}
