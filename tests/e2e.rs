@@ -599,8 +599,17 @@ fn cron_fires_missed_during_downtime_collapse_into_one() {
     body["schedule"] = json!({"kind": "cron", "expr": "* * * * * *"});
     let (tid, _) = s.submit(body);
     let list = |s: &Server| -> Vec<i64> {
-        let (_, v) = s.call("GET", &format!("/api/v1/executions?task_id={tid}&limit=500"), None);
-        v["items"].as_array().unwrap().iter().map(|e| e["created_at"].as_i64().unwrap()).collect()
+        let (_, v) = s.call(
+            "GET",
+            &format!("/api/v1/executions?task_id={tid}&limit=500"),
+            None,
+        );
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["created_at"].as_i64().unwrap())
+            .collect()
     };
     let t0 = Instant::now();
     while list(&s).is_empty() && t0.elapsed() < Duration::from_secs(10) {
@@ -612,7 +621,13 @@ fn cron_fires_missed_during_downtime_collapse_into_one() {
     let s2 = Server::start(&dir, &[], "");
     let up = etask::now_ms();
     std::thread::sleep(Duration::from_millis(700));
-    let burst = list(&s2).into_iter().filter(|&c| c >= up - 200 && c < up + 500).count();
-    assert!(burst <= 2, "{burst} executions right after the restart: missed fires were replayed");
+    let burst = list(&s2)
+        .into_iter()
+        .filter(|&c| c >= up - 200 && c < up + 500)
+        .count();
+    assert!(
+        burst <= 2,
+        "{burst} executions right after the restart: missed fires were replayed"
+    );
     assert!(burst >= 1, "the missed fires did not fire once on return");
 }

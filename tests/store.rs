@@ -27,6 +27,10 @@ fn backends(tag: &str) -> Vec<Arc<dyn Store>> {
     all
 }
 
+fn finish1(s: &dyn Store, e: ExecutionId, a: Attempt, fin: &Finish, now: i64) -> Option<Status> {
+    s.finish(&[(e, a, fin.clone())], now).unwrap()[0]
+}
+
 fn once(name: &str, rid: Option<&str>) -> NewTask {
     NewTask {
         name: name.into(),
@@ -76,7 +80,7 @@ fn claim_is_exclusive_and_attempts_fence_reports() {
             s.claim_due(1_000, 10, "n2").unwrap().is_empty(),
             "claimed once only"
         );
-        assert!(s.mark_running(e, Attempt(1), 1_100).unwrap());
+        assert!(s.mark_running(&[(e, Attempt(1))], 1_100).unwrap() == 1);
         // Attempt 1 fails with a retry allowed.
         let fin = Finish {
             status: Some(Status::Failed),
@@ -86,11 +90,11 @@ fn claim_is_exclusive_and_attempts_fence_reports() {
             ..Finish::default()
         };
         assert_eq!(
-            s.finish(e, Attempt(1), &fin, 1_200).unwrap(),
+            finish1(&*s, e, Attempt(1), &fin, 1_200),
             Some(Status::RetryWait)
         );
         assert_eq!(
-            s.finish(e, Attempt(1), &fin, 1_200).unwrap(),
+            finish1(&*s, e, Attempt(1), &fin, 1_200),
             None,
             "duplicate report ignored"
         );
@@ -106,9 +110,9 @@ fn claim_is_exclusive_and_attempts_fence_reports() {
             callback_url: Some("http://127.0.0.1:1/cb".into()),
             ..Finish::default()
         };
-        assert_eq!(s.finish(e, Attempt(1), &ok, 2_100).unwrap(), None);
+        assert_eq!(finish1(&*s, e, Attempt(1), &ok, 2_100), None);
         assert_eq!(
-            s.finish(e, Attempt(2), &ok, 2_100).unwrap(),
+            finish1(&*s, e, Attempt(2), &ok, 2_100),
             Some(Status::Succeeded)
         );
         let row = s.get_execution(e).unwrap().unwrap();
@@ -130,7 +134,7 @@ fn claim_is_exclusive_and_attempts_fence_reports() {
             status: Some(Status::Failed),
             ..Finish::default()
         };
-        assert_eq!(s.finish(e, Attempt(2), &fail, 3_000).unwrap(), None);
+        assert_eq!(finish1(&*s, e, Attempt(2), &fail, 3_000), None);
         assert_eq!(
             s.outbox_due(3_000, 10).unwrap().len(),
             1,
@@ -209,16 +213,18 @@ fn logs_are_ordered_deduplicated_and_paged() {
             .execution_id
             .unwrap();
         s.append_logs(
-            e,
-            Attempt(1),
-            &[(0, "stdout", "a\n"), (1, "stderr", "b\n")],
+            &[
+                (e, Attempt(1), 0, "stdout", "a\n"),
+                (e, Attempt(1), 1, "stderr", "b\n"),
+            ],
             1,
         )
         .unwrap();
         s.append_logs(
-            e,
-            Attempt(1),
-            &[(1, "stderr", "b\n"), (2, "stdout", "ü\n")],
+            &[
+                (e, Attempt(1), 1, "stderr", "b\n"),
+                (e, Attempt(1), 2, "stdout", "ü\n"),
+            ],
             2,
         )
         .unwrap();
@@ -295,4 +301,53 @@ fn two_stores_on_one_mysql_never_claim_the_same_execution() {
         ca.len(),
         cb.len()
     );
+}
+
+#[test]
+fn one_batch_finishes_several_attempts_and_skips_stale_ones() {
+    for s in backends("batch") {
+        let a = s
+            .create_task(&once("a", None), 1_000)
+            .unwrap()
+            .execution_id
+            .unwrap();
+        let b = s
+            .create_task(&once("b", None), 1_000)
+            .unwrap()
+            .execution_id
+            .unwrap();
+        assert_eq!(s.claim_due(1_000, 10, "n").unwrap().len(), 2);
+        assert_eq!(
+            s.mark_running(&[(a, Attempt(1)), (b, Attempt(1)), (b, Attempt(7))], 1_001)
+                .unwrap(),
+            2
+        );
+        let ok = Finish {
+            status: Some(Status::Succeeded),
+            exit_code: Some(0),
+            ..Finish::default()
+        };
+        let bad = Finish {
+            status: Some(Status::Failed),
+            exit_code: Some(1),
+            ..Finish::default()
+        };
+        let got = s
+            .finish(
+                &[
+                    (a, Attempt(1), ok.clone()),
+                    (b, Attempt(2), ok),
+                    (b, Attempt(1), bad),
+                ],
+                1_002,
+            )
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![Some(Status::Succeeded), None, Some(Status::Failed)],
+            "{}",
+            s.describe()
+        );
+        assert_eq!(s.get_execution(b).unwrap().unwrap().exit_code, Some(1));
+    }
 }

@@ -210,53 +210,72 @@ impl Core {
         Some(self.policy(task, spec.as_ref()))
     }
 
-    /// Records how an attempt ended (from a node report or the sweeper), applying the retry
+    /// Records how an attempt ended (from a node report or the sweeper).
+    fn finish(&self, id: ExecutionId, attempt: Attempt, fin: Finish) {
+        self.finish_all(vec![(id, attempt, fin)]);
+    }
+
+    /// Records how attempts ended, in one store transaction, applying each task's retry
     /// policy; stale reports change nothing.
-    fn finish(&self, id: ExecutionId, attempt: Attempt, mut fin: Finish) {
+    fn finish_all(&self, mut items: Vec<(ExecutionId, Attempt, Finish)>) {
         let now = now_ms();
-        let Some(policy) = self.policy_of(id, attempt) else {
+        items.retain_mut(|(id, attempt, fin)| {
+            let Some(policy) = self.policy_of(*id, *attempt) else {
+                return false;
+            };
+            if matches!(
+                fin.status,
+                Some(Status::Failed | Status::TimedOut | Status::Lost)
+            ) {
+                fin.retry_at = policy.retry.next_at(attempt.0, now);
+            }
+            fin.callback_url = policy.callback_url;
+            true
+        });
+        if items.is_empty() {
             return;
-        };
-        if matches!(
-            fin.status,
-            Some(Status::Failed | Status::TimedOut | Status::Lost)
-        ) {
-            fin.retry_at = policy.retry.next_at(attempt.0, now);
         }
-        fin.callback_url = policy.callback_url;
         // An outcome must not be dropped on a transient store error: the execution would stay
-        // `running` under a live node. Retry with backoff for a while.
-        let mut res = self.store.finish(id, attempt, &fin, now);
+        // `running` under a live node. Retry with backoff for a while (a failed transaction
+        // applied nothing, and reapplying is a no-op for what did apply).
+        let mut res = self.store.finish(&items, now);
         for i in 0..10 {
             match &res {
                 Err(e) if !self.stopping() => {
-                    log::warn!(target: LOG, "execution={id} attempt={attempt} outcome not stored yet: {e}; retrying");
+                    log::warn!(target: LOG, "{} outcomes not stored yet: {e}; retrying", items.len());
                     std::thread::sleep(Duration::from_millis((100 << i).min(2_000)));
-                    res = self.store.finish(id, attempt, &fin, now_ms());
+                    res = self.store.finish(&items, now_ms());
                 }
                 _ => break,
             }
         }
-        match res {
-            Ok(Some(st)) => {
-                log::info!(target: LOG, "execution={id} attempt={attempt} status={st}{}",
-                    fin.error.as_deref().map(|e| format!(" error={e:?}")).unwrap_or_default());
-                if st == Status::RetryWait {
-                    kick(&self.kick_dispatch);
-                } else if fin.callback_url.is_some() {
-                    kick(&self.kick_callbacks);
-                }
-            }
-            Ok(None) => {
-                log::debug!(target: LOG, "execution={id} attempt={attempt} stale report ignored")
-            }
+        let statuses = match res {
+            Ok(s) => s,
             Err(e) => {
-                log::error!(target: LOG, "execution={id} attempt={attempt} cannot record outcome: {e}")
+                for (id, attempt, _) in &items {
+                    log::error!(target: LOG, "execution={id} attempt={attempt} cannot record outcome: {e}");
+                }
+                return;
+            }
+        };
+        for ((id, attempt, fin), st) in items.iter().zip(statuses) {
+            match st {
+                Some(st) => {
+                    log::info!(target: LOG, "execution={id} attempt={attempt} status={st}{}",
+                        fin.error.as_deref().map(|e| format!(" error={e:?}")).unwrap_or_default());
+                    if st == Status::RetryWait {
+                        kick(&self.kick_dispatch);
+                    } else if fin.callback_url.is_some() {
+                        kick(&self.kick_callbacks);
+                    }
+                }
+                None => {
+                    log::debug!(target: LOG, "execution={id} attempt={attempt} stale report ignored")
+                }
             }
         }
     }
 }
-
 /// A running scheduler; `stop` ends every thread and joins it.
 pub struct Scheduler {
     pub core: Arc<Core>,
@@ -445,41 +464,67 @@ fn finish_of(outcome: &Outcome) -> Finish {
     }
 }
 
-/// Node reports → store. Log chunks of a run that arrive together are written in one go.
+/// Node reports → store. Whatever arrived together is written together: all `Started` of the
+/// batch in one transaction, all log chunks in one, all outcomes in one.
 fn ingest(core: &Core, reports: &Receiver<RunEvent>) {
+    const BATCH: usize = 256;
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
-        let ev = match reports.recv_timeout(Duration::from_millis(200)) {
-            Ok(ev) => ev,
+        match reports.recv_timeout(Duration::from_millis(200)) {
+            Ok(ev) => batch.push(ev),
             Err(crossbeam_channel::RecvTimeoutError::Timeout) if core.stopping() => return,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-        };
+        }
         if core.stopping() {
             return; // what is still running is recovered as lost on the next start
         }
-        let now = now_ms();
-        match ev {
-            RunEvent::Started { key, pid } => {
-                log::debug!(target: LOG, "execution={} attempt={} running pid={pid}", key.execution, key.attempt);
-                if let Err(e) = core.store.mark_running(key.execution, key.attempt, now) {
-                    log::error!(target: LOG, "execution={} cannot mark running: {e}", key.execution);
-                }
-            }
-            RunEvent::Log { key, chunk } => {
-                let chunks = [(chunk.seq, chunk.stream.as_str(), chunk.data.as_str())];
-                if let Err(e) = core
-                    .store
-                    .append_logs(key.execution, key.attempt, &chunks, now)
-                {
-                    log::error!(target: LOG, "execution={} cannot store logs: {e}", key.execution);
-                }
-            }
-            RunEvent::Finished { key, outcome } => {
-                // A node slot is free again: let the dispatcher fill it now, not at its next poll.
-                kick(&core.kick_dispatch);
-                core.finish(key.execution, key.attempt, finish_of(&outcome));
+        while batch.len() < BATCH {
+            match reports.try_recv() {
+                Ok(ev) => batch.push(ev),
+                Err(_) => break,
             }
         }
+        let now = now_ms();
+        let mut started = Vec::new();
+        let mut logs = Vec::new();
+        let mut finished = Vec::new();
+        for ev in &batch {
+            match ev {
+                RunEvent::Started { key, pid } => {
+                    log::debug!(target: LOG, "execution={} attempt={} running pid={pid}", key.execution, key.attempt);
+                    started.push((key.execution, key.attempt));
+                }
+                RunEvent::Log { key, chunk } => logs.push((
+                    key.execution,
+                    key.attempt,
+                    chunk.seq,
+                    chunk.stream.as_str(),
+                    chunk.data.as_str(),
+                )),
+                RunEvent::Finished { key, outcome } => {
+                    finished.push((key.execution, key.attempt, finish_of(outcome)))
+                }
+            }
+        }
+        if !finished.is_empty() {
+            // Node slots are free again: let the dispatcher fill them now, not at its next poll.
+            kick(&core.kick_dispatch);
+        }
+        if !started.is_empty() {
+            if let Err(e) = core.store.mark_running(&started, now) {
+                log::error!(target: LOG, "cannot mark {} executions running: {e}", started.len());
+            }
+        }
+        if !logs.is_empty() {
+            if let Err(e) = core.store.append_logs(&logs, now) {
+                log::error!(target: LOG, "cannot store {} log chunks: {e}", logs.len());
+            }
+        }
+        if !finished.is_empty() {
+            core.finish_all(finished);
+        }
+        batch.clear();
     }
 }
 

@@ -353,24 +353,23 @@ pub trait Store: Send + Sync {
     fn claim_due(&self, now: i64, limit: u32, node: &str) -> Result<Vec<Claimed>>;
     /// Puts a claimed execution back (the node refused it).
     fn unclaim(&self, id: ExecutionId, attempt: Attempt, now: i64) -> Result<bool>;
-    fn mark_running(&self, id: ExecutionId, attempt: Attempt, now: i64) -> Result<bool>;
+    /// Marks dispatched attempts as running; returns how many moved.
+    fn mark_running(&self, items: &[(ExecutionId, Attempt)], now: i64) -> Result<u64>;
     /// Records that `node` is still alive for everything it holds.
     fn heartbeat(&self, node: &str, now: i64) -> Result<u64>;
-    /// Ends an attempt; returns the new status, or `None` when the report is stale (older
-    /// attempt, or the execution already final).
+    /// Ends attempts, in one transaction; for each, the new status, or `None` when the report
+    /// is stale (older attempt, or the execution already final).
     fn finish(
         &self,
-        id: ExecutionId,
-        attempt: Attempt,
-        fin: &Finish,
+        items: &[(ExecutionId, Attempt, Finish)],
         now: i64,
-    ) -> Result<Option<Status>>;
+    ) -> Result<Vec<Option<Status>>>;
     fn cancel(&self, id: ExecutionId, now: i64) -> Result<CancelOutcome>;
+    /// Stores log chunks `(execution, attempt, run_seq, stream, data)`; a chunk already stored
+    /// (same execution, attempt and run_seq) is ignored, so a resent batch is harmless.
     fn append_logs(
         &self,
-        id: ExecutionId,
-        attempt: Attempt,
-        chunks: &[(u64, &str, &str)],
+        chunks: &[(ExecutionId, Attempt, u64, &str, &str)],
         now: i64,
     ) -> Result<()>;
     fn logs_after(&self, id: ExecutionId, after_seq: i64, limit: u32) -> Result<Vec<LogRow>>;
@@ -528,6 +527,71 @@ impl SqlStore {
               fin.signal.into(), fin.error.clone().into(), started.into(), now.into()],
         )?;
         Ok(())
+    }
+
+    /// One attempt's outcome inside a transaction (see `Store::finish`).
+    fn finish_in(
+        c: &mut dyn Conn,
+        id: ExecutionId,
+        attempt: Attempt,
+        fin: &Finish,
+        now: i64,
+    ) -> Result<Option<Status>> {
+        let reported = fin
+            .status
+            .ok_or_else(|| StoreError::Internal("finish without a status".into()))?;
+
+        let rows = c.query(
+            "SELECT status, attempt, node, started_at FROM executions WHERE id = ?",
+            &[id.0.into()],
+        )?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        let (cur, cur_attempt, node, started) =
+            (status_of(&r[0])?, r[1].i().unwrap_or(0), r[2].s(), r[3].i());
+        if cur_attempt != i64::from(attempt.0)
+            || cur.is_terminal()
+            || cur == Status::RetryWait
+            || cur == Status::Pending
+        {
+            return Ok(None); // stale: an older attempt, or already decided
+        }
+        let retry = fin
+            .retry_at
+            .filter(|_| !matches!(reported, Status::Succeeded | Status::Cancelled));
+        let new = if retry.is_some() {
+            Status::RetryWait
+        } else {
+            reported
+        };
+        if cur.transition(new).is_err() {
+            return Ok(None);
+        }
+        let result = fin
+            .result
+            .as_ref()
+            .map(|m| Value::Object(m.clone()).to_string());
+        let n = c.exec(
+                "UPDATE executions SET status = ?, exit_code = ?, `signal` = ?, result = ?, result_error = ?, error = ?, \
+                 finished_at = ?, due_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND status = ?",
+                &[new.as_str().into(), fin.exit_code.into(), fin.signal.into(), result.into(), fin.result_error.clone().into(),
+                  fin.error.clone().into(), if new.is_terminal() { Some(now) } else { None }.into(),
+                  retry.unwrap_or(now).into(), now.into(), id.0.into(), i64::from(attempt.0).into(), cur.as_str().into()],
+            )?;
+        if n != 1 {
+            return Ok(None);
+        }
+        Self::record_attempt(c, id, attempt, reported, node, fin, started, now)?;
+        if new.is_terminal() {
+            if let Some(url) = &fin.callback_url {
+                c.insert(
+                        "INSERT INTO outbox (execution_id, url, next_at, created_at) VALUES (?, ?, ?, ?)",
+                        &[id.0.into(), url.as_str().into(), now.into(), now.into()],
+                    )?;
+            }
+        }
+        Ok(Some(new))
     }
 }
 
@@ -753,14 +817,17 @@ impl Store for SqlStore {
         })
     }
 
-    fn mark_running(&self, id: ExecutionId, attempt: Attempt, now: i64) -> Result<bool> {
+    fn mark_running(&self, items: &[(ExecutionId, Attempt)], now: i64) -> Result<u64> {
         self.tx(|c| {
-            c.exec(
-                "UPDATE executions SET status = 'running', started_at = COALESCE(started_at, ?), heartbeat_at = ?, updated_at = ? \
-                 WHERE id = ? AND attempt = ? AND status = 'dispatched'",
-                &[now.into(), now.into(), now.into(), id.0.into(), i64::from(attempt.0).into()],
-            )
-            .map(|n| n == 1)
+            let mut n = 0;
+            for (id, attempt) in items {
+                n += c.exec(
+                    "UPDATE executions SET status = 'running', started_at = COALESCE(started_at, ?), heartbeat_at = ?, \
+                     updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
+                    &[now.into(), now.into(), now.into(), id.0.into(), i64::from(attempt.0).into()],
+                )?;
+            }
+            Ok(n)
         })
     }
 
@@ -775,47 +842,14 @@ impl Store for SqlStore {
 
     fn finish(
         &self,
-        id: ExecutionId,
-        attempt: Attempt,
-        fin: &Finish,
+        items: &[(ExecutionId, Attempt, Finish)],
         now: i64,
-    ) -> Result<Option<Status>> {
-        let reported = fin
-            .status
-            .ok_or_else(|| StoreError::Internal("finish without a status".into()))?;
+    ) -> Result<Vec<Option<Status>>> {
         self.tx(|c| {
-            let rows = c.query("SELECT status, attempt, node, started_at FROM executions WHERE id = ?", &[id.0.into()])?;
-            let Some(r) = rows.first() else { return Ok(None) };
-            let (cur, cur_attempt, node, started) = (status_of(&r[0])?, r[1].i().unwrap_or(0), r[2].s(), r[3].i());
-            if cur_attempt != i64::from(attempt.0) || cur.is_terminal() || cur == Status::RetryWait || cur == Status::Pending {
-                return Ok(None); // stale: an older attempt, or already decided
-            }
-            let retry = fin.retry_at.filter(|_| !matches!(reported, Status::Succeeded | Status::Cancelled));
-            let new = if retry.is_some() { Status::RetryWait } else { reported };
-            if cur.transition(new).is_err() {
-                return Ok(None);
-            }
-            let result = fin.result.as_ref().map(|m| Value::Object(m.clone()).to_string());
-            let n = c.exec(
-                "UPDATE executions SET status = ?, exit_code = ?, `signal` = ?, result = ?, result_error = ?, error = ?, \
-                 finished_at = ?, due_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND status = ?",
-                &[new.as_str().into(), fin.exit_code.into(), fin.signal.into(), result.into(), fin.result_error.clone().into(),
-                  fin.error.clone().into(), if new.is_terminal() { Some(now) } else { None }.into(),
-                  retry.unwrap_or(now).into(), now.into(), id.0.into(), i64::from(attempt.0).into(), cur.as_str().into()],
-            )?;
-            if n != 1 {
-                return Ok(None);
-            }
-            Self::record_attempt(c, id, attempt, reported, node, fin, started, now)?;
-            if new.is_terminal() {
-                if let Some(url) = &fin.callback_url {
-                    c.insert(
-                        "INSERT INTO outbox (execution_id, url, next_at, created_at) VALUES (?, ?, ?, ?)",
-                        &[id.0.into(), url.as_str().into(), now.into(), now.into()],
-                    )?;
-                }
-            }
-            Ok(Some(new))
+            items
+                .iter()
+                .map(|(id, attempt, fin)| Self::finish_in(c, *id, *attempt, fin, now))
+                .collect()
         })
     }
 
@@ -847,15 +881,15 @@ impl Store for SqlStore {
 
     fn append_logs(
         &self,
-        id: ExecutionId,
-        attempt: Attempt,
-        chunks: &[(u64, &str, &str)],
+        chunks: &[(ExecutionId, Attempt, u64, &str, &str)],
         now: i64,
     ) -> Result<()> {
         let ignore = self.b.insert_ignore();
-        let sql = format!("{ignore} INTO log_chunks (execution_id, attempt, run_seq, stream, data, created_at) VALUES (?, ?, ?, ?, ?, ?)");
+        let sql = format!(
+            "{ignore} INTO log_chunks (execution_id, attempt, run_seq, stream, data, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+        );
         self.tx(|c| {
-            for (seq, stream, data) in chunks {
+            for (id, attempt, seq, stream, data) in chunks {
                 c.exec(
                     &sql,
                     &[
