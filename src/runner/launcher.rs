@@ -3,7 +3,8 @@
 //! reactor so pipes keep flowing and several runs can start at once.
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -120,23 +121,32 @@ fn launch_one(cfg: &PoolConfig, pool_id: usize, job: &SpawnJob) -> Result<Spawne
 fn prepare_workspace(cfg: &PoolConfig, req: &RunRequest, ws: &Path) -> Result<Launch, String> {
     let launch = launch(&req.program, ws, &cfg.interpreters).map_err(|e| e.0)?;
     let io = |what: &str, p: &Path, e: io::Error| format!("{what} {}: {e}", p.display());
-    let mut owned = vec![
-        ws.to_path_buf(),
-        ws.join("tmp"),
-        ws.join(".etask"),
-        launch.cwd.clone(),
-    ];
+    // As few inodes as possible: on ext4, creating and removing directories is most of a
+    // trivial run's cost (see README, benchmark). The workspace, its tmp, and the working
+    // directory only when it is not the workspace itself.
+    let mut owned = vec![ws.to_path_buf(), ws.join("tmp")];
     for d in &owned {
         std::fs::DirBuilder::new()
-            .recursive(true)
             .mode(0o700)
             .create(d)
             .map_err(|e| io("cannot create workspace dir", d, e))?;
     }
+    if launch.cwd != ws {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&launch.cwd)
+            .map_err(|e| io("cannot create working dir", &launch.cwd, e))?;
+        owned.push(launch.cwd.clone());
+    }
     if let Some((path, bytes, mode)) = &launch.script {
-        std::fs::write(path, bytes).map_err(|e| io("cannot write", path, e))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
-            .map_err(|e| io("cannot chmod", path, e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(*mode)
+            .open(path)
+            .map_err(|e| io("cannot create", path, e))?;
+        f.write_all(bytes).map_err(|e| io("cannot write", path, e))?;
         owned.push(path.clone());
     }
     if let Some(RunAs { uid, gid }) = cfg.run_as {

@@ -224,7 +224,8 @@ pub fn launch(
         Some(w) => workspace.join(relative_inside(w)?),
         None => workspace.to_path_buf(),
     };
-    let file = |name: &str| workspace.join(".etask").join(name);
+    // Hidden in the workspace itself rather than in a directory of its own: one inode less.
+    let file = |name: &str| workspace.join(format!(".etask-{name}"));
     let (script, mut argv) = match p.kind {
         ProgramKind::Shell => {
             let path = file("script.sh");
