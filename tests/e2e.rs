@@ -631,3 +631,68 @@ fn cron_fires_missed_during_downtime_collapse_into_one() {
     );
     assert!(burst >= 1, "the missed fires did not fire once on return");
 }
+
+#[test]
+fn cli_client_submits_waits_and_mirrors_the_outcome() {
+    let dir = support::temp_dir("e2e-cli");
+    let s = Server::start(&dir, &[], "");
+    let script = dir.join("check.sh");
+    std::fs::write(
+        &script,
+        "echo out-line\necho err-line >&2\necho '{\"n\": 1}' >&3\nexit 7\n",
+    )
+    .unwrap();
+    let etask = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_etask"))
+            .args(args)
+            .args(["--server", &s.url])
+            .output()
+            .expect("run etask")
+    };
+    let out = etask(&[
+        "submit",
+        "--shell",
+        script.to_str().unwrap(),
+        "--name",
+        "cli-check",
+        "--wait",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(stdout.contains("out-line"), "{stdout}");
+    assert!(stderr.contains("[stderr] err-line"), "{stderr}");
+    assert!(
+        stderr.contains("== failed") && stderr.contains(r#"== result: {"n":1}"#),
+        "{stderr}"
+    );
+    let id = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("== execution "))
+        .expect("execution id line")
+        .trim()
+        .to_owned();
+    let got = etask(&["get", &id]);
+    let v: Value = serde_json::from_slice(&got.stdout).expect("get prints JSON");
+    assert_eq!(
+        (v["status"].as_str(), v["exit_code"].as_i64()),
+        (Some("failed"), Some(7))
+    );
+    let logs = etask(&["logs", &id]);
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("out-line"));
+    let tasks = etask(&["tasks"]);
+    assert!(String::from_utf8_lossy(&tasks.stdout).contains("cli-check"));
+    let cancel = etask(&["cancel", &id]);
+    assert_eq!(cancel.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&cancel.stderr).contains("conflict (HTTP 409)"),
+        "{}",
+        String::from_utf8_lossy(&cancel.stderr)
+    );
+}

@@ -21,6 +21,7 @@ CREATE TABLE executions (
     status       VARCHAR(16)  NOT NULL,
     node         VARCHAR(255) NULL,
     due_at       BIGINT       NOT NULL,
+    timeout_ms   BIGINT       NULL,
     deadline_at  BIGINT       NULL,
     heartbeat_at BIGINT       NULL,
     exit_code    INT          NULL,

@@ -20,6 +20,7 @@ CREATE TABLE executions (
     status       TEXT    NOT NULL,
     node         TEXT,
     due_at       INTEGER NOT NULL,
+    timeout_ms   INTEGER,
     deadline_at  INTEGER,
     heartbeat_at INTEGER,
     exit_code    INTEGER,

@@ -146,7 +146,8 @@ fn prepare_workspace(cfg: &PoolConfig, req: &RunRequest, ws: &Path) -> Result<La
             .mode(*mode)
             .open(path)
             .map_err(|e| io("cannot create", path, e))?;
-        f.write_all(bytes).map_err(|e| io("cannot write", path, e))?;
+        f.write_all(bytes)
+            .map_err(|e| io("cannot write", path, e))?;
         owned.push(path.clone());
     }
     if let Some(RunAs { uid, gid }) = cfg.run_as {

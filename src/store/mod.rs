@@ -468,11 +468,12 @@ impl SqlStore {
         deadline_ms: Option<i64>,
         now: i64,
     ) -> Result<ExecutionId> {
-        let deadline = deadline_ms.map(|d| due_at.max(now) + d);
+        // The deadline itself is set when an attempt is claimed (claim time + timeout), so
+        // every attempt gets the full timeout.
         c.insert(
-            "INSERT INTO executions (task_id, attempt, status, due_at, deadline_at, created_at, updated_at) \
+            "INSERT INTO executions (task_id, attempt, status, due_at, timeout_ms, created_at, updated_at) \
              VALUES (?, 1, 'pending', ?, ?, ?, ?)",
-            &[task.0.into(), due_at.into(), deadline.into(), now.into(), now.into()],
+            &[task.0.into(), due_at.into(), deadline_ms.into(), now.into(), now.into()],
         )
         .map(ExecutionId)
     }
@@ -788,9 +789,9 @@ impl Store for SqlStore {
                 // UPDATE re-reads the row under its lock, so a row another scheduler claimed
                 // since our SELECT no longer matches.
                 let won = c.exec(
-                    "UPDATE executions SET status = 'dispatched', node = ?, heartbeat_at = ?, updated_at = ? \
-                     WHERE id = ? AND attempt = ? AND status = 'pending'",
-                    &[node.into(), now.into(), now.into(), id.into(), attempt.into()],
+                    "UPDATE executions SET status = 'dispatched', node = ?, heartbeat_at = ?, updated_at = ?, \
+                     deadline_at = ? + timeout_ms WHERE id = ? AND attempt = ? AND status = 'pending'",
+                    &[node.into(), now.into(), now.into(), now.into(), id.into(), attempt.into()],
                 )?;
                 if won == 1 {
                     let spec = r[4].s().ok_or_else(|| bad("spec"))?;
