@@ -62,7 +62,10 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         )
     })?;
     let store = crate::store::open(&cfg.store_url()).map_err(|e| e.to_string())?;
-    let (reports_tx, reports_rx) = crossbeam_channel::bounded(4096);
+    // Unbounded on purpose: the pool's reactor must never block on its consumer (timeouts and
+    // kills run on that thread). The backlog is bounded by the per-run log cap times
+    // node.max_concurrent, and drains as soon as the store answers again.
+    let (reports_tx, reports_rx) = crossbeam_channel::unbounded();
     let mut local = None;
     let mut deliveries: Vec<Arc<dyn Delivery>> = Vec::new();
     if mode == Mode::All {

@@ -696,3 +696,40 @@ fn cli_client_submits_waits_and_mirrors_the_outcome() {
         String::from_utf8_lossy(&cancel.stderr)
     );
 }
+
+#[test]
+fn sigterm_stops_the_server_cleanly_and_its_script() {
+    let dir = support::temp_dir("e2e-term");
+    let mut s = Server::start(&dir, &[], "");
+    let pidfile = dir.join("pid");
+    let (_, e) = s.submit(shell(
+        "long",
+        &format!("echo $$ > {}\nexec sleep 60\n", pidfile.display()),
+    ));
+    s.wait_for(e, Duration::from_secs(20), |v| {
+        v["status"] == "running" && pidfile.exists()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let script: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: sending SIGTERM to the server we started.
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "server still running 15 s after SIGTERM\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status:?}\n{}", s.log());
+    assert!(!pid_alive(script), "the script outlived its server");
+    assert!(s.log().contains("signal 15: stopping"));
+}

@@ -204,7 +204,7 @@ fn handle(core: &Arc<Core>, mut req: Request) {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
     if path == "/healthz" {
-        let ok = core.store.status_counts().is_ok();
+        let ok = core.store.ping().is_ok();
         let body = json!({"status": if ok { "ok" } else { "store unavailable" }, "store": core.store.describe()});
         return reply(req, if ok { 200 } else { 503 }, &body);
     }

@@ -388,6 +388,8 @@ pub trait Store: Send + Sync {
     ) -> Result<()>;
     fn outbox_pending(&self) -> Result<i64>;
     fn status_counts(&self) -> Result<Vec<(Status, i64)>>;
+    /// A cheap round trip, for health checks.
+    fn ping(&self) -> Result<()>;
 }
 
 pub struct SqlStore {
@@ -999,6 +1001,10 @@ impl Store for SqlStore {
                 .and_then(|r| r[0].i())
                 .unwrap_or(0))
         })
+    }
+
+    fn ping(&self) -> Result<()> {
+        self.tx(|c| c.query("SELECT 1", &[]).map(|_| ()))
     }
 
     fn status_counts(&self) -> Result<Vec<(Status, i64)>> {
