@@ -19,6 +19,7 @@ have mariadbd || [ -x /usr/sbin/mariadbd ] || need_pkgs+=(mariadb-server)
 have cc || need_pkgs+=(build-essential)
 have bash || need_pkgs+=(bash)
 have musl-gcc || need_pkgs+=(musl-tools)
+have etcd || [ -x /usr/bin/etcd ] || need_pkgs+=(etcd-server)
 
 if [ "${1:-}" != "--quick" ] && [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "test.sh: installing ${need_pkgs[*]}"

@@ -17,5 +17,6 @@ pub fn now_ms() -> i64 {
 pub mod client;
 pub mod config;
 pub mod delivery;
+pub mod registry;
 pub mod scheduler;
 pub mod server;

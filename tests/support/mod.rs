@@ -41,3 +41,92 @@ pub fn mysql_db(tag: &str) -> String {
         .expect("create db");
     format!("{}{db}", server.trim_end_matches('/').to_owned() + "/")
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A single-node etcd (Debian `etcd-server`) on free ports with its own data dir.
+pub struct EtcdServer {
+    child: Option<std::process::Child>,
+    pub url: String,
+    peer: String,
+    pub dir: PathBuf,
+}
+
+impl EtcdServer {
+    pub fn start(tag: &str) -> EtcdServer {
+        let dir = temp_dir(&format!("etcd-{tag}"));
+        let url = format!("http://127.0.0.1:{}", free_port());
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let mut e = EtcdServer {
+            child: None,
+            url,
+            peer,
+            dir,
+        };
+        e.launch();
+        e
+    }
+
+    fn launch(&mut self) {
+        let bin = if std::path::Path::new("/usr/bin/etcd").exists() {
+            "/usr/bin/etcd"
+        } else {
+            "etcd"
+        };
+        let child = std::process::Command::new(bin)
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args([
+                "--listen-client-urls",
+                &self.url,
+                "--advertise-client-urls",
+                &self.url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &self.peer,
+                "--initial-advertise-peer-urls",
+                &self.peer,
+            ])
+            .args(["--initial-cluster", &format!("t={}", self.peer)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("etcd.log")).expect("etcd log"))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("etcd is needed for this test (scripts/test.sh installs etcd-server): {e}")
+            });
+        self.child = Some(child);
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_secs(20) {
+            if ureq::get(&format!("{}/version", self.url)).call().is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("etcd did not come up at {}", self.url);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills and starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
