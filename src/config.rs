@@ -16,6 +16,27 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub callbacks: CallbackConfig,
     pub node: NodeConfig,
+    pub registry: RegistryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// etcd client URL (its /v3 JSON gateway), e.g. "http://127.0.0.1:2379"; empty = no etcd,
+    /// the scheduler knows only its own built-in node.
+    pub etcd: String,
+    pub prefix: String,
+    pub ttl_seconds: u64,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            etcd: String::new(),
+            prefix: "/etask/".into(),
+            ttl_seconds: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -86,6 +107,7 @@ impl Default for Config {
             scheduler: SchedulerConfig::default(),
             callbacks: CallbackConfig::default(),
             node: NodeConfig::default(),
+            registry: RegistryConfig::default(),
         }
     }
 }
@@ -209,6 +231,13 @@ rlimit_processes = 0
 # Run scripts as this uid/gid when the node runs as root; -1 = as the node itself.
 run_as_uid = -1
 run_as_gid = -1
+
+[registry]
+# etcd client URL (its /v3 JSON gateway). Nodes keep <prefix>nodes/<role>/<pool>/<id> alive on
+# a lease; schedulers watch the prefix. Empty = no etcd: the scheduler knows its own node only.
+etcd = ""
+prefix = "/etask/"
+ttl_seconds = 10
 "#;
 
 impl Config {
@@ -233,6 +262,18 @@ impl Config {
         }
         if self.node.max_concurrent == 0 || self.server.http_threads == 0 {
             return Err("node.max_concurrent and server.http_threads must be at least 1".into());
+        }
+        if !self.registry.etcd.is_empty() && !self.registry.etcd.starts_with("http://") {
+            return Err(format!(
+                "registry.etcd must be an http:// URL, not {:?}",
+                self.registry.etcd
+            ));
+        }
+        if !self.registry.prefix.starts_with('/') || !self.registry.prefix.ends_with('/') {
+            return Err("registry.prefix must start and end with '/'".into());
+        }
+        if self.registry.ttl_seconds < 2 {
+            return Err("registry.ttl_seconds must be at least 2".into());
         }
         if (self.node.run_as_uid < 0) != (self.node.run_as_gid < 0) {
             return Err("node.run_as_uid and node.run_as_gid must be set together".into());

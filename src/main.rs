@@ -29,6 +29,16 @@ enum Cmd {
     Logs(LogsCmd),
     Cancel(CancelCmd),
     Tasks(TasksCmd),
+    Nodes(NodesCmd),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "nodes")]
+/// list the live nodes the scheduler knows (from etcd, or its built-in node).
+struct NodesCmd {
+    /// scheduler URL (default $ETASK_SERVER or http://127.0.0.1:8765)
+    #[argh(option)]
+    server: Option<String>,
 }
 
 #[derive(FromArgs)]
@@ -233,6 +243,7 @@ fn main() -> ExitCode {
             )
             .map(print_json),
         Cmd::Tasks(c) => cmd_tasks(c),
+        Cmd::Nodes(c) => cmd_nodes(c),
     };
     match res {
         Ok(code) => code,
@@ -578,6 +589,38 @@ fn cmd_tasks(c: TasksCmd) -> Result<ExitCode, String> {
             } else {
                 ""
             }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_nodes(c: NodesCmd) -> Result<ExitCode, String> {
+    let v = client(&c.server).get("/api/v1/nodes")?;
+    println!(
+        "{:<40}  {:<9}  {:<12}  {:<6}  {:>9}  address",
+        "id", "role", "pool", "path", "running"
+    );
+    for n in v
+        .get("items")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let s = |k: &str| {
+            n.get(k)
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("-")
+                .to_owned()
+        };
+        println!(
+            "{:<40}  {:<9}  {:<12}  {:<6}  {:>4}/{:<4}  {}",
+            s("id"),
+            s("role"),
+            s("pool"),
+            s("path"),
+            n["running"],
+            n["capacity"],
+            s("address")
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::delivery::local::Local;
 use crate::delivery::Delivery;
+use crate::registry::etcd::Etcd;
+use crate::registry::{NodeTable, Registration};
 use crate::runner::Pool;
 use crate::scheduler::Scheduler;
 
@@ -75,7 +77,30 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         deliveries.push(l.clone());
         local = Some(l);
     }
-    let sched = Scheduler::start(Arc::new(store), cfg, deliveries, reports_rx)?;
+    // The registry: the scheduler watches the live nodes; the built-in node registers itself.
+    let reg = &cfg.registry;
+    let mut table = None;
+    let mut registration = None;
+    if !reg.etcd.is_empty() {
+        let etcd = Etcd::new(&reg.etcd);
+        let t = NodeTable::start(etcd.clone(), reg.prefix.clone())
+            .map_err(|e| format!("cannot start the node watcher: {e}"))?;
+        table = Some(Arc::new(t));
+        if let Some(l) = &local {
+            let info = crate::scheduler::builtin_node_info(l.as_ref());
+            let l2 = l.clone();
+            let r = Registration::start(
+                etcd,
+                reg.prefix.clone(),
+                info,
+                reg.ttl_seconds,
+                Box::new(move || l2.load().0),
+            )
+            .map_err(|e| format!("cannot start the registry heartbeat: {e}"))?;
+            registration = Some(r);
+        }
+    }
+    let sched = Scheduler::start(Arc::new(store), cfg, deliveries, reports_rx, table)?;
     if let Some(addr) = sched.http_addr() {
         // One line on stdout so scripts and tests can find the port (`--listen 127.0.0.1:0`).
         println!("etask listening on http://{addr}");
@@ -84,6 +109,10 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     let sig = stop.recv().unwrap_or(libc::SIGTERM);
     log::warn!(target: "etask::server", "signal {sig}: stopping");
     sched.stop();
+    // Leave the registry before the node goes (the lease is revoked: no wait for expiry).
+    if let Some(r) = registration {
+        r.stop();
+    }
     if let Some(l) = local {
         match Arc::try_unwrap(l) {
             Ok(l) => l.shutdown(),

@@ -733,3 +733,49 @@ fn sigterm_stops_the_server_cleanly_and_its_script() {
     assert!(!pid_alive(script), "the script outlived its server");
     assert!(s.log().contains("signal 15: stopping"));
 }
+
+#[test]
+fn nodes_are_listed_from_etcd_and_a_killed_node_expires() {
+    use etask::registry::{etcd::Etcd, NodeTable};
+    // Without etcd: the built-in node only.
+    let plain = Server::start(&support::temp_dir("e2e-nodes0"), &[], "");
+    let (_, v) = plain.call("GET", "/api/v1/nodes", None);
+    assert_eq!(v["items"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["items"][0]["path"], "local");
+
+    let etcd = support::EtcdServer::start("e2e-nodes");
+    let cfg = format!("[registry]\netcd = \"{}\"\nttl_seconds = 2\n", etcd.url);
+    let mut s = Server::start(&support::temp_dir("e2e-nodes"), &[], &cfg);
+    let t0 = Instant::now();
+    let id = loop {
+        let (_, v) = s.call("GET", "/api/v1/nodes", None);
+        if let Some(n) = v["items"].as_array().and_then(|a| a.first()) {
+            assert_eq!(
+                (n["role"].as_str(), n["capacity"].as_i64()),
+                (Some("executor"), Some(64)),
+                "{v}"
+            );
+            break n["id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the built-in node never showed up from etcd"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let table = NodeTable::start(Etcd::new(&etcd.url), "/etask/".into()).unwrap();
+    let t0 = Instant::now();
+    while table.nodes().is_empty() && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(table.nodes()[0].id, id);
+    s.kill9(); // no revoke: the lease must expire
+    let t0 = Instant::now();
+    while !table.nodes().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "a killed node stayed registered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -43,6 +43,13 @@ impl Delivery for Local {
             .saturating_sub(self.pool.in_flight())
     }
 
+    fn load(&self) -> (u32, u32) {
+        (
+            self.pool.running() as u32,
+            self.pool.max_concurrent() as u32,
+        )
+    }
+
     fn dispatch(&self, d: Dispatch) -> Result<(), Refused> {
         let req = RunRequest {
             execution_id: d.execution_id,

@@ -39,6 +39,8 @@ pub trait Delivery: Send + Sync {
     fn node(&self) -> &str;
     /// How many more dispatches it would accept now.
     fn free_slots(&self) -> usize;
+    /// Scripts running now, and how many may run at once.
+    fn load(&self) -> (u32, u32);
     fn dispatch(&self, d: Dispatch) -> Result<(), Refused>;
     /// Stops an attempt wherever it runs; unknown attempts are ignored.
     fn cancel(&self, id: ExecutionId, attempt: Attempt);

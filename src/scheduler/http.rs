@@ -327,6 +327,10 @@ fn route(
                 ))),
             }
         }
+        ("nodes", []) if *method == Method::Get => {
+            let nodes = core.nodes();
+            Ok((200, json!({"items": nodes})))
+        }
         ("executions", []) if *method == Method::Get => {
             let limit = num::<u32>(q, "limit")?.unwrap_or(50).clamp(1, 500);
             let cursor = num::<i64>(q, "cursor")?.map(ExecutionId);

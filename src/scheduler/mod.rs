@@ -26,6 +26,28 @@ use crate::store::{CancelOutcome, Created, Finish, NewTask, Store};
 use api::{next_fire, parse_cron, ApiError, RetryPolicy, Schedule, TaskSpec};
 use metrics::Metrics;
 
+use crate::registry::{NodeInfo, NodeTable};
+
+/// How the built-in node of `--mode all` describes itself (in etcd and `GET /api/v1/nodes`).
+pub fn builtin_node_info(d: &dyn Delivery) -> NodeInfo {
+    let (running, capacity) = d.load();
+    NodeInfo {
+        id: d.node().to_owned(),
+        role: "executor".into(),
+        pool: d.path().to_owned(),
+        address: None,
+        path: d.path().to_owned(),
+        handlers: vec!["shell".into(), "python".into(), "exec".into()],
+        capacity,
+        running,
+        version: env!("CARGO_PKG_VERSION").into(),
+        started_at: *PROCESS_START,
+    }
+}
+
+/// When this process started its scheduler (read once, at `Scheduler::start`).
+static PROCESS_START: std::sync::LazyLock<i64> = std::sync::LazyLock::new(now_ms);
+
 const LOG: &str = "etask::scheduler";
 
 /// State shared by the scheduler's threads and HTTP handlers.
@@ -38,6 +60,8 @@ pub struct Core {
     kick_callbacks: Sender<()>,
     stopping: AtomicBool,
     pub followers: AtomicUsize,
+    /// Live nodes from etcd, when a registry is configured.
+    node_table: Option<Arc<NodeTable>>,
     /// Retry policy and callback URL of dispatched attempts, so a report needs no task lookup.
     /// Filled at dispatch, taken at finish; a miss (after a restart) falls back to the store.
     policies: Mutex<HashMap<(ExecutionId, Attempt), Policy>>,
@@ -57,6 +81,17 @@ fn kick(tx: &Sender<()>) {
 impl Core {
     pub fn paths(&self) -> Vec<&'static str> {
         self.deliveries.iter().map(|d| d.path()).collect()
+    }
+
+    /// Live nodes: the etcd table when a registry is configured, else this process's own.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        if let Some(t) = &self.node_table {
+            return t.nodes();
+        }
+        self.deliveries
+            .iter()
+            .map(|d| builtin_node_info(d.as_ref()))
+            .collect()
     }
 
     pub fn stopping(&self) -> bool {
@@ -290,7 +325,9 @@ impl Scheduler {
         cfg: Config,
         deliveries: Vec<Arc<dyn Delivery>>,
         reports: Receiver<RunEvent>,
+        node_table: Option<Arc<NodeTable>>,
     ) -> Result<Scheduler, String> {
+        std::sync::LazyLock::force(&PROCESS_START);
         let applied = store
             .migrate()
             .map_err(|e| format!("store {}: {e}", store.describe()))?;
@@ -308,6 +345,7 @@ impl Scheduler {
             kick_callbacks,
             stopping: AtomicBool::new(false),
             followers: AtomicUsize::new(0),
+            node_table,
             policies: Mutex::new(HashMap::new()),
         });
         let http = http::HttpServer::start(core.clone())?;
