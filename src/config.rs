@@ -67,6 +67,8 @@ pub struct SchedulerConfig {
     /// What a cron task does after the scheduler was down over several fire times:
     /// "once" fires one execution on return, "skip" waits for the next fire time.
     pub cron_missed: String,
+    /// Finished executions (with their logs) are deleted after this many days; 0 = never.
+    pub retention_days: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -135,6 +137,7 @@ impl Default for SchedulerConfig {
             default_timeout_seconds: 3_600,
             default_max_attempts: 1,
             cron_missed: "once".into(),
+            retention_days: 30,
         }
     }
 }
@@ -204,6 +207,9 @@ default_timeout_seconds = 3600
 default_max_attempts = 1
 # After downtime over several cron fire times: "once" fires once on return, "skip" does not.
 cron_missed = "once"
+# Finished executions, their logs and delivered callbacks are deleted after this many days
+# (task definitions stay); 0 = keep forever.
+retention_days = 30
 
 [callbacks]
 # POST of the execution to callback_url on its terminal state, from a durable outbox.

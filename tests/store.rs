@@ -351,3 +351,63 @@ fn one_batch_finishes_several_attempts_and_skips_stale_ones() {
         assert_eq!(s.get_execution(b).unwrap().unwrap().exit_code, Some(1));
     }
 }
+
+#[test]
+fn purge_removes_only_old_finished_executions_and_their_logs() {
+    for s in backends("purge") {
+        let old = s
+            .create_task(&once("old", None), 1_000)
+            .unwrap()
+            .execution_id
+            .unwrap();
+        let new = s
+            .create_task(&once("new", None), 1_000)
+            .unwrap()
+            .execution_id
+            .unwrap();
+        let waiting = s
+            .create_task(&once("waiting", None), 1_000)
+            .unwrap()
+            .execution_id
+            .unwrap();
+        let cb = s
+            .create_task(&once("cb", None), 1_000)
+            .unwrap()
+            .execution_id
+            .unwrap();
+        s.claim_due(1_000, 3, "n").unwrap(); // old, new, waiting... claims in id order
+        let ok = Finish {
+            status: Some(Status::Succeeded),
+            ..Finish::default()
+        };
+        s.finish(&[(old, Attempt(1), ok.clone())], 1_500).unwrap();
+        s.finish(&[(new, Attempt(1), ok.clone())], 9_000).unwrap();
+        s.append_logs(
+            &[
+                (old, Attempt(1), 0, "stdout", "x\n"),
+                (new, Attempt(1), 0, "stdout", "y\n"),
+            ],
+            1_500,
+        )
+        .unwrap();
+        s.claim_due(1_000, 10, "n").unwrap();
+        let with_cb = Finish {
+            callback_url: Some("http://127.0.0.1:1/".into()),
+            ..ok
+        };
+        s.finish(&[(cb, Attempt(1), with_cb)], 1_500).unwrap();
+        assert_eq!(s.purge(5_000, 100).unwrap(), 1, "{}", s.describe());
+        assert!(s.get_execution(old).unwrap().is_none());
+        assert!(s.logs_after(old, 0, 10).unwrap().is_empty());
+        assert!(s.get_execution(new).unwrap().is_some());
+        assert_eq!(s.logs_after(new, 0, 10).unwrap().len(), 1);
+        assert!(
+            s.get_execution(waiting).unwrap().is_some(),
+            "a running execution is never purged"
+        );
+        assert!(
+            s.get_execution(cb).unwrap().is_some(),
+            "an execution with a pending callback is kept"
+        );
+    }
+}

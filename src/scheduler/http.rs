@@ -53,7 +53,15 @@ impl HttpServer {
                 .name(format!("http-{i}"))
                 .spawn(move || {
                     while let Ok(req) = server.recv() {
-                        handle(&core, req);
+                        // A bug in one handler must not take a worker down with it: the
+                        // dropped request is answered 500 by tiny_http, the worker goes on.
+                        let url = req.url().to_owned();
+                        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            handle(&core, req)
+                        }));
+                        if res.is_err() {
+                            log::error!(target: LOG, "handler panicked on {url}; answered 500");
+                        }
                     }
                 })
                 .map_err(|e| format!("cannot start http thread: {e}"))?;

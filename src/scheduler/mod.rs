@@ -611,11 +611,24 @@ fn cron_ticker(core: &Core) {
 fn sweeper(core: &Core) {
     let every = Duration::from_millis(core.cfg.scheduler.heartbeat_interval_ms.max(100));
     let silent_after = core.cfg.scheduler.node_silent_after_ms as i64;
+    // Purge soon after start, then once a minute (1,000 executions per pass).
+    let mut last_purge = std::time::Instant::now() - Duration::from_secs(55);
     while !core.stopping() {
         let now = now_ms();
         for d in &core.deliveries {
             if let Err(e) = core.store.heartbeat(d.node(), now) {
                 log::warn!(target: LOG, "node={} heartbeat not recorded: {e}", d.node());
+            }
+        }
+        let days = core.cfg.scheduler.retention_days;
+        if days > 0 && last_purge.elapsed() >= Duration::from_secs(60) {
+            last_purge = std::time::Instant::now();
+            match core.store.purge(now - (days as i64) * 86_400_000, 1_000) {
+                Ok(0) => {}
+                Ok(n) => {
+                    log::info!(target: LOG, "purged {n} executions finished over {days} days ago")
+                }
+                Err(e) => log::warn!(target: LOG, "cannot purge old executions: {e}"),
             }
         }
         match core.store.silent(now - silent_after, now, 100) {

@@ -390,6 +390,10 @@ pub trait Store: Send + Sync {
     fn status_counts(&self) -> Result<Vec<(Status, i64)>>;
     /// A cheap round trip, for health checks.
     fn ping(&self) -> Result<()>;
+    /// Deletes up to `limit` executions that ended before `finished_before`, with their
+    /// attempts, logs and delivered callbacks (not those with a callback still pending).
+    /// Task definitions stay. Returns how many executions went.
+    fn purge(&self, finished_before: i64, limit: u32) -> Result<u64>;
 }
 
 pub struct SqlStore {
@@ -1000,6 +1004,30 @@ impl Store for SqlStore {
                 .first()
                 .and_then(|r| r[0].i())
                 .unwrap_or(0))
+        })
+    }
+
+    fn purge(&self, finished_before: i64, limit: u32) -> Result<u64> {
+        self.tx(|c| {
+            let ids = c.query(
+                "SELECT e.id FROM executions e WHERE e.finished_at IS NOT NULL AND e.finished_at < ? \
+                 AND e.status IN ('succeeded', 'failed', 'timed_out', 'cancelled', 'lost') \
+                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.execution_id = e.id AND o.done = 0) \
+                 ORDER BY e.id LIMIT ?",
+                &[finished_before.into(), i64::from(limit).into()],
+            )?;
+            for r in &ids {
+                let id = r[0].clone();
+                for sql in [
+                    "DELETE FROM log_chunks WHERE execution_id = ?",
+                    "DELETE FROM attempts WHERE execution_id = ?",
+                    "DELETE FROM outbox WHERE execution_id = ?",
+                    "DELETE FROM executions WHERE id = ?",
+                ] {
+                    c.exec(sql, std::slice::from_ref(&id))?;
+                }
+            }
+            Ok(ids.len() as u64)
         })
     }
 
