@@ -111,6 +111,8 @@ fn run(store: Option<&str>, tasks: usize, conc: usize) -> Run {
         "all",
         "--listen",
         "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
         "--config",
     ])
     .arg(&cfg)

@@ -20,6 +20,7 @@ have cc || need_pkgs+=(build-essential)
 have bash || need_pkgs+=(bash)
 have musl-gcc || need_pkgs+=(musl-tools)
 have etcd || [ -x /usr/bin/etcd ] || need_pkgs+=(etcd-server)
+have protoc || need_pkgs+=(protobuf-compiler)
 
 if [ "${1:-}" != "--quick" ] && [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "test.sh: installing ${need_pkgs[*]}"
@@ -75,7 +76,7 @@ if readelf -d "$bin" | grep -q NEEDED; then
 fi
 smoke=$(mktemp -d)
 trap 'kill "$server_pid" 2>/dev/null || true; rm -rf "$smoke"' EXIT
-"$bin" server --mode all --listen 127.0.0.1:0 --data-dir "$smoke/data" >"$smoke/out" 2>"$smoke/log" &
+"$bin" server --mode all --listen 127.0.0.1:0 --grpc-listen 127.0.0.1:0 --data-dir "$smoke/data" >"$smoke/out" 2>"$smoke/log" &
 server_pid=$!
 for _ in $(seq 1 50); do grep -q "listening on" "$smoke/out" 2>/dev/null && break; sleep 0.1; done
 url=$(sed -n 's/^etask listening on //p' "$smoke/out")

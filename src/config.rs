@@ -17,6 +17,37 @@ pub struct Config {
     pub callbacks: CallbackConfig,
     pub node: NodeConfig,
     pub registry: RegistryConfig,
+    pub executor: ExecutorConfig,
+}
+
+/// The `--mode executor` node.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecutorConfig {
+    /// The scheduler's gRPC URL, e.g. "http://10.0.0.5:9090".
+    pub scheduler: String,
+    pub pool: String,
+    /// "push" (the scheduler calls this node); "pull" is not built yet.
+    pub path: String,
+    /// Where the executor serves Execute/Cancel (push).
+    pub grpc_listen: String,
+    /// Address the scheduler should dial; empty = grpc_listen.
+    pub advertise: String,
+    /// Empty = "<hostname>-<pid>".
+    pub node_id: String,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        ExecutorConfig {
+            scheduler: "http://127.0.0.1:9090".into(),
+            pool: "default".into(),
+            path: "push".into(),
+            grpc_listen: "127.0.0.1:9091".into(),
+            advertise: String::new(),
+            node_id: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -51,6 +82,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub http_threads: usize,
     pub max_log_followers: usize,
+    /// gRPC listen address of the scheduler (nodes report here); empty = no gRPC.
+    pub grpc_listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -110,6 +143,7 @@ impl Default for Config {
             callbacks: CallbackConfig::default(),
             node: NodeConfig::default(),
             registry: RegistryConfig::default(),
+            executor: ExecutorConfig::default(),
         }
     }
 }
@@ -124,6 +158,7 @@ impl Default for ServerConfig {
             max_body_bytes: 8 << 20,
             http_threads: 8,
             max_log_followers: 256,
+            grpc_listen: "127.0.0.1:9090".into(),
         }
     }
 }
@@ -193,6 +228,8 @@ max_body_bytes = 8388608
 http_threads = 8
 # Concurrent `logs?follow=true` streams; more are refused with 503.
 max_log_followers = 256
+# gRPC address of the scheduler: executors report logs and outcomes here. Empty = no gRPC.
+grpc_listen = "127.0.0.1:9090"
 
 [scheduler]
 # Look for due work this often (submissions to this scheduler wake it at once).
@@ -244,6 +281,18 @@ run_as_gid = -1
 etcd = ""
 prefix = "/etask/"
 ttl_seconds = 10
+
+[executor]
+# --mode executor: a gRPC node. The scheduler PUSHes Execute to it; it reports back over gRPC.
+# It needs [registry] etcd so schedulers can find it.
+scheduler = "http://127.0.0.1:9090"
+pool = "default"
+path = "push"
+grpc_listen = "127.0.0.1:9091"
+# Address schedulers dial (host:port); empty = grpc_listen.
+advertise = ""
+# Empty = <hostname>-<pid>.
+node_id = ""
 "#;
 
 impl Config {

@@ -17,6 +17,7 @@ pub fn now_ms() -> i64 {
 pub mod client;
 pub mod config;
 pub mod delivery;
+pub mod node;
 pub mod registry;
 pub mod scheduler;
 pub mod server;

@@ -61,6 +61,27 @@ struct ServerCmd {
     /// store URL: sqlite:PATH or mysql://user:pass@host:port/db
     #[argh(option)]
     store: Option<String>,
+    /// gRPC listen address (scheduler default 127.0.0.1:9090, executor 127.0.0.1:9091)
+    #[argh(option)]
+    grpc_listen: Option<String>,
+    /// etcd URL of the node registry, e.g. http://127.0.0.1:2379
+    #[argh(option)]
+    etcd: Option<String>,
+    /// executor: the scheduler's gRPC URL, e.g. http://10.0.0.5:9090
+    #[argh(option)]
+    scheduler: Option<String>,
+    /// executor: the pool it serves (default "default")
+    #[argh(option)]
+    pool: Option<String>,
+    /// executor: push (pull is not built yet)
+    #[argh(option)]
+    path: Option<String>,
+    /// executor: node id (default <hostname>-<pid>)
+    #[argh(option)]
+    node_id: Option<String>,
+    /// scripts run at once on this node (default 64)
+    #[argh(option)]
+    max_concurrent: Option<usize>,
 }
 
 #[derive(FromArgs)]
@@ -423,6 +444,32 @@ fn cmd_server(c: ServerCmd) -> Result<(), String> {
     if let Some(s) = c.store {
         cfg.server.store = s;
     }
+    if let Some(g) = c.grpc_listen {
+        if mode == etask::server::Mode::Executor {
+            cfg.executor.grpc_listen = g;
+        } else {
+            cfg.server.grpc_listen = g;
+        }
+    }
+    if let Some(e) = c.etcd {
+        cfg.registry.etcd = e;
+    }
+    if let Some(v) = c.scheduler {
+        cfg.executor.scheduler = v;
+    }
+    if let Some(v) = c.pool {
+        cfg.executor.pool = v;
+    }
+    if let Some(v) = c.path {
+        cfg.executor.path = v;
+    }
+    if let Some(v) = c.node_id {
+        cfg.executor.node_id = v;
+    }
+    if let Some(v) = c.max_concurrent {
+        cfg.node.max_concurrent = v;
+    }
+    cfg.validate()?;
     if cfg.server.token.is_empty() {
         if let Ok(t) = std::env::var("ETASK_TOKEN") {
             cfg.server.token = t;

@@ -49,12 +49,16 @@ fn node_id() -> String {
 
 /// Runs until `stop` yields (SIGTERM/SIGINT in the CLI), then shuts down in order.
 pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> Result<(), String> {
-    if matches!(mode, Mode::Agent | Mode::Executor) {
-        return Err(format!(
-            "--mode {} is not available yet: the gRPC executor and Kafka agent paths are not built; \
-             use --mode all (scheduler with a built-in node) or --mode scheduler",
-            if mode == Mode::Agent { "agent" } else { "executor" }
-        ));
+    match mode {
+        Mode::Agent => {
+            return Err(
+                "--mode agent is not available yet: the Kafka agent path is not built; use \
+                        --mode executor (gRPC push), --mode all or --mode scheduler"
+                    .into(),
+            )
+        }
+        Mode::Executor => return crate::node::executor::run(cfg, stop),
+        Mode::Scheduler | Mode::All => {}
     }
     crate::scheduler::http::check_listen(&cfg)?;
     std::fs::create_dir_all(&cfg.server.data_dir).map_err(|e| {
@@ -68,6 +72,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     // kills run on that thread). The backlog is bounded by the per-run log cap times
     // node.max_concurrent, and drains as soon as the store answers again.
     let (reports_tx, reports_rx) = crossbeam_channel::unbounded();
+    let reports_tx_sched = reports_tx.clone();
     let mut local = None;
     let mut deliveries: Vec<Arc<dyn Delivery>> = Vec::new();
     if mode == Mode::All {
@@ -100,14 +105,43 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
             registration = Some(r);
         }
     }
+    // gRPC: nodes report to this scheduler; with a registry, tasks may target `push`.
+    let mut grpc_server = None;
+    if !cfg.server.grpc_listen.is_empty() {
+        let rt = crate::delivery::grpc::Runtime::new()
+            .map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
+        let addr = cfg.server.grpc_listen.parse().map_err(|_| {
+            format!(
+                "server.grpc_listen {:?} is not IP:PORT",
+                cfg.server.grpc_listen
+            )
+        })?;
+        let srv = crate::delivery::grpc::serve_scheduler(&rt, addr, reports_tx_sched.clone())
+            .map_err(|e| format!("cannot listen for gRPC on {addr}: {e}"))?;
+        log::info!(target: "etask::server", "gRPC listening on {}", srv.addr);
+        if let Some(t) = &table {
+            deliveries.push(Arc::new(crate::delivery::grpc::push::Push::new(
+                rt.clone(),
+                t.clone(),
+            )));
+        }
+        grpc_server = Some(srv);
+    }
     let sched = Scheduler::start(Arc::new(store), cfg, deliveries, reports_rx, table)?;
     if let Some(addr) = sched.http_addr() {
         // One line on stdout so scripts and tests can find the port (`--listen 127.0.0.1:0`).
         println!("etask listening on http://{addr}");
     }
+    match &grpc_server {
+        Some(g) => println!("etask grpc on http://{}", g.addr),
+        None => println!("etask grpc off"),
+    }
     log::warn!(target: "etask::server", "started mode={mode:?} store={}", sched.core.store.describe());
     let sig = stop.recv().unwrap_or(libc::SIGTERM);
     log::warn!(target: "etask::server", "signal {sig}: stopping");
+    if let Some(g) = grpc_server {
+        g.stop();
+    }
     sched.stop();
     // Leave the registry before the node goes (the lease is revoked: no wait for expiry).
     if let Some(r) = registration {

@@ -14,11 +14,14 @@ struct Server {
     child: Child,
     url: String,
     dir: PathBuf,
+    /// The scheduler's gRPC URL.
+    grpc: Option<String>,
 }
 
 impl Server {
     /// Starts `etask server --mode all` with `extra_config` appended to a test config.
     fn start(dir: &Path, extra_args: &[&str], extra_config: &str) -> Server {
+        std::fs::create_dir_all(dir).unwrap();
         let cfg = dir.join("etask.toml");
         let text = format!(
             "[scheduler]\npoll_interval_ms = 200\nheartbeat_interval_ms = 300\nnode_silent_after_ms = 2000\n\
@@ -32,6 +35,8 @@ impl Server {
                 "--mode",
                 "all",
                 "--listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
                 "127.0.0.1:0",
                 "--config",
             ])
@@ -50,9 +55,14 @@ impl Server {
             .spawn()
             .expect("start etask server");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        let mut grpc_line = String::new();
+        out.read_line(&mut grpc_line).unwrap();
+        let grpc = grpc_line
+            .trim()
+            .strip_prefix("etask grpc on ")
+            .map(str::to_owned);
         let url = line
             .trim()
             .strip_prefix("etask listening on ")
@@ -67,6 +77,7 @@ impl Server {
             child,
             url,
             dir: dir.to_owned(),
+            grpc,
         }
     }
 
@@ -778,4 +789,163 @@ fn nodes_are_listed_from_etcd_and_a_killed_node_expires() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// An `etask server --mode executor` process (gRPC push node).
+struct Executor {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Executor {
+    fn start(dir: &Path, id: &str, pool: &str, scheduler_grpc: &str, etcd: &str) -> Executor {
+        std::fs::create_dir_all(dir).unwrap();
+        let cfg = dir.join("executor.toml");
+        std::fs::write(
+            &cfg,
+            "[registry]\nttl_seconds = 2\n[node]\nkill_grace_seconds = 1\n",
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_etask"))
+            .args(["server", "--mode", "executor", "--config"])
+            .arg(&cfg)
+            .args([
+                "--scheduler",
+                scheduler_grpc,
+                "--etcd",
+                etcd,
+                "--pool",
+                pool,
+                "--node-id",
+                id,
+            ])
+            .args(["--grpc-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("executor.log")).unwrap(),
+            ))
+            .spawn()
+            .expect("start executor");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with(&format!("etask executor {id} serving on ")),
+            "executor did not start: {line:?}\n{}",
+            std::fs::read_to_string(dir.join("executor.log")).unwrap_or_default()
+        );
+        Executor {
+            child,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn wait_nodes(s: &Server, n: usize) {
+    let t0 = Instant::now();
+    loop {
+        let (_, v) = s.call("GET", "/api/v1/nodes", None);
+        let push = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["path"] == "push")
+            .count();
+        if push >= n {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{n} push executors never registered: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn push_round_trip_through_a_grpc_executor() {
+    let etcd = support::EtcdServer::start("push");
+    let dir = support::temp_dir("e2e-push");
+    let s = Server::start(
+        &dir.join("sched"),
+        &[],
+        &format!("[registry]\netcd = \"{}\"\nttl_seconds = 2\n", etcd.url),
+    );
+    let grpc = s.grpc.clone().expect("scheduler gRPC address");
+    let _ex = Executor::start(&dir.join("ex1"), "ex1", "core", &grpc, &etcd.url);
+    wait_nodes(&s, 1);
+    let mut body = shell("remote", "echo remote-out\necho '{\"where\": \"'$ETASK_EXECUTION_ID'\"}' >&3\necho '{\"ok\": true}' >&3\n");
+    body["target"] = json!({"path": "push", "pool": "core"});
+    let (_, e) = s.submit(body);
+    let v = s.wait_final(e, Duration::from_secs(30));
+    assert_eq!(v["status"], "succeeded", "{v}\n{}", s.log());
+    assert_eq!(v["node"], "ex1");
+    assert_eq!(v["result"], json!({"where": e.to_string(), "ok": true}));
+    let logs = ureq::get(&format!("{}/api/v1/executions/{e}/logs", s.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(logs.contains("remote-out"), "{logs}");
+    // A pool nobody serves: the submission is accepted, the execution waits for a node.
+    let mut body = shell("nobody", "true");
+    body["target"] = json!({"path": "push", "pool": "empty"});
+    let (_, e2) = s.submit(body);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(s.execution(e2)["status"], "pending");
+}
+
+#[test]
+fn executor_killed_mid_run_is_retried_on_another() {
+    let etcd = support::EtcdServer::start("failover");
+    let dir = support::temp_dir("e2e-failover");
+    let s = Server::start(
+        &dir.join("sched"),
+        &[],
+        &format!("[registry]\netcd = \"{}\"\nttl_seconds = 2\n", etcd.url),
+    );
+    let grpc = s.grpc.clone().expect("scheduler gRPC address");
+    let mut a = Executor::start(&dir.join("a"), "a", "core", &grpc, &etcd.url);
+    let mut b = Executor::start(&dir.join("b"), "b", "core", &grpc, &etcd.url);
+    wait_nodes(&s, 2);
+    let mut body = shell("long", "if [ \"$ETASK_ATTEMPT\" = 1 ]; then exec sleep 60; fi\necho '{\"attempt\": '$ETASK_ATTEMPT'}' >&3\n");
+    body["target"] = json!({"path": "push", "pool": "core"});
+    body["retry"] = json!({"max_attempts": 2, "initial_backoff_ms": 100, "max_backoff_ms": 100});
+    let (_, e) = s.submit(body);
+    let v = s.wait_for(e, Duration::from_secs(20), |v| v["status"] == "running");
+    let first = v["node"].as_str().unwrap().to_owned();
+    if first == "a" {
+        a.kill9()
+    } else {
+        b.kill9()
+    }
+    let t0 = Instant::now();
+    let v = s.wait_final(e, Duration::from_secs(30));
+    assert_eq!(v["status"], "succeeded", "{v}\n{}", s.log());
+    assert_eq!(v["attempt"], 2);
+    assert_ne!(
+        v["node"].as_str().unwrap(),
+        first,
+        "retried on the dead node"
+    );
+    assert_eq!(v["attempts"][0]["status"], "lost", "{v}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "failover took {:?}",
+        t0.elapsed()
+    );
+    let _ = (&a.dir, &b.dir);
 }

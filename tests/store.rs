@@ -39,6 +39,7 @@ fn once(name: &str, rid: Option<&str>) -> NewTask {
         cron: None,
         first_due_at: Some(1_000),
         deadline_ms: Some(60_000),
+        path: "local".into(),
     }
 }
 
@@ -71,13 +72,13 @@ fn claim_is_exclusive_and_attempts_fence_reports() {
         let c = s.create_task(&once("t", None), 1_000).unwrap();
         let e = c.execution_id.unwrap();
         assert!(
-            s.claim_due(500, 10, "n1").unwrap().is_empty(),
+            s.claim_due(500, 10, "n1", "local").unwrap().is_empty(),
             "not due yet"
         );
-        let got = s.claim_due(1_000, 10, "n1").unwrap();
+        let got = s.claim_due(1_000, 10, "n1", "local").unwrap();
         assert_eq!(got.len(), 1);
         assert!(
-            s.claim_due(1_000, 10, "n2").unwrap().is_empty(),
+            s.claim_due(1_000, 10, "n2", "local").unwrap().is_empty(),
             "claimed once only"
         );
         assert!(s.mark_running(&[(e, Attempt(1))], 1_100).unwrap() == 1);
@@ -100,7 +101,7 @@ fn claim_is_exclusive_and_attempts_fence_reports() {
         );
         assert_eq!(s.promote_retries(1_500).unwrap(), 0);
         assert_eq!(s.promote_retries(2_000).unwrap(), 1);
-        let got = s.claim_due(2_000, 10, "n1").unwrap();
+        let got = s.claim_due(2_000, 10, "n1", "local").unwrap();
         assert_eq!(got[0].attempt, Attempt(2));
         // A late report from attempt 1 does not touch attempt 2.
         let ok = Finish {
@@ -165,7 +166,7 @@ fn cancel_is_idempotent_and_pending_work_is_not_claimed() {
                 ..
             }
         ));
-        assert!(s.claim_due(5_000, 10, "n").unwrap().is_empty());
+        assert!(s.claim_due(5_000, 10, "n", "local").unwrap().is_empty());
         assert_eq!(
             s.cancel(ExecutionId(999_999), 1).unwrap(),
             CancelOutcome::NotFound
@@ -247,7 +248,7 @@ fn silent_executions_are_found_by_heartbeat() {
             .unwrap()
             .execution_id
             .unwrap();
-        s.claim_due(1_000, 10, "n1").unwrap();
+        s.claim_due(1_000, 10, "n1", "local").unwrap();
         assert!(s.silent(1_000, 1_000, 10).unwrap().is_empty());
         assert_eq!(s.heartbeat("n1", 5_000).unwrap(), 1);
         assert!(s.silent(5_000, 5_000, 10).unwrap().is_empty());
@@ -277,13 +278,13 @@ fn two_stores_on_one_mysql_never_claim_the_same_execution() {
     let (ca, cb) = std::thread::scope(|sc| {
         let ha = sc.spawn(|| {
             (0..50)
-                .flat_map(|_| a.claim_due(1_000, 7, "a").unwrap())
+                .flat_map(|_| a.claim_due(1_000, 7, "a", "local").unwrap())
                 .map(|c| c.id)
                 .collect::<Vec<_>>()
         });
         let hb = sc.spawn(|| {
             (0..50)
-                .flat_map(|_| b.claim_due(1_000, 7, "b").unwrap())
+                .flat_map(|_| b.claim_due(1_000, 7, "b", "local").unwrap())
                 .map(|c| c.id)
                 .collect::<Vec<_>>()
         });
@@ -316,7 +317,7 @@ fn one_batch_finishes_several_attempts_and_skips_stale_ones() {
             .unwrap()
             .execution_id
             .unwrap();
-        assert_eq!(s.claim_due(1_000, 10, "n").unwrap().len(), 2);
+        assert_eq!(s.claim_due(1_000, 10, "n", "local").unwrap().len(), 2);
         assert_eq!(
             s.mark_running(&[(a, Attempt(1)), (b, Attempt(1)), (b, Attempt(7))], 1_001)
                 .unwrap(),
@@ -375,7 +376,7 @@ fn purge_removes_only_old_finished_executions_and_their_logs() {
             .unwrap()
             .execution_id
             .unwrap();
-        s.claim_due(1_000, 3, "n").unwrap(); // old, new, waiting... claims in id order
+        s.claim_due(1_000, 3, "n", "local").unwrap(); // old, new, waiting... claims in id order
         let ok = Finish {
             status: Some(Status::Succeeded),
             ..Finish::default()
@@ -390,7 +391,7 @@ fn purge_removes_only_old_finished_executions_and_their_logs() {
             1_500,
         )
         .unwrap();
-        s.claim_due(1_000, 10, "n").unwrap();
+        s.claim_due(1_000, 10, "n", "local").unwrap();
         let with_cb = Finish {
             callback_url: Some("http://127.0.0.1:1/".into()),
             ..ok

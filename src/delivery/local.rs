@@ -50,7 +50,7 @@ impl Delivery for Local {
         )
     }
 
-    fn dispatch(&self, d: Dispatch) -> Result<(), Refused> {
+    fn dispatch(&self, d: Dispatch, _placed: &dyn Fn(&str)) -> Result<(), Refused> {
         let req = RunRequest {
             execution_id: d.execution_id,
             task_id: d.task_id,

@@ -2,6 +2,7 @@
 //! in-process path (`local`, the built-in node of `--mode all`); gRPC push/pull and Kafka add
 //! implementations, not a rewrite. Nodes report back as `RunEvent`s on one channel.
 
+pub mod grpc;
 pub mod local;
 
 use std::time::Duration;
@@ -19,6 +20,8 @@ pub struct Dispatch {
     pub timeout: Option<Duration>,
     pub shard_index: u32,
     pub shard_total: u32,
+    /// The target pool (`target.pool`), for paths that route by pool.
+    pub pool: Option<String>,
 }
 
 /// A node would not take a dispatch; the scheduler puts the execution back or fails it.
@@ -41,7 +44,10 @@ pub trait Delivery: Send + Sync {
     fn free_slots(&self) -> usize;
     /// Scripts running now, and how many may run at once.
     fn load(&self) -> (u32, u32);
-    fn dispatch(&self, d: Dispatch) -> Result<(), Refused>;
+    /// Hands over one attempt. A path that chooses a node per dispatch calls `placed(node)`
+    /// before it hands the attempt over, so the store names the node before any report of it
+    /// can arrive.
+    fn dispatch(&self, d: Dispatch, placed: &dyn Fn(&str)) -> Result<(), Refused>;
     /// Stops an attempt wherever it runs; unknown attempts are ignored.
     fn cancel(&self, id: ExecutionId, attempt: Attempt);
 }

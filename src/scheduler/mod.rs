@@ -132,6 +132,7 @@ impl Core {
             spec: serde_json::to_value(&spec).map_err(|e| ApiError::internal(e.to_string()))?,
             cron,
             first_due_at,
+            path: spec.path().to_owned(),
         };
         let created = self.store.create_task(&t, now)?;
         if !created.existed {
@@ -174,10 +175,10 @@ impl Core {
             CancelOutcome::Cancelled { was, node, attempt } => {
                 if was != Status::Cancelled {
                     log::info!(target: LOG, "execution={id} attempt={attempt} cancelled (was {was})");
-                    if let Some(node) = node {
-                        for d in self.deliveries.iter().filter(|d| d.node() == node) {
-                            d.cancel(id, attempt);
-                        }
+                    // Each delivery ignores attempts it does not hold.
+                    let _ = node;
+                    for d in &self.deliveries {
+                        d.cancel(id, attempt);
                     }
                     self.queue_callback(id, now);
                 }
@@ -415,9 +416,8 @@ fn dispatcher(core: &Core, wake: &Receiver<()>) {
             if free == 0 {
                 continue;
             }
-            // Only deliveries that run work claim it; today every stored task targets `local`
-            // (the intake refuses other paths), so the claim needs no path filter yet.
-            let claimed = match core.store.claim_due(now, free as u32, d.node()) {
+            // Each delivery claims only executions of its own path.
+            let claimed = match core.store.claim_due(now, free as u32, d.node(), d.path()) {
                 Ok(c) => c,
                 Err(e) => {
                     log::warn!(target: LOG, "cannot claim due executions: {e}");
@@ -460,15 +460,21 @@ fn dispatch_one(core: &Core, d: &dyn Delivery, c: crate::store::Claimed) {
         task_id: c.task_id,
         attempt: c.attempt,
         timeout: Some(Duration::from_millis(core.timeout_ms(&spec) as u64)),
+        pool: spec.target.as_ref().and_then(|t| t.pool.clone()),
         program: spec.program,
         shard_index: 0,
         shard_total: 1,
     };
-    match d.dispatch(dispatch) {
+    let placed = |node: &str| {
+        if let Err(e) = core.store.set_node(c.id, c.attempt, node) {
+            log::warn!(target: LOG, "execution={} cannot record node {node}: {e}", c.id);
+        }
+    };
+    match d.dispatch(dispatch, &placed) {
         Ok(()) => {
             core.metrics
                 .observe_dispatch((now - c.due_at).max(0) as u64);
-            log::debug!(target: LOG, "execution={} attempt={} dispatched node={}", c.id, c.attempt, d.node());
+            log::debug!(target: LOG, "execution={} attempt={} dispatched path={}", c.id, c.attempt, d.path());
         }
         Err(Refused::Busy(why)) => {
             core.policies
@@ -618,6 +624,15 @@ fn sweeper(core: &Core) {
         for d in &core.deliveries {
             if let Err(e) = core.store.heartbeat(d.node(), now) {
                 log::warn!(target: LOG, "node={} heartbeat not recorded: {e}", d.node());
+            }
+        }
+        // Remote nodes are alive while their etcd lease is: what a node whose lease expired
+        // still held stops being heartbeated here and is swept as lost.
+        if let Some(t) = &core.node_table {
+            for n in t.nodes() {
+                if let Err(e) = core.store.heartbeat(&n.id, now) {
+                    log::warn!(target: LOG, "node={} heartbeat not recorded: {e}", n.id);
+                }
             }
         }
         let days = core.cfg.scheduler.retention_days;

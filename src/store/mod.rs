@@ -99,8 +99,14 @@ pub trait Backend: Send + Sync {
 /// Migrations of one back end, in order: (version, sql).
 pub fn migrations(dir: &str) -> Vec<(u32, &'static str)> {
     match dir {
-        "sqlite" => vec![(1, include_str!("../../sql/sqlite/0001_init.sql"))],
-        _ => vec![(1, include_str!("../../sql/mysql/0001_init.sql"))],
+        "sqlite" => vec![
+            (1, include_str!("../../sql/sqlite/0001_init.sql")),
+            (2, include_str!("../../sql/sqlite/0002_target_path.sql")),
+        ],
+        _ => vec![
+            (1, include_str!("../../sql/mysql/0001_init.sql")),
+            (2, include_str!("../../sql/mysql/0002_target_path.sql")),
+        ],
     }
 }
 
@@ -239,6 +245,8 @@ pub struct NewTask {
     pub cron: Option<(String, i64)>,
     pub first_due_at: Option<i64>,
     pub deadline_ms: Option<i64>,
+    /// The delivery path (`target.path`) of its executions.
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -350,7 +358,9 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<ExecutionRow>>;
     /// Claims up to `limit` pending executions due by `now` for `node` (compare-and-set: two
     /// schedulers never claim the same attempt).
-    fn claim_due(&self, now: i64, limit: u32, node: &str) -> Result<Vec<Claimed>>;
+    fn claim_due(&self, now: i64, limit: u32, node: &str, path: &str) -> Result<Vec<Claimed>>;
+    /// Records which node an attempt was actually handed to (paths that choose per dispatch).
+    fn set_node(&self, id: ExecutionId, attempt: Attempt, node: &str) -> Result<()>;
     /// Puts a claimed execution back (the node refused it).
     fn unclaim(&self, id: ExecutionId, attempt: Attempt, now: i64) -> Result<bool>;
     /// Marks dispatched attempts as running; returns how many moved.
@@ -477,9 +487,9 @@ impl SqlStore {
         // The deadline itself is set when an attempt is claimed (claim time + timeout), so
         // every attempt gets the full timeout.
         c.insert(
-            "INSERT INTO executions (task_id, attempt, status, due_at, timeout_ms, created_at, updated_at) \
-             VALUES (?, 1, 'pending', ?, ?, ?, ?)",
-            &[task.0.into(), due_at.into(), deadline_ms.into(), now.into(), now.into()],
+            "INSERT INTO executions (task_id, attempt, status, due_at, timeout_ms, created_at, updated_at, path) \
+             VALUES (?, 1, 'pending', ?, ?, ?, ?, (SELECT t.path FROM tasks t WHERE t.id = ?))",
+            &[task.0.into(), due_at.into(), deadline_ms.into(), now.into(), now.into(), task.0.into()],
         )
         .map(ExecutionId)
     }
@@ -631,8 +641,8 @@ impl Store for SqlStore {
             // INSERT IGNORE: a concurrent call with the same request id loses quietly here and
             // reads the winner's ids below.
             let params = [t.name.as_str().into(), t.request_id.clone().into(), spec.as_str().into(), cron_expr.into(),
-                          next.into(), now.into()];
-            let sql = format!("{ignore} INTO tasks (name, request_id, spec, cron_expr, next_fire_at, created_at) VALUES (?, ?, ?, ?, ?, ?)");
+                          next.into(), now.into(), t.path.as_str().into()];
+            let sql = format!("{ignore} INTO tasks (name, request_id, spec, cron_expr, next_fire_at, created_at, path) VALUES (?, ?, ?, ?, ?, ?, ?)");
             let changed = c.exec(&sql, &params)?;
             let rows = match &t.request_id {
                 Some(rid) => c.query("SELECT id FROM tasks WHERE request_id = ?", &[rid.as_str().into()])?,
@@ -781,12 +791,22 @@ impl Store for SqlStore {
         })
     }
 
-    fn claim_due(&self, now: i64, limit: u32, node: &str) -> Result<Vec<Claimed>> {
+    fn set_node(&self, id: ExecutionId, attempt: Attempt, node: &str) -> Result<()> {
+        self.tx(|c| {
+            c.exec(
+                "UPDATE executions SET node = ? WHERE id = ? AND attempt = ? AND status IN ('dispatched', 'running')",
+                &[node.into(), id.0.into(), i64::from(attempt.0).into()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn claim_due(&self, now: i64, limit: u32, node: &str, path: &str) -> Result<Vec<Claimed>> {
         self.tx(|c| {
             let candidates = c.query(
                 "SELECT e.id, e.task_id, e.attempt, e.due_at, t.spec FROM executions e JOIN tasks t ON t.id = e.task_id \
-                 WHERE e.status = 'pending' AND e.due_at <= ? ORDER BY e.due_at, e.id LIMIT ?",
-                &[now.into(), i64::from(limit).into()],
+                 WHERE e.path = ? AND e.status = 'pending' AND e.due_at <= ? ORDER BY e.due_at, e.id LIMIT ?",
+                &[path.into(), now.into(), i64::from(limit).into()],
             )?;
             let mut out = Vec::new();
             for r in candidates {

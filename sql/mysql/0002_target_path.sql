@@ -1,0 +1,5 @@
+-- Which delivery path (local, push, pull, agent) runs a task's executions, so each scheduler
+-- delivery claims only its own work.
+ALTER TABLE tasks ADD COLUMN path VARCHAR(16) NOT NULL DEFAULT 'local';
+ALTER TABLE executions ADD COLUMN path VARCHAR(16) NOT NULL DEFAULT 'local';
+CREATE INDEX executions_path_due ON executions (path, status, due_at);

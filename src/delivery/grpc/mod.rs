@@ -1,0 +1,420 @@
+//! The gRPC transport (tonic). The only place with a tokio runtime (DESIGN.md containment
+//! rule): `Runtime` owns it; servers hand requests to sync code through plain callbacks and
+//! crossbeam channels, and sync callers use the blocking clients below.
+
+pub mod push;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use serde_json::Value;
+use tonic::{Request, Response, Status};
+
+use crate::delivery::Dispatch;
+use crate::model::{Attempt, ExecutionId, TaskId};
+use crate::runner::{
+    Ending, LogChunk, Outcome, Program, ProgramKind, RunEvent, RunKey, ShellKind, Stream,
+};
+
+#[allow(clippy::all)]
+pub mod pb {
+    tonic::include_proto!("etask.v1");
+}
+
+/// The one tokio runtime of the process, used only by gRPC servers and clients.
+pub struct Runtime {
+    rt: tokio::runtime::Runtime,
+}
+
+impl Runtime {
+    pub fn new() -> std::io::Result<Arc<Runtime>> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("grpc")
+            .enable_all()
+            .build()?;
+        Ok(Arc::new(Runtime { rt }))
+    }
+}
+
+/// A running gRPC server; `stop` shuts it down and waits.
+pub struct ServerHandle {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+    rt: Arc<Runtime>,
+    pub addr: SocketAddr,
+}
+
+impl ServerHandle {
+    pub fn stop(mut self) {
+        self.halt();
+    }
+    fn halt(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(d) = self.done.take() {
+            let _ = self.rt.rt.block_on(d);
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn serve(
+    rt: &Arc<Runtime>,
+    addr: SocketAddr,
+    router: tonic::service::Routes,
+) -> std::io::Result<ServerHandle> {
+    let listener = rt.rt.block_on(tokio::net::TcpListener::bind(addr))?;
+    let addr = listener.local_addr()?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let done = rt.rt.spawn(async move {
+        let res = tonic::transport::Server::builder()
+            .add_routes(router)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            })
+            .await;
+        if let Err(e) = res {
+            log::error!(target: "etask::grpc", "gRPC server stopped: {e}");
+        }
+    });
+    Ok(ServerHandle {
+        stop: Some(tx),
+        done: Some(done),
+        rt: rt.clone(),
+        addr,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversions between the wire and the sync core.
+
+pub fn program_to_pb(p: &Program) -> pb::Program {
+    pb::Program {
+        kind: match p.kind {
+            ProgramKind::Shell => "shell",
+            ProgramKind::Python => "python",
+            ProgramKind::Exec => "exec",
+        }
+        .into(),
+        code: p.code.clone(),
+        argv: p.argv.clone().unwrap_or_default(),
+        shell: match p.shell {
+            Some(ShellKind::Bash) => "bash".into(),
+            _ => String::new(),
+        },
+        args: p.args.clone(),
+        env: p.env.clone().into_iter().collect(),
+        secret_env: p.secret_env.clone().into_iter().collect(),
+        stdin: p.stdin.clone(),
+        workdir: p.workdir.clone(),
+    }
+}
+
+pub fn program_from_pb(p: pb::Program) -> Result<Program, String> {
+    let kind = match p.kind.as_str() {
+        "shell" => ProgramKind::Shell,
+        "python" => ProgramKind::Python,
+        "exec" => ProgramKind::Exec,
+        k => return Err(format!("unknown program kind {k:?}")),
+    };
+    let prog = Program {
+        kind,
+        code: p.code,
+        argv: (!p.argv.is_empty()).then_some(p.argv),
+        shell: (p.shell == "bash").then_some(ShellKind::Bash),
+        args: p.args,
+        env: p.env.into_iter().collect::<BTreeMap<_, _>>(),
+        secret_env: p.secret_env.into_iter().collect::<BTreeMap<_, _>>(),
+        stdin: p.stdin,
+        workdir: p.workdir,
+    };
+    prog.validate().map_err(|e| e.0)?;
+    Ok(prog)
+}
+
+pub fn dispatch_to_pb(d: &Dispatch, now: i64) -> pb::Dispatch {
+    pb::Dispatch {
+        execution_id: d.execution_id.0,
+        attempt: d.attempt.0,
+        task_id: d.task_id.0,
+        program: Some(program_to_pb(&d.program)),
+        timeout_ms: d.timeout.map_or(0, |t| t.as_millis() as u64),
+        shard_index: d.shard_index,
+        shard_total: d.shard_total,
+        issued_at: now,
+        expires_at: now + 60_000,
+        signature: Vec::new(),
+    }
+}
+
+pub fn dispatch_from_pb(d: pb::Dispatch) -> Result<Dispatch, String> {
+    let program = program_from_pb(d.program.ok_or("dispatch without a program")?)?;
+    Ok(Dispatch {
+        execution_id: ExecutionId(d.execution_id),
+        task_id: TaskId(d.task_id),
+        attempt: Attempt(d.attempt),
+        program,
+        timeout: (d.timeout_ms > 0).then(|| Duration::from_millis(d.timeout_ms)),
+        shard_index: d.shard_index,
+        shard_total: d.shard_total.max(1),
+        pool: None,
+    })
+}
+
+/// A pool event as a report item (what an executor sends back).
+pub fn event_to_pb(ev: &RunEvent) -> pb::ReportItem {
+    use pb::report_item::Kind;
+    let key = ev.key();
+    let kind = match ev {
+        RunEvent::Started { .. } => Kind::Started(true),
+        RunEvent::Log { chunk, .. } => Kind::Log(pb::LogChunk {
+            seq: chunk.seq,
+            stream: chunk.stream.as_str().into(),
+            data: chunk.data.clone(),
+        }),
+        RunEvent::Finished { outcome, .. } => Kind::Finished(pb::Outcome {
+            status: outcome.status().as_str().into(),
+            exit_code: outcome.exit_code,
+            signal: outcome.signal,
+            result_json: outcome
+                .result
+                .as_ref()
+                .map(|m| Value::Object(m.clone()).to_string())
+                .unwrap_or_default(),
+            result_error: outcome.result_error.clone(),
+            error: outcome.error(),
+            spawn_failed: matches!(outcome.ending, Ending::SpawnFailed(_)),
+        }),
+    };
+    pb::ReportItem {
+        execution_id: key.execution.0,
+        attempt: key.attempt.0,
+        kind: Some(kind),
+    }
+}
+
+/// A report item back into the pool event the scheduler's ingest understands.
+pub fn event_from_pb(item: pb::ReportItem) -> Option<RunEvent> {
+    use pb::report_item::Kind;
+    let key = RunKey {
+        execution: ExecutionId(item.execution_id),
+        attempt: Attempt(item.attempt),
+    };
+    Some(match item.kind? {
+        Kind::Started(_) => RunEvent::Started { key, pid: 0 },
+        Kind::Log(l) => RunEvent::Log {
+            key,
+            chunk: LogChunk {
+                seq: l.seq,
+                stream: if l.stream == "stderr" {
+                    Stream::Stderr
+                } else {
+                    Stream::Stdout
+                },
+                data: l.data,
+            },
+        },
+        Kind::Finished(o) => {
+            let ending = match (o.status.as_str(), o.exit_code, o.signal) {
+                ("timed_out", _, _) => Ending::TimedOut,
+                ("cancelled", _, _) => Ending::Cancelled,
+                _ if o.spawn_failed => Ending::SpawnFailed(o.error.clone().unwrap_or_default()),
+                ("succeeded", _, _) => Ending::Exited(0),
+                (_, Some(c), _) => Ending::Exited(c),
+                (_, None, Some(s)) => Ending::Signaled(s),
+                _ => Ending::SpawnFailed(o.error.clone().unwrap_or_else(|| "failed".into())),
+            };
+            let result = serde_json::from_str::<Value>(&o.result_json)
+                .ok()
+                .and_then(|v| v.as_object().cloned());
+            RunEvent::Finished {
+                key,
+                outcome: Outcome {
+                    ending,
+                    exit_code: o.exit_code,
+                    signal: o.signal,
+                    result,
+                    result_error: o.result_error,
+                    result_truncated: false,
+                    log_bytes: 0,
+                    log_truncated: false,
+                    duration: Duration::ZERO,
+                },
+            }
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Executor side: Execute / Cancel are handed to sync code.
+
+/// What an executor does with what the scheduler sends it (implemented by the node role).
+pub trait ExecutorHandler: Send + Sync + 'static {
+    fn execute(&self, d: Dispatch, expires_at: i64) -> Result<(), String>;
+    fn cancel(&self, id: ExecutionId, attempt: Attempt) -> bool;
+}
+
+struct ExecutorSvc {
+    handler: Arc<dyn ExecutorHandler>,
+}
+
+#[tonic::async_trait]
+impl pb::executor_server::Executor for ExecutorSvc {
+    async fn execute(&self, req: Request<pb::Dispatch>) -> Result<Response<pb::Ack>, Status> {
+        let d = req.into_inner();
+        let expires = d.expires_at;
+        let ack = match dispatch_from_pb(d) {
+            Ok(d) => match self.handler.execute(d, expires) {
+                Ok(()) => pb::Ack {
+                    accepted: true,
+                    reason: String::new(),
+                },
+                Err(reason) => pb::Ack {
+                    accepted: false,
+                    reason,
+                },
+            },
+            Err(reason) => pb::Ack {
+                accepted: false,
+                reason,
+            },
+        };
+        Ok(Response::new(ack))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelReply>, Status> {
+        let c = req.into_inner();
+        let known = self
+            .handler
+            .cancel(ExecutionId(c.execution_id), Attempt(c.attempt));
+        Ok(Response::new(pb::CancelReply { known }))
+    }
+}
+
+pub fn serve_executor(
+    rt: &Arc<Runtime>,
+    addr: SocketAddr,
+    handler: Arc<dyn ExecutorHandler>,
+) -> std::io::Result<ServerHandle> {
+    let svc = pb::executor_server::ExecutorServer::new(ExecutorSvc { handler });
+    serve(rt, addr, tonic::service::Routes::new(svc))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scheduler side: Report feeds the scheduler's ingest channel.
+
+struct SchedulerSvc {
+    reports: Sender<RunEvent>,
+}
+
+#[tonic::async_trait]
+impl pb::scheduler_server::Scheduler for SchedulerSvc {
+    async fn report(
+        &self,
+        req: Request<pb::ReportBatch>,
+    ) -> Result<Response<pb::ReportAck>, Status> {
+        let batch = req.into_inner();
+        let mut n = 0;
+        for item in batch.items {
+            if let Some(ev) = event_from_pb(item) {
+                self.reports
+                    .send(ev)
+                    .map_err(|_| Status::unavailable("scheduler stopping"))?;
+                n += 1;
+            }
+        }
+        Ok(Response::new(pb::ReportAck { accepted: n }))
+    }
+}
+
+pub fn serve_scheduler(
+    rt: &Arc<Runtime>,
+    addr: SocketAddr,
+    reports: Sender<RunEvent>,
+) -> std::io::Result<ServerHandle> {
+    let svc = pb::scheduler_server::SchedulerServer::new(SchedulerSvc { reports });
+    serve(rt, addr, tonic::service::Routes::new(svc))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocking clients for sync callers.
+
+fn channel(rt: &Runtime, url: &str) -> Result<tonic::transport::Channel, String> {
+    let ep = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|e| format!("bad gRPC address {url}: {e}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(10));
+    // Lazy: connects on first use and reconnects by itself afterwards.
+    let _guard = rt.rt.enter();
+    Ok(ep.connect_lazy())
+}
+
+pub struct ExecutorClient {
+    rt: Arc<Runtime>,
+    inner: pb::executor_client::ExecutorClient<tonic::transport::Channel>,
+}
+
+impl ExecutorClient {
+    pub fn new(rt: &Arc<Runtime>, url: &str) -> Result<ExecutorClient, String> {
+        Ok(ExecutorClient {
+            rt: rt.clone(),
+            inner: pb::executor_client::ExecutorClient::new(channel(rt, url)?),
+        })
+    }
+    pub fn execute(&self, d: pb::Dispatch) -> Result<pb::Ack, String> {
+        let mut c = self.inner.clone();
+        self.rt
+            .rt
+            .block_on(c.execute(d))
+            .map(Response::into_inner)
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))
+    }
+    pub fn cancel(&self, id: ExecutionId, attempt: Attempt) -> Result<bool, String> {
+        let mut c = self.inner.clone();
+        let req = pb::CancelRequest {
+            execution_id: id.0,
+            attempt: attempt.0,
+        };
+        self.rt
+            .rt
+            .block_on(c.cancel(req))
+            .map(|r| r.into_inner().known)
+            .map_err(|s| s.message().to_owned())
+    }
+}
+
+pub struct SchedulerClient {
+    rt: Arc<Runtime>,
+    inner: pb::scheduler_client::SchedulerClient<tonic::transport::Channel>,
+}
+
+impl SchedulerClient {
+    pub fn new(rt: &Arc<Runtime>, url: &str) -> Result<SchedulerClient, String> {
+        Ok(SchedulerClient {
+            rt: rt.clone(),
+            inner: pb::scheduler_client::SchedulerClient::new(channel(rt, url)?),
+        })
+    }
+    pub fn report(&self, batch: pb::ReportBatch) -> Result<u32, String> {
+        let mut c = self.inner.clone();
+        self.rt
+            .rt
+            .block_on(c.report(batch))
+            .map(|r| r.into_inner().accepted)
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))
+    }
+}

@@ -1,0 +1,177 @@
+//! `etask server --mode executor`: serves `Execute`/`Cancel` over gRPC into the process pool,
+//! streams logs and outcomes back to the scheduler's `Report` (buffered and resent until
+//! acknowledged), and keeps its etcd registration alive so schedulers route to it.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::config::Config;
+use crate::delivery::grpc::{self, pb, ExecutorHandler, SchedulerClient};
+use crate::delivery::Dispatch;
+use crate::model::{Attempt, ExecutionId};
+use crate::registry::etcd::Etcd;
+use crate::registry::{NodeInfo, Registration};
+use crate::runner::{Pool, RunEvent, RunKey, RunRequest};
+
+const LOG: &str = "etask::executor";
+
+struct Handler {
+    pool: Pool,
+    events: Sender<RunEvent>,
+}
+
+impl ExecutorHandler for Handler {
+    fn execute(&self, d: Dispatch, expires_at: i64) -> Result<(), String> {
+        if expires_at > 0 && expires_at < crate::now_ms() {
+            return Err("dispatch expired".into());
+        }
+        let req = RunRequest {
+            execution_id: d.execution_id,
+            task_id: d.task_id,
+            attempt: d.attempt,
+            shard_index: d.shard_index,
+            shard_total: d.shard_total,
+            program: d.program,
+            timeout: d.timeout,
+        };
+        log::info!(target: LOG, "execution={} attempt={} accepted", d.execution_id, d.attempt);
+        self.pool
+            .submit(req, self.events.clone())
+            .map_err(|e| e.to_string())
+    }
+
+    fn cancel(&self, id: ExecutionId, attempt: Attempt) -> bool {
+        self.pool.cancel(RunKey {
+            execution: id,
+            attempt,
+        });
+        true
+    }
+}
+
+/// Sends pool events to the scheduler in batches; what is not acknowledged is kept and resent
+/// (the scheduler deduplicates by execution id + attempt + log seq).
+fn reporter(
+    client: SchedulerClient,
+    node: String,
+    events: Receiver<RunEvent>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut pending: VecDeque<pb::ReportItem> = VecDeque::new();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if pending.is_empty() {
+            match events.recv_timeout(Duration::from_millis(200)) {
+                Ok(ev) => pending.push_back(grpc::event_to_pb(&ev)),
+                Err(_) if stop.load(Ordering::SeqCst) => return,
+                Err(_) => continue,
+            }
+        }
+        while let Ok(ev) = events.try_recv() {
+            pending.push_back(grpc::event_to_pb(&ev));
+        }
+        let n = pending.len().min(256);
+        let batch = pb::ReportBatch {
+            node_id: node.clone(),
+            items: pending.iter().take(n).cloned().collect(),
+        };
+        match client.report(batch) {
+            Ok(_) => {
+                pending.drain(..n);
+                backoff = Duration::from_millis(200);
+            }
+            Err(e) => {
+                if stop.load(Ordering::SeqCst) {
+                    log::warn!(target: LOG, "stopping with {} reports not delivered: {e}", pending.len());
+                    return;
+                }
+                log::warn!(target: LOG, "scheduler unreachable ({e}); {} reports buffered, retrying", pending.len());
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
+    let ex = cfg.executor.clone();
+    if ex.path != "push" {
+        return Err(format!(
+            "executor.path {:?} is not available yet; use \"push\"",
+            ex.path
+        ));
+    }
+    if cfg.registry.etcd.is_empty() {
+        return Err(
+            "an executor needs [registry] etcd (or --etcd URL) so schedulers can find it".into(),
+        );
+    }
+    let node_id = if ex.node_id.is_empty() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    } else {
+        ex.node_id.clone()
+    };
+    let rt = grpc::Runtime::new().map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
+    let pool = Pool::start(cfg.pool_config())
+        .map_err(|e| format!("cannot start the process pool: {e}"))?;
+    let capacity = pool.max_concurrent() as u32;
+    // Unbounded for the same reason as in --mode all: the pool never blocks on its consumer.
+    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    let handler = Arc::new(Handler {
+        pool,
+        events: events_tx,
+    });
+    let addr = ex
+        .grpc_listen
+        .parse()
+        .map_err(|_| format!("executor.grpc_listen {:?} is not IP:PORT", ex.grpc_listen))?;
+    let server = grpc::serve_executor(&rt, addr, handler.clone())
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let advertise = if ex.advertise.is_empty() {
+        server.addr.to_string()
+    } else {
+        ex.advertise.clone()
+    };
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let client = SchedulerClient::new(&rt, &ex.scheduler)?;
+    let (node, flag) = (node_id.clone(), stop_flag.clone());
+    let reporter = std::thread::Builder::new()
+        .name("executor-report".into())
+        .spawn(move || reporter(client, node, events_rx, flag))
+        .map_err(|e| e.to_string())?;
+    let info = NodeInfo {
+        id: node_id.clone(),
+        role: "executor".into(),
+        pool: ex.pool.clone(),
+        address: Some(advertise.clone()),
+        path: "push".into(),
+        handlers: vec!["shell".into(), "python".into(), "exec".into()],
+        capacity,
+        running: 0,
+        version: env!("CARGO_PKG_VERSION").into(),
+        started_at: crate::now_ms(),
+    };
+    let h2 = handler.clone();
+    let registration = Registration::start(
+        Etcd::new(&cfg.registry.etcd),
+        cfg.registry.prefix.clone(),
+        info,
+        cfg.registry.ttl_seconds,
+        Box::new(move || h2.pool.running() as u32),
+    )
+    .map_err(|e| format!("cannot start the registry heartbeat: {e}"))?;
+    println!("etask executor {node_id} serving on {advertise}");
+    log::warn!(target: LOG, "started node={node_id} pool={} scheduler={}", ex.pool, ex.scheduler);
+    let sig = stop.recv().unwrap_or(libc::SIGTERM);
+    log::warn!(target: LOG, "signal {sig}: stopping");
+    registration.stop();
+    server.stop();
+    stop_flag.store(true, Ordering::SeqCst);
+    let _ = reporter.join();
+    Ok(())
+}
