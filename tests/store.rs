@@ -16,7 +16,12 @@ fn backends(tag: &str) -> Vec<Arc<dyn Store>> {
     let mysql = store::open(&support::mysql_db(tag)).expect("mysql");
     let all: Vec<Arc<dyn Store>> = vec![Arc::new(sqlite), Arc::new(mysql)];
     for s in &all {
-        assert_eq!(s.migrate().expect("migrate"), vec![1], "{}", s.describe());
+        assert_eq!(
+            s.migrate().expect("migrate"),
+            vec![1, 2],
+            "{}",
+            s.describe()
+        );
         assert_eq!(
             s.migrate().expect("migrate twice"),
             Vec::<u32>::new(),
@@ -271,7 +276,7 @@ fn two_stores_on_one_mysql_never_claim_the_same_execution() {
     });
     let mut applied = [ra.unwrap(), rb.unwrap()].concat();
     applied.sort();
-    assert_eq!(applied, vec![1], "the migration ran exactly once");
+    assert_eq!(applied, vec![1, 2], "each migration ran exactly once");
     for i in 0..200 {
         a.create_task(&once(&format!("t{i}"), None), 1_000).unwrap();
     }
@@ -410,5 +415,35 @@ fn purge_removes_only_old_finished_executions_and_their_logs() {
             s.get_execution(cb).unwrap().is_some(),
             "an execution with a pending callback is kept"
         );
+    }
+}
+
+#[test]
+fn each_path_claims_only_its_own_executions() {
+    for s in backends("paths") {
+        let mut push = once("p", None);
+        push.path = "push".into();
+        let p = s.create_task(&push, 1_000).unwrap();
+        let l = s.create_task(&once("l", None), 1_000).unwrap();
+        let got: Vec<_> = s
+            .claim_due(1_000, 10, "push", "push")
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(got, vec![p.execution_id.unwrap()], "{}", s.describe());
+        let again = s.add_execution(p.task_id, 1_000, None, 1_000).unwrap();
+        let got: Vec<_> = s
+            .claim_due(1_000, 10, "n", "local")
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(
+            got,
+            vec![l.execution_id.unwrap()],
+            "a run-now execution keeps its task's path"
+        );
+        assert_eq!(s.claim_due(1_000, 10, "push", "push").unwrap()[0].id, again);
     }
 }
