@@ -35,6 +35,9 @@ pub struct ExecutorConfig {
     pub advertise: String,
     /// Empty = "<hostname>-<pid>".
     pub node_id: String,
+    /// Shared with the scheduler (its `server.token`): required on Execute/Cancel and sent
+    /// with reports. Empty = no auth.
+    pub token: String,
 }
 
 impl Default for ExecutorConfig {
@@ -46,6 +49,7 @@ impl Default for ExecutorConfig {
             grpc_listen: "127.0.0.1:9091".into(),
             advertise: String::new(),
             node_id: String::new(),
+            token: String::new(),
         }
     }
 }
@@ -293,6 +297,8 @@ grpc_listen = "127.0.0.1:9091"
 advertise = ""
 # Empty = <hostname>-<pid>.
 node_id = ""
+# The scheduler's server.token: required on Execute/Cancel, sent with reports. Empty = none.
+token = ""
 "#;
 
 impl Config {

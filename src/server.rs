@@ -116,13 +116,19 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
                 cfg.server.grpc_listen
             )
         })?;
-        let srv = crate::delivery::grpc::serve_scheduler(&rt, addr, reports_tx_sched.clone())
-            .map_err(|e| format!("cannot listen for gRPC on {addr}: {e}"))?;
+        let srv = crate::delivery::grpc::serve_scheduler(
+            &rt,
+            addr,
+            reports_tx_sched.clone(),
+            &cfg.server.token,
+        )
+        .map_err(|e| format!("cannot listen for gRPC on {addr}: {e}"))?;
         log::info!(target: "etask::server", "gRPC listening on {}", srv.addr);
         if let Some(t) = &table {
             deliveries.push(Arc::new(crate::delivery::grpc::push::Push::new(
                 rt.clone(),
                 t.clone(),
+                cfg.server.token.clone(),
             )));
         }
         grpc_server = Some(srv);

@@ -795,15 +795,28 @@ fn nodes_are_listed_from_etcd_and_a_killed_node_expires() {
 struct Executor {
     child: Child,
     dir: PathBuf,
+    /// host:port of its gRPC server.
+    addr: String,
 }
 
 impl Executor {
     fn start(dir: &Path, id: &str, pool: &str, scheduler_grpc: &str, etcd: &str) -> Executor {
+        Executor::start_with(dir, id, pool, scheduler_grpc, etcd, "")
+    }
+
+    fn start_with(
+        dir: &Path,
+        id: &str,
+        pool: &str,
+        scheduler_grpc: &str,
+        etcd: &str,
+        token: &str,
+    ) -> Executor {
         std::fs::create_dir_all(dir).unwrap();
         let cfg = dir.join("executor.toml");
         std::fs::write(
             &cfg,
-            "[registry]\nttl_seconds = 2\n[node]\nkill_grace_seconds = 1\n",
+            format!("[registry]\nttl_seconds = 2\n[node]\nkill_grace_seconds = 1\n[executor]\ntoken = \"{token}\"\n"),
         )
         .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_etask"))
@@ -836,9 +849,16 @@ impl Executor {
             "executor did not start: {line:?}\n{}",
             std::fs::read_to_string(dir.join("executor.log")).unwrap_or_default()
         );
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         Executor {
             child,
             dir: dir.to_owned(),
+            addr,
         }
     }
 
@@ -948,4 +968,121 @@ fn executor_killed_mid_run_is_retried_on_another() {
         t0.elapsed()
     );
     let _ = (&a.dir, &b.dir);
+}
+
+#[test]
+fn push_cancel_before_and_during_execute_and_tokens() {
+    use etask::delivery::grpc::{dispatch_to_pb, ExecutorClient, Runtime};
+    let etcd = support::EtcdServer::start("cancel");
+    let dir = support::temp_dir("e2e-pushcancel");
+    let s = Server::start(
+        &dir.join("sched"),
+        &[],
+        &format!(
+            "[server]\ntoken = \"t0k\"\n[registry]\netcd = \"{}\"\nttl_seconds = 2\n",
+            etcd.url
+        ),
+    );
+    let grpc = s.grpc.clone().expect("scheduler gRPC address");
+    let ex = Executor::start_with(&dir.join("ex"), "ex", "core", &grpc, &etcd.url, "t0k");
+    let auth = |r: ureq::Request| r.set("Authorization", "Bearer t0k");
+    let t0 = Instant::now();
+    loop {
+        let v: Value = auth(ureq::get(&format!("{}/api/v1/nodes", s.url)))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        if v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"] == "ex")
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "executor never registered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Cancel during: the script's process is gone and the execution is cancelled.
+    let pidfile = dir.join("pid");
+    let mut body = shell(
+        "long",
+        &format!("echo $$ > {}\nexec sleep 60\n", pidfile.display()),
+    );
+    body["target"] = json!({"path": "push", "pool": "core"});
+    let v: Value = auth(ureq::post(&format!("{}/api/v1/tasks", s.url)))
+        .send_json(body)
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let e = v["execution_id"].as_i64().unwrap();
+    let get = |e: i64| -> Value {
+        auth(ureq::get(&format!("{}/api/v1/executions/{e}", s.url)))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    };
+    let t0 = Instant::now();
+    while !(get(e)["status"] == "running" && pidfile.exists()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "never ran: {}",
+            get(e)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    auth(ureq::post(&format!(
+        "{}/api/v1/executions/{e}/cancel",
+        s.url
+    )))
+    .send_string("{}")
+    .unwrap();
+    let t0 = Instant::now();
+    while pid_alive(pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "remote script {pid} survived the cancel"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(e)["status"], "cancelled");
+
+    // Cancel before Execute: the late Execute is refused. Wrong token: refused.
+    let rt = Runtime::new().unwrap();
+    let url = format!("http://{}", ex.addr);
+    let good = ExecutorClient::new(&rt, &url, "t0k").unwrap();
+    let d = etask::delivery::Dispatch {
+        execution_id: etask::model::ExecutionId(777_777),
+        task_id: etask::model::TaskId(1),
+        attempt: etask::model::Attempt(1),
+        program: etask::runner::Program::shell("true"),
+        timeout: None,
+        shard_index: 0,
+        shard_total: 1,
+        pool: None,
+    };
+    assert!(good.cancel(d.execution_id, d.attempt).unwrap());
+    let ack = good.execute(dispatch_to_pb(&d, etask::now_ms())).unwrap();
+    assert!(!ack.accepted && ack.reason.contains("cancelled"), "{ack:?}");
+    let bad = ExecutorClient::new(&rt, &url, "wrong").unwrap();
+    let err = bad
+        .execute(dispatch_to_pb(&d, etask::now_ms()))
+        .unwrap_err();
+    assert!(err.contains("wrong token"), "{err}");
+    let none = ExecutorClient::new(&rt, &url, "").unwrap();
+    assert!(
+        none.cancel(d.execution_id, d.attempt).is_err(),
+        "no token must be refused"
+    );
 }

@@ -2,10 +2,10 @@
 //! streams logs and outcomes back to the scheduler's `Report` (buffered and resent until
 //! acknowledged), and keeps its etcd registration alive so schedulers route to it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -22,12 +22,25 @@ const LOG: &str = "etask::executor";
 struct Handler {
     pool: Pool,
     events: Sender<RunEvent>,
+    /// Attempts cancelled before their Execute arrived: a late Execute is refused.
+    tombstones: Mutex<HashMap<(ExecutionId, Attempt), Instant>>,
 }
+
+/// How long a cancel waits for its (possibly late) Execute.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 
 impl ExecutorHandler for Handler {
     fn execute(&self, d: Dispatch, expires_at: i64) -> Result<(), String> {
         if expires_at > 0 && expires_at < crate::now_ms() {
             return Err("dispatch expired".into());
+        }
+        if self
+            .tombstones
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&(d.execution_id, d.attempt))
+        {
+            return Err("cancelled before it arrived".into());
         }
         let req = RunRequest {
             execution_id: d.execution_id,
@@ -45,10 +58,15 @@ impl ExecutorHandler for Handler {
     }
 
     fn cancel(&self, id: ExecutionId, attempt: Attempt) -> bool {
+        let mut t = self.tombstones.lock().unwrap_or_else(|p| p.into_inner());
+        t.retain(|_, at| at.elapsed() < TOMBSTONE_TTL);
+        t.insert((id, attempt), Instant::now());
+        drop(t);
         self.pool.cancel(RunKey {
             execution: id,
             attempt,
         });
+        log::info!(target: LOG, "execution={id} attempt={attempt} cancel");
         true
     }
 }
@@ -125,12 +143,13 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let handler = Arc::new(Handler {
         pool,
         events: events_tx,
+        tombstones: Mutex::new(HashMap::new()),
     });
     let addr = ex
         .grpc_listen
         .parse()
         .map_err(|_| format!("executor.grpc_listen {:?} is not IP:PORT", ex.grpc_listen))?;
-    let server = grpc::serve_executor(&rt, addr, handler.clone())
+    let server = grpc::serve_executor(&rt, addr, handler.clone(), &ex.token)
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let advertise = if ex.advertise.is_empty() {
         server.addr.to_string()
@@ -138,7 +157,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         ex.advertise.clone()
     };
     let stop_flag = Arc::new(AtomicBool::new(false));
-    let client = SchedulerClient::new(&rt, &ex.scheduler)?;
+    let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token)?;
     let (node, flag) = (node_id.clone(), stop_flag.clone());
     let reporter = std::thread::Builder::new()
         .name("executor-report".into())

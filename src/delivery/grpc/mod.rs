@@ -68,6 +68,51 @@ impl Drop for ServerHandle {
     }
 }
 
+/// Checks `authorization: Bearer <token>` metadata when a token is configured.
+#[derive(Clone)]
+pub struct TokenCheck(Option<Arc<str>>);
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(t) = &self.0 else { return Ok(req) };
+        let got = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let want = format!("Bearer {t}");
+        // Constant-time compare, as on the HTTP side.
+        let same = got.len() == want.len()
+            && got
+                .bytes()
+                .zip(want.bytes())
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0;
+        if same {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong token (authorization: Bearer <token>)",
+            ))
+        }
+    }
+}
+
+fn token_check(token: &str) -> TokenCheck {
+    TokenCheck((!token.is_empty()).then(|| Arc::from(token)))
+}
+
+/// A request with the bearer token attached, when there is one.
+fn authed<T>(msg: T, token: &Option<String>) -> Request<T> {
+    let mut r = Request::new(msg);
+    if let Some(t) = token {
+        if let Ok(v) = format!("Bearer {t}").parse() {
+            r.metadata_mut().insert("authorization", v);
+        }
+    }
+    r
+}
+
 fn serve(
     rt: &Arc<Runtime>,
     addr: SocketAddr,
@@ -309,8 +354,12 @@ pub fn serve_executor(
     rt: &Arc<Runtime>,
     addr: SocketAddr,
     handler: Arc<dyn ExecutorHandler>,
+    token: &str,
 ) -> std::io::Result<ServerHandle> {
-    let svc = pb::executor_server::ExecutorServer::new(ExecutorSvc { handler });
+    let svc = pb::executor_server::ExecutorServer::with_interceptor(
+        ExecutorSvc { handler },
+        token_check(token),
+    );
     serve(rt, addr, tonic::service::Routes::new(svc))
 }
 
@@ -345,8 +394,12 @@ pub fn serve_scheduler(
     rt: &Arc<Runtime>,
     addr: SocketAddr,
     reports: Sender<RunEvent>,
+    token: &str,
 ) -> std::io::Result<ServerHandle> {
-    let svc = pb::scheduler_server::SchedulerServer::new(SchedulerSvc { reports });
+    let svc = pb::scheduler_server::SchedulerServer::with_interceptor(
+        SchedulerSvc { reports },
+        token_check(token),
+    );
     serve(rt, addr, tonic::service::Routes::new(svc))
 }
 
@@ -366,20 +419,22 @@ fn channel(rt: &Runtime, url: &str) -> Result<tonic::transport::Channel, String>
 pub struct ExecutorClient {
     rt: Arc<Runtime>,
     inner: pb::executor_client::ExecutorClient<tonic::transport::Channel>,
+    token: Option<String>,
 }
 
 impl ExecutorClient {
-    pub fn new(rt: &Arc<Runtime>, url: &str) -> Result<ExecutorClient, String> {
+    pub fn new(rt: &Arc<Runtime>, url: &str, token: &str) -> Result<ExecutorClient, String> {
         Ok(ExecutorClient {
             rt: rt.clone(),
             inner: pb::executor_client::ExecutorClient::new(channel(rt, url)?),
+            token: (!token.is_empty()).then(|| token.to_owned()),
         })
     }
     pub fn execute(&self, d: pb::Dispatch) -> Result<pb::Ack, String> {
         let mut c = self.inner.clone();
         self.rt
             .rt
-            .block_on(c.execute(d))
+            .block_on(c.execute(authed(d, &self.token)))
             .map(Response::into_inner)
             .map_err(|s| format!("{}: {}", s.code(), s.message()))
     }
@@ -391,29 +446,31 @@ impl ExecutorClient {
         };
         self.rt
             .rt
-            .block_on(c.cancel(req))
+            .block_on(c.cancel(authed(req, &self.token)))
             .map(|r| r.into_inner().known)
-            .map_err(|s| s.message().to_owned())
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))
     }
 }
 
 pub struct SchedulerClient {
     rt: Arc<Runtime>,
     inner: pb::scheduler_client::SchedulerClient<tonic::transport::Channel>,
+    token: Option<String>,
 }
 
 impl SchedulerClient {
-    pub fn new(rt: &Arc<Runtime>, url: &str) -> Result<SchedulerClient, String> {
+    pub fn new(rt: &Arc<Runtime>, url: &str, token: &str) -> Result<SchedulerClient, String> {
         Ok(SchedulerClient {
             rt: rt.clone(),
             inner: pb::scheduler_client::SchedulerClient::new(channel(rt, url)?),
+            token: (!token.is_empty()).then(|| token.to_owned()),
         })
     }
     pub fn report(&self, batch: pb::ReportBatch) -> Result<u32, String> {
         let mut c = self.inner.clone();
         self.rt
             .rt
-            .block_on(c.report(batch))
+            .block_on(c.report(authed(batch, &self.token)))
             .map(|r| r.into_inner().accepted)
             .map_err(|s| format!("{}: {}", s.code(), s.message()))
     }

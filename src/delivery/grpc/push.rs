@@ -16,15 +16,18 @@ pub struct Push {
     table: Arc<NodeTable>,
     next: AtomicUsize,
     clients: Mutex<HashMap<String, Arc<ExecutorClient>>>,
+    /// Sent to executors (their `executor.token`).
+    token: String,
     /// Where each dispatched attempt went, for Cancel.
     placed: Mutex<HashMap<(ExecutionId, Attempt), String>>,
 }
 
 impl Push {
-    pub fn new(rt: Arc<Runtime>, table: Arc<NodeTable>) -> Push {
+    pub fn new(rt: Arc<Runtime>, table: Arc<NodeTable>, token: String) -> Push {
         Push {
             rt,
             table,
+            token,
             next: AtomicUsize::new(0),
             clients: Mutex::new(HashMap::new()),
             placed: Mutex::new(HashMap::new()),
@@ -40,7 +43,11 @@ impl Push {
         if let Some(c) = cs.get(addr) {
             return Ok(c.clone());
         }
-        let c = Arc::new(ExecutorClient::new(&self.rt, &format!("http://{addr}"))?);
+        let c = Arc::new(ExecutorClient::new(
+            &self.rt,
+            &format!("http://{addr}"),
+            &self.token,
+        )?);
         cs.insert(addr.to_owned(), c.clone());
         Ok(c)
     }
