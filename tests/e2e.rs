@@ -1071,6 +1071,7 @@ fn push_cancel_before_and_during_execute_and_tokens() {
         shard_index: 0,
         shard_total: 1,
         pool: None,
+        route: Default::default(),
     };
     assert!(good.cancel(d.execution_id, d.attempt).unwrap());
     let ack = good.execute(dispatch_to_pb(&d, etask::now_ms())).unwrap();
@@ -1085,4 +1086,53 @@ fn push_cancel_before_and_during_execute_and_tokens() {
         none.cancel(d.execution_id, d.attempt).is_err(),
         "no token must be refused"
     );
+}
+
+#[test]
+fn push_round_robin_spreads_and_pinned_sticks() {
+    let etcd = support::EtcdServer::start("rr");
+    let dir = support::temp_dir("e2e-rr");
+    let s = Server::start(
+        &dir.join("sched"),
+        &[],
+        &format!("[registry]\netcd = \"{}\"\nttl_seconds = 2\n", etcd.url),
+    );
+    let grpc = s.grpc.clone().expect("scheduler gRPC address");
+    let _a = Executor::start(&dir.join("a"), "a", "core", &grpc, &etcd.url);
+    let _b = Executor::start(&dir.join("b"), "b", "core", &grpc, &etcd.url);
+    wait_nodes(&s, 2);
+    let run = |target: Value| -> String {
+        let mut body = shell("t", "true");
+        body["target"] = target;
+        let (_, e) = s.submit(body);
+        let v = s.wait_final(e, Duration::from_secs(30));
+        assert_eq!(v["status"], "succeeded", "{v}");
+        v["node"].as_str().unwrap().to_owned()
+    };
+    let rr: Vec<String> = (0..4)
+        .map(|_| run(json!({"path": "push", "pool": "core"})))
+        .collect();
+    assert!(
+        rr.contains(&"a".to_string()) && rr.contains(&"b".to_string()),
+        "round robin used one node: {rr:?}"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            run(json!({"path": "push", "pool": "core", "strategy": "pinned", "node": "b"})),
+            "b"
+        );
+    }
+    let k1 = run(
+        json!({"path": "push", "pool": "core", "strategy": "consistent_hash", "key": "router-7"}),
+    );
+    let k2 = run(
+        json!({"path": "push", "pool": "core", "strategy": "consistent_hash", "key": "router-7"}),
+    );
+    assert_eq!(k1, k2, "same key, same node");
+    let (code, v) = s.call(
+        "POST",
+        "/api/v1/tasks",
+        Some(&json!({"name": "x", "target": {"path": "push", "strategy": "pinned"}, "program": {"kind": "shell", "code": "true"}}).to_string()),
+    );
+    assert_eq!(code, 400, "{v}");
 }

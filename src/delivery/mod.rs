@@ -22,6 +22,15 @@ pub struct Dispatch {
     pub shard_total: u32,
     /// The target pool (`target.pool`), for paths that route by pool.
     pub pool: Option<String>,
+    /// How to pick the node: `target.strategy`, `target.node` (pinned), `target.key`.
+    pub route: Route,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Route {
+    pub strategy: Option<String>,
+    pub node: Option<String>,
+    pub key: Option<String>,
 }
 
 /// A node would not take a dispatch; the scheduler puts the execution back or fails it.

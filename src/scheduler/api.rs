@@ -112,7 +112,19 @@ pub struct Target {
     pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
+    /// The key of `consistent_hash` routing (same key → same node while it lives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
+
+/// Routing strategies of the push path.
+pub const STRATEGIES: [&str; 5] = [
+    "round_robin",
+    "random",
+    "least_busy",
+    "consistent_hash",
+    "pinned",
+];
 
 fn local() -> String {
     "local".into()
@@ -230,6 +242,32 @@ impl TaskSpec {
             return Err(ApiError::invalid(format!(
                 "target.path {path:?} is not available here: {why}"
             )));
+        }
+        if let Some(t) = &self.target {
+            match t.strategy.as_deref() {
+                None => {}
+                Some("broadcast") => {
+                    return Err(ApiError::invalid(
+                        "target.strategy \"broadcast\" is not built yet",
+                    ))
+                }
+                Some("pinned") if t.node.is_none() => {
+                    return Err(ApiError::invalid(
+                        "target.strategy \"pinned\" needs target.node",
+                    ))
+                }
+                Some("consistent_hash") if t.key.is_none() => {
+                    return Err(ApiError::invalid(
+                        "target.strategy \"consistent_hash\" needs target.key",
+                    ))
+                }
+                Some(s) if !STRATEGIES.contains(&s) => {
+                    return Err(ApiError::invalid(format!(
+                        "unknown target.strategy {s:?}; use one of {STRATEGIES:?}"
+                    )))
+                }
+                Some(_) => {}
+            }
         }
         if let Some(t) = self.timeout_seconds {
             if !(t > 0.0 && t <= 7.0 * 86_400.0) {

@@ -461,6 +461,15 @@ fn dispatch_one(core: &Core, d: &dyn Delivery, c: crate::store::Claimed) {
         attempt: c.attempt,
         timeout: Some(Duration::from_millis(core.timeout_ms(&spec) as u64)),
         pool: spec.target.as_ref().and_then(|t| t.pool.clone()),
+        route: spec
+            .target
+            .as_ref()
+            .map(|t| crate::delivery::Route {
+                strategy: t.strategy.clone(),
+                node: t.node.clone(),
+                key: t.key.clone(),
+            })
+            .unwrap_or_default(),
         program: spec.program,
         shard_index: 0,
         shard_total: 1,

@@ -214,6 +214,7 @@ pub fn dispatch_from_pb(d: pb::Dispatch) -> Result<Dispatch, String> {
         shard_index: d.shard_index,
         shard_total: d.shard_total.max(1),
         pool: None,
+        route: Default::default(),
     })
 }
 

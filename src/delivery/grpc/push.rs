@@ -102,11 +102,16 @@ impl Delivery for Push {
                 "no live push executor in pool {pool:?}"
             )));
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let nodes = order(nodes, &d.route, self.next.fetch_add(1, Ordering::Relaxed));
+        if nodes.is_empty() {
+            return Err(Refused::Busy(format!(
+                "pinned node {:?} is not alive in pool {pool:?}",
+                d.route.node
+            )));
+        }
         let msg = dispatch_to_pb(&d, crate::now_ms());
         let mut why = Vec::new();
-        for i in 0..nodes.len() {
-            let n = &nodes[(start + i) % nodes.len()];
+        for n in &nodes {
             placed(&n.id);
             match self.client(n).and_then(|c| c.execute(msg.clone())) {
                 Ok(ack) if ack.accepted => {
@@ -145,5 +150,132 @@ impl Push {
             .into_iter()
             .filter(|n| n.path == "push")
             .collect()
+    }
+}
+
+/// FNV-1a: a stable hash for rendezvous routing (no randomized std hasher).
+fn fnv(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The order in which to try the live nodes of a pool: the first is the strategy's choice,
+/// the rest are failover candidates.
+pub fn order(mut nodes: Vec<NodeInfo>, route: &crate::delivery::Route, rr: usize) -> Vec<NodeInfo> {
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    match route.strategy.as_deref().unwrap_or("round_robin") {
+        "pinned" => nodes.retain(|n| Some(&n.id) == route.node.as_ref()),
+        "random" => {
+            let k = if nodes.is_empty() {
+                0
+            } else {
+                fastrand::usize(..nodes.len())
+            };
+            nodes.rotate_left(k);
+        }
+        "least_busy" => nodes.sort_by(|a, b| {
+            // Lowest load first (running / capacity), compared without floats.
+            (u64::from(a.running) * u64::from(b.capacity.max(1)))
+                .cmp(&(u64::from(b.running) * u64::from(a.capacity.max(1))))
+                .then(a.id.cmp(&b.id))
+        }),
+        "consistent_hash" => {
+            // Rendezvous hashing: a node's death moves only the keys it held.
+            let key = route.key.as_deref().unwrap_or("");
+            nodes.sort_by_key(|n| std::cmp::Reverse(fnv(&[key, &n.id])));
+        }
+        _ => {
+            if !nodes.is_empty() {
+                let k = rr % nodes.len();
+                nodes.rotate_left(k);
+            }
+        }
+    }
+    nodes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::Route;
+
+    fn n(id: &str, running: u32, capacity: u32) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            role: "executor".into(),
+            pool: "p".into(),
+            address: None,
+            path: "push".into(),
+            handlers: vec![],
+            capacity,
+            running,
+            version: String::new(),
+            started_at: 0,
+        }
+    }
+
+    fn ids(v: Vec<NodeInfo>) -> Vec<String> {
+        v.into_iter().map(|n| n.id).collect()
+    }
+
+    fn route(strategy: &str, node: Option<&str>, key: Option<&str>) -> Route {
+        Route {
+            strategy: Some(strategy.into()),
+            node: node.map(Into::into),
+            key: key.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn round_robin_rotates_and_keeps_the_rest_for_failover() {
+        let nodes = vec![n("b", 0, 1), n("a", 0, 1), n("c", 0, 1)];
+        assert_eq!(
+            ids(order(nodes.clone(), &Route::default(), 0)),
+            ["a", "b", "c"]
+        );
+        assert_eq!(ids(order(nodes, &Route::default(), 4)), ["b", "c", "a"]);
+    }
+
+    #[test]
+    fn pinned_least_busy_and_consistent_hash() {
+        let nodes = vec![n("a", 3, 4), n("b", 1, 4), n("c", 2, 8)];
+        assert_eq!(
+            ids(order(nodes.clone(), &route("pinned", Some("c"), None), 0)),
+            ["c"]
+        );
+        assert!(order(nodes.clone(), &route("pinned", Some("zz"), None), 0).is_empty());
+        assert_eq!(
+            ids(order(nodes.clone(), &route("least_busy", None, None), 0)),
+            ["b", "c", "a"]
+        );
+        let first = |ns: Vec<NodeInfo>, k: &str| {
+            order(ns, &route("consistent_hash", None, Some(k)), 0)[0]
+                .id
+                .clone()
+        };
+        let chosen: Vec<String> = (0..50)
+            .map(|i| first(nodes.clone(), &format!("host-{i}")))
+            .collect();
+        assert!(
+            ["a", "b", "c"]
+                .iter()
+                .all(|x| chosen.iter().any(|c| c == x)),
+            "keys spread over nodes"
+        );
+        // Same key, same node; removing another node does not move it.
+        for (i, c) in chosen.iter().enumerate() {
+            let others: Vec<NodeInfo> = nodes
+                .iter()
+                .filter(|x| x.id == *c || x.id != "a" || c == "a")
+                .cloned()
+                .collect();
+            assert_eq!(&first(others, &format!("host-{i}")), c);
+        }
     }
 }
