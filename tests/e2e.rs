@@ -36,14 +36,18 @@ impl Server {
                 "all",
                 "--listen",
                 "127.0.0.1:0",
-                "--grpc-listen",
-                "127.0.0.1:0",
                 "--config",
             ])
             .arg(&cfg)
             .arg("--data-dir")
             .arg(dir.join("data"))
             .args(extra_args)
+            // A free gRPC port unless the test chose one.
+            .args(if extra_args.contains(&"--grpc-listen") {
+                &[][..]
+            } else {
+                &["--grpc-listen", "127.0.0.1:0"][..]
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
                 std::fs::OpenOptions::new()
@@ -1135,4 +1139,41 @@ fn push_round_robin_spreads_and_pinned_sticks() {
         Some(&json!({"name": "x", "target": {"path": "push", "strategy": "pinned"}, "program": {"kind": "shell", "code": "true"}}).to_string()),
     );
     assert_eq!(code, 400, "{v}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn executor_before_scheduler_and_results_survive_a_scheduler_restart() {
+    let etcd = support::EtcdServer::start("order");
+    let dir = support::temp_dir("e2e-order");
+    let grpc_addr = format!("127.0.0.1:{}", free_port());
+    let grpc = format!("http://{grpc_addr}");
+    // The executor comes up first and waits for a scheduler that is not there yet.
+    let _ex = Executor::start(&dir.join("ex"), "ex", "core", &grpc, &etcd.url);
+    let cfg = format!("[registry]\netcd = \"{}\"\nttl_seconds = 2\n", etcd.url);
+    let mut s = Server::start(&dir.join("sched"), &["--grpc-listen", &grpc_addr], &cfg);
+    wait_nodes(&s, 1);
+    let mut body = shell("slow", "sleep 2\necho '{\"done\": true}' >&3\n");
+    body["target"] = json!({"path": "push", "pool": "core"});
+    let (_, e) = s.submit(body);
+    s.wait_for(e, Duration::from_secs(20), |v| v["status"] == "running");
+    // The scheduler dies while the script runs; the outcome is produced while it is down.
+    s.kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    let s2 = Server::start(&dir.join("sched"), &["--grpc-listen", &grpc_addr], &cfg);
+    let v = s2.wait_final(e, Duration::from_secs(30));
+    assert_eq!(v["status"], "succeeded", "{v}\n{}", s2.log());
+    assert_eq!(v["result"], json!({"done": true}));
+    assert_eq!(
+        v["attempts"].as_array().unwrap().len(),
+        1,
+        "delivered once: {v}"
+    );
 }

@@ -626,6 +626,7 @@ fn cron_ticker(core: &Core) {
 fn sweeper(core: &Core) {
     let every = Duration::from_millis(core.cfg.scheduler.heartbeat_interval_ms.max(100));
     let silent_after = core.cfg.scheduler.node_silent_after_ms as i64;
+    let started = std::time::Instant::now();
     // Purge soon after start, then once a minute (1,000 executions per pass).
     let mut last_purge = std::time::Instant::now() - Duration::from_secs(55);
     while !core.stopping() {
@@ -655,6 +656,14 @@ fn sweeper(core: &Core) {
                 Err(e) => log::warn!(target: LOG, "cannot purge old executions: {e}"),
             }
         }
+        // Right after a start every heartbeat in the store is as old as our own downtime: give
+        // live nodes one silence period (and the node table its first read) to refresh theirs
+        // before anything is declared lost.
+        let table_ready = core.node_table.as_ref().is_none_or(|t| t.synced());
+        if !table_ready || started.elapsed() < Duration::from_millis(silent_after as u64) {
+            sleep_or_stop(core, every);
+            continue;
+        }
         match core.store.silent(now - silent_after, now, 100) {
             Ok(list) => {
                 for s in list {
@@ -677,9 +686,13 @@ fn sweeper(core: &Core) {
             }
             Err(e) => log::warn!(target: LOG, "cannot look for silent executions: {e}"),
         }
-        let deadline = std::time::Instant::now() + every;
-        while !core.stopping() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        sleep_or_stop(core, every);
+    }
+}
+
+fn sleep_or_stop(core: &Core, d: Duration) {
+    let deadline = std::time::Instant::now() + d;
+    while !core.stopping() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
