@@ -107,6 +107,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     }
     // gRPC: nodes report to this scheduler; with a registry, tasks may target `push`.
     let mut grpc_server = None;
+    let pull_slot: crate::delivery::grpc::PullSlot = Arc::new(std::sync::OnceLock::new());
     if !cfg.server.grpc_listen.is_empty() {
         let rt = crate::delivery::grpc::Runtime::new()
             .map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
@@ -121,6 +122,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
             addr,
             reports_tx_sched.clone(),
             &cfg.server.token,
+            pull_slot.clone(),
         )
         .map_err(|e| format!("cannot listen for gRPC on {addr}: {e}"))?;
         log::info!(target: "etask::server", "gRPC listening on {}", srv.addr);
@@ -133,7 +135,16 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         }
         grpc_server = Some(srv);
     }
-    let sched = Scheduler::start(Arc::new(store), cfg, deliveries, reports_rx, table)?;
+    let pull_enabled = grpc_server.is_some();
+    let sched = Scheduler::start(
+        Arc::new(store),
+        cfg,
+        deliveries,
+        reports_rx,
+        table,
+        pull_enabled,
+    )?;
+    let _ = pull_slot.set(sched.core.clone());
     if let Some(addr) = sched.http_addr() {
         // One line on stdout so scripts and tests can find the port (`--listen 127.0.0.1:0`).
         println!("etask listening on http://{addr}");

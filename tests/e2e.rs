@@ -23,8 +23,16 @@ impl Server {
     fn start(dir: &Path, extra_args: &[&str], extra_config: &str) -> Server {
         std::fs::create_dir_all(dir).unwrap();
         let cfg = dir.join("etask.toml");
+        // A first line "poll_interval_ms = N" in extra_config replaces the test default.
+        let (poll, extra_config) = match extra_config.strip_prefix("poll_interval_ms = ") {
+            Some(rest) => {
+                let (n, rest) = rest.split_once('\n').unwrap_or((rest, ""));
+                (n.to_owned(), rest.to_owned())
+            }
+            None => ("200".to_owned(), extra_config.to_owned()),
+        };
         let text = format!(
-            "[scheduler]\npoll_interval_ms = 200\nheartbeat_interval_ms = 300\nnode_silent_after_ms = 2000\n\
+            "[scheduler]\npoll_interval_ms = {poll}\nheartbeat_interval_ms = 300\nnode_silent_after_ms = 2000\n\
              [callbacks]\ninitial_backoff_ms = 200\nmax_backoff_ms = 500\ntimeout_ms = 2000\n\
              [node]\nkill_grace_seconds = 1\n{extra_config}"
         );
@@ -1176,4 +1184,62 @@ fn executor_before_scheduler_and_results_survive_a_scheduler_restart() {
         1,
         "delivered once: {v}"
     );
+}
+
+#[test]
+fn pull_round_trip_and_the_long_poll_wakes_on_submit() {
+    let etcd = support::EtcdServer::start("pull");
+    let dir = support::temp_dir("e2e-pull");
+    // No registry needed on the scheduler for PULL; the executor still registers itself.
+    let s = Server::start(
+        &dir.join("sched"),
+        &[],
+        &format!(
+            "poll_interval_ms = 5000\n[registry]\netcd = \"{}\"\nttl_seconds = 2\n",
+            etcd.url
+        ),
+    );
+    let grpc = s.grpc.clone().expect("scheduler gRPC address");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args([
+            "server",
+            "--mode",
+            "executor",
+            "--path",
+            "pull",
+            "--pool",
+            "edge",
+            "--node-id",
+            "edge-1",
+        ])
+        .args(["--scheduler", &grpc, "--etcd", &etcd.url, "--data-dir"])
+        .arg(dir.join("ex"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join("executor.log")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("etask executor edge-1"), "{line}");
+    std::thread::sleep(Duration::from_millis(1500)); // the executor is now parked in a Pull
+    let mut body = shell("edge-job", "echo '{\"from\": \"edge\"}' >&3");
+    body["target"] = json!({"path": "pull", "pool": "edge"});
+    let (_, e) = s.submit(body);
+    let v = s.wait_final(e, Duration::from_secs(20));
+    assert_eq!(v["status"], "succeeded", "{v}\n{}", s.log());
+    assert_eq!(v["node"], "edge-1");
+    assert_eq!(v["result"], json!({"from": "edge"}));
+    // Latency from submit to start, while the store is polled only every 5 s: the long-poll
+    // was woken by the submission itself.
+    let started = v["started_at"].as_i64().unwrap() - v["created_at"].as_i64().unwrap();
+    assert!(
+        started < 1_500,
+        "pull picked the work up only after {started} ms"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -44,6 +44,12 @@ pub enum Refused {
     Rejected(String),
 }
 
+/// Where pulling nodes get work (implemented by the scheduler core; the transport only waits).
+pub trait PullSource: Send + Sync {
+    /// Up to `free` dispatches of `pool` for `node`, waiting at most `wait` for some.
+    fn pull(&self, node: &str, pool: &str, free: u32, wait: std::time::Duration) -> Vec<Dispatch>;
+}
+
 pub trait Delivery: Send + Sync {
     /// The `target.path` this delivery serves.
     fn path(&self) -> &'static str;

@@ -117,9 +117,9 @@ fn reporter(
 
 pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let ex = cfg.executor.clone();
-    if ex.path != "push" {
+    if ex.path != "push" && ex.path != "pull" {
         return Err(format!(
-            "executor.path {:?} is not available yet; use \"push\"",
+            "executor.path must be \"push\" or \"pull\", not {:?}",
             ex.path
         ));
     }
@@ -145,17 +145,23 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         events: events_tx,
         tombstones: Mutex::new(HashMap::new()),
     });
-    let addr = ex
-        .grpc_listen
-        .parse()
-        .map_err(|_| format!("executor.grpc_listen {:?} is not IP:PORT", ex.grpc_listen))?;
-    let server = grpc::serve_executor(&rt, addr, handler.clone(), &ex.token)
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let advertise = if ex.advertise.is_empty() {
-        server.addr.to_string()
-    } else {
-        ex.advertise.clone()
-    };
+    // PUSH serves Execute/Cancel; PULL opens no port at all and asks the scheduler instead.
+    let mut server = None;
+    let mut advertise = String::from("-");
+    if ex.path == "push" {
+        let addr = ex
+            .grpc_listen
+            .parse()
+            .map_err(|_| format!("executor.grpc_listen {:?} is not IP:PORT", ex.grpc_listen))?;
+        let srv = grpc::serve_executor(&rt, addr, handler.clone(), &ex.token)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        advertise = if ex.advertise.is_empty() {
+            srv.addr.to_string()
+        } else {
+            ex.advertise.clone()
+        };
+        server = Some(srv);
+    }
     let stop_flag = Arc::new(AtomicBool::new(false));
     let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token)?;
     let (node, flag) = (node_id.clone(), stop_flag.clone());
@@ -167,8 +173,8 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         id: node_id.clone(),
         role: "executor".into(),
         pool: ex.pool.clone(),
-        address: Some(advertise.clone()),
-        path: "push".into(),
+        address: server.as_ref().map(|_| advertise.clone()),
+        path: ex.path.clone(),
         handlers: vec!["shell".into(), "python".into(), "exec".into()],
         capacity,
         running: 0,
@@ -184,13 +190,100 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         Box::new(move || h2.pool.running() as u32),
     )
     .map_err(|e| format!("cannot start the registry heartbeat: {e}"))?;
+    let puller = if ex.path == "pull" {
+        let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token)?;
+        let (h, node, pool, flag) = (
+            handler.clone(),
+            node_id.clone(),
+            ex.pool.clone(),
+            stop_flag.clone(),
+        );
+        Some(
+            std::thread::Builder::new()
+                .name("executor-pull".into())
+                .spawn(move || pull_loop(&client, &h, &node, &pool, capacity, &flag))
+                .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
+    };
     println!("etask executor {node_id} serving on {advertise}");
     log::warn!(target: LOG, "started node={node_id} pool={} scheduler={}", ex.pool, ex.scheduler);
     let sig = stop.recv().unwrap_or(libc::SIGTERM);
     log::warn!(target: LOG, "signal {sig}: stopping");
     registration.stop();
-    server.stop();
+    if let Some(srv) = server {
+        srv.stop();
+    }
     stop_flag.store(true, Ordering::SeqCst);
+    if let Some(p) = puller {
+        let _ = p.join();
+    }
     let _ = reporter.join();
     Ok(())
+}
+
+/// PULL: asks the scheduler for work whenever a slot is free; each call is held open by the
+/// scheduler until work arrives (or a few seconds pass), so work starts the moment it is
+/// submitted without this node listening anywhere.
+fn pull_loop(
+    client: &SchedulerClient,
+    h: &Handler,
+    node: &str,
+    pool: &str,
+    capacity: u32,
+    stop: &AtomicBool,
+) {
+    let mut backoff = Duration::from_millis(200);
+    while !stop.load(Ordering::SeqCst) {
+        let free = capacity.saturating_sub(h.pool.in_flight() as u32);
+        if free == 0 {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let req = pb::PullRequest {
+            node_id: node.to_owned(),
+            pool: pool.to_owned(),
+            handlers: vec!["shell".into(), "python".into(), "exec".into()],
+            free_slots: free,
+            // Under the channel's 10 s request timeout.
+            wait_ms: 5_000,
+        };
+        match client.pull(req) {
+            Ok(list) => {
+                backoff = Duration::from_millis(200);
+                for d in list {
+                    let expires = d.expires_at;
+                    let id = d.execution_id;
+                    let attempt = Attempt(d.attempt);
+                    let res = grpc::dispatch_from_pb(d).and_then(|d| h.execute(d, expires));
+                    if let Err(e) = res {
+                        // Claimed but not runnable here: report it failed rather than lose it.
+                        log::warn!(target: LOG, "execution={id} pulled but refused: {e}");
+                        let key = RunKey {
+                            execution: ExecutionId(id),
+                            attempt,
+                        };
+                        let outcome = crate::runner::Outcome {
+                            ending: crate::runner::Ending::SpawnFailed(e),
+                            exit_code: None,
+                            signal: None,
+                            result: None,
+                            result_error: None,
+                            result_truncated: false,
+                            log_bytes: 0,
+                            log_truncated: false,
+                            duration: Duration::ZERO,
+                        };
+                        let _ = h.events.send(RunEvent::Finished { key, outcome });
+                    }
+                }
+            }
+            Err(e) => {
+                log::warn!(target: LOG, "pull from the scheduler failed: {e}; retrying in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }

@@ -235,7 +235,10 @@ impl TaskSpec {
         let path = self.path();
         if !paths.contains(&path) {
             let why = match path {
-                "push" | "pull" | "agent" => "that delivery path is not built yet".to_string(),
+                "push" => "push needs gRPC (server.grpc_listen) and a registry (registry.etcd)"
+                    .to_string(),
+                "pull" => "pull needs gRPC (server.grpc_listen)".to_string(),
+                "agent" => "the Kafka agent path is not built yet".to_string(),
                 "local" => "this scheduler has no built-in node (run --mode all)".to_string(),
                 _ => format!("unknown path; use one of {paths:?}"),
             };
@@ -329,7 +332,7 @@ mod tests {
         let e = parse(json!({"name": "n", "schedule": {"kind": "cron", "expr": "every minute"}, "program": {"kind": "shell", "code": "true"}})).unwrap_err();
         assert!(e.message.contains("cron"), "{e:?}");
         let e = parse(json!({"name": "n", "target": {"path": "push"}, "program": {"kind": "shell", "code": "true"}})).unwrap_err();
-        assert!(e.message.contains("not built yet"), "{e:?}");
+        assert!(e.message.contains("needs gRPC"), "{e:?}");
         let e = parse(json!({"name": "n", "retry": {"max_attempts": 0}, "program": {"kind": "shell", "code": "true"}})).unwrap_err();
         assert!(e.message.contains("max_attempts"), "{e:?}");
     }

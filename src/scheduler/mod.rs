@@ -62,9 +62,13 @@ pub struct Core {
     pub followers: AtomicUsize,
     /// Live nodes from etcd, when a registry is configured.
     node_table: Option<Arc<NodeTable>>,
+    /// Executors may Pull work (the gRPC service is up).
+    pull_enabled: bool,
     /// Retry policy and callback URL of dispatched attempts, so a report needs no task lookup.
     /// Filled at dispatch, taken at finish; a miss (after a restart) falls back to the store.
     policies: Mutex<HashMap<(ExecutionId, Attempt), Policy>>,
+    /// Bumped (and waiters notified) whenever work may have become due for Pull.
+    pull_gen: (Mutex<u64>, std::sync::Condvar),
 }
 
 #[derive(Clone)]
@@ -80,7 +84,11 @@ fn kick(tx: &Sender<()>) {
 
 impl Core {
     pub fn paths(&self) -> Vec<&'static str> {
-        self.deliveries.iter().map(|d| d.path()).collect()
+        let mut p: Vec<&'static str> = self.deliveries.iter().map(|d| d.path()).collect();
+        if self.pull_enabled {
+            p.push("pull");
+        }
+        p
     }
 
     /// Live nodes: the etcd table when a registry is configured, else this process's own.
@@ -133,6 +141,11 @@ impl Core {
             cron,
             first_due_at,
             path: spec.path().to_owned(),
+            pool: spec
+                .target
+                .as_ref()
+                .and_then(|t| t.pool.clone())
+                .unwrap_or_default(),
         };
         let created = self.store.create_task(&t, now)?;
         if !created.existed {
@@ -141,7 +154,8 @@ impl Core {
                 created.execution_id.map(|e| e.0));
         }
         if created.execution_id.is_some() {
-            kick(&self.kick_dispatch);
+            self.wake_dispatch();
+            self.wake_pullers();
         }
         Ok(created)
     }
@@ -158,7 +172,7 @@ impl Core {
         let id = self
             .store
             .add_execution(task, now, Some(self.timeout_ms(&spec)), now)?;
-        kick(&self.kick_dispatch);
+        self.wake_dispatch();
         Ok(id)
     }
 
@@ -300,7 +314,7 @@ impl Core {
                     log::info!(target: LOG, "execution={id} attempt={attempt} status={st}{}",
                         fin.error.as_deref().map(|e| format!(" error={e:?}")).unwrap_or_default());
                     if st == Status::RetryWait {
-                        kick(&self.kick_dispatch);
+                        self.wake_dispatch();
                     } else if fin.callback_url.is_some() {
                         kick(&self.kick_callbacks);
                     }
@@ -312,6 +326,62 @@ impl Core {
         }
     }
 }
+impl crate::delivery::PullSource for Core {
+    /// Claims up to `free` pull executions of `pool` for `node`, waiting up to `wait` for some
+    /// to be submitted (woken by the submission itself, not by polling the store; a slow
+    /// re-check every poll interval covers work created by other schedulers).
+    fn pull(&self, node: &str, pool: &str, free: u32, wait: Duration) -> Vec<Dispatch> {
+        let deadline = std::time::Instant::now() + wait;
+        let poll = Duration::from_millis(self.cfg.scheduler.poll_interval_ms.max(50));
+        loop {
+            let seen = *self.pull_gen.0.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = self.store.promote_retries(now_ms());
+            match self
+                .store
+                .claim_due_in(now_ms(), free.max(1), node, "pull", Some(pool))
+            {
+                Ok(claimed) if !claimed.is_empty() => {
+                    let out: Vec<Dispatch> =
+                        claimed.iter().filter_map(|c| prepare(self, c)).collect();
+                    for c in &claimed {
+                        self.metrics
+                            .observe_dispatch((now_ms() - c.due_at).max(0) as u64);
+                    }
+                    if !out.is_empty() {
+                        return out;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!(target: LOG, "node={node} pull: cannot claim: {e}"),
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline || self.stopping() {
+                return Vec::new();
+            }
+            let (lock, cv) = &self.pull_gen;
+            let g = lock.lock().unwrap_or_else(|p| p.into_inner());
+            if *g == seen {
+                let _ = cv.wait_timeout(g, (deadline - now).min(poll));
+            }
+        }
+    }
+}
+
+impl Core {
+    /// New work may be due: wake the dispatcher and every waiting Pull.
+    fn wake_dispatch(&self) {
+        kick(&self.kick_dispatch);
+        self.wake_pullers();
+    }
+
+    /// Wakes every waiting Pull: new work may be there.
+    fn wake_pullers(&self) {
+        let (lock, cv) = &self.pull_gen;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        cv.notify_all();
+    }
+}
+
 /// A running scheduler; `stop` ends every thread and joins it.
 pub struct Scheduler {
     pub core: Arc<Core>,
@@ -327,6 +397,7 @@ impl Scheduler {
         deliveries: Vec<Arc<dyn Delivery>>,
         reports: Receiver<RunEvent>,
         node_table: Option<Arc<NodeTable>>,
+        pull_enabled: bool,
     ) -> Result<Scheduler, String> {
         std::sync::LazyLock::force(&PROCESS_START);
         let applied = store
@@ -347,7 +418,9 @@ impl Scheduler {
             stopping: AtomicBool::new(false),
             followers: AtomicUsize::new(0),
             node_table,
+            pull_enabled,
             policies: Mutex::new(HashMap::new()),
+            pull_gen: (Mutex::new(0), std::sync::Condvar::new()),
         });
         let http = http::HttpServer::start(core.clone())?;
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -436,9 +509,10 @@ fn dispatcher(core: &Core, wake: &Receiver<()>) {
     }
 }
 
-fn dispatch_one(core: &Core, d: &dyn Delivery, c: crate::store::Claimed) {
-    let now = now_ms();
-    let spec: TaskSpec = match serde_json::from_value(c.spec) {
+/// The dispatch of a claimed attempt (and its retry policy cached for the outcome); a task
+/// spec that cannot be read fails the execution instead.
+fn prepare(core: &Core, c: &crate::store::Claimed) -> Option<Dispatch> {
+    let spec: TaskSpec = match serde_json::from_value(c.spec.clone()) {
         Ok(s) => s,
         Err(e) => {
             let fin = Finish {
@@ -447,7 +521,7 @@ fn dispatch_one(core: &Core, d: &dyn Delivery, c: crate::store::Claimed) {
                 ..Finish::default()
             };
             core.finish(c.id, c.attempt, fin);
-            return;
+            return None;
         }
     };
     let policy = core.policy(c.task_id, Some(&spec));
@@ -455,7 +529,7 @@ fn dispatch_one(core: &Core, d: &dyn Delivery, c: crate::store::Claimed) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert((c.id, c.attempt), policy);
-    let dispatch = Dispatch {
+    Some(Dispatch {
         execution_id: c.id,
         task_id: c.task_id,
         attempt: c.attempt,
@@ -473,6 +547,13 @@ fn dispatch_one(core: &Core, d: &dyn Delivery, c: crate::store::Claimed) {
         program: spec.program,
         shard_index: 0,
         shard_total: 1,
+    })
+}
+
+fn dispatch_one(core: &Core, d: &dyn Delivery, c: crate::store::Claimed) {
+    let now = now_ms();
+    let Some(dispatch) = prepare(core, &c) else {
+        return;
     };
     let placed = |node: &str| {
         if let Err(e) = core.store.set_node(c.id, c.attempt, node) {
@@ -608,7 +689,7 @@ fn cron_ticker(core: &Core) {
                     match core.store.fire_cron(t.id, expected, next, deadline, now) {
                         Ok(Some(e)) => {
                             log::info!(target: LOG, "task={} cron fired execution={e}{}", t.id, if missed { " (missed fires collapsed into one)" } else { "" });
-                            kick(&core.kick_dispatch);
+                            core.wake_dispatch();
                         }
                         Ok(None) => {}
                         Err(e) => log::warn!(target: LOG, "task={} cannot fire: {e}", t.id),

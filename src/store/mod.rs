@@ -102,10 +102,12 @@ pub fn migrations(dir: &str) -> Vec<(u32, &'static str)> {
         "sqlite" => vec![
             (1, include_str!("../../sql/sqlite/0001_init.sql")),
             (2, include_str!("../../sql/sqlite/0002_target_path.sql")),
+            (3, include_str!("../../sql/sqlite/0003_target_pool.sql")),
         ],
         _ => vec![
             (1, include_str!("../../sql/mysql/0001_init.sql")),
             (2, include_str!("../../sql/mysql/0002_target_path.sql")),
+            (3, include_str!("../../sql/mysql/0003_target_pool.sql")),
         ],
     }
 }
@@ -247,6 +249,8 @@ pub struct NewTask {
     pub deadline_ms: Option<i64>,
     /// The delivery path (`target.path`) of its executions.
     pub path: String,
+    /// The target pool (`target.pool`, "" for none).
+    pub pool: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -358,7 +362,18 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<ExecutionRow>>;
     /// Claims up to `limit` pending executions due by `now` for `node` (compare-and-set: two
     /// schedulers never claim the same attempt).
-    fn claim_due(&self, now: i64, limit: u32, node: &str, path: &str) -> Result<Vec<Claimed>>;
+    fn claim_due(&self, now: i64, limit: u32, node: &str, path: &str) -> Result<Vec<Claimed>> {
+        self.claim_due_in(now, limit, node, path, None)
+    }
+    /// `claim_due` limited to one target pool (pulling executors claim their pool's work).
+    fn claim_due_in(
+        &self,
+        now: i64,
+        limit: u32,
+        node: &str,
+        path: &str,
+        pool: Option<&str>,
+    ) -> Result<Vec<Claimed>>;
     /// Records which node an attempt was actually handed to (paths that choose per dispatch).
     fn set_node(&self, id: ExecutionId, attempt: Attempt, node: &str) -> Result<()>;
     /// Puts a claimed execution back (the node refused it).
@@ -487,9 +502,9 @@ impl SqlStore {
         // The deadline itself is set when an attempt is claimed (claim time + timeout), so
         // every attempt gets the full timeout.
         c.insert(
-            "INSERT INTO executions (task_id, attempt, status, due_at, timeout_ms, created_at, updated_at, path) \
-             VALUES (?, 1, 'pending', ?, ?, ?, ?, (SELECT t.path FROM tasks t WHERE t.id = ?))",
-            &[task.0.into(), due_at.into(), deadline_ms.into(), now.into(), now.into(), task.0.into()],
+            "INSERT INTO executions (task_id, attempt, status, due_at, timeout_ms, created_at, updated_at, path, pool) \
+             VALUES (?, 1, 'pending', ?, ?, ?, ?, (SELECT t.path FROM tasks t WHERE t.id = ?), (SELECT t.pool FROM tasks t WHERE t.id = ?))",
+            &[task.0.into(), due_at.into(), deadline_ms.into(), now.into(), now.into(), task.0.into(), task.0.into()],
         )
         .map(ExecutionId)
     }
@@ -641,8 +656,8 @@ impl Store for SqlStore {
             // INSERT IGNORE: a concurrent call with the same request id loses quietly here and
             // reads the winner's ids below.
             let params = [t.name.as_str().into(), t.request_id.clone().into(), spec.as_str().into(), cron_expr.into(),
-                          next.into(), now.into(), t.path.as_str().into()];
-            let sql = format!("{ignore} INTO tasks (name, request_id, spec, cron_expr, next_fire_at, created_at, path) VALUES (?, ?, ?, ?, ?, ?, ?)");
+                          next.into(), now.into(), t.path.as_str().into(), t.pool.as_str().into()];
+            let sql = format!("{ignore} INTO tasks (name, request_id, spec, cron_expr, next_fire_at, created_at, path, pool) VALUES (?, ?, ?, ?, ?, ?, ?, ?)");
             let changed = c.exec(&sql, &params)?;
             let rows = match &t.request_id {
                 Some(rid) => c.query("SELECT id FROM tasks WHERE request_id = ?", &[rid.as_str().into()])?,
@@ -801,12 +816,20 @@ impl Store for SqlStore {
         })
     }
 
-    fn claim_due(&self, now: i64, limit: u32, node: &str, path: &str) -> Result<Vec<Claimed>> {
+    fn claim_due_in(
+        &self,
+        now: i64,
+        limit: u32,
+        node: &str,
+        path: &str,
+        pool: Option<&str>,
+    ) -> Result<Vec<Claimed>> {
         self.tx(|c| {
             let candidates = c.query(
                 "SELECT e.id, e.task_id, e.attempt, e.due_at, t.spec FROM executions e JOIN tasks t ON t.id = e.task_id \
-                 WHERE e.path = ? AND e.status = 'pending' AND e.due_at <= ? ORDER BY e.due_at, e.id LIMIT ?",
-                &[path.into(), now.into(), i64::from(limit).into()],
+                 WHERE e.path = ? AND (? IS NULL OR e.pool = ?) AND e.status = 'pending' AND e.due_at <= ? \
+                 ORDER BY e.due_at, e.id LIMIT ?",
+                &[path.into(), pool.into(), pool.into(), now.into(), i64::from(limit).into()],
             )?;
             let mut out = Vec::new();
             for r in candidates {

@@ -13,7 +13,7 @@ use crossbeam_channel::Sender;
 use serde_json::Value;
 use tonic::{Request, Response, Status};
 
-use crate::delivery::Dispatch;
+use crate::delivery::{Dispatch, PullSource};
 use crate::model::{Attempt, ExecutionId, TaskId};
 use crate::runner::{
     Ending, LogChunk, Outcome, Program, ProgramKind, RunEvent, RunKey, ShellKind, Stream,
@@ -367,12 +367,33 @@ pub fn serve_executor(
 // ---------------------------------------------------------------------------------------------
 // Scheduler side: Report feeds the scheduler's ingest channel.
 
+/// Filled in once the scheduler core exists (the gRPC server starts before it).
+pub type PullSlot = Arc<std::sync::OnceLock<Arc<dyn PullSource>>>;
+
 struct SchedulerSvc {
     reports: Sender<RunEvent>,
+    pull: PullSlot,
 }
 
 #[tonic::async_trait]
 impl pb::scheduler_server::Scheduler for SchedulerSvc {
+    async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<pb::PullReply>, Status> {
+        let r = req.into_inner();
+        let Some(src) = self.pull.get().cloned() else {
+            return Err(Status::unavailable("scheduler starting"));
+        };
+        // The wait happens on a blocking thread: the sync core waits on a condvar.
+        let wait = Duration::from_millis(u64::from(r.wait_ms.min(30_000)));
+        let list =
+            tokio::task::spawn_blocking(move || src.pull(&r.node_id, &r.pool, r.free_slots, wait))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+        let now = crate::now_ms();
+        Ok(Response::new(pb::PullReply {
+            dispatches: list.iter().map(|d| dispatch_to_pb(d, now)).collect(),
+        }))
+    }
+
     async fn report(
         &self,
         req: Request<pb::ReportBatch>,
@@ -396,9 +417,10 @@ pub fn serve_scheduler(
     addr: SocketAddr,
     reports: Sender<RunEvent>,
     token: &str,
+    pull: PullSlot,
 ) -> std::io::Result<ServerHandle> {
     let svc = pb::scheduler_server::SchedulerServer::with_interceptor(
-        SchedulerSvc { reports },
+        SchedulerSvc { reports, pull },
         token_check(token),
     );
     serve(rt, addr, tonic::service::Routes::new(svc))
@@ -466,6 +488,14 @@ impl SchedulerClient {
             inner: pb::scheduler_client::SchedulerClient::new(channel(rt, url)?),
             token: (!token.is_empty()).then(|| token.to_owned()),
         })
+    }
+    pub fn pull(&self, req: pb::PullRequest) -> Result<Vec<pb::Dispatch>, String> {
+        let mut c = self.inner.clone();
+        self.rt
+            .rt
+            .block_on(c.pull(authed(req, &self.token)))
+            .map(|r| r.into_inner().dispatches)
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))
     }
     pub fn report(&self, batch: pb::ReportBatch) -> Result<u32, String> {
         let mut c = self.inner.clone();
