@@ -1243,3 +1243,56 @@ fn pull_round_trip_and_the_long_poll_wakes_on_submit() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn broadcast_runs_once_per_live_node_with_its_shard() {
+    let etcd = support::EtcdServer::start("bcast");
+    let dir = support::temp_dir("e2e-bcast");
+    let s = Server::start(
+        &dir.join("sched"),
+        &[],
+        &format!("[registry]\netcd = \"{}\"\nttl_seconds = 2\n", etcd.url),
+    );
+    let grpc = s.grpc.clone().expect("scheduler gRPC address");
+    let _a = Executor::start(&dir.join("a"), "a", "core", &grpc, &etcd.url);
+    let _b = Executor::start(&dir.join("b"), "b", "core", &grpc, &etcd.url);
+    wait_nodes(&s, 2);
+    let mut body = shell(
+        "everywhere",
+        "echo '{\"shard\": '$ETASK_SHARD_INDEX', \"of\": '$ETASK_SHARD_TOTAL'}' >&3",
+    );
+    body["target"] = json!({"path": "push", "pool": "core", "strategy": "broadcast"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!(code, 201, "{v}");
+    let ids: Vec<i64> = v["execution_ids"]
+        .as_array()
+        .expect("execution_ids")
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    let mut seen = Vec::new();
+    for id in ids {
+        let e = s.wait_final(id, Duration::from_secs(30));
+        assert_eq!(e["status"], "succeeded", "{e}");
+        assert_eq!(e["result"]["of"], 2);
+        seen.push((
+            e["node"].as_str().unwrap().to_owned(),
+            e["result"]["shard"].as_i64().unwrap(),
+        ));
+    }
+    seen.sort();
+    let nodes: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+    let mut shards: Vec<i64> = seen.iter().map(|(_, s)| *s).collect();
+    shards.sort();
+    assert_eq!(nodes, ["a", "b"], "one execution per node");
+    assert_eq!(shards, [0, 1]);
+    // No live node in the pool: a clear 503, nothing created.
+    body["target"] = json!({"path": "push", "pool": "nobody", "strategy": "broadcast"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (503, Some("unavailable")),
+        "{v}"
+    );
+}

@@ -249,11 +249,17 @@ impl TaskSpec {
         if let Some(t) = &self.target {
             match t.strategy.as_deref() {
                 None => {}
-                Some("broadcast") => {
+                Some("broadcast") if !matches!(t.path.as_str(), "push" | "pull") => {
                     return Err(ApiError::invalid(
-                        "target.strategy \"broadcast\" is not built yet",
+                        "target.strategy \"broadcast\" needs target.path push or pull",
                     ))
                 }
+                Some("broadcast") if matches!(self.schedule, Schedule::Cron { .. }) => {
+                    return Err(ApiError::invalid(
+                        "broadcast cron tasks are not built yet; use a once task",
+                    ))
+                }
+                Some("broadcast") => {}
                 Some("pinned") if t.node.is_none() => {
                     return Err(ApiError::invalid(
                         "target.strategy \"pinned\" needs target.node",

@@ -272,11 +272,12 @@ fn route(
             Method::Post => {
                 let body = read_body(core, req)?;
                 let spec = TaskSpec::parse(&body, &core.paths())?;
-                let c = core.submit(spec)?;
-                Ok((
-                    if c.existed { 200 } else { 201 },
-                    json!({"task_id": c.task_id, "execution_id": c.execution_id}),
-                ))
+                let (c, all) = core.submit(spec)?;
+                let mut body = json!({"task_id": c.task_id, "execution_id": c.execution_id});
+                if all.len() > 1 {
+                    body["execution_ids"] = json!(all);
+                }
+                Ok((if c.existed { 200 } else { 201 }, body))
             }
             Method::Get => {
                 let limit = num::<u32>(q, "limit")?.unwrap_or(50).clamp(1, 500);

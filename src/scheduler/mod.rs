@@ -122,8 +122,37 @@ impl Core {
     }
 
     /// Creates a task (and its first execution for `once`); idempotent on `request_id`.
-    pub fn submit(&self, spec: TaskSpec) -> Result<Created, ApiError> {
+    pub fn submit(&self, spec: TaskSpec) -> Result<(Created, Vec<ExecutionId>), ApiError> {
         let now = now_ms();
+        let target = spec.target.clone();
+        let broadcast = target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast");
+        // Broadcast: one execution per live node of the pool, known before anything is stored.
+        let shards: Vec<String> = if broadcast {
+            let pool = target
+                .as_ref()
+                .and_then(|t| t.pool.clone())
+                .unwrap_or_else(|| "default".into());
+            let path = spec.path().to_owned();
+            let nodes: Vec<String> = self
+                .node_table
+                .as_ref()
+                .map(|t| {
+                    t.nodes()
+                        .into_iter()
+                        .filter(|n| n.path == path && n.pool == pool)
+                        .map(|n| n.id)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if nodes.is_empty() {
+                return Err(ApiError::unavailable(format!(
+                    "broadcast: no live {path} node in pool {pool:?}"
+                )));
+            }
+            nodes
+        } else {
+            Vec::new()
+        };
         let (cron, first_due_at) = match &spec.schedule {
             Schedule::Once { at } => (None, Some(at.unwrap_or(now))),
             Schedule::Cron { expr } => {
@@ -139,7 +168,7 @@ impl Core {
             deadline_ms: Some(self.timeout_ms(&spec)),
             spec: serde_json::to_value(&spec).map_err(|e| ApiError::internal(e.to_string()))?,
             cron,
-            first_due_at,
+            first_due_at: if broadcast { None } else { first_due_at },
             path: spec.path().to_owned(),
             pool: spec
                 .target
@@ -147,7 +176,25 @@ impl Core {
                 .and_then(|t| t.pool.clone())
                 .unwrap_or_default(),
         };
-        let created = self.store.create_task(&t, now)?;
+        let mut created = self.store.create_task(&t, now)?;
+        let mut all = created.execution_id.into_iter().collect::<Vec<_>>();
+        if broadcast && !created.existed {
+            all = self.store.add_broadcast(
+                created.task_id,
+                &shards,
+                Some(self.timeout_ms(&spec)),
+                now,
+            )?;
+            created.execution_id = all.first().copied();
+        } else if broadcast {
+            all = self
+                .store
+                .list_executions(Some(created.task_id), None, 10_000, None)?
+                .into_iter()
+                .map(|e| e.id)
+                .rev()
+                .collect();
+        }
         if !created.existed {
             self.metrics.tasks_submitted.fetch_add(1, Ordering::Relaxed);
             log::info!(target: LOG, "task={} name={:?} created execution={:?}", created.task_id, spec.name,
@@ -155,9 +202,8 @@ impl Core {
         }
         if created.execution_id.is_some() {
             self.wake_dispatch();
-            self.wake_pullers();
         }
-        Ok(created)
+        Ok((created, all))
     }
 
     pub fn run_now(&self, task: TaskId) -> Result<ExecutionId, ApiError> {
@@ -545,8 +591,19 @@ fn prepare(core: &Core, c: &crate::store::Claimed) -> Option<Dispatch> {
             })
             .unwrap_or_default(),
         program: spec.program,
-        shard_index: 0,
-        shard_total: 1,
+        shard_index: c.shard_index,
+        shard_total: c.shard_total,
+    })
+    .map(|mut d| {
+        if let Some(n) = &c.pin_node {
+            // A broadcast shard runs on its node or not at all.
+            d.route = crate::delivery::Route {
+                strategy: Some("pinned".into()),
+                node: Some(n.clone()),
+                key: None,
+            };
+        }
+        d
     })
 }
 

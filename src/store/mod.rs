@@ -103,11 +103,13 @@ pub fn migrations(dir: &str) -> Vec<(u32, &'static str)> {
             (1, include_str!("../../sql/sqlite/0001_init.sql")),
             (2, include_str!("../../sql/sqlite/0002_target_path.sql")),
             (3, include_str!("../../sql/sqlite/0003_target_pool.sql")),
+            (4, include_str!("../../sql/sqlite/0004_broadcast.sql")),
         ],
         _ => vec![
             (1, include_str!("../../sql/mysql/0001_init.sql")),
             (2, include_str!("../../sql/mysql/0002_target_path.sql")),
             (3, include_str!("../../sql/mysql/0003_target_pool.sql")),
+            (4, include_str!("../../sql/mysql/0004_broadcast.sql")),
         ],
     }
 }
@@ -269,6 +271,10 @@ pub struct Claimed {
     pub attempt: Attempt,
     pub due_at: i64,
     pub spec: Value,
+    /// Broadcast executions are pinned to one node and told their shard.
+    pub pin_node: Option<String>,
+    pub shard_index: u32,
+    pub shard_total: u32,
 }
 
 /// How an attempt ended, as reported by its node.
@@ -339,6 +345,14 @@ pub trait Store: Send + Sync {
         now: i64,
     ) -> Result<ExecutionId>;
     /// Cron tasks due at `now`.
+    /// One pending execution per node, each pinned to it and told its shard (broadcast).
+    fn add_broadcast(
+        &self,
+        task: TaskId,
+        nodes: &[String],
+        deadline_ms: Option<i64>,
+        now: i64,
+    ) -> Result<Vec<ExecutionId>>;
     fn due_cron(&self, now: i64, limit: u32) -> Result<Vec<TaskRow>>;
     /// Moves a cron task's fire time from `expected` to `next` and creates the execution for
     /// this fire, atomically; `None` if another scheduler fired it first.
@@ -742,6 +756,27 @@ impl Store for SqlStore {
         self.tx(|c| Self::insert_execution(c, task, due_at, deadline_ms, now))
     }
 
+    fn add_broadcast(
+        &self,
+        task: TaskId,
+        nodes: &[String],
+        deadline_ms: Option<i64>,
+        now: i64,
+    ) -> Result<Vec<ExecutionId>> {
+        self.tx(|c| {
+            let mut ids = Vec::new();
+            for (i, node) in nodes.iter().enumerate() {
+                let id = Self::insert_execution(c, task, now, deadline_ms, now)?;
+                c.exec(
+                    "UPDATE executions SET pin_node = ?, shard_index = ?, shard_total = ? WHERE id = ?",
+                    &[node.as_str().into(), (i as i64).into(), (nodes.len() as i64).into(), id.0.into()],
+                )?;
+                ids.push(id);
+            }
+            Ok(ids)
+        })
+    }
+
     fn due_cron(&self, now: i64, limit: u32) -> Result<Vec<TaskRow>> {
         self.tx(|c| {
             let rows = c.query(
@@ -824,12 +859,15 @@ impl Store for SqlStore {
         path: &str,
         pool: Option<&str>,
     ) -> Result<Vec<Claimed>> {
+        // A pulling node (pool given) takes unpinned work and work pinned to itself.
+        let pin = pool.map(|_| node);
         self.tx(|c| {
             let candidates = c.query(
-                "SELECT e.id, e.task_id, e.attempt, e.due_at, t.spec FROM executions e JOIN tasks t ON t.id = e.task_id \
-                 WHERE e.path = ? AND (? IS NULL OR e.pool = ?) AND e.status = 'pending' AND e.due_at <= ? \
-                 ORDER BY e.due_at, e.id LIMIT ?",
-                &[path.into(), pool.into(), pool.into(), now.into(), i64::from(limit).into()],
+                "SELECT e.id, e.task_id, e.attempt, e.due_at, t.spec, e.pin_node, e.shard_index, e.shard_total \
+                 FROM executions e JOIN tasks t ON t.id = e.task_id \
+                 WHERE e.path = ? AND (? IS NULL OR e.pool = ?) AND (? IS NULL OR e.pin_node IS NULL OR e.pin_node = ?) \
+                 AND e.status = 'pending' AND e.due_at <= ? ORDER BY e.due_at, e.id LIMIT ?",
+                &[path.into(), pool.into(), pool.into(), pin.into(), pin.into(), now.into(), i64::from(limit).into()],
             )?;
             let mut out = Vec::new();
             for r in candidates {
@@ -850,6 +888,9 @@ impl Store for SqlStore {
                         attempt: Attempt(attempt as u32),
                         due_at: r[3].i().unwrap_or(now),
                         spec: serde_json::from_str(&spec).map_err(|e| StoreError::Internal(format!("task spec: {e}")))?,
+                        pin_node: r[5].s(),
+                        shard_index: r[6].i().unwrap_or(0) as u32,
+                        shard_total: r[7].i().unwrap_or(1).max(1) as u32,
                     });
                 }
             }
