@@ -108,6 +108,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     // gRPC: nodes report to this scheduler; with a registry, tasks may target `push`.
     let mut grpc_server = None;
     let pull_slot: crate::delivery::grpc::PullSlot = Arc::new(std::sync::OnceLock::new());
+    let tasks_slot: crate::delivery::grpc::TasksSlot = Arc::new(std::sync::OnceLock::new());
     if !cfg.server.grpc_listen.is_empty() {
         let rt = crate::delivery::grpc::Runtime::new()
             .map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
@@ -123,6 +124,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
             reports_tx_sched.clone(),
             &cfg.server.token,
             pull_slot.clone(),
+            tasks_slot.clone(),
         )
         .map_err(|e| format!("cannot listen for gRPC on {addr}: {e}"))?;
         log::info!(target: "etask::server", "gRPC listening on {}", srv.addr);
@@ -145,6 +147,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         pull_enabled,
     )?;
     let _ = pull_slot.set(sched.core.clone());
+    let _ = tasks_slot.set(sched.core.clone());
     if let Some(addr) = sched.http_addr() {
         // One line on stdout so scripts and tests can find the port (`--listen 127.0.0.1:0`).
         println!("etask listening on http://{addr}");

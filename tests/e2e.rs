@@ -1296,3 +1296,45 @@ fn broadcast_runs_once_per_live_node_with_its_shard() {
         "{v}"
     );
 }
+
+#[test]
+fn grpc_task_api_mirrors_the_http_intake() {
+    use etask::delivery::grpc::{Runtime, TasksClient};
+    let dir = support::temp_dir("e2e-grpcapi");
+    let s = Server::start(&dir, &[], "[server]\ntoken = \"k\"\n");
+    let url = s.grpc.clone().expect("scheduler gRPC address");
+    let rt = Runtime::new().unwrap();
+    let api = TasksClient::new(&rt, &url, "k").unwrap();
+    let body = json!({"name": "g", "request_id": "g-1", "program": {"kind": "shell", "code": "echo '{\"via\": \"grpc\"}' >&3"}});
+    let r = api.submit(&body.to_string()).unwrap();
+    assert!(!r.existed);
+    let e = r.execution_id.expect("execution id");
+    assert!(
+        api.submit(&body.to_string()).unwrap().existed,
+        "request_id is idempotent over gRPC too"
+    );
+    let t0 = Instant::now();
+    let v = loop {
+        let v = api.get(e).unwrap();
+        if v["status"] == "succeeded" {
+            break v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{v}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(v["result"], json!({"via": "grpc"}));
+    assert_eq!(
+        api.cancel(e).unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+    assert_eq!(api.get(987_654).unwrap_err().code(), tonic::Code::NotFound);
+    assert_eq!(
+        api.submit("{nope").unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    let anon = TasksClient::new(&rt, &url, "").unwrap();
+    assert_eq!(
+        anon.get(e).unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+}

@@ -44,6 +44,18 @@ pub enum Refused {
     Rejected(String),
 }
 
+/// The task API as transports other than HTTP expose it (implemented by the scheduler core).
+/// Errors are `(code, message)` with the HTTP API's codes.
+pub trait TaskApi: Send + Sync {
+    /// Returns (task id, first execution id, existed, all execution ids).
+    fn submit_json(
+        &self,
+        body: &[u8],
+    ) -> Result<(i64, Option<i64>, bool, Vec<i64>), (&'static str, String)>;
+    fn execution_json(&self, id: i64) -> Result<String, (&'static str, String)>;
+    fn cancel_json(&self, id: i64) -> Result<String, (&'static str, String)>;
+}
+
 /// Where pulling nodes get work (implemented by the scheduler core; the transport only waits).
 pub trait PullSource: Send + Sync {
     /// Up to `free` dispatches of `pool` for `node`, waiting at most `wait` for some.

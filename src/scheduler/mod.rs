@@ -372,6 +372,46 @@ impl Core {
         }
     }
 }
+impl crate::delivery::TaskApi for Core {
+    fn submit_json(
+        &self,
+        body: &[u8],
+    ) -> Result<(i64, Option<i64>, bool, Vec<i64>), (&'static str, String)> {
+        let limit = self.cfg.server.max_body_bytes;
+        if body.len() > limit {
+            return Err((
+                "payload_too_large",
+                format!("task over the {limit}-byte limit"),
+            ));
+        }
+        let spec = TaskSpec::parse(body, &self.paths()).map_err(|e| (e.code, e.message))?;
+        let (c, all) = self.submit(spec).map_err(|e| (e.code, e.message))?;
+        Ok((
+            c.task_id.0,
+            c.execution_id.map(|e| e.0),
+            c.existed,
+            all.into_iter().map(|e| e.0).collect(),
+        ))
+    }
+
+    fn execution_json(&self, id: i64) -> Result<String, (&'static str, String)> {
+        match self.store.get_execution(ExecutionId(id)) {
+            Ok(Some(e)) => Ok(e.to_json().to_string()),
+            Ok(None) => Err(("not_found", format!("execution {id} not found"))),
+            Err(e) => {
+                let e = ApiError::from(e);
+                Err((e.code, e.message))
+            }
+        }
+    }
+
+    fn cancel_json(&self, id: i64) -> Result<String, (&'static str, String)> {
+        self.cancel(ExecutionId(id))
+            .map(|v| v.to_string())
+            .map_err(|e| (e.code, e.message))
+    }
+}
+
 impl crate::delivery::PullSource for Core {
     /// Claims up to `free` pull executions of `pool` for `node`, waiting up to `wait` for some
     /// to be submitted (woken by the submission itself, not by polling the store; a slow

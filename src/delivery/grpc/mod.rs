@@ -13,7 +13,7 @@ use crossbeam_channel::Sender;
 use serde_json::Value;
 use tonic::{Request, Response, Status};
 
-use crate::delivery::{Dispatch, PullSource};
+use crate::delivery::{Dispatch, PullSource, TaskApi};
 use crate::model::{Attempt, ExecutionId, TaskId};
 use crate::runner::{
     Ending, LogChunk, Outcome, Program, ProgramKind, RunEvent, RunKey, ShellKind, Stream,
@@ -369,6 +369,128 @@ pub fn serve_executor(
 
 /// Filled in once the scheduler core exists (the gRPC server starts before it).
 pub type PullSlot = Arc<std::sync::OnceLock<Arc<dyn PullSource>>>;
+pub type TasksSlot = Arc<std::sync::OnceLock<Arc<dyn TaskApi>>>;
+
+fn api_status((code, msg): (&'static str, String)) -> Status {
+    match code {
+        "invalid_argument" | "payload_too_large" => Status::invalid_argument(msg),
+        "not_found" => Status::not_found(msg),
+        "conflict" => Status::failed_precondition(msg),
+        "unavailable" => Status::unavailable(msg),
+        "unauthenticated" => Status::unauthenticated(msg),
+        _ => Status::internal(msg),
+    }
+}
+
+struct TasksSvc {
+    api: TasksSlot,
+}
+
+impl TasksSvc {
+    fn api(&self) -> Result<Arc<dyn TaskApi>, Status> {
+        self.api
+            .get()
+            .cloned()
+            .ok_or_else(|| Status::unavailable("scheduler starting"))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::tasks_server::Tasks for TasksSvc {
+    async fn submit_task(
+        &self,
+        req: Request<pb::SubmitTaskRequest>,
+    ) -> Result<Response<pb::SubmitTaskReply>, Status> {
+        let api = self.api()?;
+        let body = req.into_inner().task_json;
+        let (task_id, execution_id, existed, all) =
+            tokio::task::spawn_blocking(move || api.submit_json(body.as_bytes()))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(api_status)?;
+        Ok(Response::new(pb::SubmitTaskReply {
+            task_id,
+            execution_id,
+            existed,
+            execution_ids: all,
+        }))
+    }
+
+    async fn get_execution(
+        &self,
+        req: Request<pb::ExecutionRequest>,
+    ) -> Result<Response<pb::ExecutionReply>, Status> {
+        let api = self.api()?;
+        let id = req.into_inner().execution_id;
+        let json = tokio::task::spawn_blocking(move || api.execution_json(id))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(api_status)?;
+        Ok(Response::new(pb::ExecutionReply {
+            execution_json: json,
+        }))
+    }
+
+    async fn cancel_execution(
+        &self,
+        req: Request<pb::ExecutionRequest>,
+    ) -> Result<Response<pb::ExecutionReply>, Status> {
+        let api = self.api()?;
+        let id = req.into_inner().execution_id;
+        let json = tokio::task::spawn_blocking(move || api.cancel_json(id))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(api_status)?;
+        Ok(Response::new(pb::ExecutionReply {
+            execution_json: json,
+        }))
+    }
+}
+
+/// Blocking client of the task API (for tests and tools).
+pub struct TasksClient {
+    rt: Arc<Runtime>,
+    inner: pb::tasks_client::TasksClient<tonic::transport::Channel>,
+    token: Option<String>,
+}
+
+impl TasksClient {
+    pub fn new(rt: &Arc<Runtime>, url: &str, token: &str) -> Result<TasksClient, String> {
+        Ok(TasksClient {
+            rt: rt.clone(),
+            inner: pb::tasks_client::TasksClient::new(channel(rt, url)?),
+            token: (!token.is_empty()).then(|| token.to_owned()),
+        })
+    }
+    pub fn submit(&self, task_json: &str) -> Result<pb::SubmitTaskReply, Status> {
+        let mut c = self.inner.clone();
+        let req = pb::SubmitTaskRequest {
+            task_json: task_json.to_owned(),
+        };
+        self.rt
+            .rt
+            .block_on(c.submit_task(authed(req, &self.token)))
+            .map(Response::into_inner)
+    }
+    pub fn get(&self, id: i64) -> Result<Value, Status> {
+        let mut c = self.inner.clone();
+        let r = self.rt.rt.block_on(c.get_execution(authed(
+            pb::ExecutionRequest { execution_id: id },
+            &self.token,
+        )))?;
+        serde_json::from_str(&r.into_inner().execution_json)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+    pub fn cancel(&self, id: i64) -> Result<Value, Status> {
+        let mut c = self.inner.clone();
+        let r = self.rt.rt.block_on(c.cancel_execution(authed(
+            pb::ExecutionRequest { execution_id: id },
+            &self.token,
+        )))?;
+        serde_json::from_str(&r.into_inner().execution_json)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+}
 
 struct SchedulerSvc {
     reports: Sender<RunEvent>,
@@ -418,12 +540,21 @@ pub fn serve_scheduler(
     reports: Sender<RunEvent>,
     token: &str,
     pull: PullSlot,
+    tasks: TasksSlot,
 ) -> std::io::Result<ServerHandle> {
     let svc = pb::scheduler_server::SchedulerServer::with_interceptor(
         SchedulerSvc { reports, pull },
         token_check(token),
     );
-    serve(rt, addr, tonic::service::Routes::new(svc))
+    let tasks = pb::tasks_server::TasksServer::with_interceptor(
+        TasksSvc { api: tasks },
+        token_check(token),
+    );
+    serve(
+        rt,
+        addr,
+        tonic::service::Routes::new(svc).add_service(tasks),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
