@@ -21,6 +21,7 @@ have bash || need_pkgs+=(bash)
 have musl-gcc || need_pkgs+=(musl-tools)
 have etcd || [ -x /usr/bin/etcd ] || need_pkgs+=(etcd-server)
 have protoc || need_pkgs+=(protobuf-compiler)
+have openssl || need_pkgs+=(openssl)
 
 if [ "${1:-}" != "--quick" ] && [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "test.sh: installing ${need_pkgs[*]}"

@@ -18,6 +18,18 @@ pub struct Config {
     pub node: NodeConfig,
     pub registry: RegistryConfig,
     pub executor: ExecutorConfig,
+    pub tls: TlsConfig,
+}
+
+/// TLS of the gRPC servers and clients (PEM files). Off unless set.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain this process serves gRPC with (with `key`).
+    pub cert: String,
+    pub key: String,
+    /// CA that peers' certificates must chain to; clients then dial https://.
+    pub ca: String,
 }
 
 /// The `--mode executor` node.
@@ -148,6 +160,7 @@ impl Default for Config {
             node: NodeConfig::default(),
             registry: RegistryConfig::default(),
             executor: ExecutorConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -299,6 +312,13 @@ advertise = ""
 node_id = ""
 # The scheduler's server.token: required on Execute/Cancel, sent with reports. Empty = none.
 token = ""
+
+[tls]
+# gRPC over TLS (rustls). cert + key: this process serves TLS. ca: the CA peers' certificates
+# must chain to; clients then dial https:// (give executors an https:// scheduler URL).
+cert = ""
+key = ""
+ca = ""
 "#;
 
 impl Config {
@@ -348,6 +368,11 @@ impl Config {
         } else {
             self.server.store.clone()
         }
+    }
+
+    /// The TLS material for the gRPC runtime.
+    pub fn grpc_tls(&self) -> Result<crate::delivery::grpc::Tls, String> {
+        crate::delivery::grpc::Tls::from_files(&self.tls.cert, &self.tls.key, &self.tls.ca)
     }
 
     pub fn pool_config(&self) -> PoolConfig {

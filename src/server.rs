@@ -110,7 +110,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     let pull_slot: crate::delivery::grpc::PullSlot = Arc::new(std::sync::OnceLock::new());
     let tasks_slot: crate::delivery::grpc::TasksSlot = Arc::new(std::sync::OnceLock::new());
     if !cfg.server.grpc_listen.is_empty() {
-        let rt = crate::delivery::grpc::Runtime::new()
+        let rt = crate::delivery::grpc::Runtime::with_tls(cfg.grpc_tls()?)
             .map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
         let addr = cfg.server.grpc_listen.parse().map_err(|_| {
             format!(
@@ -138,6 +138,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         grpc_server = Some(srv);
     }
     let pull_enabled = grpc_server.is_some();
+    let tls_on = !cfg.tls.cert.is_empty();
     let sched = Scheduler::start(
         Arc::new(store),
         cfg,
@@ -153,7 +154,11 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         println!("etask listening on http://{addr}");
     }
     match &grpc_server {
-        Some(g) => println!("etask grpc on http://{}", g.addr),
+        Some(g) => println!(
+            "etask grpc on {}://{}",
+            if tls_on { "https" } else { "http" },
+            g.addr
+        ),
         None => println!("etask grpc off"),
     }
     log::warn!(target: "etask::server", "started mode={mode:?} store={}", sched.core.store.describe());

@@ -813,7 +813,7 @@ struct Executor {
 
 impl Executor {
     fn start(dir: &Path, id: &str, pool: &str, scheduler_grpc: &str, etcd: &str) -> Executor {
-        Executor::start_with(dir, id, pool, scheduler_grpc, etcd, "")
+        Executor::start_with(dir, id, pool, scheduler_grpc, etcd, "", "")
     }
 
     fn start_with(
@@ -823,12 +823,13 @@ impl Executor {
         scheduler_grpc: &str,
         etcd: &str,
         token: &str,
+        extra_config: &str,
     ) -> Executor {
         std::fs::create_dir_all(dir).unwrap();
         let cfg = dir.join("executor.toml");
         std::fs::write(
             &cfg,
-            format!("[registry]\nttl_seconds = 2\n[node]\nkill_grace_seconds = 1\n[executor]\ntoken = \"{token}\"\n"),
+            format!("[registry]\nttl_seconds = 2\n[node]\nkill_grace_seconds = 1\n[executor]\ntoken = \"{token}\"\n{extra_config}"),
         )
         .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_etask"))
@@ -996,7 +997,7 @@ fn push_cancel_before_and_during_execute_and_tokens() {
         ),
     );
     let grpc = s.grpc.clone().expect("scheduler gRPC address");
-    let ex = Executor::start_with(&dir.join("ex"), "ex", "core", &grpc, &etcd.url, "t0k");
+    let ex = Executor::start_with(&dir.join("ex"), "ex", "core", &grpc, &etcd.url, "t0k", "");
     let auth = |r: ureq::Request| r.set("Authorization", "Bearer t0k");
     let t0 = Instant::now();
     loop {
@@ -1336,5 +1337,115 @@ fn grpc_task_api_mirrors_the_http_intake() {
     assert_eq!(
         anon.get(e).unwrap_err().code(),
         tonic::Code::Unauthenticated
+    );
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it (openssl CLI), for gRPC TLS tests.
+fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=etask-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "node.key",
+        "-out",
+        "node.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "node.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "node.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("node.pem"),
+        dir.join("node.key"),
+    )
+}
+
+#[test]
+fn push_over_tls() {
+    use etask::delivery::grpc::{Runtime, TasksClient};
+    let etcd = support::EtcdServer::start("tls");
+    let dir = support::temp_dir("e2e-tls");
+    let (ca, cert, key) = test_pki(&dir.join("pki"));
+    let tls = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+        cert.display(),
+        key.display(),
+        ca.display()
+    );
+    let s = Server::start(
+        &dir.join("sched"),
+        &[],
+        &format!(
+            "[registry]\netcd = \"{}\"\nttl_seconds = 2\n{tls}",
+            etcd.url
+        ),
+    );
+    let grpc = s.grpc.clone().expect("scheduler gRPC address");
+    assert!(grpc.starts_with("https://"), "{grpc}");
+    let _ex = Executor::start_with(&dir.join("ex"), "ex", "core", &grpc, &etcd.url, "", &tls);
+    wait_nodes(&s, 1);
+    let mut body = shell("secure", "echo '{\"tls\": true}' >&3");
+    body["target"] = json!({"path": "push", "pool": "core"});
+    let (_, e) = s.submit(body);
+    let v = s.wait_final(e, Duration::from_secs(30));
+    assert_eq!(v["status"], "succeeded", "{v}\n{}", s.log());
+    assert_eq!(v["result"], json!({"tls": true}));
+    // A plaintext client cannot talk to the TLS endpoint.
+    let rt = Runtime::new().unwrap();
+    let plain = TasksClient::new(&rt, &grpc.replace("https://", "http://"), "").unwrap();
+    assert!(
+        plain.get(e).is_err(),
+        "plaintext gRPC was accepted by a TLS server"
     );
 }

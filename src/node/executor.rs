@@ -134,7 +134,8 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     } else {
         ex.node_id.clone()
     };
-    let rt = grpc::Runtime::new().map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
+    let rt = grpc::Runtime::with_tls(cfg.grpc_tls()?)
+        .map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
     let pool = Pool::start(cfg.pool_config())
         .map_err(|e| format!("cannot start the process pool: {e}"))?;
     let capacity = pool.max_concurrent() as u32;

@@ -27,16 +27,53 @@ pub mod pb {
 /// The one tokio runtime of the process, used only by gRPC servers and clients.
 pub struct Runtime {
     rt: tokio::runtime::Runtime,
+    tls: Tls,
+}
+
+/// Optional TLS for every gRPC server and client of the process (PEM contents).
+#[derive(Clone, Default)]
+pub struct Tls {
+    /// Certificate chain and private key this process serves with.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// CA that peers' certificates must chain to (clients dialing https:// URLs).
+    pub ca: Option<Vec<u8>>,
+}
+
+impl Tls {
+    /// Reads the PEM files named in the config (`[tls] cert`, `key`, `ca`).
+    pub fn from_files(cert: &str, key: &str, ca: &str) -> Result<Tls, String> {
+        let read = |p: &str| std::fs::read(p).map_err(|e| format!("cannot read TLS file {p}: {e}"));
+        let identity = match (cert.is_empty(), key.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some((read(cert)?, read(key)?)),
+            _ => return Err("tls.cert and tls.key must be set together".into()),
+        };
+        let ca = if ca.is_empty() { None } else { Some(read(ca)?) };
+        Ok(Tls { identity, ca })
+    }
 }
 
 impl Runtime {
     pub fn new() -> std::io::Result<Arc<Runtime>> {
+        Runtime::with_tls(Tls::default())
+    }
+
+    pub fn with_tls(tls: Tls) -> std::io::Result<Arc<Runtime>> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("grpc")
             .enable_all()
             .build()?;
-        Ok(Arc::new(Runtime { rt }))
+        Ok(Arc::new(Runtime { rt, tls }))
+    }
+
+    /// The URL scheme clients use: https when a CA is configured.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.ca.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 }
 
@@ -122,8 +159,15 @@ fn serve(
     let addr = listener.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &rt.tls.identity {
+        let id = tonic::transport::Identity::from_pem(cert, key);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(id))
+            .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
+    }
     let done = rt.rt.spawn(async move {
-        let res = tonic::transport::Server::builder()
+        let res = builder
             .add_routes(router)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
@@ -561,10 +605,24 @@ pub fn serve_scheduler(
 // Blocking clients for sync callers.
 
 fn channel(rt: &Runtime, url: &str) -> Result<tonic::transport::Channel, String> {
-    let ep = tonic::transport::Endpoint::from_shared(url.to_owned())
+    let mut ep = tonic::transport::Endpoint::from_shared(url.to_owned())
         .map_err(|e| format!("bad gRPC address {url}: {e}"))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(10));
+    if url.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        match &rt.tls.ca {
+            Some(ca) => tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            None => {
+                return Err(format!(
+                    "{url}: https needs tls.ca (the CA of the peer's certificate)"
+                ))
+            }
+        }
+        ep = ep
+            .tls_config(tls)
+            .map_err(|e| format!("TLS for {url}: {e}"))?;
+    }
     // Lazy: connects on first use and reconnects by itself afterwards.
     let _guard = rt.rt.enter();
     Ok(ep.connect_lazy())

@@ -45,7 +45,7 @@ impl Push {
         }
         let c = Arc::new(ExecutorClient::new(
             &self.rt,
-            &format!("http://{addr}"),
+            &format!("{}://{addr}", self.rt.scheme()),
             &self.token,
         )?);
         cs.insert(addr.to_owned(), c.clone());
