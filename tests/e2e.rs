@@ -1288,6 +1288,38 @@ fn broadcast_runs_once_per_live_node_with_its_shard() {
     shards.sort();
     assert_eq!(nodes, ["a", "b"], "one execution per node");
     assert_eq!(shards, [0, 1]);
+    // A cron broadcast fires on every node each time.
+    let mut cron = shell("every-node", "true");
+    cron["target"] = json!({"path": "push", "pool": "core", "strategy": "broadcast"});
+    cron["schedule"] = json!({"kind": "cron", "expr": "* * * * * *"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&cron.to_string()));
+    assert_eq!(code, 201, "{v}");
+    let tid = v["task_id"].as_i64().unwrap();
+    let t0 = Instant::now();
+    loop {
+        let (_, l) = s.call(
+            "GET",
+            &format!("/api/v1/executions?task_id={tid}&status=succeeded"),
+            None,
+        );
+        let mut nodes: Vec<String> = l["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["node"].as_str().unwrap().to_owned())
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        if nodes == ["a", "b"] {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "cron broadcast did not reach both nodes: {l}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.call("POST", &format!("/api/v1/tasks/{tid}/pause"), Some("{}"));
     // No live node in the pool: a clear 503, nothing created.
     body["target"] = json!({"path": "push", "pool": "nobody", "strategy": "broadcast"});
     let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));

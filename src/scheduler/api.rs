@@ -254,11 +254,6 @@ impl TaskSpec {
                         "target.strategy \"broadcast\" needs target.path push or pull",
                     ))
                 }
-                Some("broadcast") if matches!(self.schedule, Schedule::Cron { .. }) => {
-                    return Err(ApiError::invalid(
-                        "broadcast cron tasks are not built yet; use a once task",
-                    ))
-                }
                 Some("broadcast") => {}
                 Some("pinned") if t.node.is_none() => {
                     return Err(ApiError::invalid(

@@ -122,31 +122,42 @@ impl Core {
     }
 
     /// Creates a task (and its first execution for `once`); idempotent on `request_id`.
+    /// The nodes a broadcast of `spec` runs on: the live nodes of its path and pool.
+    fn broadcast_nodes(&self, spec: &TaskSpec) -> Vec<String> {
+        let pool = spec
+            .target
+            .as_ref()
+            .and_then(|t| t.pool.clone())
+            .unwrap_or_else(|| "default".into());
+        let path = spec.path();
+        self.node_table
+            .as_ref()
+            .map(|t| {
+                t.nodes()
+                    .into_iter()
+                    .filter(|n| n.path == path && n.pool == pool)
+                    .map(|n| n.id)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn submit(&self, spec: TaskSpec) -> Result<(Created, Vec<ExecutionId>), ApiError> {
         let now = now_ms();
         let target = spec.target.clone();
         let broadcast = target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast");
         // Broadcast: one execution per live node of the pool, known before anything is stored.
-        let shards: Vec<String> = if broadcast {
-            let pool = target
-                .as_ref()
-                .and_then(|t| t.pool.clone())
-                .unwrap_or_else(|| "default".into());
-            let path = spec.path().to_owned();
-            let nodes: Vec<String> = self
-                .node_table
-                .as_ref()
-                .map(|t| {
-                    t.nodes()
-                        .into_iter()
-                        .filter(|n| n.path == path && n.pool == pool)
-                        .map(|n| n.id)
-                        .collect()
-                })
-                .unwrap_or_default();
+        let broadcast_once = broadcast && matches!(spec.schedule, Schedule::Once { .. });
+        let shards: Vec<String> = if broadcast_once {
+            let nodes = self.broadcast_nodes(&spec);
             if nodes.is_empty() {
                 return Err(ApiError::unavailable(format!(
-                    "broadcast: no live {path} node in pool {pool:?}"
+                    "broadcast: no live {} node in pool {:?}",
+                    spec.path(),
+                    target
+                        .as_ref()
+                        .and_then(|t| t.pool.clone())
+                        .unwrap_or_else(|| "default".into())
                 )));
             }
             nodes
@@ -178,7 +189,7 @@ impl Core {
         };
         let mut created = self.store.create_task(&t, now)?;
         let mut all = created.execution_id.into_iter().collect::<Vec<_>>();
-        if broadcast && !created.existed {
+        if broadcast_once && !created.existed {
             all = self.store.add_broadcast(
                 created.task_id,
                 &shards,
@@ -186,7 +197,7 @@ impl Core {
                 now,
             )?;
             created.execution_id = all.first().copied();
-        } else if broadcast {
+        } else if broadcast_once {
             all = self
                 .store
                 .list_executions(Some(created.task_id), None, 10_000, None)?
@@ -781,6 +792,29 @@ fn cron_ticker(core: &Core) {
                         // Only move the fire time on; a CAS like the fire itself.
                         let _ = core.store.skip_cron(t.id, expected, next);
                         log::info!(target: LOG, "task={} missed fire at {expected} skipped", t.id);
+                        continue;
+                    }
+                    if let Some(spec) = spec.as_ref().filter(|s| {
+                        s.target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast")
+                    }) {
+                        // Broadcast: the fire time moves by compare-and-set, then one execution
+                        // per node alive now.
+                        if core.store.skip_cron(t.id, expected, next).unwrap_or(false) {
+                            let nodes = core.broadcast_nodes(spec);
+                            if nodes.is_empty() {
+                                log::warn!(target: LOG, "task={} broadcast fire: no live node in the pool; skipped", t.id);
+                            } else {
+                                match core.store.add_broadcast(t.id, &nodes, deadline, now) {
+                                    Ok(ids) => {
+                                        log::info!(target: LOG, "task={} cron broadcast fired {} executions", t.id, ids.len());
+                                        core.wake_dispatch();
+                                    }
+                                    Err(e) => {
+                                        log::warn!(target: LOG, "task={} broadcast fire failed: {e}", t.id)
+                                    }
+                                }
+                            }
+                        }
                         continue;
                     }
                     match core.store.fire_cron(t.id, expected, next, deadline, now) {
