@@ -184,8 +184,8 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
             poll_interval_ms: 500,
-            heartbeat_interval_ms: 2_000,
-            node_silent_after_ms: 10_000,
+            heartbeat_interval_ms: 1_000,
+            node_silent_after_ms: 3_000,
             default_timeout_seconds: 3_600,
             default_max_attempts: 1,
             cron_missed: "once".into(),
@@ -251,10 +251,12 @@ grpc_listen = "127.0.0.1:9090"
 [scheduler]
 # Look for due work this often (submissions to this scheduler wake it at once).
 poll_interval_ms = 500
-# How often this scheduler's built-in node says it still holds its executions.
-heartbeat_interval_ms = 2000
-# An execution whose node is silent this long becomes lost (or is retried).
-node_silent_after_ms = 10000
+# How often the scheduler records that its own node and every node with a live etcd lease
+# still hold their executions.
+heartbeat_interval_ms = 1000
+# An execution whose node has been gone (process dead, or lease expired) this long becomes
+# lost (or is retried). Nodes known to be alive are never declared lost, however late.
+node_silent_after_ms = 3000
 # Timeout of tasks that set none.
 default_timeout_seconds = 3600
 # Attempts of tasks that set no retry policy (1 = no retry).

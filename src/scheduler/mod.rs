@@ -876,9 +876,25 @@ fn sweeper(core: &Core) {
             sleep_or_stop(core, every);
             continue;
         }
+        let mut alive: Vec<String> = core
+            .deliveries
+            .iter()
+            .map(|d| d.node().to_owned())
+            .collect();
+        if let Some(t) = &core.node_table {
+            alive.extend(t.nodes().into_iter().map(|n| n.id));
+        }
         match core.store.silent(now - silent_after, now, 100) {
             Ok(list) => {
                 for s in list {
+                    // A node this process knows to be alive (its own, or one whose lease is
+                    // live) is only late, e.g. behind a slow store: never declare it lost.
+                    if s.node
+                        .as_deref()
+                        .is_some_and(|n| alive.iter().any(|a| a == n))
+                    {
+                        continue;
+                    }
                     let (status, error) = if s.deadline_passed {
                         (
                             Status::TimedOut,

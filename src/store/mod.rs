@@ -320,6 +320,8 @@ pub struct Silent {
     pub attempt: Attempt,
     pub status: Status,
     pub deadline_passed: bool,
+    /// The node that held it.
+    pub node: Option<String>,
 }
 
 /// The scheduler's view of durable state. Both back ends pass the same suite (tests/store.rs).
@@ -1023,7 +1025,7 @@ impl Store for SqlStore {
     fn silent(&self, silent_before: i64, now: i64, limit: u32) -> Result<Vec<Silent>> {
         self.tx(|c| {
             let rows = c.query(
-                "SELECT id, task_id, attempt, status, deadline_at FROM executions WHERE status IN ('dispatched', 'running') \
+                "SELECT id, task_id, attempt, status, deadline_at, node FROM executions WHERE status IN ('dispatched', 'running') \
                  AND (heartbeat_at IS NULL OR heartbeat_at < ?) ORDER BY id LIMIT ?",
                 &[silent_before.into(), i64::from(limit).into()],
             )?;
@@ -1035,6 +1037,7 @@ impl Store for SqlStore {
                         attempt: Attempt(r[2].i().unwrap_or(1) as u32),
                         status: status_of(&r[3])?,
                         deadline_passed: r[4].i().is_some_and(|d| d <= now),
+                        node: r[5].s(),
                     })
                 })
                 .collect()
