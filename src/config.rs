@@ -118,6 +118,8 @@ pub struct SchedulerConfig {
     pub cron_missed: String,
     /// Finished executions (with their logs) are deleted after this many days; 0 = never.
     pub retention_days: u64,
+    /// A push/pull execution that no node took within this long fails ("no live node").
+    pub no_node_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -190,6 +192,7 @@ impl Default for SchedulerConfig {
             default_max_attempts: 1,
             cron_missed: "once".into(),
             retention_days: 30,
+            no_node_timeout_seconds: 300,
         }
     }
 }
@@ -266,6 +269,8 @@ cron_missed = "once"
 # Finished executions, their logs and delivered callbacks are deleted after this many days
 # (task definitions stay); 0 = keep forever.
 retention_days = 30
+# A push/pull execution that no node took within this long fails with "no live node".
+no_node_timeout_seconds = 300
 
 [callbacks]
 # POST of the execution to callback_url on its terminal state, from a durable outbox.

@@ -448,3 +448,44 @@ fn each_path_claims_only_its_own_executions() {
         assert_eq!(s.claim_due(1_000, 10, "push", "push").unwrap()[0].id, again);
     }
 }
+
+#[test]
+fn work_no_node_took_fails_after_the_wait() {
+    for s in backends("unplaced") {
+        let mut push = once("p", None);
+        push.path = "push".into();
+        push.spec = json!({"name": "p", "callback_url": "http://127.0.0.1:9/cb", "program": {"kind": "shell", "code": "true"}});
+        let e = s.create_task(&push, 1_000).unwrap().execution_id.unwrap();
+        let local = s
+            .create_task(&once("l", None), 1_000)
+            .unwrap()
+            .execution_id
+            .unwrap();
+        assert!(
+            s.fail_unplaced("push", 500, "no node", 2_000, 10)
+                .unwrap()
+                .is_empty(),
+            "not waiting long enough yet"
+        );
+        assert_eq!(
+            s.fail_unplaced("push", 1_500, "no node", 2_000, 10)
+                .unwrap(),
+            vec![e]
+        );
+        let row = s.get_execution(e).unwrap().unwrap();
+        assert_eq!(
+            (row.status, row.error.as_deref()),
+            (Status::Failed, Some("no node"))
+        );
+        assert_eq!(
+            s.get_execution(local).unwrap().unwrap().status,
+            Status::Pending,
+            "other paths untouched"
+        );
+        assert_eq!(
+            s.outbox_due(2_000, 10).unwrap().len(),
+            1,
+            "its callback is queued"
+        );
+    }
+}

@@ -876,6 +876,24 @@ fn sweeper(core: &Core) {
             sleep_or_stop(core, every);
             continue;
         }
+        // Work that waited too long for a node to take it fails with a clear error.
+        let wait = core.cfg.scheduler.no_node_timeout_seconds as i64 * 1000;
+        if wait > 0 {
+            for path in ["push", "pull"] {
+                let why = format!("no live {path} node took it within {} s", wait / 1000);
+                match core.store.fail_unplaced(path, now - wait, &why, now, 100) {
+                    Ok(ids) => {
+                        for id in &ids {
+                            log::warn!(target: LOG, "execution={id} failed: {why}");
+                        }
+                        if !ids.is_empty() {
+                            kick(&core.kick_callbacks);
+                        }
+                    }
+                    Err(e) => log::warn!(target: LOG, "cannot expire unplaced executions: {e}"),
+                }
+            }
+        }
         let mut alive: Vec<String> = core
             .deliveries
             .iter()

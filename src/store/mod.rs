@@ -418,6 +418,16 @@ pub trait Store: Send + Sync {
     fn promote_retries(&self, now: i64) -> Result<u64>;
     /// Dispatched/running executions whose node stopped heartbeating before `silent_before`.
     fn silent(&self, silent_before: i64, now: i64, limit: u32) -> Result<Vec<Silent>>;
+    /// Fails `pending` executions of `path` due before `due_before` that no node took
+    /// (bounded wait for a node), queueing their callbacks; returns them.
+    fn fail_unplaced(
+        &self,
+        path: &str,
+        due_before: i64,
+        error: &str,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<ExecutionId>>;
     fn enqueue_callback(&self, id: ExecutionId, url: &str, now: i64) -> Result<()>;
     fn outbox_due(&self, now: i64, limit: u32) -> Result<Vec<OutboxRow>>;
     fn outbox_result(
@@ -1041,6 +1051,44 @@ impl Store for SqlStore {
                     })
                 })
                 .collect()
+        })
+    }
+
+    fn fail_unplaced(
+        &self,
+        path: &str,
+        due_before: i64,
+        error: &str,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<ExecutionId>> {
+        self.tx(|c| {
+            let rows = c.query(
+                "SELECT e.id, e.attempt, t.spec FROM executions e JOIN tasks t ON t.id = e.task_id \
+                 WHERE e.path = ? AND e.status = 'pending' AND e.due_at < ? ORDER BY e.id LIMIT ?",
+                &[path.into(), due_before.into(), i64::from(limit).into()],
+            )?;
+            let mut out = Vec::new();
+            for r in rows {
+                let id = r[0].i().ok_or_else(|| bad("id"))?;
+                let n = c.exec(
+                    "UPDATE executions SET status = 'failed', error = ?, finished_at = ?, updated_at = ? \
+                     WHERE id = ? AND attempt = ? AND status = 'pending'",
+                    &[error.into(), now.into(), now.into(), id.into(), r[1].clone()],
+                )?;
+                if n != 1 {
+                    continue;
+                }
+                let spec: Value = r[2].s().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or(Value::Null);
+                if let Some(url) = spec.get("callback_url").and_then(Value::as_str) {
+                    c.insert(
+                        "INSERT INTO outbox (execution_id, url, next_at, created_at) VALUES (?, ?, ?, ?)",
+                        &[id.into(), url.into(), now.into(), now.into()],
+                    )?;
+                }
+                out.push(ExecutionId(id));
+            }
+            Ok(out)
         })
     }
 
