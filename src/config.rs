@@ -39,7 +39,7 @@ pub struct ExecutorConfig {
     /// The scheduler's gRPC URL, e.g. "http://10.0.0.5:9090".
     pub scheduler: String,
     pub pool: String,
-    /// "push" (the scheduler calls this node); "pull" is not built yet.
+    /// "push" (the scheduler calls this node) or "pull" (it long-polls the scheduler).
     pub path: String,
     /// Where the executor serves Execute/Cancel (push).
     pub grpc_listen: String,
@@ -307,8 +307,9 @@ prefix = "/etask/"
 ttl_seconds = 10
 
 [executor]
-# --mode executor: a gRPC node. The scheduler PUSHes Execute to it; it reports back over gRPC.
-# It needs [registry] etcd so schedulers can find it.
+# --mode executor: a gRPC node. path = "push": the scheduler calls its Execute; "pull": it
+# long-polls the scheduler and opens no port. It reports back over gRPC and needs
+# [registry] etcd so schedulers can find it.
 scheduler = "http://127.0.0.1:9090"
 pool = "default"
 path = "push"

@@ -43,8 +43,9 @@ struct NodesCmd {
 
 #[derive(FromArgs)]
 #[argh(subcommand, name = "server")]
-/// run a server role: scheduler (HTTP intake, store, retries, callbacks), all (scheduler with a
-/// built-in node; needs no external service), executor and agent (not available yet).
+/// run a server role: scheduler (HTTP + gRPC intake, store, routing, retries, callbacks), all
+/// (scheduler with a built-in node; needs no external service), executor (gRPC node, push or
+/// pull), agent (Kafka; not available yet).
 struct ServerCmd {
     /// scheduler | agent | executor | all
     #[argh(option)]
@@ -73,7 +74,7 @@ struct ServerCmd {
     /// executor: the pool it serves (default "default")
     #[argh(option)]
     pool: Option<String>,
-    /// executor: push (pull is not built yet)
+    /// executor: push (the scheduler calls it) or pull (it long-polls the scheduler)
     #[argh(option)]
     path: Option<String>,
     /// executor: node id (default <hostname>-<pid>)
