@@ -452,21 +452,16 @@ fn cmd_server(c: ServerCmd) -> Result<(), String> {
             cfg.server.grpc_listen = g;
         }
     }
-    if let Some(e) = c.etcd {
-        cfg.registry.etcd = e;
-    }
-    if let Some(v) = c.scheduler {
-        cfg.executor.scheduler = v;
-    }
-    if let Some(v) = c.pool {
-        cfg.executor.pool = v;
-    }
-    if let Some(v) = c.path {
-        cfg.executor.path = v;
-    }
-    if let Some(v) = c.node_id {
-        cfg.executor.node_id = v;
-    }
+    let set = |slot: &mut String, v: Option<String>| {
+        if let Some(v) = v {
+            *slot = v;
+        }
+    };
+    set(&mut cfg.registry.etcd, c.etcd);
+    set(&mut cfg.executor.scheduler, c.scheduler);
+    set(&mut cfg.executor.pool, c.pool);
+    set(&mut cfg.executor.path, c.path);
+    set(&mut cfg.executor.node_id, c.node_id);
     if let Some(v) = c.max_concurrent {
         cfg.node.max_concurrent = v;
     }

@@ -5,7 +5,7 @@ use crossbeam_channel::Sender;
 
 use super::{Delivery, Dispatch, Refused};
 use crate::model::{Attempt, ExecutionId};
-use crate::runner::{Pool, RunEvent, RunKey, RunRequest, SubmitError};
+use crate::runner::{Pool, RunEvent, RunKey, SubmitError};
 
 pub struct Local {
     pool: Pool,
@@ -51,15 +51,7 @@ impl Delivery for Local {
     }
 
     fn dispatch(&self, d: Dispatch, _placed: &dyn Fn(&str)) -> Result<(), Refused> {
-        let req = RunRequest {
-            execution_id: d.execution_id,
-            task_id: d.task_id,
-            attempt: d.attempt,
-            shard_index: d.shard_index,
-            shard_total: d.shard_total,
-            program: d.program,
-            timeout: d.timeout,
-        };
+        let req = d.into_run_request();
         self.pool
             .submit(req, self.reports.clone())
             .map_err(|e| match e {

@@ -26,6 +26,21 @@ pub struct Dispatch {
     pub route: Route,
 }
 
+impl Dispatch {
+    /// The run the process pool executes for this dispatch.
+    pub fn into_run_request(self) -> crate::runner::RunRequest {
+        crate::runner::RunRequest {
+            execution_id: self.execution_id,
+            task_id: self.task_id,
+            attempt: self.attempt,
+            shard_index: self.shard_index,
+            shard_total: self.shard_total,
+            program: self.program,
+            timeout: self.timeout,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Route {
     pub strategy: Option<String>,

@@ -15,7 +15,7 @@ use crate::delivery::Dispatch;
 use crate::model::{Attempt, ExecutionId};
 use crate::registry::etcd::Etcd;
 use crate::registry::{NodeInfo, Registration};
-use crate::runner::{Pool, RunEvent, RunKey, RunRequest};
+use crate::runner::{Pool, RunEvent, RunKey};
 
 const LOG: &str = "etask::executor";
 
@@ -42,16 +42,8 @@ impl ExecutorHandler for Handler {
         {
             return Err("cancelled before it arrived".into());
         }
-        let req = RunRequest {
-            execution_id: d.execution_id,
-            task_id: d.task_id,
-            attempt: d.attempt,
-            shard_index: d.shard_index,
-            shard_total: d.shard_total,
-            program: d.program,
-            timeout: d.timeout,
-        };
         log::info!(target: LOG, "execution={} attempt={} accepted", d.execution_id, d.attempt);
+        let req = d.into_run_request();
         self.pool
             .submit(req, self.events.clone())
             .map_err(|e| e.to_string())
@@ -265,17 +257,9 @@ fn pull_loop(
                             execution: ExecutionId(id),
                             attempt,
                         };
-                        let outcome = crate::runner::Outcome {
-                            ending: crate::runner::Ending::SpawnFailed(e),
-                            exit_code: None,
-                            signal: None,
-                            result: None,
-                            result_error: None,
-                            result_truncated: false,
-                            log_bytes: 0,
-                            log_truncated: false,
-                            duration: Duration::ZERO,
-                        };
+                        let outcome = crate::runner::Outcome::not_started(
+                            crate::runner::Ending::SpawnFailed(e),
+                        );
                         let _ = h.events.send(RunEvent::Finished { key, outcome });
                     }
                 }

@@ -169,7 +169,8 @@ impl Outcome {
         })
     }
 
-    fn failed_before_start(ending: Ending) -> Outcome {
+    /// The outcome of a run that never started (refused, spawn failed, cancelled in the queue).
+    pub fn not_started(ending: Ending) -> Outcome {
         Outcome {
             ending,
             exit_code: None,
@@ -627,7 +628,7 @@ impl Reactor {
     fn refuse(&self, key: RunKey, events: &Sender<RunEvent>, ending: Ending) {
         let _ = events.send(RunEvent::Finished {
             key,
-            outcome: Outcome::failed_before_start(ending),
+            outcome: Outcome::not_started(ending),
         });
         self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
@@ -645,7 +646,7 @@ impl Reactor {
             Ok(sp) => sp,
             Err(reason) => {
                 log::warn!(target: LOG, "execution={} attempt={} spawn failed: {reason}", key.execution, key.attempt);
-                let mut outcome = Outcome::failed_before_start(Ending::SpawnFailed(reason));
+                let mut outcome = Outcome::not_started(Ending::SpawnFailed(reason));
                 outcome.duration = started.elapsed();
                 let _ = job.events.send(RunEvent::Finished { key, outcome });
                 self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
