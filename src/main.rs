@@ -546,18 +546,7 @@ fn cmd_submit(c: SubmitCmd) -> Result<ExitCode, String> {
         return Err("--wait needs a task that runs now (not --cron)".into());
     };
     eprintln!("== execution {exec}");
-    cl.logs(exec, 0, true, |l| {
-        let data = l
-            .get("data")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or("");
-        let stream = if l.get("stream").and_then(serde_json::Value::as_str) == Some("stderr") {
-            Stream::Stderr
-        } else {
-            Stream::Stdout
-        };
-        print_chunk(stream, data);
-    })?;
+    cl.logs(exec, 0, true, print_log_line)?;
     let e = cl.get(&format!("/api/v1/executions/{exec}"))?;
     let status = e
         .get("status")
@@ -586,18 +575,7 @@ fn cmd_submit(c: SubmitCmd) -> Result<ExitCode, String> {
 }
 
 fn cmd_logs(c: LogsCmd) -> Result<ExitCode, String> {
-    client(&c.server).logs(c.id, 0, c.follow, |l| {
-        let data = l
-            .get("data")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or("");
-        let stream = if l.get("stream").and_then(serde_json::Value::as_str) == Some("stderr") {
-            Stream::Stderr
-        } else {
-            Stream::Stdout
-        };
-        print_chunk(stream, data);
-    })?;
+    client(&c.server).logs(c.id, 0, c.follow, print_log_line)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -667,4 +645,18 @@ fn cmd_nodes(c: NodesCmd) -> Result<ExitCode, String> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one log line of the API (`{"stream", "data", ...}`) like `etask run` prints chunks.
+fn print_log_line(l: &serde_json::Value) {
+    let data = l
+        .get("data")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("");
+    let stream = if l.get("stream").and_then(serde_json::Value::as_str) == Some("stderr") {
+        Stream::Stderr
+    } else {
+        Stream::Stdout
+    };
+    print_chunk(stream, data);
 }

@@ -843,18 +843,22 @@ fn sweeper(core: &Core) {
     let mut last_purge = std::time::Instant::now() - Duration::from_secs(55);
     while !core.stopping() {
         let now = now_ms();
-        for d in &core.deliveries {
-            if let Err(e) = core.store.heartbeat(d.node(), now) {
-                log::warn!(target: LOG, "node={} heartbeat not recorded: {e}", d.node());
-            }
-        }
-        // Remote nodes are alive while their etcd lease is: what a node whose lease expired
-        // still held stops being heartbeated here and is swept as lost.
+        // The nodes alive right now: this process's own, and (with a registry) every node whose
+        // etcd lease is live. What they hold is heartbeated; what a node whose lease expired
+        // still held stops being heartbeated and is swept as lost below.
+        let mut alive: Vec<String> = core
+            .deliveries
+            .iter()
+            .map(|d| d.node().to_owned())
+            .collect();
         if let Some(t) = &core.node_table {
-            for n in t.nodes() {
-                if let Err(e) = core.store.heartbeat(&n.id, now) {
-                    log::warn!(target: LOG, "node={} heartbeat not recorded: {e}", n.id);
-                }
+            alive.extend(t.nodes().into_iter().map(|n| n.id));
+        }
+        alive.sort();
+        alive.dedup();
+        for n in &alive {
+            if let Err(e) = core.store.heartbeat(n, now) {
+                log::warn!(target: LOG, "node={n} heartbeat not recorded: {e}");
             }
         }
         let days = core.cfg.scheduler.retention_days;
@@ -893,14 +897,6 @@ fn sweeper(core: &Core) {
                     Err(e) => log::warn!(target: LOG, "cannot expire unplaced executions: {e}"),
                 }
             }
-        }
-        let mut alive: Vec<String> = core
-            .deliveries
-            .iter()
-            .map(|d| d.node().to_owned())
-            .collect();
-        if let Some(t) = &core.node_table {
-            alive.extend(t.nodes().into_iter().map(|n| n.id));
         }
         match core.store.silent(now - silent_after, now, 100) {
             Ok(list) => {

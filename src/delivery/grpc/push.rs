@@ -52,11 +52,12 @@ impl Push {
         Ok(c)
     }
 
-    fn candidates(&self, pool: &str) -> Vec<NodeInfo> {
+    /// Live push executors, of one pool when given.
+    fn candidates(&self, pool: Option<&str>) -> Vec<NodeInfo> {
         self.table
             .nodes()
             .into_iter()
-            .filter(|n| n.path == "push" && n.pool == pool)
+            .filter(|n| n.path == "push" && pool.is_none_or(|p| n.pool == p))
             .collect()
     }
 }
@@ -73,12 +74,7 @@ impl Delivery for Push {
     }
 
     fn free_slots(&self) -> usize {
-        let nodes: Vec<NodeInfo> = self
-            .table
-            .nodes()
-            .into_iter()
-            .filter(|n| n.path == "push")
-            .collect();
+        let nodes = self.candidates(None);
         nodes
             .iter()
             .map(|n| n.capacity.saturating_sub(n.running) as usize)
@@ -87,7 +83,7 @@ impl Delivery for Push {
     }
 
     fn load(&self) -> (u32, u32) {
-        let nodes = self.candidates_all();
+        let nodes = self.candidates(None);
         (
             nodes.iter().map(|n| n.running).sum(),
             nodes.iter().map(|n| n.capacity).sum(),
@@ -96,7 +92,7 @@ impl Delivery for Push {
 
     fn dispatch(&self, d: Dispatch, placed: &dyn Fn(&str)) -> Result<(), Refused> {
         let pool = d.pool.clone().unwrap_or_else(|| "default".into());
-        let nodes = self.candidates(&pool);
+        let nodes = self.candidates(Some(&pool));
         if nodes.is_empty() {
             return Err(Refused::Busy(format!(
                 "no live push executor in pool {pool:?}"
@@ -140,16 +136,6 @@ impl Delivery for Push {
                 log::warn!(target: "etask::grpc", "execution={id} attempt={attempt} cancel on {node} failed: {e}");
             }
         }
-    }
-}
-
-impl Push {
-    fn candidates_all(&self) -> Vec<NodeInfo> {
-        self.table
-            .nodes()
-            .into_iter()
-            .filter(|n| n.path == "push")
-            .collect()
     }
 }
 
