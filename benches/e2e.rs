@@ -11,34 +11,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+#[path = "common/mod.rs"]
+mod common;
+use common::raw_spawn_rate;
+
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
         .cloned()
-}
-
-fn raw_spawn_rate(runs: usize, conc: usize) -> f64 {
-    let t0 = Instant::now();
-    let per = runs / conc;
-    let threads: Vec<_> = (0..conc)
-        .map(|_| {
-            std::thread::spawn(move || {
-                for _ in 0..per {
-                    let out = Command::new("sh")
-                        .args(["-c", "true"])
-                        .output()
-                        .expect("spawn sh");
-                    assert!(out.status.success());
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().expect("raw spawner");
-    }
-    (per * conc) as f64 / t0.elapsed().as_secs_f64()
 }
 
 /// A keep-alive HTTP/1.1 connection that sends each request in one write. (ureq writes the

@@ -7,6 +7,9 @@
 use std::time::{Duration, Instant};
 
 use etask::model::{ExecutionId, Status};
+#[path = "common/mod.rs"]
+mod common;
+use common::raw_spawn_rate;
 use etask::runner::{Pool, PoolConfig, Program, RunEvent, RunRequest};
 
 fn arg(name: &str, default: usize) -> usize {
@@ -16,30 +19,6 @@ fn arg(name: &str, default: usize) -> usize {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// `sh -c true` with piped stdio from C threads; std waits on each child itself. Runs before any
-/// pool exists, because a pool reaps every child of the process.
-fn raw_spawn_rate(runs: usize, conc: usize) -> f64 {
-    let t0 = Instant::now();
-    let per = runs / conc;
-    let threads: Vec<_> = (0..conc)
-        .map(|_| {
-            std::thread::spawn(move || {
-                for _ in 0..per {
-                    let out = std::process::Command::new("sh")
-                        .args(["-c", "true"])
-                        .output()
-                        .expect("spawn sh");
-                    assert!(out.status.success());
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().expect("raw spawner");
-    }
-    (per * conc) as f64 / t0.elapsed().as_secs_f64()
 }
 
 fn pool_rate(runs: usize, conc: usize, root: Option<&str>) -> f64 {

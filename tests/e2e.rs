@@ -165,6 +165,25 @@ impl Drop for Server {
     }
 }
 
+/// Submits a script that records its pid and sleeps; returns its execution and pid once running.
+fn start_long_script(s: &Server, dir: &Path) -> (i64, i32) {
+    let pidfile = dir.join("pid");
+    let (_, e) = s.submit(shell(
+        "long",
+        &format!("echo $$ > {}\nexec sleep 60\n", pidfile.display()),
+    ));
+    s.wait_for(e, Duration::from_secs(20), |v| {
+        v["status"] == "running" && pidfile.exists()
+    });
+    std::thread::sleep(Duration::from_millis(100)); // the pid is written
+    let pid = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (e, pid)
+}
+
 fn shell(name: &str, code: &str) -> Value {
     json!({"name": name, "program": {"kind": "shell", "code": code}})
 }
@@ -251,20 +270,7 @@ fn timeout_ends_the_execution_as_timed_out() {
 fn cancel_while_running_stops_the_script() {
     let dir = support::temp_dir("e2e-cancel");
     let s = Server::start(&dir, &[], "");
-    let pidfile = dir.join("pid");
-    let (_, e) = s.submit(shell(
-        "long",
-        &format!("echo $$ > {}\nexec sleep 60\n", pidfile.display()),
-    ));
-    s.wait_for(e, Duration::from_secs(20), |v| {
-        v["status"] == "running" && pidfile.exists()
-    });
-    std::thread::sleep(Duration::from_millis(100));
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let (e, pid) = start_long_script(&s, &dir);
     assert!(pid_alive(pid));
     let (code, v) = s.call(
         "POST",
@@ -724,20 +730,7 @@ fn cli_client_submits_waits_and_mirrors_the_outcome() {
 fn sigterm_stops_the_server_cleanly_and_its_script() {
     let dir = support::temp_dir("e2e-term");
     let mut s = Server::start(&dir, &[], "");
-    let pidfile = dir.join("pid");
-    let (_, e) = s.submit(shell(
-        "long",
-        &format!("echo $$ > {}\nexec sleep 60\n", pidfile.display()),
-    ));
-    s.wait_for(e, Duration::from_secs(20), |v| {
-        v["status"] == "running" && pidfile.exists()
-    });
-    std::thread::sleep(Duration::from_millis(100));
-    let script: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let (_, script) = start_long_script(&s, &dir);
     // SAFETY: sending SIGTERM to the server we started.
     unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
     let t0 = Instant::now();

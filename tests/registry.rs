@@ -23,6 +23,18 @@ fn node(id: &str) -> NodeInfo {
     }
 }
 
+/// Registers `node(id)` with a lease of `ttl` seconds and nothing running.
+fn register(url: &str, id: &str, ttl: u64) -> Registration {
+    Registration::start(
+        Etcd::new(url),
+        "/etask/".into(),
+        node(id),
+        ttl,
+        Box::new(|| 0),
+    )
+    .unwrap()
+}
+
 fn wait_until(what: &str, within: Duration, f: impl Fn() -> bool) {
     let t0 = Instant::now();
     while !f() {
@@ -93,26 +105,12 @@ fn a_node_that_stops_heartbeating_expires_with_its_lease() {
 fn etcd_restart_keeps_nodes_registered_and_the_table_watching() {
     let mut etcd = support::EtcdServer::start("restart");
     let table = NodeTable::start(Etcd::new(&etcd.url), "/etask/".into()).unwrap();
-    let _a = Registration::start(
-        Etcd::new(&etcd.url),
-        "/etask/".into(),
-        node("a"),
-        3,
-        Box::new(|| 0),
-    )
-    .unwrap();
+    let _a = register(&etcd.url, "a", 3);
     wait_until("a visible", Duration::from_secs(5), || ids(&table) == ["a"]);
     etcd.kill();
     std::thread::sleep(Duration::from_secs(4)); // longer than the lease TTL
     etcd.restart();
-    let _b = Registration::start(
-        Etcd::new(&etcd.url),
-        "/etask/".into(),
-        node("b"),
-        3,
-        Box::new(|| 0),
-    )
-    .unwrap();
+    let _b = register(&etcd.url, "b", 3);
     // The table re-watched after the broken stream and sees the new node; the old one
     // re-registered (or kept its lease) and is still listed.
     wait_until("a and b after restart", Duration::from_secs(15), || {
@@ -124,14 +122,7 @@ fn etcd_restart_keeps_nodes_registered_and_the_table_watching() {
 fn a_wiped_etcd_gets_every_node_back() {
     let mut etcd = support::EtcdServer::start("wipe");
     let table = NodeTable::start(Etcd::new(&etcd.url), "/etask/".into()).unwrap();
-    let _a = Registration::start(
-        Etcd::new(&etcd.url),
-        "/etask/".into(),
-        node("a"),
-        2,
-        Box::new(|| 0),
-    )
-    .unwrap();
+    let _a = register(&etcd.url, "a", 2);
     wait_until("a visible", Duration::from_secs(5), || ids(&table) == ["a"]);
     etcd.kill();
     std::fs::remove_dir_all(etcd.dir.join("data")).unwrap();
