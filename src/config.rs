@@ -18,7 +18,86 @@ pub struct Config {
     pub node: NodeConfig,
     pub registry: RegistryConfig,
     pub executor: ExecutorConfig,
+    pub kafka: KafkaConfig,
+    pub agent: AgentConfig,
     pub tls: TlsConfig,
+}
+
+/// The Kafka path: the scheduler's producer/consumer and the agents' (`--mode agent`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers "HOST:PORT[,HOST:PORT]"; empty = no Kafka path.
+    pub brokers: String,
+    /// The dispatch topic of pool P is `<dispatch_topic_prefix>P`.
+    pub dispatch_topic_prefix: String,
+    pub events_topic: String,
+    pub control_topic: String,
+    pub dead_letter_topic: String,
+    /// The scheduler creates missing topics at start (admin API); false = it fails naming them.
+    pub create_topics: bool,
+    /// Partitions of topics the scheduler creates (the most agents of one pool that share work).
+    pub partitions: u32,
+    /// Pools whose dispatch topics the scheduler checks (and creates) at start; topics of
+    /// other pools are checked when their first task is dispatched.
+    pub pools: Vec<String>,
+    /// An agent does not start a dispatch older than this; the scheduler re-dispatches work
+    /// no agent started by then (with a new attempt number, so the old copy can never run).
+    pub dispatch_ttl_seconds: u64,
+    /// Dispatches in the topics that no agent has started yet, per scheduler; more wait in
+    /// the store.
+    pub max_queued: usize,
+    /// A run on an agent that sent no heartbeat for this long is lost (or retried): longer
+    /// than `scheduler.node_silent_after_ms` because Kafka may pause during a broker failover.
+    pub agent_silent_after_ms: u64,
+    /// Consumer `fetch.wait.max.ms` and producer `linger.ms`: lower = less latency, more
+    /// requests to the brokers.
+    pub fetch_wait_max_ms: u64,
+    pub linger_ms: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: String::new(),
+            dispatch_topic_prefix: "etask.dispatch.".into(),
+            events_topic: "etask.events".into(),
+            control_topic: "etask.control".into(),
+            dead_letter_topic: "etask.dead-letter".into(),
+            create_topics: true,
+            partitions: 4,
+            pools: vec!["default".into()],
+            dispatch_ttl_seconds: 60,
+            max_queued: 1_000,
+            agent_silent_after_ms: 15_000,
+            fetch_wait_max_ms: 5,
+            linger_ms: 1,
+        }
+    }
+}
+
+/// The `--mode agent` node: consumes its pool's dispatch topic; opens no port.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    pub pool: String,
+    /// Empty = "<hostname>-<pid>".
+    pub node_id: String,
+    /// How often the agent tells the scheduler which runs it holds.
+    pub heartbeat_ms: u64,
+    /// Where the agent records the dispatches it took; empty = <data_dir>/agent-spool.
+    pub spool_dir: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            pool: "default".into(),
+            node_id: String::new(),
+            heartbeat_ms: 1_000,
+            spool_dir: String::new(),
+        }
+    }
 }
 
 /// TLS of the gRPC servers and clients (PEM files). Off unless set.
@@ -162,6 +241,8 @@ impl Default for Config {
             node: NodeConfig::default(),
             registry: RegistryConfig::default(),
             executor: ExecutorConfig::default(),
+            kafka: KafkaConfig::default(),
+            agent: AgentConfig::default(),
             tls: TlsConfig::default(),
         }
     }
@@ -321,6 +402,44 @@ node_id = ""
 # The scheduler's server.token: required on Execute/Cancel, sent with reports. Empty = none.
 token = ""
 
+[kafka]
+# The Kafka path. Bootstrap brokers "HOST:PORT[,HOST:PORT]"; empty = off.
+brokers = ""
+# Topics: one dispatch topic per agent pool (<prefix><pool>), one events topic (agents ->
+# scheduler), one control topic (cancels, read by every agent), one dead-letter topic.
+dispatch_topic_prefix = "etask.dispatch."
+events_topic = "etask.events"
+control_topic = "etask.control"
+dead_letter_topic = "etask.dead-letter"
+# The scheduler creates missing topics at start; false = it fails with their names instead.
+create_topics = true
+# Partitions of the topics it creates: at most this many agents of one pool share the work.
+partitions = 4
+# Pools whose dispatch topics are checked at start (others when first used).
+pools = ["default"]
+# Agents do not start a dispatch older than this; the scheduler re-dispatches what no agent
+# started by then (a new attempt number fences the old copy).
+dispatch_ttl_seconds = 60
+# Dispatches waiting in the topics, per scheduler; more wait in the store.
+max_queued = 1000
+# A run whose agent sent no heartbeat for this long is lost (or retried).
+agent_silent_after_ms = 15000
+# Consumer fetch.wait.max.ms and producer linger.ms: lower = less latency, more requests.
+fetch_wait_max_ms = 5
+linger_ms = 1
+
+[agent]
+# --mode agent: consumes <dispatch_topic_prefix><pool>, runs the scripts in its process pool
+# ([node] limits; --max-concurrent), publishes logs and outcomes to the events topic. Opens no
+# listening port. Registers in etcd when [registry] etcd is set (optional).
+pool = "default"
+# Empty = <hostname>-<pid>.
+node_id = ""
+heartbeat_ms = 1000
+# The dispatches this agent took (so a redelivered one never runs twice); empty =
+# <data_dir>/agent-spool.
+spool_dir = ""
+
 [tls]
 # gRPC over TLS (rustls). cert + key: this process serves TLS. ca: the CA peers' certificates
 # must chain to; clients then dial https:// (give executors an https:// scheduler URL).
@@ -363,6 +482,14 @@ impl Config {
         }
         if self.registry.ttl_seconds < 2 {
             return Err("registry.ttl_seconds must be at least 2".into());
+        }
+        if self.kafka.partitions == 0 || self.kafka.dispatch_ttl_seconds == 0 {
+            return Err(
+                "kafka.partitions and kafka.dispatch_ttl_seconds must be at least 1".into(),
+            );
+        }
+        if self.agent.heartbeat_ms == 0 || self.agent.pool.is_empty() {
+            return Err("agent.heartbeat_ms must be at least 1 and agent.pool not empty".into());
         }
         if (self.node.run_as_uid < 0) != (self.node.run_as_gid < 0) {
             return Err("node.run_as_uid and node.run_as_gid must be set together".into());

@@ -45,7 +45,7 @@ struct NodesCmd {
 #[argh(subcommand, name = "server")]
 /// run a server role: scheduler (HTTP + gRPC intake, store, routing, retries, callbacks), all
 /// (scheduler with a built-in node; needs no external service), executor (gRPC node, push or
-/// pull), agent (Kafka; not available yet).
+/// pull), agent (Kafka consumer; opens no port).
 struct ServerCmd {
     /// scheduler | agent | executor | all
     #[argh(option)]
@@ -71,13 +71,16 @@ struct ServerCmd {
     /// executor: the scheduler's gRPC URL, e.g. http://10.0.0.5:9090
     #[argh(option)]
     scheduler: Option<String>,
-    /// executor: the pool it serves (default "default")
+    /// executor/agent: the pool it serves (default "default")
     #[argh(option)]
     pool: Option<String>,
+    /// kafka bootstrap brokers HOST:PORT[,HOST:PORT] (scheduler: enables the agent path)
+    #[argh(option)]
+    kafka: Option<String>,
     /// executor: push (the scheduler calls it) or pull (it long-polls the scheduler)
     #[argh(option)]
     path: Option<String>,
-    /// executor: node id (default <hostname>-<pid>)
+    /// executor/agent: node id (default <hostname>-<pid>)
     #[argh(option)]
     node_id: Option<String>,
     /// scripts run at once on this node (default 64)
@@ -459,9 +462,15 @@ fn cmd_server(c: ServerCmd) -> Result<(), String> {
     };
     set(&mut cfg.registry.etcd, c.etcd);
     set(&mut cfg.executor.scheduler, c.scheduler);
-    set(&mut cfg.executor.pool, c.pool);
+    if mode == etask::server::Mode::Agent {
+        set(&mut cfg.agent.pool, c.pool);
+        set(&mut cfg.agent.node_id, c.node_id);
+    } else {
+        set(&mut cfg.executor.pool, c.pool);
+        set(&mut cfg.executor.node_id, c.node_id);
+    }
     set(&mut cfg.executor.path, c.path);
-    set(&mut cfg.executor.node_id, c.node_id);
+    set(&mut cfg.kafka.brokers, c.kafka);
     if let Some(v) = c.max_concurrent {
         cfg.node.max_concurrent = v;
     }

@@ -1,6 +1,7 @@
 //! `etask server`: wires the roles of one process. `all` = scheduler + the built-in node (the
-//! process pool behind the `local` delivery); `scheduler` = intake and store without a node.
-//! The executor and agent roles come with the gRPC and Kafka paths.
+//! process pool behind the `local` delivery); `scheduler` = intake and store without a node;
+//! `executor` and `agent` are nodes of the gRPC and Kafka paths (`crate::node`). With
+//! `kafka.brokers` set, a scheduler (or `all`) also delivers to agents.
 
 use std::sync::Arc;
 
@@ -50,13 +51,7 @@ fn node_id() -> String {
 /// Runs until `stop` yields (SIGTERM/SIGINT in the CLI), then shuts down in order.
 pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> Result<(), String> {
     match mode {
-        Mode::Agent => {
-            return Err(
-                "--mode agent is not available yet: the Kafka agent path is not built; use \
-                        --mode executor (gRPC push), --mode all or --mode scheduler"
-                    .into(),
-            )
-        }
+        Mode::Agent => return crate::node::agent::run(cfg, stop),
         Mode::Executor => return crate::node::executor::run(cfg, stop),
         Mode::Scheduler | Mode::All => {}
     }
@@ -137,6 +132,13 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         }
         grpc_server = Some(srv);
     }
+    // Kafka: agents of every pool, reached through their dispatch topics.
+    let mut kafka = None;
+    if !cfg.kafka.brokers.is_empty() {
+        let k = crate::delivery::kafka::scheduler::KafkaDelivery::start(&cfg.kafka)?;
+        deliveries.push(k.clone());
+        kafka = Some(k);
+    }
     let pull_enabled = grpc_server.is_some();
     let tls_on = !cfg.tls.cert.is_empty();
     let sched = Scheduler::start(
@@ -149,6 +151,9 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     )?;
     let _ = pull_slot.set(sched.core.clone());
     let _ = tasks_slot.set(sched.core.clone());
+    if let Some(k) = &kafka {
+        k.attach(sched.core.clone());
+    }
     if let Some(addr) = sched.http_addr() {
         // One line on stdout so scripts and tests can find the port (`--listen 127.0.0.1:0`).
         println!("etask listening on http://{addr}");
@@ -168,6 +173,9 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         g.stop();
     }
     sched.stop();
+    if let Some(k) = kafka {
+        k.shutdown();
+    }
     // Leave the registry before the node goes (the lease is revoked: no wait for expiry).
     if let Some(r) = registration {
         r.stop();

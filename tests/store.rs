@@ -87,7 +87,7 @@ fn claim_is_exclusive_and_attempts_fence_reports() {
             s.claim_due(1_000, 10, "n2", "local").unwrap().is_empty(),
             "claimed once only"
         );
-        assert!(s.mark_running(&[(e, Attempt(1))], 1_100).unwrap() == 1);
+        assert!(s.mark_running(&[(e, Attempt(1))], None, 1_100).unwrap() == 1);
         // Attempt 1 fails with a retry allowed.
         let fin = Finish {
             status: Some(Status::Failed),
@@ -325,8 +325,12 @@ fn one_batch_finishes_several_attempts_and_skips_stale_ones() {
             .unwrap();
         assert_eq!(s.claim_due(1_000, 10, "n", "local").unwrap().len(), 2);
         assert_eq!(
-            s.mark_running(&[(a, Attempt(1)), (b, Attempt(1)), (b, Attempt(7))], 1_001)
-                .unwrap(),
+            s.mark_running(
+                &[(a, Attempt(1)), (b, Attempt(1)), (b, Attempt(7))],
+                None,
+                1_001
+            )
+            .unwrap(),
             2
         );
         let ok = Finish {

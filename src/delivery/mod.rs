@@ -1,14 +1,18 @@
-//! How a claimed execution reaches a node: one `Delivery` implementation per path. Today the
-//! in-process path (`local`, the built-in node of `--mode all`); gRPC push/pull and Kafka add
-//! implementations, not a rewrite. Nodes report back as `RunEvent`s on one channel.
+//! How a claimed execution reaches a node: one `Delivery` implementation per path — `local`
+//! (the built-in node of `--mode all`), gRPC `push` (and the `pull` source), Kafka `agent`.
+//! Nodes report back as `RunEvent`s.
 
 pub mod grpc;
+pub mod kafka;
 pub mod local;
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
 use crate::model::{Attempt, ExecutionId, TaskId};
-use crate::runner::Program;
+use crate::runner::{Ending, Outcome, Program, RunEvent};
 
 /// One attempt of an execution, as handed to a node.
 #[derive(Debug, Clone)]
@@ -77,6 +81,72 @@ pub trait PullSource: Send + Sync {
     fn pull(&self, node: &str, pool: &str, free: u32, wait: std::time::Duration) -> Vec<Dispatch>;
 }
 
+/// Where transports that acknowledge what they received (Kafka offsets) hand node reports:
+/// each call returns once the store has them (implemented by the scheduler core).
+pub trait ReportSink: Send + Sync {
+    /// Applies reports of `node` (it started, logged, finished attempts). Err = not all of
+    /// it is stored yet; applying the same reports again is harmless.
+    fn apply(&self, node: &str, events: Vec<RunEvent>) -> Result<(), String>;
+    /// `node` still runs these attempts.
+    fn alive(&self, node: &str, running: &[(ExecutionId, Attempt)]);
+    /// `node` did not start this attempt (e.g. its dispatch had expired): dispatch it anew.
+    fn not_started(&self, node: &str, id: ExecutionId, attempt: Attempt, why: &str);
+}
+
+/// An outcome as the transports carry it (gRPC `Outcome`, Kafka `finished` events).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct OutcomeWire {
+    /// succeeded | failed | timed_out | cancelled
+    pub status: String,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub result: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub result_error: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub spawn_failed: bool,
+}
+
+impl From<&Outcome> for OutcomeWire {
+    fn from(o: &Outcome) -> OutcomeWire {
+        OutcomeWire {
+            status: o.status().as_str().into(),
+            exit_code: o.exit_code,
+            signal: o.signal,
+            result: o.result.clone(),
+            result_error: o.result_error.clone(),
+            error: o.error(),
+            spawn_failed: matches!(o.ending, Ending::SpawnFailed(_)),
+        }
+    }
+}
+
+impl OutcomeWire {
+    pub fn into_outcome(self) -> Outcome {
+        let ending = match (self.status.as_str(), self.exit_code, self.signal) {
+            ("timed_out", _, _) => Ending::TimedOut,
+            ("cancelled", _, _) => Ending::Cancelled,
+            _ if self.spawn_failed => Ending::SpawnFailed(self.error.unwrap_or_default()),
+            ("succeeded", _, _) => Ending::Exited(0),
+            (_, Some(c), _) => Ending::Exited(c),
+            (_, None, Some(s)) => Ending::Signaled(s),
+            _ => Ending::SpawnFailed(self.error.unwrap_or_else(|| "failed".into())),
+        };
+        Outcome {
+            exit_code: self.exit_code,
+            signal: self.signal,
+            result: self.result,
+            result_error: self.result_error,
+            ..Outcome::not_started(ending)
+        }
+    }
+}
+
 pub trait Delivery: Send + Sync {
     /// The `target.path` this delivery serves.
     fn path(&self) -> &'static str;
@@ -92,4 +162,9 @@ pub trait Delivery: Send + Sync {
     fn dispatch(&self, d: Dispatch, placed: &dyn Fn(&str)) -> Result<(), Refused>;
     /// Stops an attempt wherever it runs; unknown attempts are ignored.
     fn cancel(&self, id: ExecutionId, attempt: Attempt);
+    /// For paths where a dispatch can wait in transit (Kafka): after this long, an attempt no
+    /// node has started is dispatched anew. None = dispatch is synchronous.
+    fn unstarted_after(&self) -> Option<Duration> {
+        None
+    }
 }

@@ -238,7 +238,7 @@ impl TaskSpec {
                 "push" => "push needs gRPC (server.grpc_listen) and a registry (registry.etcd)"
                     .to_string(),
                 "pull" => "pull needs gRPC (server.grpc_listen)".to_string(),
-                "agent" => "the Kafka agent path is not built yet".to_string(),
+                "agent" => "agent needs Kafka (kafka.brokers or --kafka)".to_string(),
                 "local" => "this scheduler has no built-in node (run --mode all)".to_string(),
                 _ => format!("unknown path; use one of {paths:?}"),
             };
@@ -249,6 +249,13 @@ impl TaskSpec {
         if let Some(t) = &self.target {
             match t.strategy.as_deref() {
                 None => {}
+                // Agents of a pool share its topic through their consumer group: Kafka picks.
+                Some(_) if t.path == "agent" => {
+                    return Err(ApiError::invalid(
+                        "target.strategy is not supported for target.path \"agent\": the agents \
+                         of the pool share its dispatch topic",
+                    ))
+                }
                 Some("broadcast") if !matches!(t.path.as_str(), "push" | "pull") => {
                     return Err(ApiError::invalid(
                         "target.strategy \"broadcast\" needs target.path push or pull",

@@ -98,6 +98,7 @@ impl Core {
         }
         self.deliveries
             .iter()
+            .filter(|d| d.path() == "local")
             .map(|d| builtin_node_info(d.as_ref()))
             .collect()
     }
@@ -319,12 +320,12 @@ impl Core {
 
     /// Records how an attempt ended (from a node report or the sweeper).
     fn finish(&self, id: ExecutionId, attempt: Attempt, fin: Finish) {
-        self.finish_all(vec![(id, attempt, fin)]);
+        let _ = self.finish_all(vec![(id, attempt, fin)]);
     }
 
     /// Records how attempts ended, in one store transaction, applying each task's retry
-    /// policy; stale reports change nothing.
-    fn finish_all(&self, mut items: Vec<(ExecutionId, Attempt, Finish)>) {
+    /// policy; stale reports change nothing. Err = the store did not take them.
+    fn finish_all(&self, mut items: Vec<(ExecutionId, Attempt, Finish)>) -> Result<(), String> {
         let now = now_ms();
         items.retain_mut(|(id, attempt, fin)| {
             let Some(policy) = self.policy_of(*id, *attempt) else {
@@ -340,7 +341,7 @@ impl Core {
             true
         });
         if items.is_empty() {
-            return;
+            return Ok(());
         }
         // An outcome must not be dropped on a transient store error: the execution would stay
         // `running` under a live node. Retry with backoff for a while (a failed transaction
@@ -362,7 +363,7 @@ impl Core {
                 for (id, attempt, _) in &items {
                     log::error!(target: LOG, "execution={id} attempt={attempt} cannot record outcome: {e}");
                 }
-                return;
+                return Err(e.to_string());
             }
         };
         for ((id, attempt, fin), st) in items.iter().zip(statuses) {
@@ -381,6 +382,7 @@ impl Core {
                 }
             }
         }
+        Ok(())
     }
 }
 impl crate::delivery::TaskApi for Core {
@@ -476,6 +478,124 @@ impl Core {
         let (lock, cv) = &self.pull_gen;
         *lock.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         cv.notify_all();
+    }
+}
+
+impl Core {
+    /// Node reports → store. Whatever arrived together is written together: all `Started` of
+    /// the batch in one transaction (recorded under `node` when given), all log chunks in one,
+    /// all outcomes in one.
+    /// An error means some of it may not be stored (reapplying is harmless).
+    fn apply_events(&self, node: Option<&str>, batch: &[RunEvent]) -> Result<(), String> {
+        let now = now_ms();
+        let mut failed = None;
+        let mut started = Vec::new();
+        let mut logs = Vec::new();
+        let mut finished = Vec::new();
+        for ev in batch {
+            match ev {
+                RunEvent::Started { key, pid } => {
+                    log::debug!(target: LOG, "execution={} attempt={} running pid={pid}", key.execution, key.attempt);
+                    started.push((key.execution, key.attempt));
+                }
+                RunEvent::Log { key, chunk } => logs.push((
+                    key.execution,
+                    key.attempt,
+                    chunk.seq,
+                    chunk.stream.as_str(),
+                    chunk.data.as_str(),
+                )),
+                RunEvent::Finished { key, outcome } => {
+                    finished.push((key.execution, key.attempt, finish_of(outcome)))
+                }
+            }
+        }
+        if !finished.is_empty() {
+            // Node slots are free again: let the dispatcher fill them now, not at its next poll.
+            kick(&self.kick_dispatch);
+        }
+        if !started.is_empty() {
+            if let Err(e) = self.store.mark_running(&started, node, now) {
+                log::error!(target: LOG, "cannot mark {} executions running: {e}", started.len());
+                failed = Some(e.to_string());
+            }
+        }
+        if !logs.is_empty() {
+            if let Err(e) = self.store.append_logs(&logs, now) {
+                log::error!(target: LOG, "cannot store {} log chunks: {e}", logs.len());
+                failed = Some(e.to_string());
+            }
+        }
+        if !finished.is_empty() {
+            if let Err(e) = self.finish_all(finished) {
+                failed = Some(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// An attempt that was dispatched but never started goes back to the queue under a new
+    /// attempt number — unless no node has started it for `no_node_timeout_seconds` since it
+    /// was due, then it fails.
+    fn requeue(&self, id: ExecutionId, attempt: Attempt, why: &str) {
+        let now = now_ms();
+        let wait = self.cfg.scheduler.no_node_timeout_seconds as i64 * 1000;
+        let due = self
+            .store
+            .get_execution(id)
+            .ok()
+            .flatten()
+            .map(|e| e.due_at);
+        if wait > 0 && due.is_some_and(|d| now - d > wait) {
+            let fin = Finish {
+                status: Some(Status::Failed),
+                error: Some(format!(
+                    "no node started it within {} s (last: {why})",
+                    wait / 1000
+                )),
+                ..Finish::default()
+            };
+            self.finish(id, attempt, fin);
+            return;
+        }
+        match self.store.requeue(id, attempt, why, now) {
+            Ok(true) => {
+                self.policies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(id, attempt));
+                log::warn!(target: LOG, "execution={id} attempt={attempt} not started ({why}); dispatched again as attempt {}", attempt.0 + 1);
+                self.wake_dispatch();
+            }
+            Ok(false) => {}
+            Err(e) => {
+                log::warn!(target: LOG, "execution={id} attempt={attempt} cannot requeue: {e}")
+            }
+        }
+    }
+}
+
+impl crate::delivery::ReportSink for Core {
+    fn apply(&self, node: &str, events: Vec<RunEvent>) -> Result<(), String> {
+        self.apply_events(Some(node), &events)
+    }
+
+    fn alive(&self, node: &str, running: &[(ExecutionId, Attempt)]) {
+        // Agents are heard through Kafka, which may pause for a broker failover: their runs
+        // get `kafka.agent_silent_after_ms` instead of the scheduler's silence period, by
+        // dating the heartbeat forward by the difference.
+        let extra = self
+            .cfg
+            .kafka
+            .agent_silent_after_ms
+            .saturating_sub(self.cfg.scheduler.node_silent_after_ms) as i64;
+        if let Err(e) = self.store.heartbeat_runs(running, now_ms() + extra) {
+            log::warn!(target: LOG, "node={node} heartbeat not recorded: {e}");
+        }
+    }
+
+    fn not_started(&self, node: &str, id: ExecutionId, attempt: Attempt, why: &str) {
+        self.requeue(id, attempt, &format!("not started by {node}: {why}"));
     }
 }
 
@@ -706,8 +826,7 @@ fn finish_of(outcome: &Outcome) -> Finish {
     }
 }
 
-/// Node reports → store. Whatever arrived together is written together: all `Started` of the
-/// batch in one transaction, all log chunks in one, all outcomes in one.
+/// Reports of in-process nodes and gRPC executors → store, in batches.
 fn ingest(core: &Core, reports: &Receiver<RunEvent>) {
     const BATCH: usize = 256;
     let mut batch = Vec::with_capacity(BATCH);
@@ -727,45 +846,9 @@ fn ingest(core: &Core, reports: &Receiver<RunEvent>) {
                 Err(_) => break,
             }
         }
-        let now = now_ms();
-        let mut started = Vec::new();
-        let mut logs = Vec::new();
-        let mut finished = Vec::new();
-        for ev in &batch {
-            match ev {
-                RunEvent::Started { key, pid } => {
-                    log::debug!(target: LOG, "execution={} attempt={} running pid={pid}", key.execution, key.attempt);
-                    started.push((key.execution, key.attempt));
-                }
-                RunEvent::Log { key, chunk } => logs.push((
-                    key.execution,
-                    key.attempt,
-                    chunk.seq,
-                    chunk.stream.as_str(),
-                    chunk.data.as_str(),
-                )),
-                RunEvent::Finished { key, outcome } => {
-                    finished.push((key.execution, key.attempt, finish_of(outcome)))
-                }
-            }
-        }
-        if !finished.is_empty() {
-            // Node slots are free again: let the dispatcher fill them now, not at its next poll.
-            kick(&core.kick_dispatch);
-        }
-        if !started.is_empty() {
-            if let Err(e) = core.store.mark_running(&started, now) {
-                log::error!(target: LOG, "cannot mark {} executions running: {e}", started.len());
-            }
-        }
-        if !logs.is_empty() {
-            if let Err(e) = core.store.append_logs(&logs, now) {
-                log::error!(target: LOG, "cannot store {} log chunks: {e}", logs.len());
-            }
-        }
-        if !finished.is_empty() {
-            core.finish_all(finished);
-        }
+        // Errors are logged where they happen; a gRPC executor's reports were acknowledged
+        // when queued here.
+        let _ = core.apply_events(None, &batch);
         batch.clear();
     }
 }
@@ -852,7 +935,14 @@ fn sweeper(core: &Core) {
             .map(|d| d.node().to_owned())
             .collect();
         if let Some(t) = &core.node_table {
-            alive.extend(t.nodes().into_iter().map(|n| n.id));
+            // Agents list the runs they hold in their own heartbeats (see `ReportSink::alive`):
+            // a live lease alone must not keep a run whose outcome was lost in transit alive.
+            alive.extend(
+                t.nodes()
+                    .into_iter()
+                    .filter(|n| n.role != "agent")
+                    .map(|n| n.id),
+            );
         }
         alive.sort();
         alive.dedup();
@@ -896,6 +986,27 @@ fn sweeper(core: &Core) {
                     }
                     Err(e) => log::warn!(target: LOG, "cannot expire unplaced executions: {e}"),
                 }
+            }
+        }
+        // Dispatches that waited in transit past their expiry: no node will start them now.
+        for d in &core.deliveries {
+            let Some(after) = d.unstarted_after() else {
+                continue;
+            };
+            match core
+                .store
+                .unstarted(d.path(), d.node(), now - after.as_millis() as i64, 100)
+            {
+                Ok(list) => {
+                    for (id, attempt) in list {
+                        core.requeue(
+                            id,
+                            attempt,
+                            "no node started its dispatch before it expired",
+                        );
+                    }
+                }
+                Err(e) => log::warn!(target: LOG, "cannot look for unstarted dispatches: {e}"),
             }
         }
         match core.store.silent(now - silent_after, now, 100) {

@@ -394,10 +394,33 @@ pub trait Store: Send + Sync {
     fn set_node(&self, id: ExecutionId, attempt: Attempt, node: &str) -> Result<()>;
     /// Puts a claimed execution back (the node refused it).
     fn unclaim(&self, id: ExecutionId, attempt: Attempt, now: i64) -> Result<bool>;
-    /// Marks dispatched attempts as running; returns how many moved.
-    fn mark_running(&self, items: &[(ExecutionId, Attempt)], now: i64) -> Result<u64>;
+    /// Marks dispatched attempts as running (on `node` when given: paths where the node that
+    /// took the work is known only when it starts it); returns how many moved.
+    fn mark_running(
+        &self,
+        items: &[(ExecutionId, Attempt)],
+        node: Option<&str>,
+        now: i64,
+    ) -> Result<u64>;
     /// Records that `node` is still alive for everything it holds.
     fn heartbeat(&self, node: &str, now: i64) -> Result<u64>;
+    /// Records that these attempts are still alive (a node that lists what it runs), dated
+    /// `at`.
+    fn heartbeat_runs(&self, items: &[(ExecutionId, Attempt)], at: i64) -> Result<u64>;
+    /// Dispatched attempts of `path` still held by the placeholder `node` (no node started
+    /// them) that were claimed before `claimed_before`.
+    fn unstarted(
+        &self,
+        path: &str,
+        node: &str,
+        claimed_before: i64,
+        limit: u32,
+    ) -> Result<Vec<(ExecutionId, Attempt)>>;
+    /// An attempt that was dispatched but never started (its dispatch expired or was lost in
+    /// transit) is recorded as `lost` with `error`, and the execution goes back to `pending`
+    /// under the next attempt number, due now: the old dispatch can never run, the new one
+    /// is fenced from it. False when the attempt is no longer the dispatched one.
+    fn requeue(&self, id: ExecutionId, attempt: Attempt, error: &str, now: i64) -> Result<bool>;
     /// Ends attempts, in one transaction; for each, the new status, or `None` when the report
     /// is stale (older attempt, or the execution already final).
     fn finish(
@@ -920,17 +943,80 @@ impl Store for SqlStore {
         })
     }
 
-    fn mark_running(&self, items: &[(ExecutionId, Attempt)], now: i64) -> Result<u64> {
+    fn mark_running(
+        &self,
+        items: &[(ExecutionId, Attempt)],
+        node: Option<&str>,
+        now: i64,
+    ) -> Result<u64> {
         self.tx(|c| {
             let mut n = 0;
             for (id, attempt) in items {
                 n += c.exec(
-                    "UPDATE executions SET status = 'running', started_at = COALESCE(started_at, ?), heartbeat_at = ?, \
-                     updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
-                    &[now.into(), now.into(), now.into(), id.0.into(), i64::from(attempt.0).into()],
+                    "UPDATE executions SET status = 'running', node = COALESCE(?, node), started_at = COALESCE(started_at, ?), \
+                     heartbeat_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
+                    &[node.into(), now.into(), now.into(), now.into(), id.0.into(), i64::from(attempt.0).into()],
                 )?;
             }
             Ok(n)
+        })
+    }
+
+    fn heartbeat_runs(&self, items: &[(ExecutionId, Attempt)], at: i64) -> Result<u64> {
+        self.tx(|c| {
+            let mut n = 0;
+            for (id, attempt) in items {
+                n += c.exec(
+                    "UPDATE executions SET heartbeat_at = ? WHERE id = ? AND attempt = ? AND status IN ('dispatched', 'running')",
+                    &[at.into(), id.0.into(), i64::from(attempt.0).into()],
+                )?;
+            }
+            Ok(n)
+        })
+    }
+
+    fn unstarted(
+        &self,
+        path: &str,
+        node: &str,
+        claimed_before: i64,
+        limit: u32,
+    ) -> Result<Vec<(ExecutionId, Attempt)>> {
+        self.tx(|c| {
+            let rows = c.query(
+                "SELECT id, attempt FROM executions WHERE path = ? AND status = 'dispatched' AND node = ? \
+                 AND updated_at < ? ORDER BY id LIMIT ?",
+                &[path.into(), node.into(), claimed_before.into(), i64::from(limit).into()],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        ExecutionId(r[0].i().ok_or_else(|| bad("id"))?),
+                        Attempt(r[1].i().unwrap_or(1) as u32),
+                    ))
+                })
+                .collect()
+        })
+    }
+
+    fn requeue(&self, id: ExecutionId, attempt: Attempt, error: &str, now: i64) -> Result<bool> {
+        self.tx(|c| {
+            let rows = c.query(
+                "SELECT node FROM executions WHERE id = ? AND attempt = ? AND status = 'dispatched'",
+                &[id.0.into(), i64::from(attempt.0).into()],
+            )?;
+            let Some(r) = rows.first() else { return Ok(false) };
+            let n = c.exec(
+                "UPDATE executions SET status = 'pending', attempt = attempt + 1, node = NULL, heartbeat_at = NULL, \
+                 due_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
+                &[now.into(), now.into(), id.0.into(), i64::from(attempt.0).into()],
+            )?;
+            if n != 1 {
+                return Ok(false);
+            }
+            let fin = Finish { error: Some(error.to_owned()), ..Finish::default() };
+            Self::record_attempt(c, id, attempt, Status::Lost, r[0].s(), &fin, None, now)?;
+            Ok(true)
         })
     }
 

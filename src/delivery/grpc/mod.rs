@@ -15,9 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::delivery::{Dispatch, PullSource, TaskApi};
 use crate::model::{Attempt, ExecutionId, TaskId};
-use crate::runner::{
-    Ending, LogChunk, Outcome, Program, ProgramKind, RunEvent, RunKey, ShellKind, Stream,
-};
+use crate::runner::{LogChunk, Program, ProgramKind, RunEvent, RunKey, ShellKind, Stream};
 
 #[allow(clippy::all)]
 pub mod pb {
@@ -273,19 +271,21 @@ pub fn event_to_pb(ev: &RunEvent) -> pb::ReportItem {
             stream: chunk.stream.as_str().into(),
             data: chunk.data.clone(),
         }),
-        RunEvent::Finished { outcome, .. } => Kind::Finished(pb::Outcome {
-            status: outcome.status().as_str().into(),
-            exit_code: outcome.exit_code,
-            signal: outcome.signal,
-            result_json: outcome
-                .result
-                .as_ref()
-                .map(|m| Value::Object(m.clone()).to_string())
-                .unwrap_or_default(),
-            result_error: outcome.result_error.clone(),
-            error: outcome.error(),
-            spawn_failed: matches!(outcome.ending, Ending::SpawnFailed(_)),
-        }),
+        RunEvent::Finished { outcome, .. } => {
+            let o = crate::delivery::OutcomeWire::from(outcome);
+            Kind::Finished(pb::Outcome {
+                status: o.status,
+                exit_code: o.exit_code,
+                signal: o.signal,
+                result_json: o
+                    .result
+                    .map(|m| Value::Object(m).to_string())
+                    .unwrap_or_default(),
+                result_error: o.result_error,
+                error: o.error,
+                spawn_failed: o.spawn_failed,
+            })
+        }
     };
     pb::ReportItem {
         execution_id: key.execution.0,
@@ -315,34 +315,21 @@ pub fn event_from_pb(item: pb::ReportItem) -> Option<RunEvent> {
                 data: l.data,
             },
         },
-        Kind::Finished(o) => {
-            let ending = match (o.status.as_str(), o.exit_code, o.signal) {
-                ("timed_out", _, _) => Ending::TimedOut,
-                ("cancelled", _, _) => Ending::Cancelled,
-                _ if o.spawn_failed => Ending::SpawnFailed(o.error.clone().unwrap_or_default()),
-                ("succeeded", _, _) => Ending::Exited(0),
-                (_, Some(c), _) => Ending::Exited(c),
-                (_, None, Some(s)) => Ending::Signaled(s),
-                _ => Ending::SpawnFailed(o.error.clone().unwrap_or_else(|| "failed".into())),
-            };
-            let result = serde_json::from_str::<Value>(&o.result_json)
-                .ok()
-                .and_then(|v| v.as_object().cloned());
-            RunEvent::Finished {
-                key,
-                outcome: Outcome {
-                    ending,
-                    exit_code: o.exit_code,
-                    signal: o.signal,
-                    result,
-                    result_error: o.result_error,
-                    result_truncated: false,
-                    log_bytes: 0,
-                    log_truncated: false,
-                    duration: Duration::ZERO,
-                },
+        Kind::Finished(o) => RunEvent::Finished {
+            key,
+            outcome: crate::delivery::OutcomeWire {
+                status: o.status,
+                exit_code: o.exit_code,
+                signal: o.signal,
+                result: serde_json::from_str::<Value>(&o.result_json)
+                    .ok()
+                    .and_then(|v| v.as_object().cloned()),
+                result_error: o.result_error,
+                error: o.error,
+                spawn_failed: o.spawn_failed,
             }
-        }
+            .into_outcome(),
+        },
     })
 }
 

@@ -1,0 +1,512 @@
+//! `etask server --mode agent`: a node for zones that allow only outbound connections. It
+//! consumes its pool's dispatch topic (one consumer group per pool), runs each dispatch in the
+//! process pool, and publishes logs, outcomes and heartbeats to the events topic; cancels come
+//! from the control topic. It opens no listening socket.
+//!
+//! At least once, never twice: a dispatch's offset is stored (and so committed) only after the
+//! attempt is written to the local spool and handed to the pool; a dispatch delivered again
+//! whose attempt is in the spool is not run again. When the pool is full, consumption pauses.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::{Config, KafkaConfig};
+use crate::delivery::kafka::wire::{self, ControlMsg, DispatchMsg, EventBody, EventMsg};
+use crate::delivery::kafka::{dead_letter, existing_topics, send, Producer_};
+use crate::model::{Attempt, ExecutionId};
+use crate::node::spool::{Spool, Taken};
+use crate::registry::etcd::Etcd;
+use crate::registry::{NodeInfo, Registration};
+use crate::runner::{Ending, Outcome, Pool, RunEvent, RunKey, SubmitError};
+
+const LOG: &str = "etask::agent";
+
+struct Agent {
+    id: String,
+    pool_name: String,
+    cfg: KafkaConfig,
+    pool: Pool,
+    producer: Producer_,
+    events: Sender<RunEvent>,
+    /// Attempts taken and not finished yet (what the heartbeat lists).
+    held: Mutex<HashSet<RunKey>>,
+    /// Cancels of attempts this agent has not seen yet: a later dispatch of them is not run.
+    tombstones: Mutex<HashMap<RunKey, Instant>>,
+    spool: Mutex<Spool>,
+    stop: AtomicBool,
+}
+
+impl Agent {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn publish(&self, key: &str, msg: &EventMsg) {
+        let body = serde_json::to_vec(msg).unwrap_or_default();
+        if let Err(e) = send(&self.producer, &self.cfg.events_topic, key, &body) {
+            log::error!(target: LOG, "event not published: {e}");
+        }
+    }
+
+    fn publish_event(&self, ev: &RunEvent) {
+        let m = EventMsg::from_run_event(&self.id, ev);
+        self.publish(&ev.key().execution.to_string(), &m);
+    }
+
+    fn not_started(&self, key: RunKey, reason: String) {
+        log::warn!(target: LOG, "execution={} attempt={} not started: {reason}", key.execution, key.attempt);
+        let m = EventMsg {
+            v: wire::VERSION,
+            agent: self.id.clone(),
+            execution_id: key.execution.0,
+            attempt: key.attempt.0,
+            body: EventBody::NotStarted { reason },
+        };
+        self.publish(&key.execution.to_string(), &m);
+    }
+
+    fn heartbeat(&self) {
+        let running: Vec<(i64, u32)> = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|k| (k.execution.0, k.attempt.0))
+            .collect();
+        let m = EventMsg {
+            v: wire::VERSION,
+            agent: self.id.clone(),
+            execution_id: 0,
+            attempt: 0,
+            body: EventBody::Heartbeat {
+                pool: self.pool_name.clone(),
+                capacity: self.pool.max_concurrent() as u32,
+                running,
+            },
+        };
+        self.publish(&self.id, &m);
+    }
+
+    /// One dispatch message: run it, or say why not. Returns Err only when the spool cannot be
+    /// written (the agent then stops rather than run work it cannot account for).
+    fn take(&self, m: &OwnedMessage) -> Result<(), String> {
+        let d: DispatchMsg = match wire::parse(m.payload()) {
+            Ok(d) => d,
+            Err(why) => {
+                dead_letter(&self.producer, &self.cfg, &self.id, m, &why);
+                return Ok(());
+            }
+        };
+        if d.pool != self.pool_name {
+            let why = format!(
+                "dispatch for pool {:?} on the topic of pool {:?}",
+                d.pool, self.pool_name
+            );
+            dead_letter(&self.producer, &self.cfg, &self.id, m, &why);
+            return Ok(());
+        }
+        let key = RunKey {
+            execution: ExecutionId(d.execution_id),
+            attempt: Attempt(d.attempt),
+        };
+        let mut spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = spool.get(key.execution, key.attempt) {
+            log::info!(target: LOG, "execution={} attempt={} delivered again ({t:?} here before): not run twice", key.execution, key.attempt);
+            return Ok(());
+        }
+        let cancelled = self
+            .tombstones
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key)
+            .is_some();
+        if cancelled {
+            log::info!(target: LOG, "execution={} attempt={} was cancelled before it arrived", key.execution, key.attempt);
+            return spool
+                .record(key.execution, key.attempt, Taken::Finished)
+                .map_err(|e| format!("spool {}: {e}", spool.path().display()));
+        }
+        let now = crate::now_ms();
+        if d.expires_at < now {
+            spool
+                .record(key.execution, key.attempt, Taken::Finished)
+                .map_err(|e| format!("spool {}: {e}", spool.path().display()))?;
+            drop(spool);
+            self.not_started(
+                key,
+                format!(
+                    "dispatch expired {} ms before it was read (issued at {}, expires at {})",
+                    now - d.expires_at,
+                    d.issued_at,
+                    d.expires_at
+                ),
+            );
+            return Ok(());
+        }
+        spool
+            .record(key.execution, key.attempt, Taken::Started)
+            .map_err(|e| format!("spool {}: {e}", spool.path().display()))?;
+        drop(spool);
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key);
+        log::info!(target: LOG, "execution={} attempt={} taken", key.execution, key.attempt);
+        match self
+            .pool
+            .submit(d.into_dispatch().into_run_request(), self.events.clone())
+        {
+            Ok(()) => {}
+            Err(SubmitError::Invalid(e)) => {
+                // Reported like a run that could not start: the scheduler fails the attempt.
+                let outcome =
+                    Outcome::not_started(Ending::SpawnFailed(format!("invalid program: {e}")));
+                let _ = self.events.send(RunEvent::Finished { key, outcome });
+            }
+            Err(e) => {
+                self.held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
+                self.not_started(key, e.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn cancel(&self, key: RunKey) {
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key);
+        if held {
+            log::info!(target: LOG, "execution={} attempt={} cancel", key.execution, key.attempt);
+            self.pool.cancel(key);
+        } else {
+            let ttl = Duration::from_secs(self.cfg.dispatch_ttl_seconds + 5);
+            let mut t = self.tombstones.lock().unwrap_or_else(|p| p.into_inner());
+            t.retain(|_, at| at.elapsed() < ttl);
+            t.insert(key, Instant::now());
+        }
+    }
+}
+
+/// Consumes the dispatch topic: takes messages while the pool has a free slot, pauses the
+/// assigned partitions while it is full.
+fn dispatch_loop(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
+    let cap = a.pool.max_concurrent();
+    let mut waiting: VecDeque<OwnedMessage> = VecDeque::new();
+    let mut paused = false;
+    let mut last_error = Instant::now() - Duration::from_secs(60);
+    while !a.stopping() {
+        let full = a.pool.in_flight() >= cap;
+        if full != paused {
+            // After a rebalance new partitions are not paused: `paused` is reset below when a
+            // message arrives while full, so they are paused too.
+            let parts = consumer.assignment().unwrap_or_default();
+            let r = if full {
+                consumer.pause(&parts)
+            } else {
+                consumer.resume(&parts)
+            };
+            if let Err(e) = r {
+                log::debug!(target: LOG, "pause/resume: {e}");
+            }
+            paused = full;
+        }
+        if !full {
+            if let Some(m) = waiting.pop_front() {
+                a.take(&m)?;
+                store(consumer, &m);
+                continue;
+            }
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(e)) => {
+                if last_error.elapsed() > Duration::from_secs(10) {
+                    log::warn!(target: LOG, "dispatch consumer: {e}");
+                    last_error = Instant::now();
+                }
+            }
+            Some(Ok(m)) => {
+                let m = m.detach();
+                if full {
+                    waiting.push_back(m);
+                    paused = false;
+                } else {
+                    a.take(&m)?;
+                    store(consumer, &m);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn store(consumer: &BaseConsumer, m: &OwnedMessage) {
+    if let Err(e) = consumer.store_offset(m.topic(), m.partition(), m.offset()) {
+        log::warn!(target: LOG, "cannot store offset {}[{}]@{}: {e}", m.topic(), m.partition(), m.offset());
+    }
+}
+
+/// Publishes the pool's events in order, and a heartbeat every `every`.
+fn events_loop(a: &Agent, rx: &Receiver<RunEvent>, every: Duration) {
+    let mut next_beat = Instant::now();
+    loop {
+        if Instant::now() >= next_beat {
+            a.heartbeat();
+            next_beat = Instant::now() + every;
+        }
+        let wait = next_beat.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(ev) => {
+                a.publish_event(&ev);
+                if let RunEvent::Finished { key, outcome } = &ev {
+                    log::info!(target: LOG, "execution={} attempt={} {}", key.execution, key.attempt, outcome.status());
+                    a.held.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+                    let mut s = a.spool.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = s.record(key.execution, key.attempt, Taken::Finished) {
+                        log::warn!(target: LOG, "spool: {e}");
+                    }
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if a.stopping() {
+                    return;
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// Reads every cancel on the control topic (all partitions, assigned by hand: every agent
+/// sees all of them). Cancels older than the dispatch TTL are skipped: their dispatches can
+/// no longer start.
+fn control_loop(a: &Agent, consumer: &BaseConsumer) {
+    let topic = a.cfg.control_topic.clone();
+    let mut assigned = false;
+    let mut last_error = Instant::now() - Duration::from_secs(60);
+    while !a.stopping() {
+        if !assigned {
+            match consumer.fetch_metadata(Some(&topic), Duration::from_secs(3)) {
+                Ok(md) => {
+                    let parts = md
+                        .topics()
+                        .iter()
+                        .filter(|t| t.name() == topic && t.error().is_none())
+                        .map(|t| t.partitions().len())
+                        .next()
+                        .unwrap_or(0);
+                    if parts > 0 {
+                        let mut tpl = TopicPartitionList::new();
+                        for p in 0..parts as i32 {
+                            let _ = tpl.add_partition_offset(&topic, p, Offset::Beginning);
+                        }
+                        assigned = consumer.assign(&tpl).is_ok();
+                    }
+                }
+                Err(e) => log::debug!(target: LOG, "control topic metadata: {e}"),
+            }
+            if !assigned {
+                if last_error.elapsed() > Duration::from_secs(10) {
+                    log::warn!(target: LOG, "control topic {topic} not available yet; retrying");
+                    last_error = Instant::now();
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(e)) => {
+                if last_error.elapsed() > Duration::from_secs(10) {
+                    log::warn!(target: LOG, "control consumer: {e}");
+                    last_error = Instant::now();
+                }
+            }
+            Some(Ok(m)) => {
+                let m = m.detach();
+                let fresh_after = crate::now_ms() - (a.cfg.dispatch_ttl_seconds as i64 + 5) * 1000;
+                if m.timestamp().to_millis().is_some_and(|t| t < fresh_after) {
+                    continue;
+                }
+                match wire::parse::<ControlMsg>(m.payload()) {
+                    Ok(c) if c.kind == "cancel" => a.cancel(RunKey {
+                        execution: ExecutionId(c.execution_id),
+                        attempt: Attempt(c.attempt),
+                    }),
+                    Ok(c) => dead_letter(
+                        &a.producer,
+                        &a.cfg,
+                        &a.id,
+                        &m,
+                        &format!("unknown control kind {:?}", c.kind),
+                    ),
+                    Err(why) => dead_letter(&a.producer, &a.cfg, &a.id, &m, &why),
+                }
+            }
+        }
+    }
+}
+
+pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
+    let k = cfg.kafka.clone();
+    if k.brokers.is_empty() {
+        return Err("an agent needs Kafka: set kafka.brokers or pass --kafka HOST:PORT".into());
+    }
+    let pool_name = cfg.agent.pool.clone();
+    let id = if cfg.agent.node_id.is_empty() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    } else {
+        cfg.agent.node_id.clone()
+    };
+    let spool_dir = if cfg.agent.spool_dir.is_empty() {
+        cfg.server.data_dir.join("agent-spool")
+    } else {
+        std::path::PathBuf::from(&cfg.agent.spool_dir)
+    };
+    let spool = Spool::open(&spool_dir).map_err(|e| {
+        format!(
+            "cannot open the agent spool in {}: {e}",
+            spool_dir.display()
+        )
+    })?;
+    let pool = Pool::start(cfg.pool_config())
+        .map_err(|e| format!("cannot start the process pool: {e}"))?;
+    // Events wait for the brokers as long as it takes (message.timeout.ms = 0).
+    let producer = k.producer(&id, Duration::ZERO)?;
+    let topic = k.dispatch_topic(&pool_name);
+    let wanted = [
+        topic.clone(),
+        k.events_topic.clone(),
+        k.control_topic.clone(),
+    ];
+    match existing_topics(&k, &producer, &wanted) {
+        Ok(have) => {
+            let missing: Vec<&String> = wanted.iter().filter(|t| !have.contains(*t)).collect();
+            if !missing.is_empty() {
+                log::warn!(target: LOG, "topics {missing:?} do not exist yet (the scheduler creates them); waiting for them");
+            }
+        }
+        Err(e) => log::warn!(target: LOG, "{e}; will keep trying"),
+    }
+    let consumer: BaseConsumer = k
+        .consumer(&id, &format!("etask.agents.{pool_name}"))
+        .create()
+        .map_err(|e| format!("kafka consumer: {e}"))?;
+    consumer
+        .subscribe(&[&topic])
+        .map_err(|e| format!("cannot subscribe to {topic}: {e}"))?;
+    let mut control_cfg = k.client(&id);
+    control_cfg
+        .set("group.id", format!("etask.control.{id}"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "100");
+    let control: BaseConsumer = control_cfg
+        .create()
+        .map_err(|e| format!("kafka control consumer: {e}"))?;
+    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    let agent = Arc::new(Agent {
+        id: id.clone(),
+        pool_name: pool_name.clone(),
+        cfg: k.clone(),
+        pool,
+        producer,
+        events: events_tx,
+        held: Mutex::new(HashSet::new()),
+        tombstones: Mutex::new(HashMap::new()),
+        spool: Mutex::new(spool),
+        stop: AtomicBool::new(false),
+    });
+    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(f)
+            .map_err(|e| format!("cannot start thread {name}: {e}"))
+    };
+    let every = Duration::from_millis(cfg.agent.heartbeat_ms);
+    let a = agent.clone();
+    let events = spawn(
+        "agent-events",
+        Box::new(move || events_loop(&a, &events_rx, every)),
+    )?;
+    let a = agent.clone();
+    let ctl = spawn(
+        "agent-control",
+        Box::new(move || control_loop(&a, &control)),
+    )?;
+    // The dispatch loop ends the process when the spool fails.
+    let (failed_tx, failed_rx) = crossbeam_channel::bounded::<String>(1);
+    let a = agent.clone();
+    let dispatch = spawn(
+        "agent-dispatch",
+        Box::new(move || {
+            if let Err(e) = dispatch_loop(&a, &consumer) {
+                let _ = failed_tx.send(e);
+            }
+            // Leaves the group now, so the pool's other agents take over the partitions.
+            drop(consumer);
+        }),
+    )?;
+    let registration = if cfg.registry.etcd.is_empty() {
+        None
+    } else {
+        let info = NodeInfo {
+            id: id.clone(),
+            role: "agent".into(),
+            pool: pool_name.clone(),
+            address: None,
+            path: "agent".into(),
+            handlers: vec!["shell".into(), "python".into(), "exec".into()],
+            capacity: agent.pool.max_concurrent() as u32,
+            running: 0,
+            version: env!("CARGO_PKG_VERSION").into(),
+            started_at: crate::now_ms(),
+        };
+        let a = agent.clone();
+        Some(
+            Registration::start(
+                Etcd::new(&cfg.registry.etcd),
+                cfg.registry.prefix.clone(),
+                info,
+                cfg.registry.ttl_seconds,
+                Box::new(move || a.pool.running() as u32),
+            )
+            .map_err(|e| format!("cannot start the registry heartbeat: {e}"))?,
+        )
+    };
+    println!(
+        "etask agent {id} pool {pool_name} consuming {topic} on {}",
+        k.brokers
+    );
+    log::warn!(target: LOG, "started agent={id} pool={pool_name} brokers={}", k.brokers);
+    let result = crossbeam_channel::select! {
+        recv(stop) -> sig => {
+            log::warn!(target: LOG, "signal {}: stopping", sig.unwrap_or(libc::SIGTERM));
+            Ok(())
+        }
+        recv(failed_rx) -> e => Err(e.unwrap_or_default()),
+    };
+    agent.stop.store(true, Ordering::SeqCst);
+    if let Some(r) = registration {
+        r.stop();
+    }
+    let _ = dispatch.join();
+    let _ = ctl.join();
+    let _ = events.join();
+    use rdkafka::producer::Producer;
+    let _ = agent.producer.flush(Duration::from_secs(5));
+    // What still runs dies with the process (PDEATHSIG); the scheduler retries it.
+    result
+}

@@ -1,0 +1,137 @@
+//! The agent's spool: an append-only file of the attempts it took, so a dispatch delivered
+//! twice (a rebalance, a restart before the offset was committed) never runs twice. An
+//! attempt is written — and synced to disk — before its offset is stored; lines older than a
+//! week are dropped when the spool is opened.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use crate::model::{Attempt, ExecutionId};
+
+const KEEP_MS: i64 = 7 * 86_400_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    Started,
+    Finished,
+}
+
+pub struct Spool {
+    path: PathBuf,
+    file: File,
+    seen: HashMap<(ExecutionId, Attempt), (Taken, i64)>,
+}
+
+impl Spool {
+    pub fn open(dir: &Path) -> std::io::Result<Spool> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("taken.log");
+        let mut seen = HashMap::new();
+        if let Ok(f) = File::open(&path) {
+            for line in BufReader::new(f).lines() {
+                // A torn last line (crash mid-write) is skipped.
+                if let Some((key, taken, at)) = parse(&line?) {
+                    let e = seen.entry(key).or_insert((taken, at));
+                    if taken == Taken::Finished {
+                        *e = (taken, at);
+                    }
+                }
+            }
+        }
+        let cutoff = crate::now_ms() - KEEP_MS;
+        seen.retain(|_, (_, at)| *at >= cutoff);
+        // Rewrite without the old lines, then append from there.
+        let tmp = dir.join("taken.log.new");
+        {
+            let mut f = File::create(&tmp)?;
+            for (k, (t, at)) in &seen {
+                f.write_all(line(*k, *t, *at).as_bytes())?;
+            }
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        let file = OpenOptions::new().append(true).open(&path)?;
+        Ok(Spool { path, file, seen })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What this agent already did with an attempt.
+    pub fn get(&self, id: ExecutionId, attempt: Attempt) -> Option<Taken> {
+        self.seen.get(&(id, attempt)).map(|(t, _)| *t)
+    }
+
+    /// Records an attempt as taken, durably (fdatasync) when `Started`.
+    pub fn record(
+        &mut self,
+        id: ExecutionId,
+        attempt: Attempt,
+        taken: Taken,
+    ) -> std::io::Result<()> {
+        let at = crate::now_ms();
+        self.file
+            .write_all(line((id, attempt), taken, at).as_bytes())?;
+        if taken == Taken::Started {
+            self.file.sync_data()?;
+        }
+        self.seen.insert((id, attempt), (taken, at));
+        Ok(())
+    }
+}
+
+fn line((id, attempt): (ExecutionId, Attempt), t: Taken, at: i64) -> String {
+    let t = match t {
+        Taken::Started => 'S',
+        Taken::Finished => 'F',
+    };
+    format!("{t} {} {} {at}\n", id.0, attempt.0)
+}
+
+fn parse(l: &str) -> Option<((ExecutionId, Attempt), Taken, i64)> {
+    let mut it = l.split(' ');
+    let t = match it.next()? {
+        "S" => Taken::Started,
+        "F" => Taken::Finished,
+        _ => return None,
+    };
+    let id = it.next()?.parse().ok()?;
+    let attempt = it.next()?.parse().ok()?;
+    let at = it.next()?.parse().ok()?;
+    Some(((ExecutionId(id), Attempt(attempt)), t, at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survives_reopen_and_a_torn_line() {
+        let dir = std::env::temp_dir().join(format!("etask-spool-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let mut s = Spool::open(&dir).unwrap();
+            s.record(ExecutionId(1), Attempt(1), Taken::Started)
+                .unwrap();
+            s.record(ExecutionId(1), Attempt(1), Taken::Finished)
+                .unwrap();
+            s.record(ExecutionId(2), Attempt(3), Taken::Started)
+                .unwrap();
+        }
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("taken.log"))
+            .unwrap()
+            .write_all(b"S 9 1")
+            .unwrap();
+        let s = Spool::open(&dir).unwrap();
+        assert_eq!(s.get(ExecutionId(1), Attempt(1)), Some(Taken::Finished));
+        assert_eq!(s.get(ExecutionId(2), Attempt(3)), Some(Taken::Started));
+        assert_eq!(s.get(ExecutionId(2), Attempt(4)), None);
+        assert_eq!(s.get(ExecutionId(9), Attempt(1)), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
