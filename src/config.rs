@@ -54,6 +54,8 @@ pub struct KafkaConfig {
     /// requests to the brokers.
     pub fetch_wait_max_ms: u64,
     pub linger_ms: u64,
+    /// Extra librdkafka properties for every client (e.g. "api.version.request").
+    pub client_options: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for KafkaConfig {
@@ -72,6 +74,7 @@ impl Default for KafkaConfig {
             agent_silent_after_ms: 15_000,
             fetch_wait_max_ms: 5,
             linger_ms: 1,
+            client_options: Default::default(),
         }
     }
 }
@@ -427,6 +430,9 @@ agent_silent_after_ms = 15000
 # Consumer fetch.wait.max.ms and producer linger.ms: lower = less latency, more requests.
 fetch_wait_max_ms = 5
 linger_ms = 1
+
+[kafka.client_options]
+# Extra librdkafka properties for every Kafka client of this process, as "name" = "value".
 
 [agent]
 # --mode agent: consumes <dispatch_topic_prefix><pool>, runs the scripts in its process pool

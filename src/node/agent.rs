@@ -206,7 +206,11 @@ fn dispatch_loop(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
     let mut waiting: VecDeque<OwnedMessage> = VecDeque::new();
     let mut paused = false;
     let mut last_error = Instant::now() - Duration::from_secs(60);
+    let mut uncommitted: HashMap<(String, i32), i64> = HashMap::new();
     while !a.stopping() {
+        if !uncommitted.is_empty() {
+            commit(consumer, &mut uncommitted);
+        }
         let full = a.pool.in_flight() >= cap;
         if full != paused {
             // After a rebalance new partitions are not paused: `paused` is reset below when a
@@ -225,7 +229,7 @@ fn dispatch_loop(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
         if !full {
             if let Some(m) = waiting.pop_front() {
                 a.take(&m)?;
-                store(consumer, &m);
+                done(consumer, &m, &mut uncommitted);
                 continue;
             }
         }
@@ -244,7 +248,7 @@ fn dispatch_loop(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
                     paused = false;
                 } else {
                     a.take(&m)?;
-                    store(consumer, &m);
+                    done(consumer, &m, &mut uncommitted);
                 }
             }
         }
@@ -252,9 +256,22 @@ fn dispatch_loop(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
     Ok(())
 }
 
-fn store(consumer: &BaseConsumer, m: &OwnedMessage) {
-    if let Err(e) = consumer.store_offset(m.topic(), m.partition(), m.offset()) {
-        log::warn!(target: LOG, "cannot store offset {}[{}]@{}: {e}", m.topic(), m.partition(), m.offset());
+/// A dispatch was taken: commit its offset now, synchronously, so that a rebalance (e.g. this
+/// agent being killed) does not hand it to another agent that would run it again. A commit
+/// that fails (brokers away) is retried until one succeeds.
+fn done(consumer: &BaseConsumer, m: &OwnedMessage, uncommitted: &mut HashMap<(String, i32), i64>) {
+    uncommitted.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
+    commit(consumer, uncommitted);
+}
+
+fn commit(consumer: &BaseConsumer, uncommitted: &mut HashMap<(String, i32), i64>) {
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), o) in uncommitted.iter() {
+        let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+    }
+    match consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync) {
+        Ok(()) => uncommitted.clear(),
+        Err(e) => log::debug!(target: LOG, "offset commit failed ({e}); retrying"),
     }
 }
 
@@ -402,7 +419,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         Err(e) => log::warn!(target: LOG, "{e}; will keep trying"),
     }
     let consumer: BaseConsumer = k
-        .consumer(&id, &format!("etask.agents.{pool_name}"))
+        .consumer(&id, &format!("etask.agents.{pool_name}"), false)
         .create()
         .map_err(|e| format!("kafka consumer: {e}"))?;
     consumer

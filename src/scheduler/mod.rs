@@ -577,7 +577,18 @@ impl Core {
 
 impl crate::delivery::ReportSink for Core {
     fn apply(&self, node: &str, events: Vec<RunEvent>) -> Result<(), String> {
-        self.apply_events(Some(node), &events)
+        self.apply_events(Some(node), &events)?;
+        // A run just started gets the agents' silence allowance at once, not only from the
+        // agent's next heartbeat.
+        let started: Vec<(ExecutionId, Attempt)> = events
+            .iter()
+            .filter(|e| matches!(e, RunEvent::Started { .. }))
+            .map(|e| (e.key().execution, e.key().attempt))
+            .collect();
+        if !started.is_empty() {
+            self.alive(node, &started);
+        }
+        Ok(())
     }
 
     fn alive(&self, node: &str, running: &[(ExecutionId, Attempt)]) {

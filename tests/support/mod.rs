@@ -1,5 +1,9 @@
-//! Shared test helpers: temp dirs and a fresh MariaDB database per test.
+//! Shared test helpers: temp dirs, a fresh MariaDB database per test, etcd and a Kafka
+//! broker on free ports, the server as a child process.
 #![allow(dead_code)]
+
+pub mod kafka;
+pub mod server;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,7 +46,7 @@ pub fn mysql_db(tag: &str) -> String {
     format!("{}{db}", server.trim_end_matches('/').to_owned() + "/")
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -38,15 +38,19 @@ impl KafkaConfig {
             .set("reconnect.backoff.max.ms", "2000")
             .set("topic.metadata.refresh.interval.ms", "10000")
             .set("log_level", "4");
+        for (k, v) in &self.client_options {
+            c.set(k, v);
+        }
         c
     }
 
     /// A consumer that stores offsets only when told (`store_offset`) and commits what was
-    /// stored every 500 ms: at-least-once, the commit never runs ahead of the work.
-    pub fn consumer(&self, client_id: &str, group: &str) -> ClientConfig {
+    /// stored every 500 ms (or, with `auto_commit` false, only when told): at-least-once, the
+    /// commit never runs ahead of the work.
+    pub fn consumer(&self, client_id: &str, group: &str, auto_commit: bool) -> ClientConfig {
         let mut c = self.client(client_id);
         c.set("group.id", group)
-            .set("enable.auto.commit", "true")
+            .set("enable.auto.commit", auto_commit.to_string())
             .set("auto.commit.interval.ms", "500")
             .set("enable.auto.offset.store", "false")
             // A broker that lost its data (or a new topic) starts the group from the beginning.

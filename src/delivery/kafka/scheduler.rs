@@ -53,7 +53,7 @@ impl KafkaDelivery {
         topics.extend(cfg.pools.iter().map(|p| cfg.dispatch_topic(p)));
         ensure_topics(cfg, &producer, &topics)?;
         let consumer: BaseConsumer = cfg
-            .consumer(&id, SCHEDULER_GROUP)
+            .consumer(&id, SCHEDULER_GROUP, true)
             .create()
             .map_err(|e| format!("kafka consumer: {e}"))?;
         consumer
