@@ -1,8 +1,10 @@
 //! End-to-end benchmark (prints figures, asserts nothing): submits N trivial tasks (`true`) over
 //! HTTP to `etask server --mode all` and waits for every result; prints executions/s and the
 //! submit→start latency p50/p99, next to the raw `sh -c true` spawn rate measured in the same
-//! run. Runs on the embedded SQLite store, then on MariaDB when one answers.
-//! Usage: cargo bench --bench e2e -- [--tasks N] [--concurrency C] [--mysql URL|none]
+//! run. Runs on the embedded SQLite store, then on MariaDB when one answers, then through the
+//! Kafka agent path with one and two agents (a tansu broker started here, when $ETASK_TANSU or
+//! ~/.cache/etask-tools/tansu exists; scripts/test.sh fetches it).
+//! Usage: cargo bench --bench e2e -- [--tasks N] [--concurrency C] [--mysql URL|none] [--kafka none]
 
 use std::io::{BufRead, BufReader};
 
@@ -73,7 +75,10 @@ struct Run {
     p99_ms: i64,
 }
 
-fn run(store: Option<&str>, tasks: usize, conc: usize) -> Run {
+/// The agent path: a broker address and how many agents (each with `conc` slots).
+type Kafka<'a> = Option<(&'a str, usize)>;
+
+fn run(store: Option<&str>, tasks: usize, conc: usize, kafka: Kafka) -> Run {
     let dir = std::env::temp_dir().join(format!("etask-bench-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("bench dir");
@@ -103,6 +108,9 @@ fn run(store: Option<&str>, tasks: usize, conc: usize) -> Run {
     if let Some(s) = store {
         cmd.args(["--store", s]);
     }
+    if let Some((addr, _)) = kafka {
+        cmd.args(["--kafka", addr]);
+    }
     let mut child = cmd
         .env("ETASK_LOG", "warn")
         .stdout(Stdio::piped())
@@ -117,6 +125,30 @@ fn run(store: Option<&str>, tasks: usize, conc: usize) -> Run {
         .trim()
         .trim_start_matches("etask listening on ")
         .to_owned();
+    let mut agents = Vec::new();
+    let mut target = json!({"path": "local"});
+    if let Some((addr, n)) = kafka {
+        for i in 0..n {
+            agents.push(
+                Command::new(env!("CARGO_BIN_EXE_etask"))
+                    .args([
+                        "server", "--mode", "agent", "--kafka", addr, "--pool", "bench",
+                    ])
+                    .args(["--node-id", &format!("bench-agent-{i}"), "--config"])
+                    .arg(&cfg)
+                    .arg("--data-dir")
+                    .arg(dir.join(format!("agent-{i}")))
+                    .env("ETASK_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .expect("start agent"),
+            );
+        }
+        target = json!({"path": "agent", "pool": "bench"});
+        // Let the agents join their group (a rebalance) before the clock starts.
+        std::thread::sleep(Duration::from_secs(6));
+    }
     let t0 = Instant::now();
     let submitters = 4;
     let ids: Vec<i64> = std::thread::scope(|s| {
@@ -127,7 +159,7 @@ fn run(store: Option<&str>, tasks: usize, conc: usize) -> Run {
                     let mut conn = Conn::open(&url);
                     (0..tasks / submitters)
                         .map(|i| {
-                            let body = json!({"name": format!("b{k}-{i}"), "program": {"kind": "shell", "code": "true"}});
+                            let body = json!({"name": format!("b{k}-{i}"), "program": {"kind": "shell", "code": "true"}, "target": target});
                             let v = conn.request("POST", "/api/v1/tasks", &body.to_string());
                             v["execution_id"].as_i64().expect("execution id")
                         })
@@ -185,6 +217,10 @@ fn run(store: Option<&str>, tasks: usize, conc: usize) -> Run {
             break;
         }
     }
+    for mut a in agents {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
@@ -228,7 +264,7 @@ fn main() {
     let raw = raw_spawn_rate(2000, conc);
     println!("e2e: {tasks} tasks of `true` over HTTP to --mode all, node concurrency {conc}");
     println!("  raw spawn (sh -c true, piped stdio):   {raw:8.0} runs/s");
-    let r = run(None, tasks, conc);
+    let r = run(None, tasks, conc, None);
     println!(
         "  sqlite:  {:8.0} executions/s = {:.0} % of raw (target >= 50 %); submit->start p50 {} ms, p99 {} ms",
         r.rate,
@@ -239,7 +275,7 @@ fn main() {
     if mysql != "none" {
         match mysql_bench_db(&mysql) {
             Some(url) => {
-                let r = run(Some(&url), tasks, conc);
+                let r = run(Some(&url), tasks, conc, None);
                 println!(
                     "  mariadb: {:8.0} executions/s = {:.0} % of raw (target >= 30 %); submit->start p50 {} ms, p99 {} ms",
                     r.rate,
@@ -251,4 +287,73 @@ fn main() {
             None => println!("  mariadb: skipped (no server at {mysql})"),
         }
     }
+    if arg("--kafka").as_deref() == Some("none") {
+        return;
+    }
+    let Some(mut broker) = start_broker() else {
+        println!("  agents:  skipped (no tansu broker binary; set ETASK_TANSU)");
+        return;
+    };
+    for n in [1, 2] {
+        let r = run(None, tasks, conc, Some((&broker.1, n)));
+        println!(
+            "  agents x{n} (kafka, sqlite): {:8.0} executions/s = {:.0} % of raw (target >= 25 %); submit->start p50 {} ms, p99 {} ms (target p50 <= 25 ms)",
+            r.rate,
+            100.0 * r.rate / raw,
+            r.p50_ms,
+            r.p99_ms
+        );
+    }
+    let _ = broker.0.kill();
+    let _ = broker.0.wait();
+}
+
+/// tansu on a free port with the topics of the `bench` pool.
+fn start_broker() -> Option<(std::process::Child, String)> {
+    let bin = std::env::var("ETASK_TANSU").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/etask-tools/tansu",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    if !std::path::Path::new(&bin).exists() {
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .ok()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let url = format!("tcp://{addr}");
+    let child = Command::new(&bin)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for t in [
+        "etask.events",
+        "etask.control",
+        "etask.dead-letter",
+        "etask.dispatch.bench",
+    ] {
+        Command::new(&bin)
+            .args(["topic", "create", t, "--broker", &url, "--partitions", "4"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .ok()?;
+    }
+    Some((child, addr))
 }
