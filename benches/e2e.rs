@@ -154,7 +154,7 @@ fn run(store: Option<&str>, tasks: usize, conc: usize, kafka: Kafka) -> Run {
     let ids: Vec<i64> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..submitters)
             .map(|k| {
-                let url = url.clone();
+                let (url, target) = (url.clone(), target.clone());
                 s.spawn(move || {
                     let mut conn = Conn::open(&url);
                     (0..tasks / submitters)
