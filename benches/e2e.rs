@@ -73,6 +73,15 @@ struct Run {
     rate: f64,
     p50_ms: i64,
     p99_ms: i64,
+    /// Submit→start of single tasks submitted one at a time on an idle system (p50, p99).
+    idle: (i64, i64),
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(-1)
 }
 
 /// The agent path: a broker address and how many agents (each with `conc` slots).
@@ -217,6 +226,30 @@ fn run(store: Option<&str>, tasks: usize, conc: usize, kafka: Kafka) -> Run {
             break;
         }
     }
+    // Latency without a queue: one task at a time, each waited for.
+    let mut idle: Vec<i64> = Vec::new();
+    let mut conn = Conn::open(&url);
+    for i in 0..50 {
+        let body = json!({"name": format!("idle-{i}"), "program": {"kind": "shell", "code": "true"}, "target": target});
+        let v = conn.request("POST", "/api/v1/tasks", &body.to_string());
+        let id = v["execution_id"].as_i64().expect("execution id");
+        let t = Instant::now();
+        loop {
+            let e = conn.request("GET", &format!("/api/v1/executions/{id}"), "");
+            if e["status"] == "succeeded" {
+                if let (Some(a), Some(b)) = (e["started_at"].as_i64(), e["created_at"].as_i64()) {
+                    idle.push(a - b);
+                }
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                eprintln!("idle task {id} did not finish: {e}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    idle.sort_unstable();
     for mut a in agents {
         let _ = a.kill();
         let _ = a.wait();
@@ -229,16 +262,13 @@ fn run(store: Option<&str>, tasks: usize, conc: usize, kafka: Kafka) -> Run {
         .filter_map(|r| Some(r["started_at"].as_i64()? - r["created_at"].as_i64()?))
         .collect();
     lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(-1)
-    };
+    let pct = |p: f64| percentile(&lat, p);
     let ok = rows.iter().filter(|r| r["status"] == "succeeded").count();
     Run {
         rate: ok as f64 / elapsed.as_secs_f64(),
         p50_ms: pct(0.5),
         p99_ms: pct(0.99),
+        idle: (percentile(&idle, 0.5), percentile(&idle, 0.99)),
     }
 }
 
@@ -264,25 +294,11 @@ fn main() {
     let raw = raw_spawn_rate(2000, conc);
     println!("e2e: {tasks} tasks of `true` over HTTP to --mode all, node concurrency {conc}");
     println!("  raw spawn (sh -c true, piped stdio):   {raw:8.0} runs/s");
-    let r = run(None, tasks, conc, None);
-    println!(
-        "  sqlite:  {:8.0} executions/s = {:.0} % of raw (target >= 50 %); submit->start p50 {} ms, p99 {} ms",
-        r.rate,
-        100.0 * r.rate / raw,
-        r.p50_ms,
-        r.p99_ms
-    );
+    report("sqlite", &run(None, tasks, conc, None), raw, 50);
     if mysql != "none" {
         match mysql_bench_db(&mysql) {
             Some(url) => {
-                let r = run(Some(&url), tasks, conc, None);
-                println!(
-                    "  mariadb: {:8.0} executions/s = {:.0} % of raw (target >= 30 %); submit->start p50 {} ms, p99 {} ms",
-                    r.rate,
-                    100.0 * r.rate / raw,
-                    r.p50_ms,
-                    r.p99_ms
-                );
+                report("mariadb", &run(Some(&url), tasks, conc, None), raw, 30);
             }
             None => println!("  mariadb: skipped (no server at {mysql})"),
         }
@@ -296,16 +312,23 @@ fn main() {
     };
     for n in [1, 2] {
         let r = run(None, tasks, conc, Some((&broker.1, n)));
-        println!(
-            "  agents x{n} (kafka, sqlite): {:8.0} executions/s = {:.0} % of raw (target >= 25 %); submit->start p50 {} ms, p99 {} ms (target p50 <= 25 ms)",
-            r.rate,
-            100.0 * r.rate / raw,
-            r.p50_ms,
-            r.p99_ms
-        );
+        report(&format!("{n} agent(s), kafka"), &r, raw, 25);
     }
     let _ = broker.0.kill();
     let _ = broker.0.wait();
+}
+
+fn report(what: &str, r: &Run, raw: f64, target_pct: u32) {
+    println!(
+        "  {what}: {:.0} executions/s = {:.0} % of raw (target >= {target_pct} %); submit->start \
+         in the burst p50 {} ms, p99 {} ms; one at a time p50 {} ms, p99 {} ms",
+        r.rate,
+        100.0 * r.rate / raw,
+        r.p50_ms,
+        r.p99_ms,
+        r.idle.0,
+        r.idle.1
+    );
 }
 
 /// tansu on a free port with the topics of the `bench` pool.

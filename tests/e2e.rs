@@ -5,7 +5,7 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -635,7 +635,7 @@ fn nodes_are_listed_from_etcd_and_a_killed_node_expires() {
 
 /// An `etask server --mode executor` process (gRPC push node).
 struct Executor {
-    child: Child,
+    child: support::Proc,
     dir: PathBuf,
     /// host:port of its gRPC server.
     addr: String,
@@ -699,43 +699,19 @@ impl Executor {
             .unwrap_or_default()
             .to_owned();
         Executor {
-            child,
+            child: support::Proc(child),
             dir: dir.to_owned(),
             addr,
         }
     }
 
     fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Executor {
-    fn drop(&mut self) {
-        self.kill9();
+        self.child.kill9();
     }
 }
 
 fn wait_nodes(s: &Server, n: usize) {
-    let t0 = Instant::now();
-    loop {
-        let (_, v) = s.call("GET", "/api/v1/nodes", None);
-        let push = v["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|x| x["path"] == "push")
-            .count();
-        if push >= n {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "{n} push executors never registered: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    s.wait_nodes_where(n, |x| x["path"] == "push");
 }
 
 #[test]

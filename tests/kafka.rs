@@ -6,7 +6,7 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -18,7 +18,7 @@ use support::kafka::Broker;
 use support::server::{pid_alive, Server};
 
 struct Agent {
-    child: Child,
+    child: support::Proc,
     id: String,
     dir: PathBuf,
 }
@@ -68,7 +68,7 @@ impl Agent {
             .read_line(&mut line)
             .unwrap();
         let a = Agent {
-            child,
+            child: support::Proc(child),
             id: id.to_owned(),
             dir: dir.to_owned(),
         };
@@ -85,14 +85,7 @@ impl Agent {
     }
 
     fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill9();
+        self.child.kill9();
     }
 }
 
@@ -195,23 +188,9 @@ fn agent_round_trip_with_result_registry_and_no_listening_socket() {
     );
 
     // Registered in etcd under role agent, listed by the scheduler.
-    let t0 = Instant::now();
-    loop {
-        let (_, nodes) = s.call("GET", "/api/v1/nodes", None);
-        let found = nodes["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|n| n["id"] == "agent-1" && n["role"] == "agent" && n["path"] == "agent");
-        if found {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "agent not listed: {nodes}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    s.wait_nodes_where(1, |n| {
+        n["id"] == "agent-1" && n["role"] == "agent" && n["path"] == "agent"
+    });
 
     // No listening socket at all: none of the agent's sockets is a listening TCP/UDP one.
     let pid = a.child.id();

@@ -19,7 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{Config, KafkaConfig};
 use crate::delivery::kafka::wire::{self, ControlMsg, DispatchMsg, EventBody, EventMsg};
-use crate::delivery::kafka::{dead_letter, existing_topics, send, Producer_};
+use crate::delivery::kafka::{dead_letter, existing_topics, poll, send, Producer_};
 use crate::model::{Attempt, ExecutionId};
 use crate::node::spool::{Spool, Taken};
 use crate::registry::etcd::Etcd;
@@ -233,23 +233,18 @@ fn dispatch_loop(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
                 continue;
             }
         }
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Err(e)) => {
-                if last_error.elapsed() > Duration::from_secs(10) {
-                    log::warn!(target: LOG, "dispatch consumer: {e}");
-                    last_error = Instant::now();
-                }
-            }
-            Some(Ok(m)) => {
-                let m = m.detach();
-                if full {
-                    waiting.push_back(m);
-                    paused = false;
-                } else {
-                    a.take(&m)?;
-                    done(consumer, &m, &mut uncommitted);
-                }
+        if let Some(m) = poll(
+            consumer,
+            Duration::from_millis(100),
+            "dispatch consumer",
+            &mut last_error,
+        ) {
+            if full {
+                waiting.push_back(m);
+                paused = false;
+            } else {
+                a.take(&m)?;
+                done(consumer, &m, &mut uncommitted);
             }
         }
     }
@@ -343,34 +338,29 @@ fn control_loop(a: &Agent, consumer: &BaseConsumer) {
                 continue;
             }
         }
-        match consumer.poll(Duration::from_millis(200)) {
-            None => {}
-            Some(Err(e)) => {
-                if last_error.elapsed() > Duration::from_secs(10) {
-                    log::warn!(target: LOG, "control consumer: {e}");
-                    last_error = Instant::now();
-                }
+        if let Some(m) = poll(
+            consumer,
+            Duration::from_millis(200),
+            "control consumer",
+            &mut last_error,
+        ) {
+            let fresh_after = crate::now_ms() - (a.cfg.dispatch_ttl_seconds as i64 + 5) * 1000;
+            if m.timestamp().to_millis().is_some_and(|t| t < fresh_after) {
+                continue;
             }
-            Some(Ok(m)) => {
-                let m = m.detach();
-                let fresh_after = crate::now_ms() - (a.cfg.dispatch_ttl_seconds as i64 + 5) * 1000;
-                if m.timestamp().to_millis().is_some_and(|t| t < fresh_after) {
-                    continue;
-                }
-                match wire::parse::<ControlMsg>(m.payload()) {
-                    Ok(c) if c.kind == "cancel" => a.cancel(RunKey {
-                        execution: ExecutionId(c.execution_id),
-                        attempt: Attempt(c.attempt),
-                    }),
-                    Ok(c) => dead_letter(
-                        &a.producer,
-                        &a.cfg,
-                        &a.id,
-                        &m,
-                        &format!("unknown control kind {:?}", c.kind),
-                    ),
-                    Err(why) => dead_letter(&a.producer, &a.cfg, &a.id, &m, &why),
-                }
+            match wire::parse::<ControlMsg>(m.payload()) {
+                Ok(c) if c.kind == "cancel" => a.cancel(RunKey {
+                    execution: ExecutionId(c.execution_id),
+                    attempt: Attempt(c.attempt),
+                }),
+                Ok(c) => dead_letter(
+                    &a.producer,
+                    &a.cfg,
+                    &a.id,
+                    &m,
+                    &format!("unknown control kind {:?}", c.kind),
+                ),
+                Err(why) => dead_letter(&a.producer, &a.cfg, &a.id, &m, &why),
             }
         }
     }

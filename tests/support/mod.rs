@@ -5,6 +5,26 @@
 pub mod kafka;
 pub mod server;
 
+/// A child process that is killed (SIGKILL) and reaped when dropped.
+pub struct Proc(pub std::process::Child);
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 

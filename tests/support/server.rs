@@ -152,6 +152,28 @@ impl Server {
         })
     }
 
+    /// Waits until at least `n` nodes of `GET /api/v1/nodes` match `pred`.
+    pub fn wait_nodes_where(&self, n: usize, pred: impl Fn(&Value) -> bool) {
+        let t0 = Instant::now();
+        loop {
+            let (_, v) = self.call("GET", "/api/v1/nodes", None);
+            let found = v["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|x| pred(x))
+                .count();
+            if found >= n {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "{n} such nodes never registered: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
@@ -89,6 +90,26 @@ impl ProducerContext for Logged {
         if let Err((e, m)) = r {
             log::warn!(target: LOG, "message to {} (key {:?}) not delivered: {e}", m.topic(),
                 m.key().map(String::from_utf8_lossy));
+        }
+    }
+}
+
+/// One message from `consumer` within `wait`. Errors (brokers away, a topic re-created...) are
+/// logged at most every 10 s as `what`: librdkafka reconnects by itself.
+pub fn poll(
+    consumer: &BaseConsumer,
+    wait: Duration,
+    what: &str,
+    last_error: &mut std::time::Instant,
+) -> Option<OwnedMessage> {
+    match consumer.poll(wait)? {
+        Ok(m) => Some(m.detach()),
+        Err(e) => {
+            if last_error.elapsed() > Duration::from_secs(10) {
+                log::warn!(target: LOG, "{what}: {e}");
+                *last_error = std::time::Instant::now();
+            }
+            None
         }
     }
 }

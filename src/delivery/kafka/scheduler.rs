@@ -14,7 +14,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 
 use super::wire::{self, EventBody, EventMsg};
-use super::{dead_letter, ensure_topics, existing_topics, send, Producer_, LOG};
+use super::{dead_letter, ensure_topics, existing_topics, poll, send, Producer_, LOG};
 use crate::config::KafkaConfig;
 use crate::delivery::{Delivery, Dispatch, Refused, ReportSink};
 use crate::model::{Attempt, ExecutionId};
@@ -118,17 +118,9 @@ impl KafkaDelivery {
             let mut batch: Vec<OwnedMessage> = Vec::new();
             let mut wait = Duration::from_millis(100);
             while batch.len() < 512 {
-                match consumer.poll(wait) {
+                match poll(consumer, wait, "events consumer", &mut last_error) {
+                    Some(m) => batch.push(m),
                     None => break,
-                    Some(Ok(m)) => batch.push(m.detach()),
-                    Some(Err(e)) => {
-                        // Broker down, topic re-created...: librdkafka reconnects by itself.
-                        if last_error.elapsed() > Duration::from_secs(10) {
-                            log::warn!(target: LOG, "events consumer: {e}");
-                            last_error = Instant::now();
-                        }
-                        break;
-                    }
                 }
                 wait = Duration::ZERO;
             }
