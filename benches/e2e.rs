@@ -155,8 +155,36 @@ fn run(store: Option<&str>, tasks: usize, conc: usize, kafka: Kafka) -> Run {
             );
         }
         target = json!({"path": "agent", "pool": "bench"});
-        // Let the agents join their group (a rebalance) before the clock starts.
-        std::thread::sleep(Duration::from_secs(6));
+    }
+    // Before the clock starts: every agent has joined its group (the rebalances are over)
+    // when each one has run some of a few rounds of warm-up tasks.
+    let mut warm = 0;
+    if let Some((_, n)) = kafka {
+        let mut conn = Conn::open(&url);
+        let mut nodes = std::collections::HashSet::new();
+        let t = Instant::now();
+        while nodes.len() < n && t.elapsed() < Duration::from_secs(60) {
+            let ids: Vec<i64> = (0..16)
+                .map(|i| {
+                    let body = json!({"name": format!("warm-{i}"), "program": {"kind": "shell", "code": "true"}, "target": target});
+                    conn.request("POST", "/api/v1/tasks", &body.to_string())["execution_id"]
+                        .as_i64()
+                        .expect("execution id")
+                })
+                .collect();
+            warm += ids.len();
+            for id in ids {
+                loop {
+                    let e = conn.request("GET", &format!("/api/v1/executions/{id}"), "");
+                    if e["status"] == "succeeded" {
+                        nodes.insert(e["node"].as_str().unwrap_or("").to_owned());
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
     let t0 = Instant::now();
     let submitters = 4;
@@ -182,7 +210,7 @@ fn run(store: Option<&str>, tasks: usize, conc: usize, kafka: Kafka) -> Run {
             .collect()
     });
     // Wait until every execution succeeded (watching the store's counts), then read them.
-    let n = ids.len();
+    let n = ids.len() + warm;
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(30))
         .build();
@@ -226,6 +254,9 @@ fn run(store: Option<&str>, tasks: usize, conc: usize, kafka: Kafka) -> Run {
             break;
         }
     }
+    // Only the measured burst (not the warm-up).
+    let measured: std::collections::HashSet<i64> = ids.iter().copied().collect();
+    rows.retain(|r| r["id"].as_i64().is_some_and(|id| measured.contains(&id)));
     // Latency without a queue: one task at a time, each waited for.
     let mut idle: Vec<i64> = Vec::new();
     let mut conn = Conn::open(&url);

@@ -199,24 +199,40 @@ impl Agent {
     }
 }
 
-/// Consumes the dispatch topic: takes messages while the pool has a free slot, pauses the
-/// assigned partitions while it is full.
+/// Consumes the dispatch topic: takes messages while the pool has a free slot. While the pool
+/// is full it stops polling, so fetched messages stay in librdkafka's bounded prefetch queue;
+/// when it stays full for over a second (long scripts) the assigned partitions are paused, so
+/// the consumer can keep polling (and stay in its group) without taking anything.
 fn dispatch_loop(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
+    const PAUSE_AFTER: Duration = Duration::from_secs(1);
     let cap = a.pool.max_concurrent();
+    let free = |a: &Agent| a.pool.in_flight() < cap;
     let mut waiting: VecDeque<OwnedMessage> = VecDeque::new();
     let mut paused = false;
+    let mut full_since: Option<Instant> = None;
     let mut last_error = Instant::now() - Duration::from_secs(60);
     let mut uncommitted: HashMap<(String, i32), i64> = HashMap::new();
     while !a.stopping() {
+        while free(a) {
+            let Some(m) = waiting.pop_front() else { break };
+            a.take(&m)?;
+            uncommitted.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
+        }
         if !uncommitted.is_empty() {
             commit(consumer, &mut uncommitted);
         }
-        let full = a.pool.in_flight() >= cap;
-        if full != paused {
+        let full = !free(a);
+        full_since = if full {
+            full_since.or(Some(Instant::now()))
+        } else {
+            None
+        };
+        let want_pause = full_since.is_some_and(|t| t.elapsed() >= PAUSE_AFTER);
+        if want_pause != paused {
             // After a rebalance new partitions are not paused: `paused` is reset below when a
-            // message arrives while full, so they are paused too.
+            // message still arrives, so they are paused too.
             let parts = consumer.assignment().unwrap_or_default();
-            let r = if full {
+            let r = if want_pause {
                 consumer.pause(&parts)
             } else {
                 consumer.resume(&parts)
@@ -224,47 +240,43 @@ fn dispatch_loop(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
             if let Err(e) = r {
                 log::debug!(target: LOG, "pause/resume: {e}");
             }
-            paused = full;
+            paused = want_pause;
         }
-        if !full {
-            if let Some(m) = waiting.pop_front() {
+        if full && !paused {
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        }
+        let mut wait = if full {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_millis(100)
+        };
+        while let Some(m) = poll(consumer, wait, "dispatch consumer", &mut last_error) {
+            if waiting.is_empty() && free(a) {
                 a.take(&m)?;
-                done(consumer, &m, &mut uncommitted);
-                continue;
-            }
-        }
-        if let Some(m) = poll(
-            consumer,
-            Duration::from_millis(100),
-            "dispatch consumer",
-            &mut last_error,
-        ) {
-            if full {
+                uncommitted.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
+                wait = Duration::ZERO;
+            } else {
                 waiting.push_back(m);
                 paused = false;
-            } else {
-                a.take(&m)?;
-                done(consumer, &m, &mut uncommitted);
+                break;
             }
         }
     }
     Ok(())
 }
 
-/// A dispatch was taken: commit its offset now, synchronously, so that a rebalance (e.g. this
-/// agent being killed) does not hand it to another agent that would run it again. A commit
-/// that fails (brokers away) is retried until one succeeds.
-fn done(consumer: &BaseConsumer, m: &OwnedMessage, uncommitted: &mut HashMap<(String, i32), i64>) {
-    uncommitted.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
-    commit(consumer, uncommitted);
-}
-
+/// Dispatches were taken: commit their offsets now (asynchronously: sent at once, without
+/// waiting for the coordinator's answer), so that a rebalance — e.g. this agent being killed —
+/// does not hand them to another agent that would run them again. A commit that cannot be
+/// sent (brokers away) is retried on the next pass; one the coordinator refuses is superseded
+/// by the next commit of that partition.
 fn commit(consumer: &BaseConsumer, uncommitted: &mut HashMap<(String, i32), i64>) {
     let mut tpl = TopicPartitionList::new();
     for ((t, p), o) in uncommitted.iter() {
         let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
     }
-    match consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync) {
+    match consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
         Ok(()) => uncommitted.clear(),
         Err(e) => log::debug!(target: LOG, "offset commit failed ({e}); retrying"),
     }
@@ -383,7 +395,9 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     } else {
         std::path::PathBuf::from(&cfg.agent.spool_dir)
     };
-    let spool = Spool::open(&spool_dir).map_err(|e| {
+    // A dispatch older than its TTL never runs: remembering an hour (or twice the TTL) is plenty.
+    let keep = Duration::from_secs((2 * k.dispatch_ttl_seconds).max(3_600));
+    let spool = Spool::open(&spool_dir, keep).map_err(|e| {
         format!(
             "cannot open the agent spool in {}: {e}",
             spool_dir.display()

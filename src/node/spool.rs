@@ -1,7 +1,8 @@
 //! The agent's spool: an append-only file of the attempts it took, so a dispatch delivered
 //! twice (a rebalance, a restart before the offset was committed) never runs twice. An
-//! attempt is written — and synced to disk — before its offset is stored; lines older than a
-//! week are dropped when the spool is opened.
+//! attempt is written — and synced to disk — before its offset is committed. Entries are kept
+//! for `keep` (longer than a dispatch can live: an older dispatch is expired and never run);
+//! the file is rewritten without the older ones when opened and every 10,000 records.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -10,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use crate::model::{Attempt, ExecutionId};
 
-const KEEP_MS: i64 = 7 * 86_400_000;
+/// Records between two compactions of the file.
+const COMPACT_EVERY: u32 = 10_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Taken {
@@ -22,10 +24,12 @@ pub struct Spool {
     path: PathBuf,
     file: File,
     seen: HashMap<(ExecutionId, Attempt), (Taken, i64)>,
+    keep_ms: i64,
+    since_compaction: u32,
 }
 
 impl Spool {
-    pub fn open(dir: &Path) -> std::io::Result<Spool> {
+    pub fn open(dir: &Path, keep: std::time::Duration) -> std::io::Result<Spool> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("taken.log");
         let mut seen = HashMap::new();
@@ -40,20 +44,34 @@ impl Spool {
                 }
             }
         }
-        let cutoff = crate::now_ms() - KEEP_MS;
-        seen.retain(|_, (_, at)| *at >= cutoff);
-        // Rewrite without the old lines, then append from there.
-        let tmp = dir.join("taken.log.new");
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut s = Spool {
+            path,
+            file,
+            seen,
+            keep_ms: keep.as_millis() as i64,
+            since_compaction: 0,
+        };
+        s.compact()?;
+        Ok(s)
+    }
+
+    /// Rewrites the file without the entries older than `keep`, then appends from there.
+    fn compact(&mut self) -> std::io::Result<()> {
+        let cutoff = crate::now_ms() - self.keep_ms;
+        self.seen.retain(|_, (_, at)| *at >= cutoff);
+        let tmp = self.path.with_extension("log.new");
         {
-            let mut f = File::create(&tmp)?;
-            for (k, (t, at)) in &seen {
+            let mut f = std::io::BufWriter::new(File::create(&tmp)?);
+            for (k, (t, at)) in &self.seen {
                 f.write_all(line(*k, *t, *at).as_bytes())?;
             }
-            f.sync_all()?;
+            f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         }
-        std::fs::rename(&tmp, &path)?;
-        let file = OpenOptions::new().append(true).open(&path)?;
-        Ok(Spool { path, file, seen })
+        std::fs::rename(&tmp, &self.path)?;
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.since_compaction = 0;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -79,6 +97,10 @@ impl Spool {
             self.file.sync_data()?;
         }
         self.seen.insert((id, attempt), (taken, at));
+        self.since_compaction += 1;
+        if self.since_compaction >= COMPACT_EVERY {
+            self.compact()?;
+        }
         Ok(())
     }
 }
@@ -113,7 +135,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("etask-spool-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         {
-            let mut s = Spool::open(&dir).unwrap();
+            let mut s = Spool::open(&dir, std::time::Duration::from_secs(3600)).unwrap();
             s.record(ExecutionId(1), Attempt(1), Taken::Started)
                 .unwrap();
             s.record(ExecutionId(1), Attempt(1), Taken::Finished)
@@ -127,11 +149,18 @@ mod tests {
             .unwrap()
             .write_all(b"S 9 1")
             .unwrap();
-        let s = Spool::open(&dir).unwrap();
+        let s = Spool::open(&dir, std::time::Duration::from_secs(3600)).unwrap();
         assert_eq!(s.get(ExecutionId(1), Attempt(1)), Some(Taken::Finished));
         assert_eq!(s.get(ExecutionId(2), Attempt(3)), Some(Taken::Started));
         assert_eq!(s.get(ExecutionId(2), Attempt(4)), None);
         assert_eq!(s.get(ExecutionId(9), Attempt(1)), None);
+        drop(s);
+        // Entries older than `keep` are dropped.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let s = Spool::open(&dir, std::time::Duration::from_millis(5)).unwrap();
+        assert_eq!(s.get(ExecutionId(2), Attempt(3)), None);
+        let text = std::fs::read_to_string(dir.join("taken.log")).unwrap();
+        assert!(text.is_empty(), "{text}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

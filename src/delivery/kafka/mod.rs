@@ -60,8 +60,11 @@ impl KafkaConfig {
             .set("heartbeat.interval.ms", "1000")
             .set("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string())
             .set("fetch.error.backoff.ms", "100")
-            // Bounded prefetch: paused agents hold little in memory.
-            .set("queued.max.messages.kbytes", "4096");
+            // Bounded prefetch: paused agents hold little in memory. With a small prefetch
+            // queue the default 1 s back-off after it filled would stall the pipeline.
+            .set("queued.max.messages.kbytes", "4096")
+            .set("queued.min.messages", "1000")
+            .set("fetch.queue.backoff.ms", "10");
         c
     }
 
