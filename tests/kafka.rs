@@ -468,3 +468,47 @@ fn expired_dispatch_is_not_started_and_dispatched_anew() {
         a.log()
     );
 }
+
+#[test]
+fn missing_topics_are_created_or_named_in_a_clear_start_error() {
+    let dir = support::temp_dir("kafka-topics");
+    let broker = Broker::start("topics");
+    // Not allowed to create: the scheduler refuses to start and names what is missing.
+    let cfg = dir.join("strict.toml");
+    std::fs::write(&cfg, "[kafka]\ncreate_topics = false\npools = [\"nope\"]\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["server", "--mode", "scheduler", "--listen", "127.0.0.1:0"])
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--kafka",
+            &broker.addr,
+            "--config",
+        ])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(dir.join("strict"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("etask.dispatch.nope") && err.contains("create_topics"),
+        "{err}"
+    );
+
+    // Allowed (the default): created at start through the admin API.
+    let s = scheduler(&dir, &broker, "pools = [\"fresh\"]\n");
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .create()
+        .unwrap();
+    let md = c.fetch_metadata(None, Duration::from_secs(5)).unwrap();
+    assert!(
+        md.topics()
+            .iter()
+            .any(|t| t.name() == "etask.dispatch.fresh"),
+        "{}",
+        s.log()
+    );
+}
