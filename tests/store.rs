@@ -493,3 +493,62 @@ fn work_no_node_took_fails_after_the_wait() {
         );
     }
 }
+
+#[test]
+fn unstarted_dispatches_are_requeued_under_the_next_attempt() {
+    for s in backends("requeue") {
+        let mut t = once("a", None);
+        t.path = "agent".into();
+        let c = s.create_task(&t, 1_000).unwrap();
+        let e = c.execution_id.unwrap();
+        // Claimed under the placeholder node at 1_000; nothing started it.
+        assert_eq!(s.claim_due(1_000, 10, "agent", "agent").unwrap().len(), 1);
+        assert!(s.unstarted("agent", "agent", 1_000, 10).unwrap().is_empty());
+        assert_eq!(
+            s.unstarted("agent", "agent", 5_000, 10).unwrap(),
+            vec![(e, Attempt(1))],
+            "{}",
+            s.describe()
+        );
+        assert!(s.requeue(e, Attempt(1), "expired", 6_000).unwrap());
+        assert!(
+            !s.requeue(e, Attempt(1), "expired", 6_000).unwrap(),
+            "only once"
+        );
+        let row = s.get_execution(e).unwrap().unwrap();
+        assert_eq!((row.status, row.attempt), (Status::Pending, Attempt(2)));
+        assert_eq!(row.due_at, 1_000, "due time kept");
+        assert_eq!(row.attempts[0].status, Status::Lost);
+        assert_eq!(row.attempts[0].error.as_deref(), Some("expired"));
+        // The old attempt's late reports are stale; the new one runs on the agent that starts it.
+        let claimed = s.claim_due(7_000, 10, "agent", "agent").unwrap();
+        assert_eq!(claimed[0].attempt, Attempt(2));
+        let fin = Finish {
+            status: Some(Status::Succeeded),
+            ..Finish::default()
+        };
+        assert_eq!(finish1(s.as_ref(), e, Attempt(1), &fin, 7_100), None);
+        assert_eq!(
+            s.mark_running(&[(e, Attempt(2))], Some("agent-7"), 7_200)
+                .unwrap(),
+            1
+        );
+        // Listed by its agent's heartbeat: alive until the date given.
+        assert_eq!(
+            s.heartbeat_runs(&[(e, Attempt(2)), (e, Attempt(1))], 99_000)
+                .unwrap(),
+            1
+        );
+        assert!(s.silent(50_000, 50_000, 10).unwrap().is_empty());
+        let row = s.get_execution(e).unwrap().unwrap();
+        assert_eq!(
+            (row.status, row.node.as_deref()),
+            (Status::Running, Some("agent-7"))
+        );
+        assert!(
+            s.requeue(e, Attempt(2), "x", 8_000)
+                .is_ok_and(|moved| !moved),
+            "a started attempt stays"
+        );
+    }
+}

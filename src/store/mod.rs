@@ -418,8 +418,9 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<(ExecutionId, Attempt)>>;
     /// An attempt that was dispatched but never started (its dispatch expired or was lost in
     /// transit) is recorded as `lost` with `error`, and the execution goes back to `pending`
-    /// under the next attempt number, due now: the old dispatch can never run, the new one
-    /// is fenced from it. False when the attempt is no longer the dispatched one.
+    /// under the next attempt number (its due time unchanged, so at once and ahead of newer
+    /// work): the old dispatch can never run, the new one is fenced from it. False when the
+    /// attempt is no longer the dispatched one.
     fn requeue(&self, id: ExecutionId, attempt: Attempt, error: &str, now: i64) -> Result<bool>;
     /// Ends attempts, in one transaction; for each, the new status, or `None` when the report
     /// is stale (older attempt, or the execution already final).
@@ -1008,8 +1009,8 @@ impl Store for SqlStore {
             let Some(r) = rows.first() else { return Ok(false) };
             let n = c.exec(
                 "UPDATE executions SET status = 'pending', attempt = attempt + 1, node = NULL, heartbeat_at = NULL, \
-                 due_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
-                &[now.into(), now.into(), id.0.into(), i64::from(attempt.0).into()],
+                 updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
+                &[now.into(), id.0.into(), i64::from(attempt.0).into()],
             )?;
             if n != 1 {
                 return Ok(false);
