@@ -90,6 +90,9 @@ pub struct AgentConfig {
     pub heartbeat_ms: u64,
     /// Where the agent records the dispatches it took; empty = <data_dir>/agent-spool.
     pub spool_dir: String,
+    /// On SIGTERM: how long running scripts may go on to finish (and be reported) before the
+    /// agent exits and they are killed (the scheduler then retries them).
+    pub drain_seconds: u64,
 }
 
 impl Default for AgentConfig {
@@ -99,6 +102,7 @@ impl Default for AgentConfig {
             node_id: String::new(),
             heartbeat_ms: 1_000,
             spool_dir: String::new(),
+            drain_seconds: 30,
         }
     }
 }
@@ -445,6 +449,9 @@ heartbeat_ms = 1000
 # The dispatches this agent took (so a redelivered one never runs twice); empty =
 # <data_dir>/agent-spool.
 spool_dir = ""
+# On SIGTERM the agent takes no more work and lets running scripts finish (and be reported)
+# for up to this long; then it exits and what still runs is killed and retried.
+drain_seconds = 30
 
 [tls]
 # gRPC over TLS (rustls). cert + key: this process serves TLS. ca: the CA peers' certificates

@@ -512,3 +512,40 @@ fn missing_topics_are_created_or_named_in_a_clear_start_error() {
         s.log()
     );
 }
+
+#[test]
+fn sigterm_drains_the_agent_running_work_is_reported_not_lost() {
+    let dir = support::temp_dir("kafka-drain");
+    let broker = Broker::start("drain");
+    let s = scheduler(&dir, &broker, "");
+    let mut a = Agent::start(&dir, "drain-1", "p8", &broker.addr, &[]);
+    let (_, e) = s.submit(agent_task(
+        "slow",
+        "p8",
+        "sleep 2; echo '{\"done\":true}' >&3",
+    ));
+    s.wait_for(e, Duration::from_secs(30), |v| v["status"] == "running");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(a.child.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = a.child.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "agent did not exit\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}\n{}", a.log());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1_000),
+        "it waited for the script"
+    );
+    let v = s.wait_final(e, Duration::from_secs(10));
+    assert_eq!(v["status"], "succeeded", "{v}\n{}", a.log());
+    assert_eq!(v["result"], json!({"done": true}));
+    a.kill9();
+}

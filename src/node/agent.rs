@@ -40,10 +40,17 @@ struct Agent {
     /// Cancels of attempts this agent has not seen yet: a later dispatch of them is not run.
     tombstones: Mutex<HashMap<RunKey, Instant>>,
     spool: Mutex<Spool>,
+    /// Set on SIGTERM: take no more dispatches (running ones finish and are reported).
+    draining: AtomicBool,
+    /// Set when everything ends.
     stop: AtomicBool,
 }
 
 impl Agent {
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst) || self.stopping()
+    }
+
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
@@ -212,7 +219,7 @@ fn dispatch_loop(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
     let mut full_since: Option<Instant> = None;
     let mut last_error = Instant::now() - Duration::from_secs(60);
     let mut uncommitted: HashMap<(String, i32), i64> = HashMap::new();
-    while !a.stopping() {
+    while !a.draining() {
         while free(a) {
             let Some(m) = waiting.pop_front() else { break };
             a.take(&m)?;
@@ -448,6 +455,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         held: Mutex::new(HashSet::new()),
         tombstones: Mutex::new(HashMap::new()),
         spool: Mutex::new(spool),
+        draining: AtomicBool::new(false),
         stop: AtomicBool::new(false),
     });
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -519,11 +527,28 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         }
         recv(failed_rx) -> e => Err(e.unwrap_or_default()),
     };
+    // Drain: leave the group at once (the pool's other agents take the partitions), let what
+    // runs finish and be reported — heartbeats and cancels go on meanwhile — up to
+    // agent.drain_seconds; a second signal stops at once.
+    agent.draining.store(true, Ordering::SeqCst);
+    let _ = dispatch.join();
+    let deadline = Instant::now() + Duration::from_secs(cfg.agent.drain_seconds);
+    while result.is_ok() && agent.pool.in_flight() > 0 && Instant::now() < deadline {
+        if stop.recv_timeout(Duration::from_millis(100)).is_ok() {
+            break;
+        }
+    }
+    let left = agent.pool.in_flight();
+    if left > 0 {
+        log::warn!(target: LOG, "stopping with {left} runs still running: they are killed, and the scheduler retries them");
+    } else {
+        // The last outcomes are in the channel or the producer: let them out.
+        std::thread::sleep(Duration::from_millis(200));
+    }
     agent.stop.store(true, Ordering::SeqCst);
     if let Some(r) = registration {
         r.stop();
     }
-    let _ = dispatch.join();
     let _ = ctl.join();
     let _ = events.join();
     use rdkafka::producer::Producer;
