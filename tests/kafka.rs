@@ -549,3 +549,29 @@ fn sigterm_drains_the_agent_running_work_is_reported_not_lost() {
     assert_eq!(v["result"], json!({"done": true}));
     a.kill9();
 }
+
+#[test]
+fn a_dispatch_cancelled_before_any_agent_read_it_never_runs() {
+    let dir = support::temp_dir("kafka-precancel");
+    let broker = Broker::start("precancel");
+    let s = scheduler(&dir, &broker, "");
+    let marks = dir.join("ran");
+    let (_, e) = s.submit(agent_task(
+        "never",
+        "p9",
+        &format!("touch {}", marks.display()),
+    ));
+    s.wait_for(e, Duration::from_secs(10), |v| v["status"] == "dispatched");
+    let (code, v) = s.call("POST", &format!("/api/v1/executions/{e}/cancel"), None);
+    assert_eq!(code, 200, "{v}");
+    // The agent starts later: it reads the cancel from the control topic, then the dispatch.
+    let a = Agent::start(&dir, "precancel-1", "p9", &broker.addr, &[]);
+    let t0 = Instant::now();
+    while !a.log().contains("was cancelled before it arrived") {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", a.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!marks.exists(), "a cancelled dispatch ran");
+    assert_eq!(s.execution(e)["status"], "cancelled");
+}

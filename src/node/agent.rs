@@ -128,18 +128,6 @@ impl Agent {
             log::info!(target: LOG, "execution={} attempt={} delivered again ({t:?} here before): not run twice", key.execution, key.attempt);
             return Ok(());
         }
-        let cancelled = self
-            .tombstones
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key)
-            .is_some();
-        if cancelled {
-            log::info!(target: LOG, "execution={} attempt={} was cancelled before it arrived", key.execution, key.attempt);
-            return spool
-                .record(key.execution, key.attempt, Taken::Finished)
-                .map_err(|e| format!("spool {}: {e}", spool.path().display()));
-        }
         let now = crate::now_ms();
         if d.expires_at < now {
             spool
@@ -160,11 +148,26 @@ impl Agent {
         spool
             .record(key.execution, key.attempt, Taken::Started)
             .map_err(|e| format!("spool {}: {e}", spool.path().display()))?;
-        drop(spool);
         self.held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key);
+        let cancelled = self
+            .tombstones
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&key);
+        if cancelled {
+            log::info!(target: LOG, "execution={} attempt={} was cancelled before it arrived", key.execution, key.attempt);
+            self.held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            return spool
+                .record(key.execution, key.attempt, Taken::Finished)
+                .map_err(|e| format!("spool {}: {e}", spool.path().display()));
+        }
+        drop(spool);
         log::info!(target: LOG, "execution={} attempt={} taken", key.execution, key.attempt);
         match self
             .pool
@@ -188,7 +191,16 @@ impl Agent {
         Ok(())
     }
 
+    /// A cancel: a tombstone first (so a dispatch not taken yet is refused), then the run if it
+    /// is held. `take` does the opposite order (held, then the tombstone check), so a cancel
+    /// racing with the take is seen by one of the two.
     fn cancel(&self, key: RunKey) {
+        {
+            let ttl = Duration::from_secs(self.cfg.dispatch_ttl_seconds + 5);
+            let mut t = self.tombstones.lock().unwrap_or_else(|p| p.into_inner());
+            t.retain(|_, at| at.elapsed() < ttl);
+            t.insert(key, Instant::now());
+        }
         let held = self
             .held
             .lock()
@@ -197,11 +209,6 @@ impl Agent {
         if held {
             log::info!(target: LOG, "execution={} attempt={} cancel", key.execution, key.attempt);
             self.pool.cancel(key);
-        } else {
-            let ttl = Duration::from_secs(self.cfg.dispatch_ttl_seconds + 5);
-            let mut t = self.tombstones.lock().unwrap_or_else(|p| p.into_inner());
-            t.retain(|_, at| at.elapsed() < ttl);
-            t.insert(key, Instant::now());
         }
     }
 }

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Topics the tests use: the standard three, and dispatch topics of these pools.
-pub const POOLS: &[&str] = &["default", "p2", "p3", "p4", "p5", "p6", "p7", "p8"];
+pub const POOLS: &[&str] = &["default", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9"];
 
 pub fn tansu_bin() -> PathBuf {
     let p = std::env::var("ETASK_TANSU")
