@@ -87,7 +87,11 @@ fn claim_is_exclusive_and_attempts_fence_reports() {
             s.claim_due(1_000, 10, "n2", "local").unwrap().is_empty(),
             "claimed once only"
         );
-        assert!(s.mark_running(&[(e, Attempt(1))], None, 1_100).unwrap() == 1);
+        assert!(
+            s.mark_running(&[(e, Attempt(1))], None, 1_100, 1_100)
+                .unwrap()
+                == 1
+        );
         // Attempt 1 fails with a retry allowed.
         let fin = Finish {
             status: Some(Status::Failed),
@@ -328,6 +332,7 @@ fn one_batch_finishes_several_attempts_and_skips_stale_ones() {
             s.mark_running(
                 &[(a, Attempt(1)), (b, Attempt(1)), (b, Attempt(7))],
                 None,
+                1_001,
                 1_001
             )
             .unwrap(),
@@ -529,7 +534,7 @@ fn unstarted_dispatches_are_requeued_under_the_next_attempt() {
         };
         assert_eq!(finish1(s.as_ref(), e, Attempt(1), &fin, 7_100), None);
         assert_eq!(
-            s.mark_running(&[(e, Attempt(2))], Some("agent-7"), 7_200)
+            s.mark_running(&[(e, Attempt(2))], Some("agent-7"), 7_200, 7_200)
                 .unwrap(),
             1
         );

@@ -86,7 +86,7 @@ pub trait PullSource: Send + Sync {
 pub trait ReportSink: Send + Sync {
     /// Applies reports of `node` (it started, logged, finished attempts). Err = not all of
     /// it is stored yet; applying the same reports again is harmless.
-    fn apply(&self, node: &str, events: Vec<RunEvent>) -> Result<(), String>;
+    fn apply(&self, node: &str, events: &[RunEvent]) -> Result<(), String>;
     /// `node` still runs these attempts.
     fn alive(&self, node: &str, running: &[(ExecutionId, Attempt)]);
     /// `node` did not start this attempt (e.g. its dispatch had expired): dispatch it anew.

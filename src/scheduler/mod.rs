@@ -483,10 +483,15 @@ impl Core {
 
 impl Core {
     /// Node reports → store. Whatever arrived together is written together: all `Started` of
-    /// the batch in one transaction (recorded under `node` when given), all log chunks in one,
-    /// all outcomes in one.
+    /// the batch in one transaction (recorded under `node` when given, heartbeat dated
+    /// `silence_allowance` ms ahead), all log chunks in one, all outcomes in one.
     /// An error means some of it may not be stored (reapplying is harmless).
-    fn apply_events(&self, node: Option<&str>, batch: &[RunEvent]) -> Result<(), String> {
+    fn apply_events(
+        &self,
+        node: Option<&str>,
+        silence_allowance: i64,
+        batch: &[RunEvent],
+    ) -> Result<(), String> {
         let now = now_ms();
         let mut failed = None;
         let mut started = Vec::new();
@@ -515,7 +520,10 @@ impl Core {
             kick(&self.kick_dispatch);
         }
         if !started.is_empty() {
-            if let Err(e) = self.store.mark_running(&started, node, now) {
+            if let Err(e) = self
+                .store
+                .mark_running(&started, node, now, now + silence_allowance)
+            {
                 log::error!(target: LOG, "cannot mark {} executions running: {e}", started.len());
                 failed = Some(e.to_string());
             }
@@ -573,34 +581,28 @@ impl Core {
             }
         }
     }
+
+    /// Agents are heard through Kafka, which may pause for a broker failover: their runs get
+    /// `kafka.agent_silent_after_ms` instead of the scheduler's silence period, by dating
+    /// their heartbeats forward by the difference.
+    fn agent_silence_allowance(&self) -> i64 {
+        self.cfg
+            .kafka
+            .agent_silent_after_ms
+            .saturating_sub(self.cfg.scheduler.node_silent_after_ms) as i64
+    }
 }
 
 impl crate::delivery::ReportSink for Core {
-    fn apply(&self, node: &str, events: Vec<RunEvent>) -> Result<(), String> {
-        self.apply_events(Some(node), &events)?;
+    fn apply(&self, node: &str, events: &[RunEvent]) -> Result<(), String> {
         // A run just started gets the agents' silence allowance at once, not only from the
         // agent's next heartbeat.
-        let started: Vec<(ExecutionId, Attempt)> = events
-            .iter()
-            .filter(|e| matches!(e, RunEvent::Started { .. }))
-            .map(|e| (e.key().execution, e.key().attempt))
-            .collect();
-        if !started.is_empty() {
-            self.alive(node, &started);
-        }
-        Ok(())
+        self.apply_events(Some(node), self.agent_silence_allowance(), events)
     }
 
     fn alive(&self, node: &str, running: &[(ExecutionId, Attempt)]) {
-        // Agents are heard through Kafka, which may pause for a broker failover: their runs
-        // get `kafka.agent_silent_after_ms` instead of the scheduler's silence period, by
-        // dating the heartbeat forward by the difference.
-        let extra = self
-            .cfg
-            .kafka
-            .agent_silent_after_ms
-            .saturating_sub(self.cfg.scheduler.node_silent_after_ms) as i64;
-        if let Err(e) = self.store.heartbeat_runs(running, now_ms() + extra) {
+        let at = now_ms() + self.agent_silence_allowance();
+        if let Err(e) = self.store.heartbeat_runs(running, at) {
             log::warn!(target: LOG, "node={node} heartbeat not recorded: {e}");
         }
     }
@@ -859,7 +861,7 @@ fn ingest(core: &Core, reports: &Receiver<RunEvent>) {
         }
         // Errors are logged where they happen; a gRPC executor's reports were acknowledged
         // when queued here.
-        let _ = core.apply_events(None, &batch);
+        let _ = core.apply_events(None, 0, &batch);
         batch.clear();
     }
 }

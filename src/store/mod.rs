@@ -394,13 +394,15 @@ pub trait Store: Send + Sync {
     fn set_node(&self, id: ExecutionId, attempt: Attempt, node: &str) -> Result<()>;
     /// Puts a claimed execution back (the node refused it).
     fn unclaim(&self, id: ExecutionId, attempt: Attempt, now: i64) -> Result<bool>;
-    /// Marks dispatched attempts as running (on `node` when given: paths where the node that
-    /// took the work is known only when it starts it); returns how many moved.
+    /// Marks dispatched attempts as running at `now` (on `node` when given: paths where the
+    /// node that took the work is known only when it starts it), their heartbeat dated
+    /// `heartbeat_at`; returns how many moved.
     fn mark_running(
         &self,
         items: &[(ExecutionId, Attempt)],
         node: Option<&str>,
         now: i64,
+        heartbeat_at: i64,
     ) -> Result<u64>;
     /// Records that `node` is still alive for everything it holds.
     fn heartbeat(&self, node: &str, now: i64) -> Result<u64>;
@@ -949,6 +951,7 @@ impl Store for SqlStore {
         items: &[(ExecutionId, Attempt)],
         node: Option<&str>,
         now: i64,
+        heartbeat_at: i64,
     ) -> Result<u64> {
         self.tx(|c| {
             let mut n = 0;
@@ -956,7 +959,7 @@ impl Store for SqlStore {
                 n += c.exec(
                     "UPDATE executions SET status = 'running', node = COALESCE(?, node), started_at = COALESCE(started_at, ?), \
                      heartbeat_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
-                    &[node.into(), now.into(), now.into(), now.into(), id.0.into(), i64::from(attempt.0).into()],
+                    &[node.into(), now.into(), heartbeat_at.into(), now.into(), id.0.into(), i64::from(attempt.0).into()],
                 )?;
             }
             Ok(n)

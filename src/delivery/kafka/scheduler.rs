@@ -170,7 +170,7 @@ impl KafkaDelivery {
         for (agent, events) in reports {
             // The offsets are stored only after this: keep trying while the store is away.
             let mut backoff = Duration::from_millis(200);
-            while let Err(e) = sink.apply(&agent, events.clone()) {
+            while let Err(e) = sink.apply(&agent, &events) {
                 if self.stop.load(Ordering::SeqCst) {
                     return false;
                 }
