@@ -14,6 +14,12 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
+
+/// "<hostname>-<pid>": what names this process to brokers, registries and logs by default.
+pub fn host_pid() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
 pub mod client;
 pub mod config;
 pub mod delivery;

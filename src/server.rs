@@ -39,11 +39,9 @@ impl std::str::FromStr for Mode {
 /// A unique id for this process's built-in node: executions it held before a crash are then
 /// recognised as silent (and recovered) rather than mistaken for live ones after a restart.
 fn node_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     format!(
-        "local-{}-{}-{:06x}",
-        host.trim(),
-        std::process::id(),
+        "local-{}-{:06x}",
+        crate::host_pid(),
         fastrand::u32(..0xff_ffff)
     )
 }

@@ -47,6 +47,11 @@ struct Agent {
 }
 
 impl Agent {
+    /// Attempts taken and not finished yet.
+    fn held(&self) -> std::sync::MutexGuard<'_, HashSet<RunKey>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst) || self.stopping()
     }
@@ -81,9 +86,7 @@ impl Agent {
 
     fn heartbeat(&self) {
         let running: Vec<(i64, u32)> = self
-            .held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .held()
             .iter()
             .map(|k| (k.execution.0, k.attempt.0))
             .collect();
@@ -130,9 +133,7 @@ impl Agent {
         }
         let now = crate::now_ms();
         if d.expires_at < now {
-            spool
-                .record(key.execution, key.attempt, Taken::Finished)
-                .map_err(|e| format!("spool {}: {e}", spool.path().display()))?;
+            spool.record(key.execution, key.attempt, Taken::Finished)?;
             drop(spool);
             self.not_started(
                 key,
@@ -145,13 +146,8 @@ impl Agent {
             );
             return Ok(());
         }
-        spool
-            .record(key.execution, key.attempt, Taken::Started)
-            .map_err(|e| format!("spool {}: {e}", spool.path().display()))?;
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key);
+        spool.record(key.execution, key.attempt, Taken::Started)?;
+        self.held().insert(key);
         let cancelled = self
             .tombstones
             .lock()
@@ -159,13 +155,8 @@ impl Agent {
             .contains_key(&key);
         if cancelled {
             log::info!(target: LOG, "execution={} attempt={} was cancelled before it arrived", key.execution, key.attempt);
-            self.held
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
-            return spool
-                .record(key.execution, key.attempt, Taken::Finished)
-                .map_err(|e| format!("spool {}: {e}", spool.path().display()));
+            self.held().remove(&key);
+            return spool.record(key.execution, key.attempt, Taken::Finished);
         }
         drop(spool);
         log::info!(target: LOG, "execution={} attempt={} taken", key.execution, key.attempt);
@@ -181,10 +172,7 @@ impl Agent {
                 let _ = self.events.send(RunEvent::Finished { key, outcome });
             }
             Err(e) => {
-                self.held
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key);
+                self.held().remove(&key);
                 self.not_started(key, e.to_string());
             }
         }
@@ -201,11 +189,7 @@ impl Agent {
             t.retain(|_, at| at.elapsed() < ttl);
             t.insert(key, Instant::now());
         }
-        let held = self
-            .held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&key);
+        let held = self.held().contains(&key);
         if held {
             log::info!(target: LOG, "execution={} attempt={} cancel", key.execution, key.attempt);
             self.pool.cancel(key);
@@ -229,8 +213,7 @@ fn dispatch_loop(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
     while !a.draining() {
         while free(a) {
             let Some(m) = waiting.pop_front() else { break };
-            a.take(&m)?;
-            uncommitted.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
+            take(a, &m, &mut uncommitted)?;
         }
         if !uncommitted.is_empty() {
             commit(consumer, &mut uncommitted);
@@ -267,8 +250,7 @@ fn dispatch_loop(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
         };
         while let Some(m) = poll(consumer, wait, "dispatch consumer", &mut last_error) {
             if waiting.is_empty() && free(a) {
-                a.take(&m)?;
-                uncommitted.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
+                take(a, &m, &mut uncommitted)?;
                 wait = Duration::ZERO;
             } else {
                 waiting.push_back(m);
@@ -277,6 +259,17 @@ fn dispatch_loop(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
             }
         }
     }
+    Ok(())
+}
+
+/// Takes one dispatch and notes its offset for the next commit.
+fn take(
+    a: &Agent,
+    m: &OwnedMessage,
+    uncommitted: &mut HashMap<(String, i32), i64>,
+) -> Result<(), String> {
+    a.take(m)?;
+    uncommitted.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
     Ok(())
 }
 
@@ -310,10 +303,10 @@ fn events_loop(a: &Agent, rx: &Receiver<RunEvent>, every: Duration) {
                 a.publish_event(&ev);
                 if let RunEvent::Finished { key, outcome } = &ev {
                     log::info!(target: LOG, "execution={} attempt={} {}", key.execution, key.attempt, outcome.status());
-                    a.held.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+                    a.held().remove(key);
                     let mut s = a.spool.lock().unwrap_or_else(|p| p.into_inner());
                     if let Err(e) = s.record(key.execution, key.attempt, Taken::Finished) {
-                        log::warn!(target: LOG, "spool: {e}");
+                        log::warn!(target: LOG, "{e}");
                     }
                 }
             }
@@ -399,8 +392,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     }
     let pool_name = cfg.agent.pool.clone();
     let id = if cfg.agent.node_id.is_empty() {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
+        crate::host_pid()
     } else {
         cfg.agent.node_id.clone()
     };

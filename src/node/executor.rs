@@ -121,8 +121,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         );
     }
     let node_id = if ex.node_id.is_empty() {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
+        crate::host_pid()
     } else {
         ex.node_id.clone()
     };

@@ -74,22 +74,24 @@ impl Spool {
         Ok(())
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// What this agent already did with an attempt.
     pub fn get(&self, id: ExecutionId, attempt: Attempt) -> Option<Taken> {
         self.seen.get(&(id, attempt)).map(|(t, _)| *t)
     }
 
-    /// Records an attempt as taken, durably (fdatasync) when `Started`.
+    /// Records an attempt as taken, durably (fdatasync) when `Started`. The error names the
+    /// spool file.
     pub fn record(
         &mut self,
         id: ExecutionId,
         attempt: Attempt,
         taken: Taken,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), String> {
+        self.append(id, attempt, taken)
+            .map_err(|e| format!("spool {}: {e}", self.path.display()))
+    }
+
+    fn append(&mut self, id: ExecutionId, attempt: Attempt, taken: Taken) -> std::io::Result<()> {
         let at = crate::now_ms();
         self.file
             .write_all(line((id, attempt), taken, at).as_bytes())?;

@@ -42,8 +42,7 @@ impl KafkaDelivery {
     /// Connects, checks (or creates) the topics and starts consuming events; reports are held
     /// until `attach` names where they go.
     pub fn start(cfg: &KafkaConfig) -> Result<Arc<KafkaDelivery>, String> {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let id = format!("etask-scheduler-{}-{}", host.trim(), std::process::id());
+        let id = format!("etask-scheduler-{}", crate::host_pid());
         let producer = cfg.producer(&id, Duration::from_secs(cfg.dispatch_ttl_seconds))?;
         let mut topics = vec![
             cfg.events_topic.clone(),
