@@ -568,20 +568,10 @@ fn sigterm_stops_the_server_cleanly_and_its_script() {
     let dir = support::temp_dir("e2e-term");
     let mut s = Server::start(&dir, &[], "");
     let (_, script) = start_long_script(&s, &dir);
-    // SAFETY: sending SIGTERM to the server we started.
-    unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "server still running 15 s after SIGTERM\n{}",
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let log_dir = s.dir.clone();
+    let status = support::sigterm_and_wait(&mut s.child, Duration::from_secs(15), || {
+        std::fs::read_to_string(log_dir.join("server.log")).unwrap_or_default()
+    });
     assert!(status.success(), "exit status {status:?}\n{}", s.log());
     assert!(!pid_alive(script), "the script outlived its server");
     assert!(s.log().contains("signal 15: stopping"));

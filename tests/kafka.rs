@@ -525,20 +525,11 @@ fn sigterm_drains_the_agent_running_work_is_reported_not_lost() {
         "sleep 2; echo '{\"done\":true}' >&3",
     ));
     s.wait_for(e, Duration::from_secs(30), |v| v["status"] == "running");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(a.child.id() as i32, libc::SIGTERM) };
     let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = a.child.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "agent did not exit\n{}",
-            a.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let log = dir.join("drain-1.log");
+    let status = support::sigterm_and_wait(&mut a.child.0, Duration::from_secs(20), || {
+        std::fs::read_to_string(&log).unwrap_or_default()
+    });
     assert!(status.success(), "{status:?}\n{}", a.log());
     assert!(
         t0.elapsed() >= Duration::from_millis(1_000),

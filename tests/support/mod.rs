@@ -5,6 +5,29 @@
 pub mod kafka;
 pub mod server;
 
+/// Sends SIGTERM to `child` and waits for it to exit, at most `within` (then panics with
+/// `log()`).
+pub fn sigterm_and_wait(
+    child: &mut std::process::Child,
+    within: std::time::Duration,
+    log: impl Fn() -> String,
+) -> std::process::ExitStatus {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "still running {within:?} after SIGTERM\n{}",
+            log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// A child process that is killed (SIGKILL) and reaped when dropped.
 pub struct Proc(pub std::process::Child);
 
