@@ -54,7 +54,8 @@ pub struct KafkaConfig {
     /// requests to the brokers.
     pub fetch_wait_max_ms: u64,
     pub linger_ms: u64,
-    /// Extra librdkafka properties for every client (e.g. "api.version.request").
+    /// Extra librdkafka properties for every client (e.g. "api.version.request"); they win
+    /// over the settings ETask chooses.
     pub client_options: std::collections::BTreeMap<String, String>,
 }
 
@@ -436,7 +437,8 @@ fetch_wait_max_ms = 5
 linger_ms = 1
 
 [kafka.client_options]
-# Extra librdkafka properties for every Kafka client of this process, as "name" = "value".
+# Extra librdkafka properties for every Kafka client of this process, as "name" = "value";
+# they win over the settings ETask chooses.
 
 [agent]
 # --mode agent: consumes <dispatch_topic_prefix><pool>, runs the scripts in its process pool

@@ -435,12 +435,8 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     consumer
         .subscribe(&[&topic])
         .map_err(|e| format!("cannot subscribe to {topic}: {e}"))?;
-    let mut control_cfg = k.client(&id);
-    control_cfg
-        .set("group.id", format!("etask.control.{id}"))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "100");
-    let control: BaseConsumer = control_cfg
+    let control: BaseConsumer = k
+        .control_consumer(&id)
         .create()
         .map_err(|e| format!("kafka control consumer: {e}"))?;
     let (events_tx, events_rx) = crossbeam_channel::unbounded();

@@ -31,7 +31,7 @@ impl KafkaConfig {
     }
 
     /// Settings shared by every client: brokers, and reconnects that keep trying.
-    pub fn client(&self, client_id: &str) -> ClientConfig {
+    fn base(&self, client_id: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("client.id", client_id)
@@ -39,17 +39,36 @@ impl KafkaConfig {
             .set("reconnect.backoff.max.ms", "2000")
             .set("topic.metadata.refresh.interval.ms", "10000")
             .set("log_level", "4");
+        c
+    }
+
+    /// The operator's `kafka.client_options`, applied last so they win over ETask's choices.
+    fn with_options(&self, mut c: ClientConfig) -> ClientConfig {
         for (k, v) in &self.client_options {
             c.set(k, v);
         }
         c
     }
 
+    /// A plain client (admin).
+    pub fn client(&self, client_id: &str) -> ClientConfig {
+        self.with_options(self.base(client_id))
+    }
+
+    /// A consumer of the control topic: partitions assigned by hand, nothing committed.
+    pub fn control_consumer(&self, client_id: &str) -> ClientConfig {
+        let mut c = self.base(client_id);
+        c.set("group.id", format!("etask.control.{client_id}"))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "100");
+        self.with_options(c)
+    }
+
     /// A consumer that stores offsets only when told (`store_offset`) and commits what was
     /// stored every 500 ms (or, with `auto_commit` false, only when told): at-least-once, the
     /// commit never runs ahead of the work.
     pub fn consumer(&self, client_id: &str, group: &str, auto_commit: bool) -> ClientConfig {
-        let mut c = self.client(client_id);
+        let mut c = self.base(client_id);
         c.set("group.id", group)
             .set("enable.auto.commit", auto_commit.to_string())
             .set("auto.commit.interval.ms", "500")
@@ -65,17 +84,18 @@ impl KafkaConfig {
             .set("queued.max.messages.kbytes", "4096")
             .set("queued.min.messages", "1000")
             .set("fetch.queue.backoff.ms", "10");
-        c
+        self.with_options(c)
     }
 
     /// A producer; `timeout` = how long a message may wait for the brokers before it is given
     /// up (0 = never).
     pub fn producer(&self, client_id: &str, timeout: Duration) -> Result<Producer_, String> {
-        let mut c = self.client(client_id);
+        let mut c = self.base(client_id);
         c.set("linger.ms", self.linger_ms.to_string())
             .set("acks", "all")
             .set("message.timeout.ms", timeout.as_millis().to_string());
-        c.create_with_context(Logged)
+        self.with_options(c)
+            .create_with_context(Logged)
             .map_err(|e| format!("kafka producer for {}: {e}", self.brokers))
     }
 }
@@ -247,5 +267,27 @@ fn block_on<F: Future>(f: F) -> F::Output {
             return v;
         }
         std::thread::park_timeout(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_client_options_win_over_etask_settings() {
+        let mut k = KafkaConfig::default();
+        k.client_options
+            .insert("fetch.wait.max.ms".into(), "50".into());
+        k.client_options
+            .insert("security.protocol".into(), "plaintext".into());
+        let c = k.consumer("id", "group", false);
+        assert_eq!(c.get("fetch.wait.max.ms"), Some("50"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(
+            k.control_consumer("id").get("fetch.wait.max.ms"),
+            Some("50")
+        );
+        assert_eq!(k.client("id").get("security.protocol"), Some("plaintext"));
     }
 }
