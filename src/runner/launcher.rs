@@ -122,7 +122,7 @@ fn prepare_workspace(cfg: &PoolConfig, req: &RunRequest, ws: &Path) -> Result<La
     let launch = launch(&req.program, ws, &cfg.interpreters).map_err(|e| e.0)?;
     let io = |what: &str, p: &Path, e: io::Error| format!("{what} {}: {e}", p.display());
     // As few inodes as possible: on ext4, creating and removing directories is most of a
-    // trivial run's cost (see README, benchmark). The workspace, its tmp, and the working
+    // trivial run's cost (see docs/benchmarks.md). The workspace, its tmp, and the working
     // directory only when it is not the workspace itself.
     let mut owned = vec![ws.to_path_buf(), ws.join("tmp")];
     for d in &owned {

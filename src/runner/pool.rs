@@ -236,8 +236,8 @@ pub struct Pool {
 
 impl Pool {
     /// Starts the reactor thread. Makes this process a child subreaper and installs a SIGCHLD
-    /// handler: from now on the pool reaps every child of the process (see README, operating
-    /// notes), so nothing else in the process may wait on children of its own.
+    /// handler: from now on the pool reaps every child of the process (see docs/design.md,
+    /// "Reaping"), so nothing else in the process may wait on children of its own.
     pub fn start(cfg: PoolConfig) -> io::Result<Pool> {
         if cfg.run_as.is_some() && unsafe { libc::geteuid() } != 0 {
             return Err(io::Error::other("run_as needs the node to run as root"));
