@@ -457,6 +457,10 @@ struct Reactor {
     jobs: Sender<Job>,
     spawned_rx: Receiver<SpawnDone>,
     next_seq: u64,
+    /// `<pid>-<random>`, fixed for this pool: with `next_seq` it makes every per-run name (the
+    /// workspace, the run token) unique among pools of all processes on the host, including
+    /// dead ones whose workspace was left behind by `kill -9` under a since reused pid.
+    instance: String,
     scratch: Vec<u8>,
     chunks: Vec<LogChunk>,
 }
@@ -490,6 +494,7 @@ impl Reactor {
             by_pid: HashMap::new(),
             queue: VecDeque::new(),
             next_seq: 0,
+            instance: format!("{}-{:08x}", std::process::id(), fastrand::u32(..)),
             scratch: vec![0; 64 << 10],
             chunks: Vec::new(),
         }
@@ -601,11 +606,11 @@ impl Reactor {
     /// Hands a queued run to a launcher thread; it counts against `max_concurrent` from now.
     fn begin(&mut self, req: Box<RunRequest>, events: Sender<RunEvent>) {
         self.next_seq += 1;
-        let token = format!("{}-{}", std::process::id(), self.next_seq);
-        let workspace = self.cfg.workspace_root.join(format!(
-            "run-{}-{}-{}",
-            req.execution_id, req.attempt, self.next_seq
-        ));
+        let token = format!("{}-{}", self.instance, self.next_seq);
+        let workspace = self
+            .cfg
+            .workspace_root
+            .join(format!("run-{}-{}-{token}", req.execution_id, req.attempt));
         self.starting.insert(req.key(), false);
         if let Err(crossbeam_channel::SendError(Job::Spawn(job))) =
             self.jobs.send(Job::Spawn(SpawnJob {
