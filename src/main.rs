@@ -474,6 +474,9 @@ fn cmd_server(c: ServerCmd) -> Result<(), String> {
     if let Some(v) = c.max_concurrent {
         cfg.node.max_concurrent = v;
     }
+    let cwd =
+        std::env::current_dir().map_err(|e| format!("cannot read the current directory: {e}"))?;
+    cfg.resolve_paths(&cwd);
     cfg.validate()?;
     if cfg.server.token.is_empty() {
         if let Ok(t) = std::env::var("ETASK_TOKEN") {
