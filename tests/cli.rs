@@ -84,3 +84,203 @@ fn concurrent_runs_and_leftovers_of_killed_runs_never_collide() {
     assert_eq!(workspaces(&root), left);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `etask ARGS --server URL`.
+fn client(tmp: &Path, url: &str, args: &[&str]) -> Output {
+    let mut all = args.to_vec();
+    all.extend(["--server", url]);
+    etask(tmp, &all)
+}
+
+#[test]
+fn submit_refuses_cron_with_wait_before_creating_anything() {
+    let dir = temp_dir("cli-submit-validate");
+    let s = support::server::Server::start(&dir, &[], "");
+    let script = dir.join("s.sh");
+    std::fs::write(&script, "true\n").unwrap();
+    let script = script.to_str().unwrap();
+    for bad in [
+        &[
+            "submit",
+            "--shell",
+            script,
+            "--cron",
+            "*/5 * * * * *",
+            "--wait",
+        ][..],
+        &["submit", "--shell", script, "--timeout", "-1"][..],
+        &["submit", "--shell", script, "--max-attempts", "0"][..],
+        &["submit", "--shell", script, "--env", "NOEQUALS"][..],
+        &["submit", "--shell", script, "--python", script][..],
+    ] {
+        let o = client(&dir, &s.url, bad);
+        assert_eq!(code(&o), 64, "{bad:?}: {}", text(&o));
+    }
+    let (st, v) = s.call("GET", "/api/v1/tasks", None);
+    assert_eq!(
+        (st, v["items"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{v}"
+    );
+}
+
+#[test]
+fn exit_statuses_follow_one_scheme_in_every_command() {
+    let dir = temp_dir("cli-exit");
+    let s = support::server::Server::start(&dir, &[], "");
+    let write = |name: &str, body: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let exit3 = write("exit3.sh", "exit 3\n");
+    let exit69 = write("exit69.sh", "echo x; exit 69\n");
+    let cases: Vec<(Vec<&str>, i32)> = vec![
+        // argh's own parse errors, and ours
+        (vec!["run", "--no-such-flag"], 64),
+        (vec!["nosuchcommand"], 64),
+        (vec!["run", "--exec"], 64),
+        (vec!["server", "--mode", "sideways"], 64),
+        (vec!["config"], 64),
+        // files that cannot be read
+        (vec!["run", "--shell", "/nonexistent/x.sh"], 66),
+        (vec!["config", "--check", "/nonexistent/etask.toml"], 66),
+        // the script's outcome
+        (vec!["run", "--shell", &exit3], 3),
+        (vec!["run", "--shell", &exit69], 1),
+        (
+            vec!["run", "--timeout", "0.2", "--exec", "--", "sleep", "5"],
+            124,
+        ),
+        (vec!["run", "--exec", "--", "/nonexistent/binary"], 127),
+        (vec!["run", "--exec", "--", "sh", "-c", "kill -9 $$"], 137),
+    ];
+    for (args, want) in &cases {
+        let o = etask(&dir, args);
+        assert_eq!(code(&o), *want, "{args:?}: {}", text(&o));
+    }
+    let o = etask(&dir, &["run", "--shell", &exit69]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("exit code 69"),
+        "{}",
+        text(&o)
+    );
+    // A workspace root that cannot be created: the script could not start.
+    let not_a_dir = dir.join("file");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["run", "--exec", "--", "true"])
+        .env("TMPDIR", &not_a_dir)
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 127, "{}", text(&o));
+    // The client: the scheduler's answers and its absence.
+    let dead = format!("http://127.0.0.1:{}", support::free_port());
+    let client_cases: Vec<(Vec<&str>, &str, i32)> = vec![
+        (vec!["submit", "--shell", &exit3, "--wait"], &s.url, 3),
+        (vec!["submit", "--shell", &exit69, "--wait"], &s.url, 1),
+        (vec!["submit", "--shell", &exit3, "--wait"], &dead, 69),
+        (vec!["get", "999999"], &s.url, 66),
+        (vec!["logs", "999999"], &s.url, 66),
+        (vec!["tasks"], &dead, 69),
+    ];
+    for (args, url, want) in &client_cases {
+        let o = client(&dir, url, args);
+        assert_eq!(code(&o), *want, "{args:?} at {url}: {}", text(&o));
+    }
+    // A refused request (400) and a wrong token (401).
+    let bad_cron = client(
+        &dir,
+        &s.url,
+        &["submit", "--shell", &exit3, "--cron", "nope"],
+    );
+    assert_eq!(code(&bad_cron), 65, "{}", text(&bad_cron));
+    let dir2 = temp_dir("cli-exit-token");
+    let t = support::server::Server::start(&dir2, &[], "[server]\ntoken = \"right\"\n");
+    let o = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["tasks", "--server", &t.url])
+        .env("ETASK_TOKEN", "wrong")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 77, "{}", text(&o));
+}
+
+#[test]
+fn config_check_refuses_exactly_what_the_server_refuses() {
+    let dir = temp_dir("cli-config-check");
+    let write = |name: &str, body: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let bad = [
+        (
+            write("open.toml", "[server]\nlisten = \"0.0.0.0:0\"\n"),
+            "without a token",
+        ),
+        (
+            write("pg.toml", "[server]\nstore = \"postgres://x\"\n"),
+            "server.store",
+        ),
+        (
+            write("path.toml", "[executor]\npath = \"sideways\"\n"),
+            "executor.path",
+        ),
+        (
+            write("grpc.toml", "[server]\ngrpc_listen = \"nine-oh-nine-oh\"\n"),
+            "server.grpc_listen",
+        ),
+    ];
+    for (file, why) in &bad {
+        let f = file.to_str().unwrap();
+        let check = etask(&dir, &["config", "--check", f]);
+        assert_eq!(code(&check), 78, "{f}: {}", text(&check));
+        assert!(
+            String::from_utf8_lossy(&check.stderr).contains(why),
+            "{}",
+            text(&check)
+        );
+        let data = dir.join("data");
+        let server = etask(
+            &dir,
+            &[
+                "server",
+                "--mode",
+                "all",
+                "--config",
+                f,
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code(&server), 78, "{f}: {}", text(&server));
+        assert_eq!(
+            String::from_utf8_lossy(&check.stderr),
+            String::from_utf8_lossy(&server.stderr),
+            "config --check and the server must say the same"
+        );
+    }
+    // What the server accepts, --check accepts: the token may come from the environment.
+    let open = bad[0].0.to_str().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["config", "--check", open])
+        .env("ETASK_TOKEN", "s3cret")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).ends_with(": ok\n"),
+        "{}",
+        text(&o)
+    );
+    // Mode requirements: an executor needs a registry, an agent Kafka.
+    let empty = write("empty.toml", "");
+    let empty = empty.to_str().unwrap();
+    assert_eq!(code(&etask(&dir, &["config", "--check", empty])), 0);
+    for mode in ["executor", "agent"] {
+        let o = etask(&dir, &["config", "--check", empty, "--mode", mode]);
+        assert_eq!(code(&o), 78, "{mode}: {}", text(&o));
+        let s = etask(&dir, &["server", "--mode", mode, "--config", empty]);
+        assert_eq!(code(&s), 78, "{mode}: {}", text(&s));
+    }
+}

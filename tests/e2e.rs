@@ -555,7 +555,7 @@ fn cli_client_submits_waits_and_mirrors_the_outcome() {
     let tasks = etask(&["tasks"]);
     assert!(String::from_utf8_lossy(&tasks.stdout).contains("cli-check"));
     let cancel = etask(&["cancel", &id]);
-    assert_eq!(cancel.status.code(), Some(2));
+    assert_eq!(cancel.status.code(), Some(65), "a refused request exits 65");
     assert!(
         String::from_utf8_lossy(&cancel.stderr).contains("conflict (HTTP 409)"),
         "{}",

@@ -144,6 +144,23 @@ pub fn statements(sql: &str) -> Vec<String> {
 }
 
 /// Opens the store named by a URL: `sqlite:PATH` or `mysql://user:pass@host:port/db`.
+/// Checks a store URL without connecting: what `open` would refuse before any I/O.
+///
+/// # Errors
+/// `BadUrl` for anything but `sqlite:PATH` or a parseable `mysql://…/db` URL.
+pub fn check_url(url: &str) -> Result<()> {
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        if path.trim_start_matches("//").is_empty() {
+            return Err(StoreError::BadUrl(url.to_owned()));
+        }
+        Ok(())
+    } else if url.starts_with("mysql://") {
+        self::mysql::opts(url).map(|_| ())
+    } else {
+        Err(StoreError::BadUrl(url.to_owned()))
+    }
+}
+
 pub fn open(url: &str) -> Result<SqlStore> {
     let backend: Box<dyn Backend> = if let Some(path) = url.strip_prefix("sqlite:") {
         Box::new(Sqlite::open(path.trim_start_matches("//"))?)

@@ -57,9 +57,19 @@ fn value(v: MyValue) -> V {
     }
 }
 
+/// The connection options of a `mysql://` URL, refused before any I/O when it has no
+/// database name.
+pub(super) fn opts(url: &str) -> Result<Opts> {
+    let opts = Opts::from_url(url).map_err(|e| StoreError::BadUrl(format!("{url}: {e}")))?;
+    if opts.get_db_name().is_none_or(str::is_empty) {
+        return Err(StoreError::BadUrl(format!("{url}: no database name")));
+    }
+    Ok(opts)
+}
+
 impl Mysql {
     pub fn open(url: &str) -> Result<Mysql> {
-        let opts = Opts::from_url(url).map_err(|e| StoreError::BadUrl(format!("{url}: {e}")))?;
+        let opts = opts(url)?;
         let describe = format!(
             "mysql://{}@{}:{}/{}",
             opts.get_user().unwrap_or(""),
@@ -67,9 +77,6 @@ impl Mysql {
             opts.get_tcp_port(),
             opts.get_db_name().unwrap_or("")
         );
-        if opts.get_db_name().is_none_or(str::is_empty) {
-            return Err(StoreError::BadUrl(format!("{url}: no database name")));
-        }
         // A few connections are plenty: every statement is short and the threads are few.
         let constraints = PoolConstraints::new(1, 16)
             .ok_or_else(|| StoreError::Internal("pool constraints".into()))?;
