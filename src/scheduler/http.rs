@@ -324,12 +324,10 @@ fn route(
                     201,
                     json!({"task_id": id, "execution_id": core.run_now(id)?}),
                 )),
-                "pause" | "resume" => {
-                    if core.store.set_paused(id, *action == "pause")? {
-                        Ok((200, json!({"id": id, "paused": *action == "pause"})))
-                    } else {
-                        Err(ApiError::not_found(format!("task {id} not found")))
-                    }
+                "pause" => core.pause(id).map(|v| (200, v)),
+                "resume" => {
+                    let catch_up = matches!(param(q, "catch_up"), Some("true" | "1"));
+                    core.resume(id, catch_up).map(|v| (200, v))
                 }
                 _ => Err(ApiError::not_found(format!(
                     "no action {action:?} on tasks; use run, pause or resume"

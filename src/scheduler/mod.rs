@@ -242,6 +242,56 @@ impl Core {
         Ok(id)
     }
 
+    /// Pauses a cron task: it fires no more until resumed (executions already created run).
+    /// A task that runs once has nothing to pause: 409, so that nobody believes it paused.
+    pub fn pause(&self, id: TaskId) -> Result<Value, ApiError> {
+        let t = self.cron_task(id, "pause")?;
+        self.store.set_paused(id, true)?;
+        if !t.paused {
+            log::info!(target: LOG, "task={id} paused");
+        }
+        Ok(json!({"id": id, "paused": true}))
+    }
+
+    /// Resumes a paused cron task at its next fire time after now. Fire times missed while it
+    /// was paused are skipped, unless `catch_up` asks for one execution now (like
+    /// `scheduler.cron_missed = "once"` after downtime).
+    pub fn resume(&self, id: TaskId, catch_up: bool) -> Result<Value, ApiError> {
+        let t = self.cron_task(id, "resume")?;
+        let now = now_ms();
+        if t.paused && !catch_up {
+            if let (Some(expr), Some(at)) = (t.cron_expr.as_deref(), t.next_fire_at) {
+                if at <= now {
+                    // Moved while still paused, so the ticker cannot fire the missed time in
+                    // between; a CAS, like every fire.
+                    let next = parse_cron(expr).ok().and_then(|s| next_fire(&s, now));
+                    self.store.skip_cron(id, at, next)?;
+                }
+            }
+        }
+        self.store.set_paused(id, false)?;
+        if t.paused {
+            log::info!(target: LOG, "task={id} resumed{}", if catch_up { " with a catch-up run" } else { "" });
+        }
+        Ok(json!({"id": id, "paused": false}))
+    }
+
+    /// The task `action` (pause/resume) applies to: it exists and runs on a cron schedule.
+    fn cron_task(&self, id: TaskId, action: &str) -> Result<crate::store::TaskRow, ApiError> {
+        let t = self
+            .store
+            .get_task(id)?
+            .filter(|t| !t.deleted)
+            .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))?;
+        if t.cron_expr.is_none() {
+            return Err(ApiError::conflict(format!(
+                "task {id} runs once: only cron tasks can {action}; to stop its execution, \
+                 cancel it (POST /api/v1/executions/ID/cancel) or delete the task"
+            )));
+        }
+        Ok(t)
+    }
+
     /// Cancels an execution: at once in the store, then on its node. Idempotent.
     pub fn cancel(&self, id: ExecutionId) -> Result<Value, ApiError> {
         let now = now_ms();
