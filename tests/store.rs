@@ -247,6 +247,26 @@ fn logs_are_ordered_deduplicated_and_paged() {
         let rest = s.logs_after(e, all[0].seq, 100).unwrap();
         assert_eq!(rest.len(), 2);
         assert_eq!(rest[0].stream, "stderr");
+        // `seq` numbers each execution's chunks from 1, whatever else the store holds.
+        let other = s
+            .create_task(&once("u", None), 1_000)
+            .unwrap()
+            .execution_id
+            .unwrap();
+        s.append_logs(&[(other, Attempt(1), 0, "stdout", "x\n")], 3)
+            .unwrap();
+        s.append_logs(&[(e, Attempt(2), 0, "stdout", "retry\n")], 4)
+            .unwrap();
+        let seqs = |rows: &[etask::store::LogRow]| rows.iter().map(|l| l.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&s.logs_after(other, 0, 100).unwrap()), vec![1]);
+        let all = s.logs_after(e, 0, 100).unwrap();
+        assert_eq!(seqs(&all), vec![1, 2, 3, 4]);
+        assert_eq!(seqs(&s.logs_after(e, 2, 100).unwrap()), vec![3, 4]);
+        // A follower continues after the last row it has, with the same numbers.
+        let more = s.logs_continue(e, &all[1], 100).unwrap();
+        assert_eq!(seqs(&more), vec![3, 4]);
+        assert_eq!(more[1].data, "retry\n");
+        assert!(s.logs_continue(e, &all[3], 100).unwrap().is_empty());
     }
 }
 

@@ -426,7 +426,8 @@ fn logs(core: &Arc<Core>, req: Request, id: &str, q: &[(String, String)]) {
 
 /// Writes the chunked response by hand: tiny_http's own encoder buffers 8 KiB before sending,
 /// which would hold back a slow script's lines. Each batch of chunks is flushed at once.
-fn stream_logs(core: &Core, req: Request, id: ExecutionId, mut after: i64) -> std::io::Result<()> {
+fn stream_logs(core: &Core, req: Request, id: ExecutionId, after: i64) -> std::io::Result<()> {
+    let mut last: Option<crate::store::LogRow> = None;
     let mut w = req.into_writer();
     w.write_all(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\
@@ -443,15 +444,19 @@ fn stream_logs(core: &Core, req: Request, id: ExecutionId, mut after: i64) -> st
             .ok()
             .flatten()
             .is_none_or(|e| e.status.is_terminal());
-        let rows = core
-            .store
-            .logs_after(id, after, 1_000)
-            .map_err(std::io::Error::other)?;
+        // Count the chunks before `after_seq` once; from then on continue after the last one.
+        let rows = match &last {
+            None => core.store.logs_after(id, after, 1_000),
+            Some(l) => core.store.logs_continue(id, l, 1_000),
+        }
+        .map_err(std::io::Error::other)?;
         buf.clear();
         for r in &rows {
             buf.push_str(&line(r));
             buf.push('\n');
-            after = r.seq;
+        }
+        if let Some(r) = rows.last() {
+            last = Some(r.clone());
         }
         if !buf.is_empty() {
             write!(w, "{:x}\r\n{buf}\r\n", buf.len())?;
