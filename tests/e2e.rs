@@ -1090,6 +1090,11 @@ fn broadcast_runs_once_per_live_node_with_its_shard() {
     cron["schedule"] = json!({"kind": "cron", "expr": "* * * * * *"});
     let (code, v) = s.call("POST", "/api/v1/tasks", Some(&cron.to_string()));
     assert_eq!(code, 201, "{v}");
+    assert_eq!(
+        v["execution_ids"],
+        json!([]),
+        "one shape for every broadcast: {v}"
+    );
     let tid = v["task_id"].as_i64().unwrap();
     let t0 = Instant::now();
     loop {
@@ -1116,6 +1121,13 @@ fn broadcast_runs_once_per_live_node_with_its_shard() {
         std::thread::sleep(Duration::from_millis(100));
     }
     s.call("POST", &format!("/api/v1/tasks/{tid}/pause"), Some("{}"));
+    // One live node: the same shape, a list of one.
+    let _c = Executor::start(&dir.join("c"), "c", "solo", &grpc, &etcd.url);
+    wait_nodes(&s, 3);
+    body["target"] = json!({"path": "push", "pool": "solo", "strategy": "broadcast"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["execution_ids"], json!([v["execution_id"]]), "{v}");
     // No live node in the pool: a clear 503, nothing created.
     body["target"] = json!({"path": "push", "pool": "nobody", "strategy": "broadcast"});
     let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));

@@ -365,6 +365,11 @@ impl TaskSpec {
         Ok(())
     }
 
+    /// One execution per live node of the pool (`target.strategy = "broadcast"`).
+    pub fn is_broadcast(&self) -> bool {
+        self.target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast")
+    }
+
     pub fn path(&self) -> &str {
         self.target.as_ref().map_or("local", |t| t.path.as_str())
     }

@@ -272,9 +272,11 @@ fn route(
             Method::Post => {
                 let body = read_body(core, req)?;
                 let spec = TaskSpec::parse(&body, &core.paths())?;
+                let broadcast = spec.is_broadcast();
                 let (c, all) = core.submit(spec)?;
                 let mut body = json!({"task_id": c.task_id, "execution_id": c.execution_id});
-                if all.len() > 1 {
+                // One shape for every broadcast, whatever the number of nodes (none yet: cron).
+                if broadcast {
                     body["execution_ids"] = json!(all);
                 }
                 Ok((if c.existed { 200 } else { 201 }, body))

@@ -146,7 +146,7 @@ impl Core {
     pub fn submit(&self, spec: TaskSpec) -> Result<(Created, Vec<ExecutionId>), ApiError> {
         let now = now_ms();
         let target = spec.target.clone();
-        let broadcast = target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast");
+        let broadcast = spec.is_broadcast();
         // Broadcast: one execution per live node of the pool, known before anything is stored.
         let broadcast_once = broadcast && matches!(spec.schedule, Schedule::Once { .. });
         let shards: Vec<String> = if broadcast_once {
