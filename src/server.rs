@@ -137,7 +137,9 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         deliveries.push(k.clone());
         kafka = Some(k);
     }
-    let pull_enabled = grpc_server.is_some();
+    // Pull nodes are known (and their runs kept alive) through the registry only: without it
+    // every pulled run longer than node_silent_after_ms would be declared lost.
+    let pull_enabled = grpc_server.is_some() && table.is_some();
     let tls_on = !cfg.tls.cert.is_empty();
     let sched = Scheduler::start(
         Arc::new(store),

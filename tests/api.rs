@@ -75,3 +75,50 @@ fn now_ms() -> i64 {
         .unwrap()
         .as_millis() as i64
 }
+
+#[test]
+fn work_for_a_path_or_pool_with_no_node_fails_at_once() {
+    // --mode all without a registry serves `local` only (and `agent` with --kafka): push and
+    // pull are refused naming what they need, not left pending.
+    let s = Server::start(&support::temp_dir("api-nonode"), &[], "");
+    for (path, needs) in [
+        ("push", "registry"),
+        ("pull", "registry"),
+        ("agent", "Kafka"),
+    ] {
+        let mut b = shell("nowhere", "true");
+        b["target"] = json!({"path": path, "pool": "edge"});
+        let (code, v) = s.call("POST", "/api/v1/tasks", Some(&b.to_string()));
+        assert_eq!(code, 400, "{path}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(needs),
+            "{v}"
+        );
+    }
+    // With a registry but no node in the pool: 503 at once, naming the pool.
+    let etcd = support::EtcdServer::start("api-nonode");
+    let s = Server::start(
+        &support::temp_dir("api-nonode-reg"),
+        &[],
+        &format!("[registry]\netcd = \"{}\"\n", etcd.url),
+    );
+    s.wait_nodes_where(1, |n| n["path"] == "local");
+    for path in ["push", "pull"] {
+        let mut b = shell("nobody-home", "true");
+        b["target"] = json!({"path": path, "pool": "edeg"});
+        let t0 = std::time::Instant::now();
+        let (code, v) = s.call("POST", "/api/v1/tasks", Some(&b.to_string()));
+        assert_eq!(
+            (code, v["error"]["code"].as_str()),
+            (503, Some("unavailable")),
+            "{v}"
+        );
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("\"edeg\""),
+            "{v}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(2));
+    }
+    let (_, tasks) = s.call("GET", "/api/v1/tasks", None);
+    assert_eq!(tasks["items"], json!([]), "nothing was created");
+}

@@ -729,9 +729,17 @@ fn push_round_trip_through_a_grpc_executor() {
         .into_string()
         .unwrap();
     assert!(logs.contains("remote-out"), "{logs}");
-    // A pool nobody serves: the submission is accepted, the execution waits for a node.
+    // A pool nobody serves: work for now is refused at once (503); work due later is
+    // accepted and waits for a node.
     let mut body = shell("nobody", "true");
     body["target"] = json!({"path": "push", "pool": "empty"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!(code, 503, "{v}");
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    body["schedule"] = json!({"kind": "once", "at": soon});
     let (_, e2) = s.submit(body);
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(s.execution(e2)["status"], "pending");
@@ -987,7 +995,7 @@ fn executor_before_scheduler_and_results_survive_a_scheduler_restart() {
 fn pull_round_trip_and_the_long_poll_wakes_on_submit() {
     let etcd = support::EtcdServer::start("pull");
     let dir = support::temp_dir("e2e-pull");
-    // No registry needed on the scheduler for PULL; the executor still registers itself.
+    // The scheduler knows its pull nodes (and keeps their runs alive) through the registry.
     let s = Server::start(
         &dir.join("sched"),
         &[],

@@ -125,11 +125,7 @@ impl Core {
     /// Creates a task (and its first execution for `once`); idempotent on `request_id`.
     /// The nodes a broadcast of `spec` runs on: the live nodes of its path and pool.
     fn broadcast_nodes(&self, spec: &TaskSpec) -> Vec<String> {
-        let pool = spec
-            .target
-            .as_ref()
-            .and_then(|t| t.pool.clone())
-            .unwrap_or_else(|| "default".into());
+        let pool = spec.pool();
         let path = spec.path();
         self.node_table
             .as_ref()
@@ -165,6 +161,23 @@ impl Core {
         } else {
             Vec::new()
         };
+        // Work for a pool with no live node now (a typo, or no node started yet) fails at once
+        // instead of waiting no_node_timeout_seconds; work due later, or a cron task, waits
+        // for a node to come.
+        let runs_now = matches!(spec.schedule, Schedule::Once { at: None });
+        if runs_now && !broadcast && matches!(spec.path(), "push" | "pull") {
+            let synced = self.node_table.as_ref().is_some_and(|t| t.synced());
+            if synced && self.broadcast_nodes(&spec).is_empty() {
+                return Err(ApiError::unavailable(format!(
+                    "no live {} node in pool {:?}; start one (etask server --mode executor \
+                     --path {} --pool {}) or check the pool name",
+                    spec.path(),
+                    spec.pool(),
+                    spec.path(),
+                    spec.pool(),
+                )));
+            }
+        }
         let (cron, first_due_at) = match &spec.schedule {
             Schedule::Once { at } => (None, Some(at.unwrap_or(now))),
             Schedule::Cron { expr } => {
