@@ -60,7 +60,17 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
             cfg.server.data_dir.display()
         )
     })?;
-    let store = crate::store::open(&cfg.store_url()).map_err(|e| e.to_string())?;
+    // One SQLite file belongs to one process: a second `--mode all` in the same directory
+    // is refused instead of sharing it.
+    let store_url = cfg.store_url();
+    let _sqlite_lock = match store_url.strip_prefix("sqlite:") {
+        Some(db) => Some(crate::lock_exclusive(
+            std::path::Path::new(&format!("{db}.lock")),
+            &format!("the store {store_url} (--data-dir / server.store)"),
+        )?),
+        None => None,
+    };
+    let store = crate::store::open(&store_url).map_err(|e| e.to_string())?;
     // Unbounded on purpose: the pool's reactor must never block on its consumer (timeouts and
     // kills run on that thread). The backlog is bounded by the per-run log cap times
     // node.max_concurrent, and drains as soon as the store answers again.
@@ -119,7 +129,13 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
             pull_slot.clone(),
             tasks_slot.clone(),
         )
-        .map_err(|e| format!("cannot listen for gRPC on {addr}: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "cannot listen for gRPC on {addr} (server.grpc_listen): {e}; is another etask \
+                 running? --grpc-listen 127.0.0.1:0 picks a free port, --grpc-listen '' turns \
+                 gRPC off"
+            )
+        })?;
         log::info!(target: "etask::server", "gRPC listening on {}", srv.addr);
         if let Some(t) = &table {
             deliveries.push(Arc::new(crate::delivery::grpc::push::Push::new(

@@ -284,3 +284,83 @@ fn config_check_refuses_exactly_what_the_server_refuses() {
         assert_eq!(code(&s), 78, "{mode}: {}", text(&s));
     }
 }
+
+/// Starts `etask server --mode all ARGS` in `cwd`; returns the child once it printed its
+/// listen lines (both of them), or its exit status if it ended first.
+fn start_all(cwd: &Path, args: &[&str]) -> Result<(support::Proc, Vec<String>), Output> {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["server", "--mode", "all"])
+        .args(args)
+        .current_dir(cwd)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        let mut l = String::new();
+        if out.read_line(&mut l).unwrap_or(0) == 0 {
+            return Err(child.wait_with_output().unwrap());
+        }
+        lines.push(l.trim().to_owned());
+    }
+    Ok((support::Proc(child), lines))
+}
+
+#[test]
+fn a_second_mode_all_on_one_host_needs_its_own_dir_and_ports_and_says_so() {
+    let dir = temp_dir("cli-second-all");
+    let grpc = format!("127.0.0.1:{}", support::free_port());
+    let (_first, lines) =
+        start_all(&dir, &["--listen", "127.0.0.1:0", "--grpc-listen", &grpc]).expect("first");
+    assert!(
+        lines[0].starts_with("etask listening on http://127.0.0.1:"),
+        "{lines:?}"
+    );
+    assert_eq!(lines[1], format!("etask grpc on http://{grpc}"));
+    // Same directory: the SQLite store is the first one's.
+    let o = start_all(
+        &dir,
+        &["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"],
+    )
+    .err()
+    .expect("second in the same dir must not start");
+    assert_eq!(code(&o), 69, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("in use by another etask"),
+        "{}",
+        text(&o)
+    );
+    // Same gRPC port: the error says how to pick another.
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let o = start_all(&other, &["--listen", "127.0.0.1:0", "--grpc-listen", &grpc])
+        .err()
+        .expect("second on the same gRPC port must not start");
+    assert_eq!(code(&o), 69, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--grpc-listen 127.0.0.1:0"),
+        "{}",
+        text(&o)
+    );
+    // Its own directory and free ports: it runs.
+    let (_second, lines) = start_all(
+        &other,
+        &["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"],
+    )
+    .map_err(|o| text(&o))
+    .expect("second with its own dir and ports");
+    assert!(
+        lines[1].starts_with("etask grpc on http://127.0.0.1:"),
+        "{lines:?}"
+    );
+    // gRPC off.
+    let third = dir.join("third");
+    std::fs::create_dir_all(&third).unwrap();
+    let (_third, lines) = start_all(&third, &["--listen", "127.0.0.1:0", "--grpc-listen", ""])
+        .map_err(|o| text(&o))
+        .expect("third without gRPC");
+    assert_eq!(lines[1], "etask grpc off");
+}

@@ -403,6 +403,13 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     };
     // A dispatch older than its TTL never runs: remembering an hour (or twice the TTL) is plenty.
     let keep = Duration::from_secs((2 * k.dispatch_ttl_seconds).max(3_600));
+    // Two agents sharing a spool would each rewrite the other's record of what it took.
+    std::fs::create_dir_all(&spool_dir)
+        .map_err(|e| format!("cannot create the agent spool {}: {e}", spool_dir.display()))?;
+    let _spool_lock = crate::lock_exclusive(
+        &spool_dir.join("lock"),
+        &format!("the agent spool {} (agent.spool_dir)", spool_dir.display()),
+    )?;
     let spool = Spool::open(&spool_dir, keep).map_err(|e| {
         format!(
             "cannot open the agent spool in {}: {e}",
