@@ -589,13 +589,7 @@ fn print_chunk(stream: Stream, data: &str) {
 }
 
 fn print_summary(o: &Outcome) {
-    let how = match &o.ending {
-        Ending::Exited(c) => format!("exit code {c}"),
-        Ending::Signaled(s) => format!("killed by signal {s}"),
-        Ending::TimedOut => "timed out".into(),
-        Ending::Cancelled => "cancelled".into(),
-        Ending::SpawnFailed(r) => format!("could not start: {r}"),
-    };
+    let how = &o.ending;
     eprintln!(
         "== {} ({how}) in {} ms, {} log bytes{}",
         o.status(),
@@ -689,12 +683,21 @@ fn cmd_migrate(c: MigrateCmd) -> CmdResult {
         };
         Fail::new(code, e.to_string())
     };
+    let created = etask::store::create_database(&c.store).map_err(fail)?;
     let store = etask::store::open(&c.store).map_err(fail)?;
+    if created {
+        println!("{}: database created", store.describe());
+    }
     let applied = store.migrate().map_err(fail)?;
     if applied.is_empty() {
         println!("{}: schema up to date", store.describe());
     } else {
-        println!("{}: applied migrations {applied:?}", store.describe());
+        let list: Vec<String> = applied.iter().map(u32::to_string).collect();
+        println!(
+            "{}: applied migrations {}",
+            store.describe(),
+            list.join(", ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -21,6 +21,17 @@ pub enum Mode {
     All,
 }
 
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Scheduler => "scheduler",
+            Mode::Agent => "agent",
+            Mode::Executor => "executor",
+            Mode::All => "all",
+        })
+    }
+}
+
 impl std::str::FromStr for Mode {
     type Err = String;
     fn from_str(s: &str) -> Result<Mode, String> {
@@ -182,9 +193,9 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         ),
         None => println!("etask grpc off"),
     }
-    log::warn!(target: "etask::server", "started mode={mode:?} store={}", sched.core.store.describe());
+    log::info!(target: "etask::server", "started mode={mode} store={}", sched.core.store.describe());
     let sig = stop.recv().unwrap_or(libc::SIGTERM);
-    log::warn!(target: "etask::server", "signal {sig}: stopping");
+    log::info!(target: "etask::server", "{}: stopping", crate::signals::name(sig));
     if let Some(g) = grpc_server {
         g.stop();
     }
@@ -197,12 +208,8 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         r.stop();
     }
     if let Some(l) = local {
-        match Arc::try_unwrap(l) {
-            Ok(l) => l.shutdown(),
-            Err(_) => {
-                log::warn!(target: "etask::server", "built-in node still referenced; not waiting for it")
-            }
-        }
+        l.shutdown();
     }
+    log::info!(target: "etask::server", "stopped");
     Ok(())
 }

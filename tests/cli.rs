@@ -364,3 +364,54 @@ fn a_second_mode_all_on_one_host_needs_its_own_dir_and_ports_and_says_so() {
         .expect("third without gRPC");
     assert_eq!(lines[1], "etask grpc off");
 }
+
+#[test]
+fn migrate_creates_a_missing_mysql_database_and_the_server_says_to_run_it() {
+    use mysql::prelude::Queryable;
+    let dir = temp_dir("cli-migrate");
+    let db = format!("etask_t_created_{}", std::process::id());
+    let url = format!("{}/{db}", support::mysql_server().trim_end_matches('/'));
+    let data = dir.join("data");
+    let o = etask(
+        &dir,
+        &[
+            "server",
+            "--mode",
+            "all",
+            "--store",
+            &url,
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 69, "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("does not exist") && err.contains("etask migrate"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("MySqlError"),
+        "a Rust type name in an operator's message: {err}"
+    );
+    let o = etask(&dir, &["migrate", "--store", &url]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("database created"),
+        "{}",
+        text(&o)
+    );
+    let o = etask(&dir, &["migrate", "--store", &url]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("schema up to date"),
+        "{}",
+        text(&o)
+    );
+    let mut conn =
+        mysql::Conn::new(mysql::Opts::from_url(&support::mysql_server()).unwrap()).unwrap();
+    conn.query_drop(format!("DROP DATABASE {db}")).unwrap();
+}

@@ -574,7 +574,13 @@ fn sigterm_stops_the_server_cleanly_and_its_script() {
     });
     assert!(status.success(), "exit status {status:?}\n{}", s.log());
     assert!(!pid_alive(script), "the script outlived its server");
-    assert!(s.log().contains("signal 15: stopping"));
+    // A normal start and stop: INFO only, nothing alarming, values as an operator reads them.
+    let log = s.log();
+    assert!(log.contains("INFO  etask::server: SIGTERM: stopping"), "{log}");
+    assert!(log.contains("INFO  etask::server: started mode=all"), "{log}");
+    for bad in ["WARN", "ERROR", "Some(", "None", "{ "] {
+        assert!(!log.contains(bad), "{bad:?} in the log of a clean start and stop:\n{log}");
+    }
 }
 
 #[test]

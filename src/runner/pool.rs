@@ -116,6 +116,19 @@ pub enum Ending {
     SpawnFailed(String),
 }
 
+/// As an operator reads it (logs, `etask run`): "exit code 3", "timed out", ...
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ending::Exited(c) => write!(f, "exit code {c}"),
+            Ending::Signaled(s) => write!(f, "killed by signal {s}"),
+            Ending::TimedOut => f.write_str("timed out"),
+            Ending::Cancelled => f.write_str("cancelled"),
+            Ending::SpawnFailed(r) => write!(f, "could not start: {r}"),
+        }
+    }
+}
+
 /// Everything known about a finished run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
@@ -230,8 +243,9 @@ pub struct Pool {
     cmd_tx: Sender<Cmd>,
     capacity: usize,
     max_concurrent: usize,
-    thread: Option<JoinHandle<()>>,
-    launchers: Vec<JoinHandle<()>>,
+    /// The reactor and the launchers, joined by the first `shutdown` (through a shared
+    /// reference: a node hands its pool to several components).
+    threads: std::sync::Mutex<(Option<JoinHandle<()>>, Vec<JoinHandle<()>>)>,
 }
 
 impl Pool {
@@ -303,8 +317,7 @@ impl Pool {
             cmd_tx,
             capacity,
             max_concurrent,
-            thread: Some(thread),
-            launchers,
+            threads: std::sync::Mutex::new((Some(thread), launchers)),
         })
     }
 
@@ -357,19 +370,20 @@ impl Pool {
         self.max_concurrent
     }
 
-    /// Cancels everything left and waits for the reactor to finish.
-    pub fn shutdown(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
+    /// Cancels everything left (killing each run's tree) and waits for the reactor and the
+    /// launchers to finish. Later calls return at once.
+    pub fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = self.poller.notify();
-        if let Some(t) = self.thread.take() {
+        let (thread, launchers) = {
+            let mut t = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+            (t.0.take(), std::mem::take(&mut t.1))
+        };
+        if let Some(t) = thread {
             let _ = t.join();
         }
         // The reactor dropped the job sender on exit; launchers finish pending removals and end.
-        for t in self.launchers.drain(..) {
+        for t in launchers {
             let _ = t.join();
         }
     }
@@ -377,7 +391,7 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.stop();
+        self.shutdown();
     }
 }
 
@@ -855,7 +869,7 @@ impl Reactor {
         if run.ending.is_some() || run.wait.is_some() {
             return; // already stopping, or already over
         }
-        log::info!(target: LOG, "execution={} attempt={} stopping: {why:?}", key.execution, key.attempt);
+        log::info!(target: LOG, "execution={} attempt={} stopping: {why}", key.execution, key.attempt);
         run.ending = Some(why);
         tree::signal_run(
             run.pid,

@@ -230,8 +230,8 @@ impl Core {
         }
         if !created.existed {
             self.metrics.tasks_submitted.fetch_add(1, Ordering::Relaxed);
-            log::info!(target: LOG, "task={} name={:?} created execution={:?}", created.task_id, spec.name,
-                created.execution_id.map(|e| e.0));
+            log::info!(target: LOG, "task={} name={:?} created{}", created.task_id, spec.name,
+                created.execution_id.map(|e| format!(" execution={e}")).unwrap_or_default());
         }
         if created.execution_id.is_some() {
             self.wake_dispatch();
@@ -705,7 +705,11 @@ impl Scheduler {
             .migrate()
             .map_err(|e| format!("store {}: {e}", store.describe()))?;
         if !applied.is_empty() {
-            log::info!(target: LOG, "store {} migrated to version {:?}", store.describe(), applied.last());
+            let to = applied
+                .iter()
+                .max()
+                .map_or(String::new(), |v| v.to_string());
+            log::info!(target: LOG, "store {} migrated to version {to}", store.describe());
         }
         let (kick_dispatch, dispatch_rx) = crossbeam_channel::bounded(1);
         let (kick_callbacks, callbacks_rx) = crossbeam_channel::bounded(1);

@@ -161,6 +161,20 @@ pub fn check_url(url: &str) -> Result<()> {
     }
 }
 
+/// Creates the store's database when it is missing (MySQL; SQLite creates its file when it
+/// opens it); true when it was created. What `etask migrate` does first.
+///
+/// # Errors
+/// As `open`; also when the MySQL user may not create databases.
+pub fn create_database(url: &str) -> Result<bool> {
+    check_url(url)?;
+    if url.starts_with("mysql://") {
+        self::mysql::create_database(url)
+    } else {
+        Ok(false)
+    }
+}
+
 pub fn open(url: &str) -> Result<SqlStore> {
     let backend: Box<dyn Backend> = if let Some(path) = url.strip_prefix("sqlite:") {
         Box::new(Sqlite::open(path.trim_start_matches("//"))?)
