@@ -664,6 +664,11 @@ fn cmd_server(c: ServerCmd) -> CmdResult {
         max_concurrent: c.max_concurrent,
     };
     let cfg = server_config(Some(c.mode), c.config.as_deref(), &flags)?;
+    // Nothing of the node for scripts to read: the token leaves the environment (still single-
+    // threaded here, so removing a variable is safe), and the process is not dumpable, so a
+    // script of the same uid cannot read /proc/<node>/environ or memory, nor ptrace it.
+    etask::signals::scrub_env("ETASK_TOKEN");
+    etask::signals::not_dumpable();
     // Block the termination signals before any thread starts, so every thread inherits it.
     let stop = etask::signals::termination()
         .map_err(|e| Fail::new(exit::OSERR, format!("cannot set up signal handling: {e}")))?;

@@ -57,6 +57,22 @@ fn node_id() -> String {
     )
 }
 
+/// Opens the node's start journal in its data dir (`start.journal`): what the previous
+/// incarnation took and never started, and a fresh journal for this one.
+///
+/// # Errors
+/// The journal cannot be opened, or another running node uses this data dir.
+pub fn open_journal(
+    cfg: &Config,
+    node: &str,
+) -> Result<(Arc<crate::runner::StartJournal>, crate::runner::Previous), String> {
+    crate::config::prepare_state_dir(&cfg.server.data_dir, cfg.node.run_as_uid >= 0)?;
+    let path = cfg.server.data_dir.join("start.journal");
+    let (j, prev) = crate::runner::StartJournal::open(&path, node)
+        .map_err(|e| format!("cannot open the start journal {}: {e}", path.display()))?;
+    Ok((Arc::new(j), prev))
+}
+
 /// Runs until `stop` yields (SIGTERM/SIGINT in the CLI), then shuts down in order.
 pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> Result<(), String> {
     match mode {
@@ -65,12 +81,14 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         Mode::Scheduler | Mode::All => {}
     }
     crate::scheduler::http::check_listen(&cfg)?;
-    std::fs::create_dir_all(&cfg.server.data_dir).map_err(|e| {
-        format!(
-            "cannot create data dir {}: {e}",
-            cfg.server.data_dir.display()
-        )
-    })?;
+    if !cfg.server.grpc_listen.is_empty() {
+        crate::config::check_listener(
+            "server.grpc_listen",
+            &cfg.server.grpc_listen,
+            &cfg.server.token,
+        )?;
+    }
+    crate::config::prepare_state_dir(&cfg.server.data_dir, cfg.node.run_as_uid >= 0)?;
     // One SQLite file belongs to one process: a second `--mode all` in the same directory
     // is refused instead of sharing it.
     let store_url = cfg.store_url();
@@ -89,10 +107,15 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     let reports_tx_sched = reports_tx.clone();
     let mut local = None;
     let mut deliveries: Vec<Arc<dyn Delivery>> = Vec::new();
+    let mut previous = None;
     if mode == Mode::All {
-        let pool = Pool::start(cfg.pool_config())
-            .map_err(|e| format!("cannot start the process pool: {e}"))?;
-        let l = Arc::new(Local::new(pool, node_id(), reports_tx));
+        let node = node_id();
+        let (journal, prev) = open_journal(&cfg, &node)?;
+        previous = Some(prev);
+        let mut pc = cfg.pool_config();
+        pc.journal = Some(journal);
+        let pool = Pool::start(pc).map_err(|e| format!("cannot start the process pool: {e}"))?;
+        let l = Arc::new(Local::new(pool, node, reports_tx));
         deliveries.push(l.clone());
         local = Some(l);
     }
@@ -126,12 +149,13 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     if !cfg.server.grpc_listen.is_empty() {
         let rt = crate::delivery::grpc::Runtime::with_tls(cfg.grpc_tls()?)
             .map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
-        let addr = cfg.server.grpc_listen.parse().map_err(|_| {
-            format!(
-                "server.grpc_listen {:?} is not IP:PORT",
-                cfg.server.grpc_listen
-            )
-        })?;
+        // The same rule as the HTTP intake: gRPC takes tasks, hands out work (with its
+        // secrets) and accepts outcomes, so anything but loopback needs the token.
+        let addr = crate::config::check_listener(
+            "server.grpc_listen",
+            &cfg.server.grpc_listen,
+            &cfg.server.token,
+        )?;
         let srv = crate::delivery::grpc::serve_scheduler(
             &rt,
             addr,
@@ -139,6 +163,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
             &cfg.server.token,
             pull_slot.clone(),
             tasks_slot.clone(),
+            cfg.server.max_body_bytes,
         )
         .map_err(|e| {
             format!(
@@ -176,6 +201,14 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         table,
         pull_enabled,
     )?;
+    if let Some(prev) = previous.filter(|p| !p.node.is_empty()) {
+        let list: Vec<_> = prev
+            .unstarted
+            .iter()
+            .map(|(e, a)| (crate::model::ExecutionId(*e), crate::model::Attempt(*a)))
+            .collect();
+        sched.core.recover_unstarted(&prev.node, &list);
+    }
     let _ = pull_slot.set(sched.core.clone());
     let _ = tasks_slot.set(sched.core.clone());
     if let Some(k) = &kafka {

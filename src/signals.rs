@@ -44,3 +44,32 @@ pub fn termination() -> std::io::Result<Receiver<i32>> {
         })?;
     Ok(rx)
 }
+
+/// Marks the process not dumpable (`PR_SET_DUMPABLE` 0): other processes of the same uid can no
+/// longer read its `/proc/<pid>/environ`, `mem` or `maps`, nor attach a debugger, and it leaves
+/// no core file. Children get the default back when they `execve`.
+pub fn not_dumpable() {
+    // SAFETY: prctl with PR_SET_DUMPABLE takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+}
+
+/// Removes `name` from the environment and overwrites its value where the kernel shows it
+/// (`/proc/<pid>/environ` reads the process's original environment block, which `unsetenv`
+/// leaves in place). Call while the process is single-threaded.
+pub fn scrub_env(name: &str) {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return;
+    };
+    // SAFETY: single-threaded (documented precondition); getenv returns a pointer into the
+    // environment block or null, and we overwrite exactly the value's bytes before the NUL.
+    unsafe {
+        let p = libc::getenv(c.as_ptr());
+        if !p.is_null() {
+            let len = libc::strlen(p);
+            std::ptr::write_bytes(p, 0, len);
+        }
+    }
+    std::env::remove_var(name);
+}

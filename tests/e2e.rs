@@ -576,10 +576,19 @@ fn sigterm_stops_the_server_cleanly_and_its_script() {
     assert!(!pid_alive(script), "the script outlived its server");
     // A normal start and stop: INFO only, nothing alarming, values as an operator reads them.
     let log = s.log();
-    assert!(log.contains("INFO  etask::server: SIGTERM: stopping"), "{log}");
-    assert!(log.contains("INFO  etask::server: started mode=all"), "{log}");
+    assert!(
+        log.contains("INFO  etask::server: SIGTERM: stopping"),
+        "{log}"
+    );
+    assert!(
+        log.contains("INFO  etask::server: started mode=all"),
+        "{log}"
+    );
     for bad in ["WARN", "ERROR", "Some(", "None", "{ "] {
-        assert!(!log.contains(bad), "{bad:?} in the log of a clean start and stop:\n{log}");
+        assert!(
+            !log.contains(bad),
+            "{bad:?} in the log of a clean start and stop:\n{log}"
+        );
     }
 }
 

@@ -4,7 +4,7 @@
 //! loop and talks to the others through the store and small wake-up channels.
 
 pub mod api;
-mod callbacks;
+pub mod callbacks;
 pub mod http;
 pub mod metrics;
 
@@ -60,6 +60,8 @@ pub struct Core {
     kick_callbacks: Sender<()>,
     stopping: AtomicBool,
     pub followers: AtomicUsize,
+    /// The scheduler's component threads, for `/healthz`.
+    pub health: Arc<crate::supervise::Health>,
     /// Live nodes from etcd, when a registry is configured.
     node_table: Option<Arc<NodeTable>>,
     /// Executors may Pull work (the gRPC service is up).
@@ -103,6 +105,20 @@ impl Core {
             .collect()
     }
 
+    /// `/healthz`: (healthy, body). Healthy when the store answers and every component thread
+    /// runs; the body names each component (no paths, no addresses: the endpoint is open).
+    pub fn health(&self) -> (bool, Value) {
+        let store_ok = self.store.ping().is_ok();
+        let comps_ok = self.health.all_running() || self.stopping();
+        let ok = store_ok && comps_ok;
+        let body = serde_json::json!({
+            "status": if ok { "ok" } else if !store_ok { "store unavailable" } else { "degraded" },
+            "store": if store_ok { "ok" } else { "unavailable" },
+            "components": self.health.to_json(),
+        });
+        (ok, body)
+    }
+
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
@@ -140,6 +156,11 @@ impl Core {
     }
 
     pub fn submit(&self, spec: TaskSpec) -> Result<(Created, Vec<ExecutionId>), ApiError> {
+        if let Some(u) = &spec.callback_url {
+            callbacks::Policy::new(&self.cfg.callbacks.allowed_hosts)
+                .and_then(|p| p.check_url(u))
+                .map_err(ApiError::invalid)?;
+        }
         let now = now_ms();
         let target = spec.target.clone();
         let broadcast = spec.is_broadcast();
@@ -406,7 +427,11 @@ impl Core {
                 fin.status,
                 Some(Status::Failed | Status::TimedOut | Status::Lost)
             ) {
-                fin.retry_at = policy.retry.next_at(attempt.0, now);
+                // Attempts that provably never started are free: the budget counts the others.
+                let free = self.store.unstarted_attempts(*id).unwrap_or(0);
+                fin.retry_at = policy
+                    .retry
+                    .next_at(attempt.0.saturating_sub(free).max(1), now);
             }
             fin.callback_url = policy.callback_url;
             true
@@ -500,7 +525,40 @@ impl crate::delivery::PullSource for Core {
     /// Claims up to `free` pull executions of `pool` for `node`, waiting up to `wait` for some
     /// to be submitted (woken by the submission itself, not by polling the store; a slow
     /// re-check every poll interval covers work created by other schedulers).
+    fn unstarted(&self, node: &str, id: ExecutionId, attempt: Attempt, why: &str) {
+        self.requeue(id, attempt, &format!("by {node}: {why}"), Some(node));
+    }
+
+    fn held(&self, node: &str, keys: &[(ExecutionId, Attempt)]) -> Vec<bool> {
+        let mut seen: HashMap<ExecutionId, Option<crate::store::ExecutionRow>> = HashMap::new();
+        keys.iter()
+            .map(|(id, attempt)| {
+                let row = seen
+                    .entry(*id)
+                    .or_insert_with(|| self.store.get_execution(*id).ok().flatten());
+                row.as_ref().is_some_and(|e| {
+                    e.attempt == *attempt
+                        && e.node.as_deref() == Some(node)
+                        && !e.status.is_terminal()
+                })
+            })
+            .collect()
+    }
+
     fn pull(&self, node: &str, pool: &str, free: u32, wait: Duration) -> Vec<Dispatch> {
+        // With a registry, only a live pull node of this pool gets this pool's work (and the
+        // secrets in it): naming a pool is not enough.
+        if let Some(t) = &self.node_table {
+            let known = t
+                .nodes()
+                .iter()
+                .any(|n| n.id == node && n.pool == pool && n.path == "pull");
+            if !known {
+                log::warn!(target: LOG, "node={node:?} pool={pool:?} pull refused: not a live pull node of that pool in the registry");
+                std::thread::sleep(wait.min(Duration::from_secs(1)));
+                return Vec::new();
+            }
+        }
         let deadline = std::time::Instant::now() + wait;
         let poll = Duration::from_millis(self.cfg.scheduler.poll_interval_ms.max(50));
         loop {
@@ -616,7 +674,23 @@ impl Core {
     /// An attempt that was dispatched but never started goes back to the queue under a new
     /// attempt number — unless no node has started it for `no_node_timeout_seconds` since it
     /// was due, then it fails.
-    fn requeue(&self, id: ExecutionId, attempt: Attempt, why: &str) {
+    /// Attempts a crashed node took and provably never started (its start journal says so)
+    /// go back to the queue without counting against their retry budget.
+    pub fn recover_unstarted(&self, node: &str, list: &[(ExecutionId, Attempt)]) {
+        if !list.is_empty() {
+            log::info!(target: LOG, "node={node} {} attempt(s) it took never started; dispatching them again", list.len());
+        }
+        for (id, attempt) in list {
+            self.requeue(
+                *id,
+                *attempt,
+                &format!("{node} took it and stopped before starting it"),
+                Some(node),
+            );
+        }
+    }
+
+    fn requeue(&self, id: ExecutionId, attempt: Attempt, why: &str, holder: Option<&str>) {
         let now = now_ms();
         let wait = self.cfg.scheduler.no_node_timeout_seconds as i64 * 1000;
         let due = self
@@ -637,7 +711,12 @@ impl Core {
             self.finish(id, attempt, fin);
             return;
         }
-        match self.store.requeue(id, attempt, why, now) {
+        let error = format!("{}{why}", crate::store::NOT_STARTED);
+        let moved = match holder {
+            Some(node) => self.store.requeue_held(id, attempt, node, &error, now),
+            None => self.store.requeue(id, attempt, &error, now),
+        };
+        match moved {
             Ok(true) => {
                 self.policies
                     .lock()
@@ -679,7 +758,7 @@ impl crate::delivery::ReportSink for Core {
     }
 
     fn not_started(&self, node: &str, id: ExecutionId, attempt: Attempt, why: &str) {
-        self.requeue(id, attempt, &format!("not started by {node}: {why}"));
+        self.requeue(id, attempt, &format!("by {node}: {why}"), None);
     }
 }
 
@@ -722,38 +801,33 @@ impl Scheduler {
             kick_callbacks,
             stopping: AtomicBool::new(false),
             followers: AtomicUsize::new(0),
+            health: Arc::new(crate::supervise::Health::default()),
             node_table,
             pull_enabled,
             policies: Mutex::new(HashMap::new()),
             pull_gen: (Mutex::new(0), std::sync::Condvar::new()),
         });
         let http = http::HttpServer::start(core.clone())?;
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(f)
+        // Each loop is restarted if it panics (supervise), so no input can stop it for good.
+        let spawn = |name: &str, f: Box<dyn Fn(&Core) + Send>| {
+            let (c, stop) = (core.clone(), core.clone());
+            crate::supervise::spawn(&core.health, name, move || stop.stopping(), move || f(&c))
                 .map_err(|e| format!("cannot start thread {name}: {e}"))
         };
-        let mut threads = Vec::new();
-        let c = core.clone();
-        threads.push(spawn(
-            "sched-dispatch",
-            Box::new(move || dispatcher(&c, &dispatch_rx)),
-        )?);
-        let c = core.clone();
-        threads.push(spawn(
-            "sched-ingest",
-            Box::new(move || ingest(&c, &reports)),
-        )?);
-        let c = core.clone();
-        threads.push(spawn("sched-cron", Box::new(move || cron_ticker(&c)))?);
-        let c = core.clone();
-        threads.push(spawn("sched-sweeper", Box::new(move || sweeper(&c)))?);
-        let c = core.clone();
-        threads.push(spawn(
-            "sched-callbacks",
-            Box::new(move || callbacks::run(&c, &callbacks_rx)),
-        )?);
+        let mut threads = vec![
+            spawn(
+                "sched-dispatch",
+                Box::new(move |c| dispatcher(c, &dispatch_rx)),
+            )?,
+            spawn("sched-ingest", Box::new(move |c| ingest(c, &reports)))?,
+            spawn("sched-cron", Box::new(cron_ticker))?,
+            spawn("sched-sweeper", Box::new(sweeper))?,
+            spawn(
+                "sched-callbacks",
+                Box::new(move |c| callbacks::run(c, &callbacks_rx)),
+            )?,
+        ];
+        threads.shrink_to_fit();
         Ok(Scheduler {
             core,
             threads,
@@ -1091,6 +1165,7 @@ fn sweeper(core: &Core) {
                             id,
                             attempt,
                             "no node started its dispatch before it expired",
+                            None,
                         );
                     }
                 }
