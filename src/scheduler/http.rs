@@ -225,10 +225,7 @@ fn handle(core: &Arc<Core>, mut req: Request) {
         );
     }
     if path == "/metrics" {
-        let counts = core.store.status_counts().unwrap_or_default();
-        let text = core
-            .metrics
-            .render(&counts, core.store.outbox_pending().unwrap_or(0));
+        let text = core.metrics_text();
         let h =
             Header::from_bytes("Content-Type", "text/plain; version=0.0.4").expect("static header");
         let _ = req.respond(Response::from_string(text).with_header(h));
