@@ -187,6 +187,17 @@ pub struct ServerConfig {
     pub max_log_followers: usize,
     /// gRPC listen address of the scheduler (nodes report here); empty = no gRPC.
     pub grpc_listen: String,
+    /// A request's line and headers must arrive within this many ms (idle keep-alive
+    /// connections are closed after it too).
+    pub header_timeout_ms: u64,
+    /// A request's body must arrive within this many ms after its headers.
+    pub body_timeout_ms: u64,
+    /// Largest request head (request line + headers), bytes (at least 8192).
+    pub max_header_bytes: usize,
+    /// Most header lines per request.
+    pub max_headers: usize,
+    /// Most HTTP connections open at once; more clients wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -219,6 +230,10 @@ pub struct CallbackConfig {
     pub initial_backoff_ms: u64,
     pub max_backoff_ms: u64,
     pub timeout_ms: u64,
+    /// Hosts (names or IP addresses) and CIDR ranges callbacks may go to. Empty = any host
+    /// except loopback, link-local (cloud metadata), unspecified and multicast addresses;
+    /// those are reached only when listed here.
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -270,6 +285,11 @@ impl Default for ServerConfig {
             http_threads: 8,
             max_log_followers: 256,
             grpc_listen: "127.0.0.1:9090".into(),
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            max_header_bytes: 64 << 10,
+            max_headers: 100,
+            max_connections: 1024,
         }
     }
 }
@@ -297,6 +317,7 @@ impl Default for CallbackConfig {
             initial_backoff_ms: 1_000,
             max_backoff_ms: 300_000,
             timeout_ms: 10_000,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -342,7 +363,16 @@ http_threads = 8
 # Concurrent `logs?follow=true` streams; more are refused with 503.
 max_log_followers = 256
 # gRPC address of the scheduler: executors report logs and outcomes here. Empty = no gRPC.
+# Like listen: anything but a loopback address needs a token.
 grpc_listen = "127.0.0.1:9090"
+# Limits of the HTTP intake: a request's head must arrive within header_timeout_ms (idle
+# keep-alive connections close after it too), its body within body_timeout_ms; a head over
+# max_header_bytes or max_headers lines is refused (431); at most max_connections are open.
+header_timeout_ms = 10000
+body_timeout_ms = 30000
+max_header_bytes = 65536
+max_headers = 100
+max_connections = 1024
 
 [scheduler]
 # Look for due work this often (submissions to this scheduler wake it at once).
@@ -374,6 +404,10 @@ max_attempts = 20
 initial_backoff_ms = 1000
 max_backoff_ms = 300000
 timeout_ms = 10000
+# Where callbacks may go: host names, IP addresses, CIDR ranges ("10.0.0.0/8"). Empty = any
+# host except loopback, link-local (e.g. 169.254.169.254 cloud metadata), unspecified and
+# multicast addresses, which are reached only when listed. Redirects are never followed.
+allowed_hosts = []
 
 [node]
 # The built-in node of --mode all (the process pool).
@@ -515,10 +549,61 @@ impl Config {
         if self.agent.heartbeat_ms == 0 || self.agent.pool.is_empty() {
             return Err("agent.heartbeat_ms must be at least 1 and agent.pool not empty".into());
         }
+        if self.server.max_header_bytes < 8192
+            || self.server.max_headers == 0
+            || self.server.max_connections == 0
+        {
+            return Err("server.max_header_bytes must be at least 8192, server.max_headers and server.max_connections at least 1".into());
+        }
+        for h in &self.callbacks.allowed_hosts {
+            crate::scheduler::callbacks::HostRule::parse(h)
+                .map_err(|e| format!("callbacks.allowed_hosts: {e}"))?;
+        }
+        for (what, id) in [
+            ("executor.node_id", &self.executor.node_id),
+            ("agent.node_id", &self.agent.node_id),
+            ("agent.pool", &self.agent.pool),
+            ("executor.pool", &self.executor.pool),
+        ] {
+            if id.chars().count() > 255 {
+                return Err(format!("{what} must be at most 255 characters"));
+            }
+        }
         if (self.node.run_as_uid < 0) != (self.node.run_as_gid < 0) {
             return Err("node.run_as_uid and node.run_as_gid must be set together".into());
         }
         Ok(())
+    }
+
+    /// Makes every path of the configuration absolute, relative to `base` (the working
+    /// directory at start): the data dir, the SQLite store path, the workspace root, the agent
+    /// spool dir and the TLS files. Called once, right after flags are applied, so nothing later
+    /// sees a relative path: scripts run inside their workspace, where a relative path would
+    /// point somewhere else (a relative data dir once made every script fail to start).
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        let abs = |p: &std::path::Path| -> PathBuf {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let abs_str = |s: &mut String| {
+            if !s.is_empty() {
+                *s = abs(std::path::Path::new(s.as_str())).display().to_string();
+            }
+        };
+        self.server.data_dir = clean(&abs(&self.server.data_dir));
+        if let Some(path) = self.server.store.strip_prefix("sqlite:") {
+            if !path.is_empty() {
+                self.server.store = format!("sqlite:{}", abs(std::path::Path::new(path)).display());
+            }
+        }
+        abs_str(&mut self.node.workspace_root);
+        abs_str(&mut self.agent.spool_dir);
+        abs_str(&mut self.tls.cert);
+        abs_str(&mut self.tls.key);
+        abs_str(&mut self.tls.ca);
     }
 
     pub fn store_url(&self) -> String {
@@ -568,9 +653,84 @@ impl Config {
     }
 }
 
+/// Parses a listen address and refuses one that is not loopback when no token protects it:
+/// the same rule for every listener (HTTP intake, the scheduler's gRPC, an executor's gRPC).
+///
+/// # Errors
+/// The address is not `IP:PORT`, or it is not loopback and `token` is empty.
+pub fn check_listener(
+    what: &str,
+    listen: &str,
+    token: &str,
+) -> Result<std::net::SocketAddr, String> {
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .map_err(|_| format!("{what} {listen:?} is not IP:PORT"))?;
+    if token.is_empty() && !addr.ip().is_loopback() {
+        return Err(format!(
+            "refusing {what} = {addr} without a token: anyone who reaches it could run scripts \
+             on the nodes. Set a token (clients send `Authorization: Bearer <token>`) or use a \
+             loopback address"
+        ));
+    }
+    Ok(addr)
+}
+
+/// Creates (or tightens) a directory of node state: mode 0700, or 0711 when scripts dropped to
+/// another uid (`run_as`) must traverse it to reach their workspace (they still cannot list
+/// it, and the files in it are 0600). A directory that was more open is tightened and says so.
+///
+/// # Errors
+/// The directory cannot be created or its mode set.
+pub fn prepare_state_dir(dir: &std::path::Path, traversable: bool) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let mode = if traversable { 0o711 } else { 0o700 };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(|e| format!("cannot create state dir {}: {e}", dir.display()))?;
+    let meta = std::fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let have = meta.permissions().mode() & 0o777;
+    if have & !mode != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("cannot restrict {} to {mode:o}: {e}", dir.display()))?;
+        log::warn!(target: "etask::config", "state dir {} was mode {have:o}; restricted to {mode:o} (it holds task secrets)", dir.display());
+    }
+    Ok(())
+}
+
+/// `a/./b/` → `a/b` (lexically; `..` is kept, it may cross a symlink).
+fn clean(p: &std::path::Path) -> PathBuf {
+    p.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relative_paths_are_resolved_against_the_start_directory() {
+        let mut c = Config::parse(
+            "[server]\ndata_dir = \"d\"\nstore = \"sqlite:s/x.db\"\n[node]\nworkspace_root = \"w\"\n\
+             [agent]\nspool_dir = \"sp\"\n[tls]\ncert = \"c.pem\"\nkey = \"/abs/k.pem\"\n",
+        )
+        .unwrap();
+        c.resolve_paths(std::path::Path::new("/base"));
+        assert_eq!(c.server.data_dir, PathBuf::from("/base/d"));
+        assert_eq!(c.server.store, "sqlite:/base/s/x.db");
+        assert_eq!(c.node.workspace_root, "/base/w");
+        assert_eq!(c.agent.spool_dir, "/base/sp");
+        assert_eq!(c.tls.cert, "/base/c.pem");
+        assert_eq!(c.tls.key, "/abs/k.pem");
+        let mut d = Config::default();
+        d.resolve_paths(std::path::Path::new("/base"));
+        assert_eq!(d.server.data_dir, PathBuf::from("/base/etask-data"));
+        assert!(d.store_url().starts_with("sqlite:/base/etask-data/"));
+        assert!(d.pool_config().workspace_root.is_absolute());
+    }
 
     #[test]
     fn printed_default_file_parses_to_the_defaults() {

@@ -8,6 +8,7 @@ pub mod model;
 pub mod runner;
 pub mod signals;
 pub mod store;
+pub mod supervise;
 
 /// Milliseconds since the Unix epoch: the time unit of the store and the API.
 pub fn now_ms() -> i64 {

@@ -481,12 +481,20 @@ fn cmd_server(c: ServerCmd) -> Result<(), String> {
     if let Some(v) = c.max_concurrent {
         cfg.node.max_concurrent = v;
     }
+    let cwd =
+        std::env::current_dir().map_err(|e| format!("cannot read the current directory: {e}"))?;
+    cfg.resolve_paths(&cwd);
     cfg.validate()?;
     if cfg.server.token.is_empty() {
         if let Ok(t) = std::env::var("ETASK_TOKEN") {
             cfg.server.token = t;
         }
     }
+    // Nothing of the node for scripts to read: the token leaves the environment (still single-
+    // threaded here, so removing a variable is safe), and the process is not dumpable, so a
+    // script of the same uid cannot read /proc/<node>/environ or memory, nor ptrace it.
+    std::env::remove_var("ETASK_TOKEN");
+    etask::signals::not_dumpable();
     // Block the termination signals before any thread starts, so every thread inherits it.
     let stop =
         etask::signals::termination().map_err(|e| format!("cannot set up signal handling: {e}"))?;

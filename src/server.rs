@@ -54,12 +54,14 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         Mode::Scheduler | Mode::All => {}
     }
     crate::scheduler::http::check_listen(&cfg)?;
-    std::fs::create_dir_all(&cfg.server.data_dir).map_err(|e| {
-        format!(
-            "cannot create data dir {}: {e}",
-            cfg.server.data_dir.display()
-        )
-    })?;
+    if !cfg.server.grpc_listen.is_empty() {
+        crate::config::check_listener(
+            "server.grpc_listen",
+            &cfg.server.grpc_listen,
+            &cfg.server.token,
+        )?;
+    }
+    crate::config::prepare_state_dir(&cfg.server.data_dir, cfg.node.run_as_uid >= 0)?;
     let store = crate::store::open(&cfg.store_url()).map_err(|e| e.to_string())?;
     // Unbounded on purpose: the pool's reactor must never block on its consumer (timeouts and
     // kills run on that thread). The backlog is bounded by the per-run log cap times
@@ -105,12 +107,13 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     if !cfg.server.grpc_listen.is_empty() {
         let rt = crate::delivery::grpc::Runtime::with_tls(cfg.grpc_tls()?)
             .map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
-        let addr = cfg.server.grpc_listen.parse().map_err(|_| {
-            format!(
-                "server.grpc_listen {:?} is not IP:PORT",
-                cfg.server.grpc_listen
-            )
-        })?;
+        // The same rule as the HTTP intake: gRPC takes tasks, hands out work (with its
+        // secrets) and accepts outcomes, so anything but loopback needs the token.
+        let addr = crate::config::check_listener(
+            "server.grpc_listen",
+            &cfg.server.grpc_listen,
+            &cfg.server.token,
+        )?;
         let srv = crate::delivery::grpc::serve_scheduler(
             &rt,
             addr,

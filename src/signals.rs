@@ -34,3 +34,13 @@ pub fn termination() -> std::io::Result<Receiver<i32>> {
         })?;
     Ok(rx)
 }
+
+/// Marks the process not dumpable (`PR_SET_DUMPABLE` 0): other processes of the same uid can no
+/// longer read its `/proc/<pid>/environ`, `mem` or `maps`, nor attach a debugger, and it leaves
+/// no core file. Children get the default back when they `execve`.
+pub fn not_dumpable() {
+    // SAFETY: prctl with PR_SET_DUMPABLE takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+}

@@ -401,6 +401,8 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     } else {
         std::path::PathBuf::from(&cfg.agent.spool_dir)
     };
+    crate::config::prepare_state_dir(&cfg.server.data_dir, cfg.node.run_as_uid >= 0)?;
+    crate::config::prepare_state_dir(&spool_dir, false)?;
     // A dispatch older than its TTL never runs: remembering an hour (or twice the TTL) is plenty.
     let keep = Duration::from_secs((2 * k.dispatch_ttl_seconds).max(3_600));
     let spool = Spool::open(&spool_dir, keep).map_err(|e| {

@@ -127,6 +127,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     };
     let rt = grpc::Runtime::with_tls(cfg.grpc_tls()?)
         .map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
+    crate::config::prepare_state_dir(&cfg.server.data_dir, cfg.node.run_as_uid >= 0)?;
     let pool = Pool::start(cfg.pool_config())
         .map_err(|e| format!("cannot start the process pool: {e}"))?;
     let capacity = pool.max_concurrent() as u32;
@@ -141,10 +142,9 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let mut server = None;
     let mut advertise = String::from("-");
     if ex.path == "push" {
-        let addr = ex
-            .grpc_listen
-            .parse()
-            .map_err(|_| format!("executor.grpc_listen {:?} is not IP:PORT", ex.grpc_listen))?;
+        // Execute runs scripts: reachable from the network only with the token.
+        let addr =
+            crate::config::check_listener("executor.grpc_listen", &ex.grpc_listen, &ex.token)?;
         let srv = grpc::serve_executor(&rt, addr, handler.clone(), &ex.token)
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         advertise = if ex.advertise.is_empty() {

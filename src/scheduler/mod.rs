@@ -4,7 +4,7 @@
 //! loop and talks to the others through the store and small wake-up channels.
 
 pub mod api;
-mod callbacks;
+pub mod callbacks;
 pub mod http;
 pub mod metrics;
 
@@ -60,6 +60,8 @@ pub struct Core {
     kick_callbacks: Sender<()>,
     stopping: AtomicBool,
     pub followers: AtomicUsize,
+    /// The scheduler's component threads, for `/healthz`.
+    pub health: Arc<crate::supervise::Health>,
     /// Live nodes from etcd, when a registry is configured.
     node_table: Option<Arc<NodeTable>>,
     /// Executors may Pull work (the gRPC service is up).
@@ -113,6 +115,20 @@ impl Core {
         text
     }
 
+    /// `/healthz`: (healthy, body). Healthy when the store answers and every component thread
+    /// runs; the body names each component (no paths, no addresses: the endpoint is open).
+    pub fn health(&self) -> (bool, Value) {
+        let store_ok = self.store.ping().is_ok();
+        let comps_ok = self.health.all_running() || self.stopping();
+        let ok = store_ok && comps_ok;
+        let body = serde_json::json!({
+            "status": if ok { "ok" } else if !store_ok { "store unavailable" } else { "degraded" },
+            "store": if store_ok { "ok" } else { "unavailable" },
+            "components": self.health.to_json(),
+        });
+        (ok, body)
+    }
+
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
@@ -154,6 +170,11 @@ impl Core {
     }
 
     pub fn submit(&self, mut spec: TaskSpec) -> Result<(Created, Vec<ExecutionId>), ApiError> {
+        if let Some(u) = &spec.callback_url {
+            callbacks::Policy::new(&self.cfg.callbacks.allowed_hosts)
+                .and_then(|p| p.check_url(u))
+                .map_err(ApiError::invalid)?;
+        }
         let now = now_ms();
         let target = spec.target.clone();
         let broadcast = target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast");
@@ -202,6 +223,14 @@ impl Core {
                 .unwrap_or_default(),
         };
         let mut created = self.store.create_task(&t, now)?;
+        if created.differs {
+            return Err(ApiError::conflict(format!(
+                "request_id {:?} was used before for task {} with a different body; use a new \
+                 request_id for a different task",
+                spec.request_id.as_deref().unwrap_or_default(),
+                created.task_id
+            )));
+        }
         let mut all = created.execution_id.into_iter().collect::<Vec<_>>();
         if broadcast_once && !created.existed {
             all = self.store.add_broadcast(
@@ -666,38 +695,33 @@ impl Scheduler {
             kick_callbacks,
             stopping: AtomicBool::new(false),
             followers: AtomicUsize::new(0),
+            health: Arc::new(crate::supervise::Health::default()),
             node_table,
             pull_enabled,
             policies: Mutex::new(HashMap::new()),
             pull_gen: (Mutex::new(0), std::sync::Condvar::new()),
         });
         let http = http::HttpServer::start(core.clone())?;
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(f)
+        // Each loop is restarted if it panics (supervise), so no input can stop it for good.
+        let spawn = |name: &str, f: Box<dyn Fn(&Core) + Send>| {
+            let (c, stop) = (core.clone(), core.clone());
+            crate::supervise::spawn(&core.health, name, move || stop.stopping(), move || f(&c))
                 .map_err(|e| format!("cannot start thread {name}: {e}"))
         };
-        let mut threads = Vec::new();
-        let c = core.clone();
-        threads.push(spawn(
-            "sched-dispatch",
-            Box::new(move || dispatcher(&c, &dispatch_rx)),
-        )?);
-        let c = core.clone();
-        threads.push(spawn(
-            "sched-ingest",
-            Box::new(move || ingest(&c, &reports)),
-        )?);
-        let c = core.clone();
-        threads.push(spawn("sched-cron", Box::new(move || cron_ticker(&c)))?);
-        let c = core.clone();
-        threads.push(spawn("sched-sweeper", Box::new(move || sweeper(&c)))?);
-        let c = core.clone();
-        threads.push(spawn(
-            "sched-callbacks",
-            Box::new(move || callbacks::run(&c, &callbacks_rx)),
-        )?);
+        let mut threads = vec![
+            spawn(
+                "sched-dispatch",
+                Box::new(move |c| dispatcher(c, &dispatch_rx)),
+            )?,
+            spawn("sched-ingest", Box::new(move |c| ingest(c, &reports)))?,
+            spawn("sched-cron", Box::new(cron_ticker))?,
+            spawn("sched-sweeper", Box::new(sweeper))?,
+            spawn(
+                "sched-callbacks",
+                Box::new(move |c| callbacks::run(c, &callbacks_rx)),
+            )?,
+        ];
+        threads.shrink_to_fit();
         Ok(Scheduler {
             core,
             threads,

@@ -31,7 +31,7 @@ impl Server {
         };
         let text = format!(
             "[scheduler]\npoll_interval_ms = {poll}\nheartbeat_interval_ms = 300\nnode_silent_after_ms = 2000\n\
-             [callbacks]\ninitial_backoff_ms = 200\nmax_backoff_ms = 500\ntimeout_ms = 2000\n\
+             [callbacks]\ninitial_backoff_ms = 200\nmax_backoff_ms = 500\ntimeout_ms = 2000\nallowed_hosts = [\"127.0.0.1\"]\n\
              [node]\nkill_grace_seconds = 1\n{extra_config}"
         );
         std::fs::write(&cfg, text).unwrap();
