@@ -421,7 +421,10 @@ impl Fields {
     }
 
     fn year_ok(&self, y: i32) -> bool {
-        self.years.as_ref().is_none_or(|ys| ys.contains(&y))
+        match &self.years {
+            Some(ys) => ys.contains(&y),
+            None => true,
+        }
     }
 
     fn horizon(&self, from_year: i32) -> i32 {
