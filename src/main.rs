@@ -493,7 +493,7 @@ fn cmd_server(c: ServerCmd) -> Result<(), String> {
     // Nothing of the node for scripts to read: the token leaves the environment (still single-
     // threaded here, so removing a variable is safe), and the process is not dumpable, so a
     // script of the same uid cannot read /proc/<node>/environ or memory, nor ptrace it.
-    std::env::remove_var("ETASK_TOKEN");
+    etask::signals::scrub_env("ETASK_TOKEN");
     etask::signals::not_dumpable();
     // Block the termination signals before any thread starts, so every thread inherits it.
     let stop =

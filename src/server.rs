@@ -46,6 +46,22 @@ fn node_id() -> String {
     )
 }
 
+/// Opens the node's start journal in its data dir (`start.journal`): what the previous
+/// incarnation took and never started, and a fresh journal for this one.
+///
+/// # Errors
+/// The journal cannot be opened, or another running node uses this data dir.
+pub fn open_journal(
+    cfg: &Config,
+    node: &str,
+) -> Result<(Arc<crate::runner::StartJournal>, crate::runner::Previous), String> {
+    crate::config::prepare_state_dir(&cfg.server.data_dir, cfg.node.run_as_uid >= 0)?;
+    let path = cfg.server.data_dir.join("start.journal");
+    let (j, prev) = crate::runner::StartJournal::open(&path, node)
+        .map_err(|e| format!("cannot open the start journal {}: {e}", path.display()))?;
+    Ok((Arc::new(j), prev))
+}
+
 /// Runs until `stop` yields (SIGTERM/SIGINT in the CLI), then shuts down in order.
 pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> Result<(), String> {
     match mode {
@@ -70,10 +86,15 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     let reports_tx_sched = reports_tx.clone();
     let mut local = None;
     let mut deliveries: Vec<Arc<dyn Delivery>> = Vec::new();
+    let mut previous = None;
     if mode == Mode::All {
-        let pool = Pool::start(cfg.pool_config())
-            .map_err(|e| format!("cannot start the process pool: {e}"))?;
-        let l = Arc::new(Local::new(pool, node_id(), reports_tx));
+        let node = node_id();
+        let (journal, prev) = open_journal(&cfg, &node)?;
+        previous = Some(prev);
+        let mut pc = cfg.pool_config();
+        pc.journal = Some(journal);
+        let pool = Pool::start(pc).map_err(|e| format!("cannot start the process pool: {e}"))?;
+        let l = Arc::new(Local::new(pool, node, reports_tx));
         deliveries.push(l.clone());
         local = Some(l);
     }
@@ -121,6 +142,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
             &cfg.server.token,
             pull_slot.clone(),
             tasks_slot.clone(),
+            cfg.server.max_body_bytes,
         )
         .map_err(|e| format!("cannot listen for gRPC on {addr}: {e}"))?;
         log::info!(target: "etask::server", "gRPC listening on {}", srv.addr);
@@ -150,6 +172,14 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         table,
         pull_enabled,
     )?;
+    if let Some(prev) = previous.filter(|p| !p.node.is_empty()) {
+        let list: Vec<_> = prev
+            .unstarted
+            .iter()
+            .map(|(e, a)| (crate::model::ExecutionId(*e), crate::model::Attempt(*a)))
+            .collect();
+        sched.core.recover_unstarted(&prev.node, &list);
+    }
     let _ = pull_slot.set(sched.core.clone());
     let _ = tasks_slot.set(sched.core.clone());
     if let Some(k) = &kafka {

@@ -44,3 +44,22 @@ pub fn not_dumpable() {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
     }
 }
+
+/// Removes `name` from the environment and overwrites its value where the kernel shows it
+/// (`/proc/<pid>/environ` reads the process's original environment block, which `unsetenv`
+/// leaves in place). Call while the process is single-threaded.
+pub fn scrub_env(name: &str) {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return;
+    };
+    // SAFETY: single-threaded (documented precondition); getenv returns a pointer into the
+    // environment block or null, and we overwrite exactly the value's bytes before the NUL.
+    unsafe {
+        let p = libc::getenv(c.as_ptr());
+        if !p.is_null() {
+            let len = libc::strlen(p);
+            std::ptr::write_bytes(p, 0, len);
+        }
+    }
+    std::env::remove_var(name);
+}

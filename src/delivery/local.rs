@@ -56,9 +56,9 @@ impl Delivery for Local {
             .submit(req, self.reports.clone())
             .map_err(|e| match e {
                 SubmitError::Invalid(e) => Refused::Rejected(e.to_string()),
-                e @ (SubmitError::Full { .. } | SubmitError::Stopped) => {
-                    Refused::Busy(e.to_string())
-                }
+                e @ (SubmitError::Full { .. }
+                | SubmitError::Stopped
+                | SubmitError::Unrecorded(_)) => Refused::Busy(e.to_string()),
             })
     }
 

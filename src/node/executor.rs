@@ -128,8 +128,10 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let rt = grpc::Runtime::with_tls(cfg.grpc_tls()?)
         .map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
     crate::config::prepare_state_dir(&cfg.server.data_dir, cfg.node.run_as_uid >= 0)?;
-    let pool = Pool::start(cfg.pool_config())
-        .map_err(|e| format!("cannot start the process pool: {e}"))?;
+    let (journal, previous) = crate::server::open_journal(&cfg, &node_id)?;
+    let mut pc = cfg.pool_config();
+    pc.journal = Some(journal);
+    let pool = Pool::start(pc).map_err(|e| format!("cannot start the process pool: {e}"))?;
     let capacity = pool.max_concurrent() as u32;
     // Unbounded for the same reason as in --mode all: the pool never blocks on its consumer.
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
@@ -157,6 +159,14 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let stop_flag = Arc::new(AtomicBool::new(false));
     let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token)?;
     let (node, flag) = (node_id.clone(), stop_flag.clone());
+    if !previous.unstarted.is_empty() && !previous.node.is_empty() {
+        let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token)?;
+        let flag = stop_flag.clone();
+        std::thread::Builder::new()
+            .name("executor-recover".into())
+            .spawn(move || report_unstarted(&client, &previous, &flag))
+            .map_err(|e| e.to_string())?;
+    }
     let reporter = std::thread::Builder::new()
         .name("executor-report".into())
         .spawn(move || reporter(client, node, events_rx, flag))
@@ -213,6 +223,39 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     }
     let _ = reporter.join();
     Ok(())
+}
+
+/// Tells the scheduler which attempts the previous incarnation of this node took and never
+/// started (under that incarnation's node id, which still holds them), until it acknowledges.
+fn report_unstarted(client: &SchedulerClient, prev: &crate::runner::Previous, stop: &AtomicBool) {
+    let batch = pb::ReportBatch {
+        node_id: prev.node.clone(),
+        items: prev
+            .unstarted
+            .iter()
+            .map(|(e, a)| pb::ReportItem {
+                execution_id: *e,
+                attempt: *a,
+                kind: Some(pb::report_item::Kind::NotStarted(
+                    "the node stopped before starting it".into(),
+                )),
+            })
+            .collect(),
+    };
+    let mut backoff = Duration::from_millis(200);
+    while !stop.load(Ordering::SeqCst) {
+        match client.report(batch.clone()) {
+            Ok(_) => {
+                log::info!(target: LOG, "reported {} attempt(s) the previous node {} never started", batch.items.len(), prev.node);
+                return;
+            }
+            Err(e) => {
+                log::warn!(target: LOG, "cannot report unstarted attempts yet: {e}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// PULL: asks the scheduler for work whenever a slot is free; each call is held open by the

@@ -108,6 +108,17 @@ fn launch_one(cfg: &PoolConfig, pool_id: usize, job: &SpawnJob) -> Result<Spawne
         limits: &cfg.limits,
         run_as: cfg.run_as,
     };
+    // Recorded before the fork, and no fork without it: after a crash an attempt without its
+    // `S` line provably never ran (runner/journal.rs).
+    if let Some(j) = &cfg.journal {
+        if let Err(e) = j.started(job.req.execution_id.0, job.req.attempt.0) {
+            let _ = std::fs::remove_dir_all(&job.workspace);
+            return Err(format!(
+                "cannot record the start in {}: {e}",
+                j.path().display()
+            ));
+        }
+    }
     let spawned = tree::spawn_root(pool_id, || spawn(&spec).map(|sp| (sp.pid, sp)));
     match spawned {
         Ok((_, sp)) => Ok(sp),

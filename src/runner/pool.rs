@@ -45,6 +45,9 @@ pub struct PoolConfig {
     pub path_env: String,
     pub lang: String,
     pub interpreters: Interpreters,
+    /// Where the node records taken and started attempts (see `journal`); `None` = nowhere
+    /// (`etask run`, tests).
+    pub journal: Option<Arc<super::journal::StartJournal>>,
 }
 
 impl Default for PoolConfig {
@@ -63,6 +66,7 @@ impl Default for PoolConfig {
             path_env: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
             lang: "C.UTF-8".into(),
             interpreters: Interpreters::default(),
+            journal: None,
         }
     }
 }
@@ -210,6 +214,10 @@ pub enum SubmitError {
     Full { in_flight: usize, capacity: usize },
     #[error("the pool has stopped")]
     Stopped,
+    /// The start journal could not record the attempt, so it is not taken (a crash could
+    /// otherwise make it look unstarted and run it twice).
+    #[error("cannot record the attempt in the start journal: {0}")]
+    Unrecorded(String),
 }
 
 enum Cmd {
@@ -229,6 +237,7 @@ pub struct Pool {
     poller: Arc<Poller>,
     cmd_tx: Sender<Cmd>,
     capacity: usize,
+    journal: Option<Arc<super::journal::StartJournal>>,
     max_concurrent: usize,
     thread: Option<JoinHandle<()>>,
     launchers: Vec<JoinHandle<()>>,
@@ -271,6 +280,7 @@ impl Pool {
             stopping: AtomicBool::new(false),
         });
         let max_concurrent = cfg.max_concurrent;
+        let journal = cfg.journal.clone();
         let cfg = Arc::new(cfg);
         let pool_id = tree::register_pool(poller.clone());
         // Bounded by what can be in flight: one job per run plus one workspace removal per run.
@@ -302,6 +312,7 @@ impl Pool {
             poller,
             cmd_tx,
             capacity,
+            journal,
             max_concurrent,
             thread: Some(thread),
             launchers,
@@ -321,6 +332,12 @@ impl Pool {
                 in_flight: prev,
                 capacity: self.capacity,
             });
+        }
+        if let Some(j) = &self.journal {
+            if let Err(e) = j.taken(req.execution_id.0, req.attempt.0) {
+                self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                return Err(SubmitError::Unrecorded(e.to_string()));
+            }
         }
         self.send(Cmd::Submit(Box::new(req), events))
             .inspect_err(|_| {

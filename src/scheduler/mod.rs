@@ -383,7 +383,11 @@ impl Core {
                 fin.status,
                 Some(Status::Failed | Status::TimedOut | Status::Lost)
             ) {
-                fin.retry_at = policy.retry.next_at(attempt.0, now);
+                // Attempts that provably never started are free: the budget counts the others.
+                let free = self.store.unstarted_attempts(*id).unwrap_or(0);
+                fin.retry_at = policy
+                    .retry
+                    .next_at(attempt.0.saturating_sub(free).max(1), now);
             }
             fin.callback_url = policy.callback_url;
             true
@@ -477,7 +481,40 @@ impl crate::delivery::PullSource for Core {
     /// Claims up to `free` pull executions of `pool` for `node`, waiting up to `wait` for some
     /// to be submitted (woken by the submission itself, not by polling the store; a slow
     /// re-check every poll interval covers work created by other schedulers).
+    fn unstarted(&self, node: &str, id: ExecutionId, attempt: Attempt, why: &str) {
+        self.requeue(id, attempt, &format!("by {node}: {why}"), Some(node));
+    }
+
+    fn held(&self, node: &str, keys: &[(ExecutionId, Attempt)]) -> Vec<bool> {
+        let mut seen: HashMap<ExecutionId, Option<crate::store::ExecutionRow>> = HashMap::new();
+        keys.iter()
+            .map(|(id, attempt)| {
+                let row = seen
+                    .entry(*id)
+                    .or_insert_with(|| self.store.get_execution(*id).ok().flatten());
+                row.as_ref().is_some_and(|e| {
+                    e.attempt == *attempt
+                        && e.node.as_deref() == Some(node)
+                        && !e.status.is_terminal()
+                })
+            })
+            .collect()
+    }
+
     fn pull(&self, node: &str, pool: &str, free: u32, wait: Duration) -> Vec<Dispatch> {
+        // With a registry, only a live pull node of this pool gets this pool's work (and the
+        // secrets in it): naming a pool is not enough.
+        if let Some(t) = &self.node_table {
+            let known = t
+                .nodes()
+                .iter()
+                .any(|n| n.id == node && n.pool == pool && n.path == "pull");
+            if !known {
+                log::warn!(target: LOG, "node={node:?} pool={pool:?} pull refused: not a live pull node of that pool in the registry");
+                std::thread::sleep(wait.min(Duration::from_secs(1)));
+                return Vec::new();
+            }
+        }
         let deadline = std::time::Instant::now() + wait;
         let poll = Duration::from_millis(self.cfg.scheduler.poll_interval_ms.max(50));
         loop {
@@ -593,7 +630,23 @@ impl Core {
     /// An attempt that was dispatched but never started goes back to the queue under a new
     /// attempt number — unless no node has started it for `no_node_timeout_seconds` since it
     /// was due, then it fails.
-    fn requeue(&self, id: ExecutionId, attempt: Attempt, why: &str) {
+    /// Attempts a crashed node took and provably never started (its start journal says so)
+    /// go back to the queue without counting against their retry budget.
+    pub fn recover_unstarted(&self, node: &str, list: &[(ExecutionId, Attempt)]) {
+        if !list.is_empty() {
+            log::info!(target: LOG, "node={node} {} attempt(s) it took never started; dispatching them again", list.len());
+        }
+        for (id, attempt) in list {
+            self.requeue(
+                *id,
+                *attempt,
+                &format!("{node} took it and stopped before starting it"),
+                Some(node),
+            );
+        }
+    }
+
+    fn requeue(&self, id: ExecutionId, attempt: Attempt, why: &str, holder: Option<&str>) {
         let now = now_ms();
         let wait = self.cfg.scheduler.no_node_timeout_seconds as i64 * 1000;
         let due = self
@@ -614,7 +667,12 @@ impl Core {
             self.finish(id, attempt, fin);
             return;
         }
-        match self.store.requeue(id, attempt, why, now) {
+        let error = format!("{}{why}", crate::store::NOT_STARTED);
+        let moved = match holder {
+            Some(node) => self.store.requeue_held(id, attempt, node, &error, now),
+            None => self.store.requeue(id, attempt, &error, now),
+        };
+        match moved {
             Ok(true) => {
                 self.policies
                     .lock()
@@ -656,7 +714,7 @@ impl crate::delivery::ReportSink for Core {
     }
 
     fn not_started(&self, node: &str, id: ExecutionId, attempt: Attempt, why: &str) {
-        self.requeue(id, attempt, &format!("not started by {node}: {why}"));
+        self.requeue(id, attempt, &format!("by {node}: {why}"), None);
     }
 }
 
@@ -1085,6 +1143,7 @@ fn sweeper(core: &Core) {
                             id,
                             attempt,
                             "no node started its dispatch before it expired",
+                            None,
                         );
                     }
                 }

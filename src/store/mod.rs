@@ -34,6 +34,10 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// The start of the error recorded for an attempt that provably never started (requeued by the
+/// scheduler): such attempts are free, the retry budget counts only the others.
+pub const NOT_STARTED: &str = "not started: ";
+
 /// A value bound to or read from a statement.
 #[derive(Debug, Clone, PartialEq)]
 pub enum V {
@@ -490,6 +494,19 @@ pub trait Store: Send + Sync {
     /// work): the old dispatch can never run, the new one is fenced from it. False when the
     /// attempt is no longer the dispatched one.
     fn requeue(&self, id: ExecutionId, attempt: Attempt, error: &str, now: i64) -> Result<bool>;
+    /// [`Store::requeue`], only while `node` still holds the attempt (recovery of a crashed
+    /// node's unstarted attempts must not touch one that moved on to another node).
+    fn requeue_held(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        node: &str,
+        error: &str,
+        now: i64,
+    ) -> Result<bool>;
+    /// How many attempts of an execution were recorded as never started (their error begins
+    /// with [`NOT_STARTED`]): they do not count against the retry budget.
+    fn unstarted_attempts(&self, id: ExecutionId) -> Result<u32>;
     /// Ends attempts, in one transaction; for each, the new status, or `None` when the report
     /// is stale (older attempt, or the execution already final).
     fn finish(
@@ -806,6 +823,40 @@ impl SqlStore {
             }
         }
         Ok(Some(new))
+    }
+}
+
+impl SqlStore {
+    /// `requeue`, optionally only while `holder` holds the attempt.
+    fn requeue_in(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        holder: Option<&str>,
+        error: &str,
+        now: i64,
+    ) -> Result<bool> {
+        self.tx(|c| {
+            let rows = c.query(
+                "SELECT node FROM executions WHERE id = ? AND attempt = ? AND status = 'dispatched'",
+                &[id.0.into(), i64::from(attempt.0).into()],
+            )?;
+            let Some(r) = rows.first() else { return Ok(false) };
+            if holder.is_some_and(|h| r[0].s().as_deref() != Some(h)) {
+                return Ok(false);
+            }
+            let n = c.exec(
+                "UPDATE executions SET status = 'pending', attempt = attempt + 1, node = NULL, heartbeat_at = NULL, \
+                 updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
+                &[now.into(), id.0.into(), i64::from(attempt.0).into()],
+            )?;
+            if n != 1 {
+                return Ok(false);
+            }
+            let fin = Finish { error: Some(error.to_owned()), ..Finish::default() };
+            Self::record_attempt(c, id, attempt, Status::Lost, r[0].s(), &fin, None, now)?;
+            Ok(true)
+        })
     }
 }
 
@@ -1205,23 +1256,27 @@ impl Store for SqlStore {
     }
 
     fn requeue(&self, id: ExecutionId, attempt: Attempt, error: &str, now: i64) -> Result<bool> {
+        self.requeue_in(id, attempt, None, error, now)
+    }
+
+    fn requeue_held(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        node: &str,
+        error: &str,
+        now: i64,
+    ) -> Result<bool> {
+        self.requeue_in(id, attempt, Some(node), error, now)
+    }
+
+    fn unstarted_attempts(&self, id: ExecutionId) -> Result<u32> {
         self.tx(|c| {
             let rows = c.query(
-                "SELECT node FROM executions WHERE id = ? AND attempt = ? AND status = 'dispatched'",
-                &[id.0.into(), i64::from(attempt.0).into()],
+                "SELECT COUNT(*) FROM attempts WHERE execution_id = ? AND status = 'lost' AND started_at IS NULL AND error LIKE ?",
+                &[id.0.into(), format!("{NOT_STARTED}%").into()],
             )?;
-            let Some(r) = rows.first() else { return Ok(false) };
-            let n = c.exec(
-                "UPDATE executions SET status = 'pending', attempt = attempt + 1, node = NULL, heartbeat_at = NULL, \
-                 updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
-                &[now.into(), id.0.into(), i64::from(attempt.0).into()],
-            )?;
-            if n != 1 {
-                return Ok(false);
-            }
-            let fin = Finish { error: Some(error.to_owned()), ..Finish::default() };
-            Self::record_attempt(c, id, attempt, Status::Lost, r[0].s(), &fin, None, now)?;
-            Ok(true)
+            Ok(rows.first().and_then(|r| r[0].i()).unwrap_or(0) as u32)
         })
     }
 

@@ -343,6 +343,8 @@ pub fn event_from_pb(item: pb::ReportItem) -> Option<RunEvent> {
     };
     Some(match item.kind? {
         Kind::Started(_) => RunEvent::Started { key, pid: 0 },
+        // Not an event of a run: the Report handler deals with it before this.
+        Kind::NotStarted(_) => return None,
         Kind::Log(l) => RunEvent::Log {
             key,
             chunk: LogChunk {
@@ -563,6 +565,9 @@ impl TasksClient {
     }
 }
 
+/// Most items in one `Report` call (executors send at most 256).
+const MAX_REPORT_ITEMS: usize = 4096;
+
 struct SchedulerSvc {
     reports: Sender<RunEvent>,
     pull: PullSlot,
@@ -592,16 +597,56 @@ impl pb::scheduler_server::Scheduler for SchedulerSvc {
         req: Request<pb::ReportBatch>,
     ) -> Result<Response<pb::ReportAck>, Status> {
         let batch = req.into_inner();
+        let Some(src) = self.pull.get().cloned() else {
+            return Err(Status::unavailable("scheduler starting"));
+        };
+        if batch.items.len() > MAX_REPORT_ITEMS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_REPORT_ITEMS} items per report batch"
+            )));
+        }
+        // Only the node that holds an attempt may report on it, and only while it runs: a
+        // report for anything else (another node's attempt, an unknown or finished execution)
+        // is acknowledged and dropped, so it changes nothing and stores nothing.
+        let keys: Vec<(ExecutionId, Attempt)> = batch
+            .items
+            .iter()
+            .map(|i| (ExecutionId(i.execution_id), Attempt(i.attempt)))
+            .collect();
+        let node = batch.node_id.clone();
+        let src2 = src.clone();
+        let held = tokio::task::spawn_blocking(move || src2.held(&node, &keys))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         let mut n = 0;
-        for item in batch.items {
+        let mut dropped = 0;
+        for (item, ok) in batch.items.into_iter().zip(held) {
+            if !ok {
+                dropped += 1;
+                continue;
+            }
+            if let Some(pb::report_item::Kind::NotStarted(why)) = &item.kind {
+                let (src, node, why) = (src.clone(), batch.node_id.clone(), why.clone());
+                let key = (ExecutionId(item.execution_id), Attempt(item.attempt));
+                tokio::task::spawn_blocking(move || src.unstarted(&node, key.0, key.1, &why))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                n += 1;
+                continue;
+            }
             if let Some(ev) = event_from_pb(item) {
                 self.reports
                     .send(ev)
                     .map_err(|_| Status::unavailable("scheduler stopping"))?;
-                n += 1;
             }
+            n += 1;
         }
-        Ok(Response::new(pb::ReportAck { accepted: n }))
+        if dropped > 0 {
+            log::warn!(target: "etask::grpc", "node={:?} report: {dropped} item(s) dropped (not an attempt this node holds, or already finished)", batch.node_id);
+        }
+        Ok(Response::new(pb::ReportAck {
+            accepted: n + dropped,
+        }))
     }
 }
 
@@ -612,13 +657,19 @@ pub fn serve_scheduler(
     token: &str,
     pull: PullSlot,
     tasks: TasksSlot,
+    max_body_bytes: usize,
 ) -> std::io::Result<ServerHandle> {
-    let svc = pb::scheduler_server::SchedulerServer::with_interceptor(
-        SchedulerSvc { reports, pull },
+    use tonic::service::interceptor::InterceptedService;
+    // One size limit for a task on both intakes: the HTTP body limit (plus room for the
+    // message framing) instead of tonic's own 4 MiB.
+    let max = max_body_bytes.saturating_add(64 << 10);
+    let svc = InterceptedService::new(
+        pb::scheduler_server::SchedulerServer::new(SchedulerSvc { reports, pull })
+            .max_decoding_message_size(max),
         token_check(token),
     );
-    let tasks = pb::tasks_server::TasksServer::with_interceptor(
-        TasksSvc { api: tasks },
+    let tasks = InterceptedService::new(
+        pb::tasks_server::TasksServer::new(TasksSvc { api: tasks }).max_decoding_message_size(max),
         token_check(token),
     );
     serve(
