@@ -1357,3 +1357,53 @@ fn params_and_variables_reach_the_script_and_secret_ones_stay_masked() {
     assert!(!logs.contains("tok-98765"), "{logs}");
     assert!(!t.to_string().contains("tok-98765"), "{t}");
 }
+
+#[test]
+fn replace_cancels_the_running_execution_on_its_node_and_starts_the_next() {
+    let s = Server::start(&support::temp_dir("e2e-replace"), &[], "");
+    let mut body = shell("stuck", "echo pid=$$; sleep 60");
+    body["schedule"] = json!({"kind": "cron", "expr": "*/2 * * * * *", "overlap": "replace"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!(code, 201, "{v}");
+    let tid = v["task_id"].as_i64().unwrap();
+    let list = || {
+        s.call("GET", &format!("/api/v1/executions?task_id={tid}"), None)
+            .1["items"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let t0 = Instant::now();
+    while list().len() < 3 && t0.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    s.call("POST", &format!("/api/v1/tasks/{tid}/pause"), Some("{}"));
+    let runs = list();
+    assert!(runs.len() >= 3, "{runs:?}");
+    // Newest first: every execution but the newest was cancelled by the next fire...
+    for e in &runs[1..] {
+        assert_eq!(e["status"], "cancelled", "{runs:?}");
+        assert!(
+            e["error"].as_str().unwrap_or("").contains("replaced"),
+            "{e}"
+        );
+    }
+    // ...and its script was killed on the node.
+    let old = runs.last().unwrap()["id"].as_i64().unwrap();
+    let logs = ureq::get(&format!("{}/api/v1/executions/{old}/logs", s.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let pid: i32 = logs
+        .split("pid=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {logs}"));
+    let t0 = Instant::now();
+    while pid_alive(pid) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!pid_alive(pid), "the replaced script {pid} still runs");
+}

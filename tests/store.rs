@@ -331,6 +331,48 @@ fn broadcast_fires_apply_the_policy_per_node() {
 }
 
 #[test]
+fn schedulers_racing_on_one_mysql_fire_each_time_once_and_agree_on_forbid() {
+    let url = support::mysql_db("overlaprace");
+    let a = store::open(&url).unwrap();
+    let b = store::open(&url).unwrap();
+    a.migrate().unwrap();
+    let t = cron_task(&a, 1_000);
+    // Both schedulers try every fire time; the execution of the first fire never ends.
+    fn race(s: &store::SqlStore, t: TaskId) -> Vec<store::Fired> {
+        let mut won = Vec::new();
+        for sec in 1..=20 {
+            let f = fire(t, sec * 1000, Some((sec + 1) * 1000), Overlap::Forbid);
+            loop {
+                match s.fire_cron(&f, sec * 1000) {
+                    Ok(Some(fired)) => {
+                        won.push(fired);
+                        break;
+                    }
+                    // Lost this time: go on once the winner moved the fire time on.
+                    Ok(None) if s.get_task(t).unwrap().unwrap().next_fire_at > Some(sec * 1000) => {
+                        break
+                    }
+                    Ok(None) => std::thread::yield_now(),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        won
+    }
+    let (wa, wb) = std::thread::scope(|sc| {
+        let ha = sc.spawn(|| race(&a, t));
+        let hb = sc.spawn(|| race(&b, t));
+        (ha.join().unwrap(), hb.join().unwrap())
+    });
+    let all: Vec<_> = wa.into_iter().chain(wb).collect();
+    assert_eq!(all.len(), 20, "each fire time fired exactly once");
+    let created: usize = all.iter().map(|f| f.created.len()).sum();
+    let skipped: u32 = all.iter().map(|f| f.skipped).sum();
+    assert_eq!((created, skipped), (1, 19));
+    assert_eq!(a.get_task(t).unwrap().unwrap().skipped_fires, 19);
+}
+
+#[test]
 fn cron_fire_is_compare_and_set() {
     for s in backends("cron") {
         let mut t = once("c", None);
