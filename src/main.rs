@@ -126,6 +126,13 @@ struct SubmitCmd {
     /// cron expression with seconds first, e.g. "0 */5 * * * *"
     #[argh(option)]
     cron: Option<String>,
+    /// IANA time zone of --cron, e.g. Asia/Shanghai (default: the scheduler's)
+    #[argh(option)]
+    timezone: Option<String>,
+    /// what a --cron fire does while the previous run has not ended: forbid (default),
+    /// allow, queue or replace
+    #[argh(option)]
+    overlap: Option<String>,
     /// timeout in seconds
     #[argh(option)]
     timeout: Option<f64>,
@@ -540,6 +547,14 @@ fn cmd_submit(c: SubmitCmd) -> Result<ExitCode, String> {
     });
     if let Some(e) = &c.cron {
         body["schedule"] = json!({"kind": "cron", "expr": e});
+        if let Some(z) = &c.timezone {
+            body["schedule"]["timezone"] = json!(z);
+        }
+        if let Some(o) = &c.overlap {
+            body["schedule"]["overlap"] = json!(o);
+        }
+    } else if c.timezone.is_some() || c.overlap.is_some() {
+        return Err("--timezone and --overlap go with --cron".into());
     }
     if let Some(t) = c.timeout {
         body["timeout_seconds"] = json!(t);
@@ -617,8 +632,13 @@ fn cmd_tasks(c: TasksCmd) -> Result<ExitCode, String> {
             .pointer("/spec/schedule/expr")
             .and_then(serde_json::Value::as_str)
             .unwrap_or("once");
+        // The next fire in the task's own zone, as the server computed it.
+        let next = match (t["next_fire_local"].as_str(), t["timezone"].as_str()) {
+            (Some(at), Some(zone)) => format!("next {at} {zone}"),
+            _ => String::new(),
+        };
         println!(
-            "{:>8}  {:<32}  {:<16}  {}",
+            "{:>8}  {:<32}  {:<16}  {:<6}  {}",
             t["id"],
             t["name"].as_str().unwrap_or(""),
             sched,
@@ -626,7 +646,8 @@ fn cmd_tasks(c: TasksCmd) -> Result<ExitCode, String> {
                 "paused"
             } else {
                 ""
-            }
+            },
+            next
         );
     }
     Ok(ExitCode::SUCCESS)
