@@ -128,7 +128,8 @@ impl Agent {
         };
         let mut spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = spool.get(key.execution, key.attempt) {
-            log::info!(target: LOG, "execution={} attempt={} delivered again ({t:?} here before): not run twice", key.execution, key.attempt);
+            log::info!(target: LOG, "execution={} attempt={} delivered again ({} here before): not run twice", key.execution, key.attempt,
+                match t { Taken::Started => "started", Taken::Finished => "finished" });
             return Ok(());
         }
         let now = crate::now_ms();
@@ -405,6 +406,13 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     crate::config::prepare_state_dir(&spool_dir, false)?;
     // A dispatch older than its TTL never runs: remembering an hour (or twice the TTL) is plenty.
     let keep = Duration::from_secs((2 * k.dispatch_ttl_seconds).max(3_600));
+    // Two agents sharing a spool would each rewrite the other's record of what it took.
+    std::fs::create_dir_all(&spool_dir)
+        .map_err(|e| format!("cannot create the agent spool {}: {e}", spool_dir.display()))?;
+    let _spool_lock = crate::lock_exclusive(
+        &spool_dir.join("lock"),
+        &format!("the agent spool {} (agent.spool_dir)", spool_dir.display()),
+    )?;
     let spool = Spool::open(&spool_dir, keep).map_err(|e| {
         format!(
             "cannot open the agent spool in {}: {e}",
@@ -425,7 +433,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         Ok(have) => {
             let missing: Vec<&String> = wanted.iter().filter(|t| !have.contains(*t)).collect();
             if !missing.is_empty() {
-                log::warn!(target: LOG, "topics {missing:?} do not exist yet (the scheduler creates them); waiting for them");
+                log::warn!(target: LOG, "topics {} do not exist yet (the scheduler creates them); waiting for them", missing.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", "));
             }
         }
         Err(e) => log::warn!(target: LOG, "{e}; will keep trying"),
@@ -516,10 +524,10 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         "etask agent {id} pool {pool_name} consuming {topic} on {}",
         k.brokers
     );
-    log::warn!(target: LOG, "started agent={id} pool={pool_name} brokers={}", k.brokers);
+    log::info!(target: LOG, "started agent={id} pool={pool_name} brokers={}", k.brokers);
     let result = crossbeam_channel::select! {
         recv(stop) -> sig => {
-            log::warn!(target: LOG, "signal {}: stopping", sig.unwrap_or(libc::SIGTERM));
+            log::info!(target: LOG, "{}: stopping", crate::signals::name(sig.unwrap_or(libc::SIGTERM)));
             Ok(())
         }
         recv(failed_rx) -> e => Err(e.unwrap_or_default()),

@@ -142,7 +142,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     });
     // PUSH serves Execute/Cancel; PULL opens no port at all and asks the scheduler instead.
     let mut server = None;
-    let mut advertise = String::from("-");
+    let mut advertise = String::new();
     if ex.path == "push" {
         // Execute runs scripts: reachable from the network only with the token.
         let addr =
@@ -209,10 +209,15 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     } else {
         None
     };
-    println!("etask executor {node_id} serving on {advertise}");
-    log::warn!(target: LOG, "started node={node_id} pool={} scheduler={}", ex.pool, ex.scheduler);
+    // One line on stdout, like the scheduler's, so scripts and tests know it is up.
+    if server.is_some() {
+        println!("etask executor {node_id} serving on {advertise}");
+    } else {
+        println!("etask executor {node_id} pulling from {}", ex.scheduler);
+    }
+    log::info!(target: LOG, "started node={node_id} pool={} path={} scheduler={}", ex.pool, ex.path, ex.scheduler);
     let sig = stop.recv().unwrap_or(libc::SIGTERM);
-    log::warn!(target: LOG, "signal {sig}: stopping");
+    log::info!(target: LOG, "{}: stopping", crate::signals::name(sig));
     registration.stop();
     if let Some(srv) = server {
         srv.stop();

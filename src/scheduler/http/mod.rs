@@ -214,9 +214,11 @@ fn route(
         ("tasks", []) => match method {
             "POST" => {
                 let spec = TaskSpec::parse(body, &core.paths())?;
+                let broadcast = spec.is_broadcast();
                 let (c, all) = core.submit(spec)?;
                 let mut body = json!({"task_id": c.task_id, "execution_id": c.execution_id});
-                if all.len() > 1 {
+                // One shape for every broadcast, whatever the number of nodes (none yet: cron).
+                if broadcast {
                     body["execution_ids"] = json!(all);
                 }
                 Ok((if c.existed { 200 } else { 201 }, body))
@@ -266,12 +268,10 @@ fn route(
                     201,
                     json!({"task_id": id, "execution_id": core.run_now(id)?}),
                 )),
-                "pause" | "resume" => {
-                    if core.store.set_paused(id, *action == "pause")? {
-                        Ok((200, json!({"id": id, "paused": *action == "pause"})))
-                    } else {
-                        Err(ApiError::not_found(format!("task {id} not found")))
-                    }
+                "pause" => core.pause(id).map(|v| (200, v)),
+                "resume" => {
+                    let catch_up = matches!(param(q, "catch_up"), Some("true" | "1"));
+                    core.resume(id, catch_up).map(|v| (200, v))
                 }
                 _ => Err(ApiError::not_found(format!(
                     "no action {action:?} on tasks; use run, pause or resume"
@@ -384,8 +384,9 @@ fn stream_logs(
     core: &Core,
     sink: &Sink,
     id: ExecutionId,
-    mut after: i64,
+    after: i64,
 ) -> Result<(), transport::Closed> {
+    let mut last: Option<crate::store::LogRow> = None;
     let started = Instant::now();
     let mut last_sent = Instant::now();
     let mut buf = String::new();
@@ -398,12 +399,19 @@ fn stream_logs(
             .ok()
             .flatten()
             .is_none_or(|e| e.status.is_terminal());
-        let rows = core.store.logs_after(id, after, 1_000).unwrap_or_default();
+        // Count the chunks before `after_seq` once; from then on continue after the last one.
+        let rows = match &last {
+            None => core.store.logs_after(id, after, 1_000),
+            Some(l) => core.store.logs_continue(id, l, 1_000),
+        }
+        .unwrap_or_default();
         buf.clear();
         for r in &rows {
             buf.push_str(&line(r));
             buf.push('\n');
-            after = r.seq;
+        }
+        if let Some(r) = rows.last() {
+            last = Some(r.clone());
         }
         if !buf.is_empty() {
             sink.send(std::mem::take(&mut buf).into_bytes())?;
