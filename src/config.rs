@@ -218,6 +218,9 @@ pub struct SchedulerConfig {
     pub retention_days: u64,
     /// A push/pull execution that no node took within this long fails ("no live node").
     pub no_node_timeout_seconds: u64,
+    /// IANA zone cron tasks are read in when they name none (`schedule.timezone`); fixed into
+    /// each task when it is created.
+    pub timezone: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -302,6 +305,7 @@ impl Default for SchedulerConfig {
             cron_missed: "once".into(),
             retention_days: 30,
             no_node_timeout_seconds: 300,
+            timezone: "UTC".into(),
         }
     }
 }
@@ -390,6 +394,9 @@ cron_missed = "once"
 retention_days = 30
 # A push/pull execution that no node took within this long fails with "no live node".
 no_node_timeout_seconds = 300
+# IANA time zone of cron tasks that set no schedule.timezone (e.g. "Asia/Shanghai"); fixed
+# into each task when it is created. The reference Go ETask used the scheduler host's zone.
+timezone = "UTC"
 
 [callbacks]
 # POST of the execution to callback_url on its terminal state, from a durable outbox.
@@ -661,6 +668,8 @@ impl Config {
 
     /// The checks of single values and of keys that must go together.
     pub fn check_values(&self) -> Result<(), String> {
+        crate::cron::zone(&self.scheduler.timezone)
+            .map_err(|e| format!("scheduler.timezone: {e}"))?;
         let addr = |key: &str, v: &str| {
             v.parse::<std::net::SocketAddr>()
                 .map(|_| ())

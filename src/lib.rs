@@ -2,6 +2,7 @@
 //! the scheduler, the node roles and the process pool as modules; tests and benches use the
 //! same code through this library.
 
+pub mod cron;
 pub mod logging;
 pub mod model;
 pub mod runner;

@@ -200,6 +200,13 @@ struct SubmitCmd {
     /// cron expression with seconds first, e.g. "0 */5 * * * *"
     #[argh(option)]
     cron: Option<String>,
+    /// IANA time zone of --cron, e.g. Asia/Shanghai (default: the scheduler's)
+    #[argh(option)]
+    timezone: Option<String>,
+    /// what a --cron fire does while the previous run has not ended: forbid (default),
+    /// allow, queue or replace
+    #[argh(option)]
+    overlap: Option<String>,
     /// timeout in seconds
     #[argh(option)]
     timeout: Option<f64>,
@@ -767,6 +774,14 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
     });
     if let Some(e) = &c.cron {
         body["schedule"] = json!({"kind": "cron", "expr": e});
+        if let Some(z) = &c.timezone {
+            body["schedule"]["timezone"] = json!(z);
+        }
+        if let Some(o) = &c.overlap {
+            body["schedule"]["overlap"] = json!(o);
+        }
+    } else if c.timezone.is_some() || c.overlap.is_some() {
+        return Err(Fail::usage("--timezone and --overlap go with --cron"));
     }
     if let Some(t) = c.timeout {
         body["timeout_seconds"] = json!(t);
@@ -851,15 +866,25 @@ fn cmd_tasks(c: TasksCmd) -> CmdResult {
             } else {
                 "active"
             };
+            // The next fire in the task's own zone, as the server computed it.
+            let next = match (t["next_fire_local"].as_str(), t["timezone"].as_str()) {
+                (Some(at), Some(zone)) => format!("{at} {zone}"),
+                _ => "-".to_owned(),
+            };
             vec![
                 t["id"].to_string(),
                 t["name"].as_str().unwrap_or("").to_owned(),
                 sched.to_owned(),
                 state.to_owned(),
+                next,
             ]
         })
         .collect();
-    print_table(&["ID", "NAME", "SCHEDULE", "STATE"], &[true], rows);
+    print_table(
+        &["ID", "NAME", "SCHEDULE", "STATE", "NEXT FIRE"],
+        &[true],
+        rows,
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1312,3 +1312,133 @@ fn push_over_tls() {
         "plaintext gRPC was accepted by a TLS server"
     );
 }
+
+#[test]
+fn cron_task_shows_its_zone_and_forbid_skips_and_counts_overlapping_fires() {
+    let dir = support::temp_dir("e2e-overlap");
+    let s = Server::start(&dir, &[], "timezone = \"Asia/Shanghai\"\n");
+    let mut body = shell("slow-tick", "sleep 2.5");
+    body["schedule"] = json!({"kind": "cron", "expr": "* * * * * *"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!(code, 201, "{v}");
+    let tid = v["task_id"].as_i64().unwrap();
+    let (_, t) = s.call("GET", &format!("/api/v1/tasks/{tid}"), None);
+    // No zone given: the scheduler's default is fixed into the task.
+    assert_eq!(t["timezone"], "Asia/Shanghai", "{t}");
+    assert_eq!(t["spec"]["schedule"]["timezone"], "Asia/Shanghai", "{t}");
+    assert_eq!(t["overlap"], "forbid", "{t}");
+    assert!(t["next_fire_at"].as_i64().is_some(), "{t}");
+    assert!(
+        t["next_fire_local"].as_str().unwrap().ends_with("+08:00"),
+        "{t}"
+    );
+    std::thread::sleep(Duration::from_millis(6_000));
+    let (_, list) = s.call("GET", &format!("/api/v1/executions?task_id={tid}"), None);
+    let runs = list["items"].as_array().unwrap();
+    // A 2.5 s script fired every second: never two at once, the rest skipped and counted.
+    let live = runs
+        .iter()
+        .filter(|e| !matches!(e["status"].as_str(), Some("succeeded")))
+        .count();
+    assert!(live <= 1, "overlapping executions: {list}");
+    assert!((1..=3).contains(&runs.len()), "{list}");
+    let (_, t) = s.call("GET", &format!("/api/v1/tasks/{tid}"), None);
+    let skipped = t["skipped_fires"].as_i64().unwrap();
+    assert!(skipped >= 2, "{t}");
+    let (code, _) = s.call("POST", &format!("/api/v1/tasks/{tid}/pause"), Some("{}"));
+    assert_eq!(code, 200);
+    let metrics = ureq::get(&format!("{}/metrics", s.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "etask_cron_skipped_fires_total{{task_id=\"{tid}\",name=\"slow-tick\"}} "
+        )),
+        "{metrics}"
+    );
+    // `etask tasks` prints the next fire in the task's zone.
+    let out = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["tasks", "--server", &s.url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("+08:00 Asia/Shanghai"), "etask tasks: {text}");
+}
+
+#[test]
+fn params_and_variables_reach_the_script_and_secret_ones_stay_masked() {
+    let s = Server::start(&support::temp_dir("e2e-vars"), &[], "");
+    let mut body = json!({"name": "vars", "program": {"kind": "python",
+        "code": "import json, os\nprint('token', os.environ['TOKEN'])\nargs = json.load(open(os.environ['ETASK_ARGS_FILE']))\nos.write(3, json.dumps({'region': args['region'], 'user': os.environ['USER_NAME']}).encode())\n",
+        "params": {"region": "cn-north"},
+        "variables": [{"key": "USER_NAME", "value": "ops"},
+                      {"key": "TOKEN", "value": "tok-98765", "secret": true}]}});
+    let (tid, e) = s.submit(body.take());
+    let v = s.wait_final(e, Duration::from_secs(20));
+    assert_eq!(v["status"], "succeeded", "{v}");
+    assert_eq!(v["result"], json!({"region": "cn-north", "user": "ops"}));
+    let (_, t) = s.call("GET", &format!("/api/v1/tasks/{tid}"), None);
+    let vars = &t["spec"]["program"]["variables"];
+    assert_eq!(vars[0]["value"], "ops", "{t}");
+    assert_eq!(vars[1]["value"], "******", "{t}");
+    let logs = ureq::get(&format!("{}/api/v1/executions/{e}/logs", s.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(logs.contains("token ******"), "{logs}");
+    assert!(!logs.contains("tok-98765"), "{logs}");
+    assert!(!t.to_string().contains("tok-98765"), "{t}");
+}
+
+#[test]
+fn replace_cancels_the_running_execution_on_its_node_and_starts_the_next() {
+    let s = Server::start(&support::temp_dir("e2e-replace"), &[], "");
+    let mut body = shell("stuck", "echo pid=$$; sleep 60");
+    body["schedule"] = json!({"kind": "cron", "expr": "*/2 * * * * *", "overlap": "replace"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!(code, 201, "{v}");
+    let tid = v["task_id"].as_i64().unwrap();
+    let list = || {
+        s.call("GET", &format!("/api/v1/executions?task_id={tid}"), None)
+            .1["items"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let t0 = Instant::now();
+    while list().len() < 3 && t0.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    s.call("POST", &format!("/api/v1/tasks/{tid}/pause"), Some("{}"));
+    let runs = list();
+    assert!(runs.len() >= 3, "{runs:?}");
+    // Newest first: every execution but the newest was cancelled by the next fire...
+    for e in &runs[1..] {
+        assert_eq!(e["status"], "cancelled", "{runs:?}");
+        assert!(
+            e["error"].as_str().unwrap_or("").contains("replaced"),
+            "{e}"
+        );
+    }
+    // ...and its script was killed on the node.
+    let old = runs.last().unwrap()["id"].as_i64().unwrap();
+    let logs = ureq::get(&format!("{}/api/v1/executions/{old}/logs", s.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let pid: i32 = logs
+        .split("pid=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {logs}"));
+    let t0 = Instant::now();
+    while pid_alive(pid) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!pid_alive(pid), "the replaced script {pid} still runs");
+}

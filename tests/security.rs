@@ -463,57 +463,86 @@ fn acknowledged_work_that_never_started_runs_after_a_crash() {
     let dir = support::temp_dir("sec-crash");
     let marks = dir.join("ran");
     std::fs::create_dir_all(&marks).unwrap();
-    let cfg = "[node]\nmax_concurrent = 1\n";
-    let mut s = Server::start(&dir, &[], cfg);
-    let code = format!(
-        "echo $ETASK_EXECUTION_ID-$ETASK_ATTEMPT >> {}/log; sleep 0.3",
-        marks.display()
-    );
-    let ids: Vec<i64> = (0..20)
-        .map(|i| s.submit(shell(&format!("t{i}"), &code)).1)
-        .collect();
-    s.wait_for(ids[1], Duration::from_secs(10), |v| {
-        v["status"] == "running" || v["status"] == "succeeded"
+    let mut s = Server::start(&dir, &[], "");
+    let code = format!("echo $ETASK_EXECUTION_ID >> {}/log", marks.display());
+    // A burst from several clients; the node is killed in the middle of it.
+    let acked = std::sync::Mutex::new(Vec::new());
+    let (url, pid) = (s.url.clone(), s.child.id() as i32);
+    std::thread::scope(|sc| {
+        for t in 0..6 {
+            let (url, code, acked) = (&url, &code, &acked);
+            sc.spawn(move || {
+                for i in 0..60 {
+                    let body = shell(&format!("t{t}-{i}"), code).to_string();
+                    let r = ureq::post(&format!("{url}/api/v1/tasks"))
+                        .timeout(Duration::from_secs(5))
+                        .send_string(&body);
+                    match r {
+                        Ok(r) => {
+                            let v: Value = r.into_json().unwrap();
+                            acked
+                                .lock()
+                                .unwrap()
+                                .push(v["execution_id"].as_i64().unwrap());
+                        }
+                        Err(_) => return, // the server is gone
+                    }
+                }
+            });
+        }
+        while acked.lock().unwrap().len() < 150 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     });
     s.kill9();
-    let s2 = Server::start(&dir, &[], cfg);
-    let mut lost = 0;
-    for id in &ids {
+    let acked = acked.into_inner().unwrap();
+    let ran_before: std::collections::HashSet<i64> = std::fs::read_to_string(marks.join("log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect();
+    let s2 = Server::start(&dir, &[], "");
+    let mut never_ran_lost = Vec::new();
+    for id in &acked {
         let v = s2.wait_final(*id, Duration::from_secs(60));
         match v["status"].as_str() {
             Some("succeeded") => {}
-            Some("lost") => lost += 1,
+            // Lost is right only for a run that had started when the node died.
+            Some("lost") if ran_before.contains(id) => {}
+            Some("lost") => never_ran_lost.push(*id),
             other => panic!("execution {id} ended {other:?}: {v}"),
         }
     }
+    // A run killed between its fork and its script's first command is lost rightly (it had
+    // started: the node cannot know how far it got); at most one per launcher thread (≤ 8)
+    // can be caught there. Before start journals, dozens of queued runs were lost this way.
     assert!(
-        lost <= 1,
-        "{lost} acknowledged executions were lost; only the one running at the crash may be"
+        never_ran_lost.len() <= 8,
+        "{} of {} acknowledged executions never ran and were lost: {never_ran_lost:?}",
+        never_ran_lost.len(),
+        acked.len()
     );
     let log = std::fs::read_to_string(marks.join("log")).unwrap();
-    let mut runs: Vec<i64> = log
-        .lines()
-        .map(|l| l.split('-').next().unwrap().parse().unwrap())
-        .collect();
+    let mut runs: Vec<i64> = log.lines().map(|l| l.parse().unwrap()).collect();
     let n = runs.len();
     runs.sort();
     runs.dedup();
-    assert_eq!(runs.len(), n, "an execution ran twice: {log}");
-    assert_eq!(n, ids.len() - lost + usize::from(lost == 1), "{log}");
-    // A recovered attempt did not use up the budget: it succeeded with max_attempts 1.
-    let recovered = ids
-        .iter()
-        .map(|id| s2.execution(*id))
-        .find(|v| v["attempt"].as_i64() > Some(1));
-    if let Some(v) = recovered {
-        assert_eq!(v["status"], "succeeded", "{v}");
-        assert!(
-            v["attempts"][0]["error"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("not started"),
-            "{v}"
-        );
+    assert_eq!(runs.len(), n, "an execution ran twice");
+    // A recovered attempt did not use up the budget: it ran with max_attempts 1.
+    for id in &acked {
+        let v = s2.execution(*id);
+        if v["attempt"].as_i64() > Some(1) {
+            assert_eq!(v["status"], "succeeded", "{v}");
+            assert!(
+                v["attempts"][0]["error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("not started"),
+                "{v}"
+            );
+        }
     }
 }
 

@@ -98,7 +98,8 @@ pub(super) fn finish(workspace: Option<PathBuf>, events: &Sender<RunEvent>, fini
 
 fn launch_one(cfg: &PoolConfig, pool_id: usize, job: &SpawnJob) -> Result<Spawned, String> {
     let launch = prepare_workspace(cfg, &job.req, &job.workspace)?;
-    let env = child_env(cfg, &job.req, &job.workspace, &job.token);
+    let mut env = child_env(cfg, &job.req, &job.workspace, &job.token);
+    env.extend(launch.env.iter().cloned());
     let spec = SpawnSpec {
         argv: &launch.argv,
         env: &env,
@@ -168,6 +169,17 @@ fn prepare_workspace(cfg: &PoolConfig, req: &RunRequest, ws: &Path) -> Result<La
             .map_err(|e| io("cannot write", path, e))?;
         owned.push(path.clone());
     }
+    for (path, bytes) in &launch.inputs {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| io("cannot create", path, e))?;
+        f.write_all(bytes)
+            .map_err(|e| io("cannot write", path, e))?;
+        owned.push(path.clone());
+    }
     if let Some(RunAs { uid, gid }) = cfg.run_as {
         for p in &owned {
             std::os::unix::fs::chown(p, Some(uid), Some(gid))
@@ -202,6 +214,12 @@ fn child_env(cfg: &PoolConfig, req: &RunRequest, ws: &Path, token: &str) -> Vec<
     for (k, v) in req.program.env.iter().chain(req.program.secret_env.iter()) {
         env.retain(|(ek, _)| ek != k);
         env.push((k.clone(), v.clone()));
+    }
+    // The reference's variables, each under its own name (validation keeps them apart from
+    // env, secret_env and ETASK_* names).
+    for (k, v) in req.program.variable_env() {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.to_owned(), v.to_owned()));
     }
     env
 }

@@ -14,5 +14,7 @@ pub mod tree;
 pub use journal::{Previous, StartJournal};
 pub use logs::{LogChunk, LogLimits, Stream};
 pub use pool::{Ending, Outcome, Pool, PoolConfig, RunEvent, RunKey, RunRequest, SubmitError};
-pub use program::{Interpreters, Program, ProgramError, ProgramKind, ShellKind};
+pub use program::{
+    ArgvStyle, Interpreters, Program, ProgramError, ProgramKind, ShellKind, Variable,
+};
 pub use spawn::{Rlimits, RunAs};

@@ -276,3 +276,63 @@ pub(super) fn run(core: &Core, wake: &Receiver<()>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn by_default_internal_addresses_are_refused_and_others_allowed() {
+        let p = Policy::new(&[]).unwrap();
+        for bad in [
+            "http://127.0.0.1/x",
+            "http://127.9.9.9:8765/",
+            "http://localhost/x",
+            "http://a.localhost/x",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[::1]/",
+            "http://[fe80::1]/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://0.0.0.0/",
+            "https://ecmdb.example/hook",
+            "ftp://ecmdb.example/hook",
+            "http://u:p@ecmdb.example/hook",
+        ] {
+            assert!(p.check_url(bad).is_err(), "{bad} accepted");
+        }
+        for good in [
+            "http://ecmdb.example/hook",
+            "http://10.1.2.3:8080/hook",
+            "http://[2001:db8::1]/",
+        ] {
+            assert!(p.check_url(good).is_ok(), "{good} refused");
+        }
+        assert!(
+            !p.allows("ecmdb.example", "127.0.0.1".parse().unwrap()),
+            "a name resolving to loopback"
+        );
+        assert!(!p.allows("x", "169.254.169.254".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_list_allows_only_what_it_names() {
+        let p = Policy::new(&[
+            "127.0.0.1".into(),
+            "10.0.0.0/8".into(),
+            "ecmdb.internal".into(),
+        ])
+        .unwrap();
+        assert!(p.check_url("http://127.0.0.1:9/x").is_ok());
+        assert!(p.check_url("http://10.20.30.40/x").is_ok());
+        assert!(p.check_url("http://ECMDB.internal/x").is_ok());
+        assert!(p.check_url("http://11.0.0.1/x").is_err());
+        assert!(p.check_url("http://other.example/x").is_err());
+        assert!(p.allows("ecmdb.internal", "192.0.2.7".parse().unwrap()));
+        assert!(
+            !p.allows("ecmdb.internal", "127.0.0.2".parse().unwrap()),
+            "a listed name does not open loopback"
+        );
+        assert!(Policy::new(&["10.0.0.0/99".into()]).is_err());
+        assert!(Policy::new(&["".into()]).is_err());
+    }
+}

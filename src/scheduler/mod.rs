@@ -22,8 +22,8 @@ use crate::delivery::{Delivery, Dispatch, Refused};
 use crate::model::{Attempt, ExecutionId, Status, TaskId};
 use crate::now_ms;
 use crate::runner::{Outcome, RunEvent};
-use crate::store::{CancelOutcome, Created, Finish, NewTask, Store};
-use api::{next_fire, parse_cron, ApiError, RetryPolicy, Schedule, TaskSpec};
+use crate::store::{CancelOutcome, Created, Finish, Fire, NewTask, Store};
+use api::{next_fire, parse_cron, resolve_zone, ApiError, RetryPolicy, Schedule, TaskSpec};
 use metrics::Metrics;
 
 use crate::registry::{NodeInfo, NodeTable};
@@ -105,6 +105,16 @@ impl Core {
             .collect()
     }
 
+    /// `/metrics`: the in-memory counters with the store's counts.
+    pub fn metrics_text(&self) -> String {
+        let counts = self.store.status_counts().unwrap_or_default();
+        let mut text = self
+            .metrics
+            .render(&counts, self.store.outbox_pending().unwrap_or(0));
+        metrics::render_skipped_fires(&mut text, &self.store.skipped_fires().unwrap_or_default());
+        text
+    }
+
     /// `/healthz`: (healthy, body). Healthy when the store answers and every component thread
     /// runs; the body names each component (no paths, no addresses: the endpoint is open).
     pub fn health(&self) -> (bool, Value) {
@@ -155,7 +165,7 @@ impl Core {
             .unwrap_or_default()
     }
 
-    pub fn submit(&self, spec: TaskSpec) -> Result<(Created, Vec<ExecutionId>), ApiError> {
+    pub fn submit(&self, mut spec: TaskSpec) -> Result<(Created, Vec<ExecutionId>), ApiError> {
         if let Some(u) = &spec.callback_url {
             callbacks::Policy::new(&self.cfg.callbacks.allowed_hosts)
                 .and_then(|p| p.check_url(u))
@@ -199,12 +209,15 @@ impl Core {
                 )));
             }
         }
-        let (cron, first_due_at) = match &spec.schedule {
+        let (cron, first_due_at) = match &mut spec.schedule {
             Schedule::Once { at } => (None, Some(at.unwrap_or(now))),
-            Schedule::Cron { expr } => {
-                let next = next_fire(&parse_cron(expr)?, now).ok_or_else(|| {
+            Schedule::Cron { expr, timezone, .. } => {
+                let zone = resolve_zone(expr, timezone.as_deref(), &self.cfg.scheduler.timezone)?;
+                let next = next_fire(&parse_cron(expr, zone)?, now).ok_or_else(|| {
                     ApiError::invalid(format!("schedule.expr {expr:?} never fires"))
                 })?;
+                // The zone is fixed into the task: a later `[scheduler] timezone` does not move it.
+                *timezone = Some(zone.name().to_owned());
                 (Some((expr.clone(), next)), None)
             }
         };
@@ -298,7 +311,13 @@ impl Core {
                 if at <= now {
                     // Moved while still paused, so the ticker cannot fire the missed time in
                     // between; a CAS, like every fire.
-                    let next = parse_cron(expr).ok().and_then(|s| next_fire(&s, now));
+                    let zone = t
+                        .spec
+                        .pointer("/schedule/timezone")
+                        .and_then(Value::as_str)
+                        .and_then(|z| crate::cron::zone(z).ok())
+                        .unwrap_or(chrono_tz::UTC);
+                    let next = parse_cron(expr, zone).ok().and_then(|s| next_fire(&s, now));
                     self.store.skip_cron(id, at, next)?;
                 }
             }
@@ -336,19 +355,25 @@ impl Core {
             CancelOutcome::AlreadyFinal(st) => Err(ApiError::conflict(format!(
                 "execution {id} already ended: {st}"
             ))),
-            CancelOutcome::Cancelled { was, node, attempt } => {
-                if was != Status::Cancelled {
-                    log::info!(target: LOG, "execution={id} attempt={attempt} cancelled (was {was})");
-                    // Each delivery ignores attempts it does not hold.
-                    let _ = node;
-                    for d in &self.deliveries {
-                        d.cancel(id, attempt);
-                    }
-                    self.queue_callback(id, now);
-                }
+            CancelOutcome::Cancelled { was, attempt, .. } => {
+                self.cancelled(id, attempt, was, now);
                 Ok(json!({"id": id, "status": "cancelled"}))
             }
         }
+    }
+
+    /// After the store cancelled an execution that was `was`: stop it on its node and queue its
+    /// callback (nothing when it was already cancelled).
+    fn cancelled(&self, id: ExecutionId, attempt: Attempt, was: Status, now: i64) {
+        if was == Status::Cancelled {
+            return;
+        }
+        log::info!(target: LOG, "execution={id} attempt={attempt} cancelled (was {was})");
+        // Each delivery ignores attempts it does not hold.
+        for d in &self.deliveries {
+            d.cancel(id, attempt);
+        }
+        self.queue_callback(id, now);
     }
 
     fn queue_callback(&self, id: ExecutionId, now: i64) {
@@ -1016,7 +1041,7 @@ fn ingest(core: &Core, reports: &Receiver<RunEvent>) {
 }
 
 /// Fires due cron tasks. A fire is a compare-and-set on the task's next fire time, so several
-/// schedulers fire each time once.
+/// schedulers fire each time once; the overlap policy is decided inside it (`Store::fire_cron`).
 fn cron_ticker(core: &Core) {
     let tick = Duration::from_millis(200);
     let late_after = (4 * core.cfg.scheduler.poll_interval_ms).max(2_000) as i64;
@@ -1025,56 +1050,82 @@ fn cron_ticker(core: &Core) {
         match core.store.due_cron(now, 100) {
             Ok(tasks) => {
                 for t in tasks {
-                    let (Some(expr), Some(expected)) = (t.cron_expr.as_deref(), t.next_fire_at)
-                    else {
-                        continue;
-                    };
-                    let next = parse_cron(expr).ok().and_then(|s| next_fire(&s, now));
-                    let spec = serde_json::from_value::<TaskSpec>(t.spec.clone()).ok();
-                    let deadline = spec.as_ref().map(|s| core.timeout_ms(s));
-                    let missed = now - expected > late_after;
-                    if missed && core.cfg.scheduler.cron_missed == "skip" {
-                        // Only move the fire time on; a CAS like the fire itself.
-                        let _ = core.store.skip_cron(t.id, expected, next);
-                        log::info!(target: LOG, "task={} missed fire at {expected} skipped", t.id);
-                        continue;
-                    }
-                    if let Some(spec) = spec.as_ref().filter(|s| {
-                        s.target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast")
-                    }) {
-                        // Broadcast: the fire time moves by compare-and-set, then one execution
-                        // per node alive now.
-                        if core.store.skip_cron(t.id, expected, next).unwrap_or(false) {
-                            let nodes = core.broadcast_nodes(spec);
-                            if nodes.is_empty() {
-                                log::warn!(target: LOG, "task={} broadcast fire: no live node in the pool; skipped", t.id);
-                            } else {
-                                match core.store.add_broadcast(t.id, &nodes, deadline, now) {
-                                    Ok(ids) => {
-                                        log::info!(target: LOG, "task={} cron broadcast fired {} executions", t.id, ids.len());
-                                        core.wake_dispatch();
-                                    }
-                                    Err(e) => {
-                                        log::warn!(target: LOG, "task={} broadcast fire failed: {e}", t.id)
-                                    }
-                                }
-                            }
-                        }
-                        continue;
-                    }
-                    match core.store.fire_cron(t.id, expected, next, deadline, now) {
-                        Ok(Some(e)) => {
-                            log::info!(target: LOG, "task={} cron fired execution={e}{}", t.id, if missed { " (missed fires collapsed into one)" } else { "" });
-                            core.wake_dispatch();
-                        }
-                        Ok(None) => {}
-                        Err(e) => log::warn!(target: LOG, "task={} cannot fire: {e}", t.id),
-                    }
+                    fire_one(core, &t, now, late_after);
                 }
             }
             Err(e) => log::warn!(target: LOG, "cannot read due cron tasks: {e}"),
         }
         std::thread::sleep(tick);
+    }
+}
+
+fn fire_one(core: &Core, t: &crate::store::TaskRow, now: i64, late_after: i64) {
+    let (Some(expr), Some(expected)) = (t.cron_expr.as_deref(), t.next_fire_at) else {
+        return;
+    };
+    let spec = serde_json::from_value::<TaskSpec>(t.spec.clone()).ok();
+    let (zone, overlap) = match spec.as_ref().map(|s| &s.schedule) {
+        Some(Schedule::Cron {
+            timezone, overlap, ..
+        }) => (timezone.as_deref().unwrap_or("UTC"), *overlap),
+        _ => ("UTC", crate::model::Overlap::default()),
+    };
+    // An expression that no longer parses (stored by an older version) stops the task with a
+    // log line instead of firing at times nobody asked for.
+    let next = match crate::cron::zone(zone)
+        .map_err(|e| e.to_string())
+        .and_then(|z| parse_cron(expr, z).map_err(|e| e.message))
+    {
+        Ok(s) => next_fire(&s, now),
+        Err(e) => {
+            log::error!(target: LOG, "task={} cron schedule unusable, no further fires: {e}", t.id);
+            None
+        }
+    };
+    let deadline = spec.as_ref().map(|s| core.timeout_ms(s));
+    let missed = now - expected > late_after;
+    if missed && core.cfg.scheduler.cron_missed == "skip" {
+        // Only move the fire time on; a CAS like the fire itself.
+        let _ = core.store.skip_cron(t.id, expected, next);
+        log::info!(target: LOG, "task={} missed fire at {expected} skipped", t.id);
+        return;
+    }
+    // Broadcast: one execution per node alive now, the policy applied per node.
+    let broadcast = spec
+        .as_ref()
+        .filter(|s| s.target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast"));
+    let nodes = broadcast.map(|s| core.broadcast_nodes(s));
+    if nodes.as_ref().is_some_and(Vec::is_empty) {
+        log::warn!(target: LOG, "task={} broadcast fire: no live node in the pool; skipped", t.id);
+        let _ = core.store.skip_cron(t.id, expected, next);
+        return;
+    }
+    let fire = Fire {
+        task: t.id,
+        expected,
+        next,
+        overlap,
+        nodes: nodes.as_deref(),
+        deadline_ms: deadline,
+    };
+    match core.store.fire_cron(&fire, now) {
+        Ok(Some(fired)) => {
+            for (id, attempt, was) in &fired.cancelled {
+                core.cancelled(*id, *attempt, *was, now);
+            }
+            if fired.skipped > 0 {
+                log::info!(target: LOG, "task={} overlap={} fire skipped ({} not ended)", t.id, overlap.as_str(),
+                    if broadcast.is_some() { format!("{} nodes' previous executions", fired.skipped) } else { "previous execution".into() });
+            }
+            if !fired.created.is_empty() {
+                log::info!(target: LOG, "task={} cron fired executions={:?}{}", t.id,
+                    fired.created.iter().map(|e| e.0).collect::<Vec<_>>(),
+                    if missed { " (missed fires collapsed into one)" } else { "" });
+                core.wake_dispatch();
+            }
+        }
+        Ok(None) => {}
+        Err(e) => log::warn!(target: LOG, "task={} cannot fire: {e}", t.id),
     }
 }
 

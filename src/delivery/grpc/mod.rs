@@ -15,7 +15,9 @@ use tonic::{Request, Response, Status};
 
 use crate::delivery::{Dispatch, PullSource, TaskApi};
 use crate::model::{Attempt, ExecutionId, TaskId};
-use crate::runner::{LogChunk, Program, ProgramKind, RunEvent, RunKey, ShellKind, Stream};
+use crate::runner::{
+    ArgvStyle, LogChunk, Program, ProgramKind, RunEvent, RunKey, ShellKind, Stream, Variable,
+};
 
 #[allow(clippy::all)]
 pub mod pb {
@@ -205,6 +207,23 @@ pub fn program_to_pb(p: &Program) -> pb::Program {
         secret_env: p.secret_env.clone().into_iter().collect(),
         stdin: p.stdin.clone(),
         workdir: p.workdir.clone(),
+        params_json: p
+            .params
+            .as_ref()
+            .map(|m| Value::Object(m.clone()).to_string()),
+        variables: p
+            .variables
+            .iter()
+            .map(|v| pb::Variable {
+                key: v.key.clone(),
+                value: v.value.clone(),
+                secret: v.secret,
+            })
+            .collect(),
+        argv_style: match p.argv_style {
+            ArgvStyle::Files => String::new(),
+            ArgvStyle::Legacy => "legacy".into(),
+        },
     }
 }
 
@@ -225,6 +244,27 @@ pub fn program_from_pb(p: pb::Program) -> Result<Program, String> {
         secret_env: p.secret_env.into_iter().collect::<BTreeMap<_, _>>(),
         stdin: p.stdin,
         workdir: p.workdir,
+        params: match p.params_json.as_deref() {
+            None => None,
+            Some(j) => match serde_json::from_str::<Value>(j) {
+                Ok(Value::Object(m)) => Some(m),
+                _ => return Err("program params must be a JSON object".into()),
+            },
+        },
+        variables: p
+            .variables
+            .into_iter()
+            .map(|v| Variable {
+                key: v.key,
+                value: v.value,
+                secret: v.secret,
+            })
+            .collect(),
+        argv_style: match p.argv_style.as_str() {
+            "" | "files" => ArgvStyle::Files,
+            "legacy" => ArgvStyle::Legacy,
+            s => return Err(format!("unknown argv_style {s:?}")),
+        },
     };
     prog.validate().map_err(|e| e.0)?;
     Ok(prog)
@@ -731,5 +771,25 @@ impl SchedulerClient {
             .block_on(c.report(authed(batch, &self.token)))
             .map(|r| r.into_inner().accepted)
             .map_err(|s| format!("{}: {}", s.code(), s.message()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_inputs_of_the_reference_survive_the_wire() {
+        let mut p = Program::python("print(1)");
+        p.params = serde_json::from_str(r#"{"host": "h", "n": [1, 2]}"#).unwrap();
+        p.variables = vec![Variable {
+            key: "K".into(),
+            value: "v".into(),
+            secret: true,
+        }];
+        p.argv_style = ArgvStyle::Legacy;
+        assert_eq!(program_from_pb(program_to_pb(&p)).unwrap(), p);
+        let plain = Program::shell("true");
+        assert_eq!(program_from_pb(program_to_pb(&plain)).unwrap(), plain);
     }
 }

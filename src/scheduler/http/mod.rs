@@ -211,10 +211,7 @@ fn handle(core: &Arc<Core>, head: &Head, body: &[u8]) -> Response {
         return json_response(if ok { 200 } else { 503 }, &body);
     }
     if segs == ["metrics"] {
-        let counts = core.store.status_counts().unwrap_or_default();
-        let text = core
-            .metrics
-            .render(&counts, core.store.outbox_pending().unwrap_or(0));
+        let text = core.metrics_text();
         return Response {
             status: 200,
             content_type: "text/plain; version=0.0.4",
