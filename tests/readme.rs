@@ -106,7 +106,7 @@ fn help_options(help: &str) -> BTreeSet<String> {
     // The first column of each line: "  --name, -n      description".
     opts.lines()
         .filter_map(|l| l.trim_start().split("  ").next())
-        .flat_map(|names| options(names))
+        .flat_map(options)
         .collect()
 }
 
