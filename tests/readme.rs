@@ -262,9 +262,9 @@ fn try_it_runs_as_written() {
         // The README shows the start of each answer ("..." marks where it goes on); fields
         // whose value depends on the machine are compared by name.
         for field in shown
-            .trim_end_matches("...}")
             .trim_matches(|c| c == '{' || c == '}')
             .split(',')
+            .filter(|f| *f != "...")
         {
             let name = field.split(':').next().unwrap_or("");
             let want = if field.contains("disk_free_gb") || field.contains("\"data\"") {

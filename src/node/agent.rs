@@ -431,7 +431,8 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         .map_err(|e| format!("cannot create the agent spool {}: {e}", spool_dir.display()))?;
     let _spool_lock = crate::lock_exclusive(
         &spool_dir.join("lock"),
-        &format!("the agent spool {} (agent.spool_dir)", spool_dir.display()),
+        &format!("the agent spool {}", spool_dir.display()),
+        "give this agent its own --data-dir (or agent.spool_dir)",
     )?;
     let spool = Spool::open(&spool_dir, keep).map_err(|e| {
         format!(
