@@ -303,3 +303,30 @@ fn try_it_runs_as_written() {
     assert!(out.status.success(), "{cmd}\n{err}");
     assert!(err.contains("== result: {\"disk_free_gb\":"), "{err}");
 }
+
+#[test]
+fn the_run_json_example_has_the_fields_etask_run_prints() {
+    let shown: serde_json::Value = serde_json::from_str(&block_after(
+        &readme(),
+        "## Running a script locally: `etask run`",
+        "json",
+    ))
+    .expect("the --json example is JSON");
+    let dir = support::temp_dir("readme-run-json");
+    let script = dir.join("s.sh");
+    std::fs::write(&script, "echo '{\"disk_free_gb\": 41}' >&3\n").unwrap();
+    let printed: serde_json::Value = serde_json::from_str(&etask(&[
+        "run",
+        "--shell",
+        script.to_str().unwrap(),
+        "--json",
+    ]))
+    .expect("etask run --json prints JSON");
+    let names = |v: &serde_json::Value| {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(names(&shown), names(&printed));
+    assert_eq!(shown["result"], printed["result"]);
+}
