@@ -330,3 +330,37 @@ fn the_run_json_example_has_the_fields_etask_run_prints() {
     assert_eq!(names(&shown), names(&printed));
     assert_eq!(shown["result"], printed["result"]);
 }
+
+#[test]
+fn the_second_mode_all_command_starts_next_to_a_first_one() {
+    use std::io::BufRead;
+    let dir = support::temp_dir("readme-second");
+    // The first one, as in "Set-up" (on free ports here).
+    let first = support::server::Server::start(&dir, &[], "");
+    let line = block_after(&readme(), "A second `etask server --mode all` on the same host needs its own data directory (the first one", "sh");
+    let cmd = line
+        .trim()
+        .replacen("etask ", &format!("{} ", env!("CARGO_BIN_EXE_etask")), 1);
+    let mut child = support::Proc(
+        Command::new("bash")
+            .args(["-c", &format!("exec {cmd}")])
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let (mut l1, mut l2) = (String::new(), String::new());
+    out.read_line(&mut l1).unwrap();
+    out.read_line(&mut l2).unwrap();
+    assert!(
+        l1.starts_with("etask listening on http://127.0.0.1:"),
+        "{l1:?} {l2:?}"
+    );
+    assert!(l2.starts_with("etask grpc on http://127.0.0.1:"), "{l2:?}");
+    assert!(
+        !l1.contains(&first.url),
+        "the second took the first one's port"
+    );
+}
