@@ -852,75 +852,120 @@ fn cmd_logs(c: LogsCmd) -> CmdResult {
 fn cmd_tasks(c: TasksCmd) -> CmdResult {
     let mut path = format!("/api/v1/tasks?limit={}", c.limit);
     if let Some(n) = &c.name {
-        path.push_str(&format!(
-            "&name={}",
-            n.replace('%', "%25")
-                .replace('&', "%26")
-                .replace(' ', "%20")
-        ));
+        path.push_str(&format!("&name={}", query_escape(n)));
     }
     let v = client(&c.server).get(&path)?;
-    for t in v
-        .get("items")
-        .and_then(serde_json::Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let sched = t
-            .pointer("/spec/schedule/expr")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or("once");
-        // The next fire in the task's own zone, as the server computed it.
-        let next = match (t["next_fire_local"].as_str(), t["timezone"].as_str()) {
-            (Some(at), Some(zone)) => format!("next {at} {zone}"),
-            _ => String::new(),
-        };
-        println!(
-            "{:>8}  {:<32}  {:<16}  {:<6}  {}",
-            t["id"],
-            t["name"].as_str().unwrap_or(""),
-            sched,
-            if t["paused"].as_bool() == Some(true) {
+    let rows = items(&v)
+        .map(|t| {
+            let sched = t
+                .pointer("/spec/schedule/expr")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("once");
+            let state = if t["paused"].as_bool() == Some(true) {
                 "paused"
             } else {
-                ""
-            },
-            next
-        );
-    }
+                "active"
+            };
+            // The next fire in the task's own zone, as the server computed it.
+            let next = match (t["next_fire_local"].as_str(), t["timezone"].as_str()) {
+                (Some(at), Some(zone)) => format!("{at} {zone}"),
+                _ => "-".to_owned(),
+            };
+            vec![
+                t["id"].to_string(),
+                t["name"].as_str().unwrap_or("").to_owned(),
+                sched.to_owned(),
+                state.to_owned(),
+                next,
+            ]
+        })
+        .collect();
+    print_table(
+        &["ID", "NAME", "SCHEDULE", "STATE", "NEXT FIRE"],
+        &[true],
+        rows,
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_nodes(c: NodesCmd) -> CmdResult {
     let v = client(&c.server).get("/api/v1/nodes")?;
-    println!(
-        "{:<40}  {:<9}  {:<12}  {:<6}  {:>9}  address",
-        "id", "role", "pool", "path", "running"
+    let rows = items(&v)
+        .map(|n| {
+            let s = |k: &str| {
+                n.get(k)
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("-")
+                    .to_owned()
+            };
+            vec![
+                s("id"),
+                s("role"),
+                s("pool"),
+                s("path"),
+                format!("{}/{}", n["running"], n["capacity"]),
+                s("address"),
+            ]
+        })
+        .collect();
+    print_table(
+        &["ID", "ROLE", "POOL", "PATH", "RUNNING", "ADDRESS"],
+        &[false, false, false, false, true],
+        rows,
     );
-    for n in v
-        .get("items")
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `items` of a list answer.
+fn items(v: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
+    v.get("items")
         .and_then(serde_json::Value::as_array)
         .into_iter()
         .flatten()
-    {
-        let s = |k: &str| {
-            n.get(k)
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("-")
-                .to_owned()
-        };
-        println!(
-            "{:<40}  {:<9}  {:<12}  {:<6}  {:>4}/{:<4}  {}",
-            s("id"),
-            s("role"),
-            s("pool"),
-            s("path"),
-            n["running"],
-            n["capacity"],
-            s("address")
-        );
+}
+
+/// Prints a header and rows in columns as wide as their widest cell (two spaces apart);
+/// `right[i]` right-aligns column i (numbers). The last column is not padded.
+fn print_table(header: &[&str], right: &[bool], rows: Vec<Vec<String>>) {
+    let width = |s: &str| s.chars().count();
+    let mut widths: Vec<usize> = header.iter().map(|h| width(h)).collect();
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(width(cell));
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    let line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let mut out = String::new();
+        for (i, cell) in cells.into_iter().enumerate() {
+            let pad = " ".repeat(widths[i].saturating_sub(width(cell)));
+            match (i == last, right.get(i).copied().unwrap_or(false)) {
+                (_, true) => out.push_str(&format!("{pad}{cell}")),
+                (true, false) => out.push_str(cell),
+                (false, false) => out.push_str(&format!("{cell}{pad}")),
+            }
+            if i != last {
+                out.push_str("  ");
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+/// Percent-encodes a query parameter value (everything but RFC 3986's unreserved bytes).
+fn query_escape(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// Prints one log line of the API (`{"stream", "data", ...}`) like `etask run` prints chunks.

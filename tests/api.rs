@@ -122,3 +122,55 @@ fn work_for_a_path_or_pool_with_no_node_fails_at_once() {
     let (_, tasks) = s.call("GET", "/api/v1/tasks", None);
     assert_eq!(tasks["items"], json!([]), "nothing was created");
 }
+
+#[test]
+fn list_limits_query_parameters_and_methods_are_checked_as_documented() {
+    let s = Server::start(&support::temp_dir("api-query"), &[], "");
+    for i in 0..3 {
+        s.submit(shell(&format!("t{i}"), "true"));
+    }
+    let get = |p: &str| s.call("GET", p, None);
+    // limit: 1 to 500, 50 when absent.
+    let (code, v) = get("/api/v1/tasks?limit=1");
+    assert_eq!(
+        (code, v["items"].as_array().map(Vec::len)),
+        (200, Some(1)),
+        "{v}"
+    );
+    assert!(v["next_cursor"].is_i64(), "{v}");
+    for bad in ["limit=0", "limit=501", "limit=-1", "limit=x"] {
+        for list in ["tasks", "executions"] {
+            let (code, v) = get(&format!("/api/v1/{list}?{bad}"));
+            assert_eq!(
+                (code, v["error"]["code"].as_str()),
+                (400, Some("invalid_argument")),
+                "{list}?{bad}: {v}"
+            );
+        }
+    }
+    // Unknown or repeated query parameters are refused like unknown body fields.
+    for (path, word) in [
+        ("/api/v1/tasks?colour=red", "colour"),
+        ("/api/v1/tasks?limit=1&limit=2", "more than once"),
+        ("/api/v1/executions?task=1", "task_id"),
+        ("/api/v1/executions/1?verbose=1", "takes none"),
+        ("/api/v1/executions/1/logs?follow=yes", "true or false"),
+        ("/api/v1/executions/1/logs?after=3", "after_seq"),
+    ] {
+        let (code, v) = get(path);
+        assert_eq!(code, 400, "{path}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(word),
+            "{path}: {v}"
+        );
+    }
+    let (code, _) = s.call("POST", "/api/v1/tasks/1/run?now=1", Some("{}"));
+    assert_eq!(code, 400);
+    // A method a resource does not take: 405, with the documented error shape.
+    let (code, v) = s.call("PUT", "/api/v1/tasks", Some("{}"));
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (405, Some("method_not_allowed")),
+        "{v}"
+    );
+}

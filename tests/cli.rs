@@ -415,3 +415,71 @@ fn migrate_creates_a_missing_mysql_database_and_the_server_says_to_run_it() {
         mysql::Conn::new(mysql::Opts::from_url(&support::mysql_server()).unwrap()).unwrap();
     conn.query_drop(format!("DROP DATABASE {db}")).unwrap();
 }
+
+/// The character column where `word` starts in `line`.
+fn column(line: &str, word: &str) -> usize {
+    line[..line
+        .find(word)
+        .unwrap_or_else(|| panic!("{word:?} not in {line:?}"))]
+        .chars()
+        .count()
+}
+
+#[test]
+fn tasks_and_nodes_print_aligned_columns_under_a_header() {
+    let dir = temp_dir("cli-tables");
+    let s = support::server::Server::start(&dir, &[], "");
+    let names = ["a", "a much longer task name", "größe-prüfen", "a+b & c=d"];
+    for n in names {
+        s.submit(support::server::shell(n, "true"));
+    }
+    let mut cron = support::server::shell("every-minute", "true");
+    cron["schedule"] = serde_json::json!({"kind": "cron", "expr": "0 * * * * *"});
+    s.submit(cron);
+    let o = client(&dir, &s.url, &["tasks"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 6, "{out}");
+    let header = lines[0];
+    assert!(
+        header.starts_with("ID") || header.trim_start().starts_with("ID"),
+        "{out}"
+    );
+    let (name_at, sched_at, state_at) = (
+        column(header, "NAME"),
+        column(header, "SCHEDULE"),
+        column(header, "STATE"),
+    );
+    // Newest first: the cron task, then the names in reverse.
+    let expect: Vec<&str> = std::iter::once("every-minute")
+        .chain(names.iter().rev().copied())
+        .collect();
+    for (line, name) in lines[1..].iter().zip(&expect) {
+        assert_eq!(column(line, name), name_at, "{out}");
+        let sched = if *name == "every-minute" {
+            "0 * * * * *"
+        } else {
+            "once"
+        };
+        assert_eq!(column(line, sched), sched_at, "{out}");
+        assert_eq!(column(line, "active"), state_at, "{out}");
+    }
+    // The name filter takes any characters.
+    let o = client(&dir, &s.url, &["tasks", "--name", "a+b & c=d"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(out.contains("a+b & c=d"), "{out}");
+    // Nodes: a header, then the built-in node.
+    let o = client(&dir, &s.url, &["nodes"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(
+        column(lines[0], "ROLE"),
+        column(lines[1], "executor"),
+        "{out}"
+    );
+    let path_at = lines[1][..lines[1].rfind("local").unwrap()].chars().count();
+    assert_eq!(column(lines[0], "PATH"), path_at, "{out}");
+}

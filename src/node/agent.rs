@@ -202,6 +202,26 @@ impl Agent {
 /// is full it stops polling, so fetched messages stay in librdkafka's bounded prefetch queue;
 /// when it stays full for over a second (long scripts) the assigned partitions are paused, so
 /// the consumer can keep polling (and stay in its group) without taking anything.
+/// Subscribes to the pool's dispatch topic once it exists. Subscribing to a missing topic
+/// makes librdkafka log errors and see the topic only at its next metadata refresh (10 s):
+/// the pool's first task would wait that long. Heartbeats go on meanwhile (the events
+/// thread), and they are what makes the scheduler create the topic.
+fn wait_for_topic(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
+    let topic = a.cfg.dispatch_topic(&a.pool_name);
+    let want = [topic.clone()];
+    while !a.draining() {
+        match existing_topics(&a.cfg, &a.producer, &want) {
+            Ok(have) if have.contains(&topic) => break,
+            Ok(_) => {}
+            Err(e) => log::debug!(target: LOG, "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    consumer
+        .subscribe(&[&topic])
+        .map_err(|e| format!("cannot subscribe to {topic}: {e}"))
+}
+
 fn dispatch_loop(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
     const PAUSE_AFTER: Duration = Duration::from_secs(1);
     let cap = a.pool.max_concurrent();
@@ -431,20 +451,24 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     ];
     match existing_topics(&k, &producer, &wanted) {
         Ok(have) => {
-            let missing: Vec<&String> = wanted.iter().filter(|t| !have.contains(*t)).collect();
+            let missing: Vec<&str> = wanted
+                .iter()
+                .filter(|t| !have.contains(*t))
+                .map(String::as_str)
+                .collect();
             if !missing.is_empty() {
-                log::warn!(target: LOG, "topics {} do not exist yet (the scheduler creates them); waiting for them", missing.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", "));
+                // Normal when the scheduler has not started yet, or has not heard of this
+                // pool: it creates the pool's topic when this agent's first heartbeat arrives.
+                log::info!(target: LOG, "waiting for topics {} (the scheduler creates them)", missing.join(", "));
             }
         }
         Err(e) => log::warn!(target: LOG, "{e}; will keep trying"),
     }
+    // Subscribed by the dispatch thread once the topic exists (`wait_for_topic`).
     let consumer: BaseConsumer = k
         .consumer(&id, &format!("etask.agents.{pool_name}"), false)
         .create()
         .map_err(|e| format!("kafka consumer: {e}"))?;
-    consumer
-        .subscribe(&[&topic])
-        .map_err(|e| format!("cannot subscribe to {topic}: {e}"))?;
     let control: BaseConsumer = k
         .control_consumer(&id)
         .create()
@@ -486,7 +510,8 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let dispatch = spawn(
         "agent-dispatch",
         Box::new(move || {
-            if let Err(e) = dispatch_loop(&a, &consumer) {
+            let res = wait_for_topic(&a, &consumer).and_then(|()| dispatch_loop(&a, &consumer));
+            if let Err(e) = res {
                 let _ = failed_tx.send(e);
             }
             // Leaves the group now, so the pool's other agents take over the partitions.

@@ -29,6 +29,9 @@ pub struct KafkaDelivery {
     producer: Producer_,
     /// Dispatch topics known to exist.
     topics: Mutex<HashSet<String>>,
+    /// Pools whose topic an agent's heartbeat asked for and that could not be created, with
+    /// when that was last tried (retried every 10 s, said once).
+    topic_waits: Mutex<HashMap<String, Instant>>,
     /// Attempts in a dispatch topic that no agent has reported started yet (bounded by
     /// `kafka.max_queued`; entries older than the dispatch TTL are dropped: the sweeper
     /// re-dispatches those).
@@ -63,6 +66,7 @@ impl KafkaDelivery {
             id,
             producer,
             topics: Mutex::new(topics.into_iter().collect()),
+            topic_waits: Mutex::new(HashMap::new()),
             queued: Mutex::new(HashMap::new()),
             sink: OnceLock::new(),
             stop: AtomicBool::new(false),
@@ -180,7 +184,8 @@ impl KafkaDelivery {
         }
         for ev in later {
             match ev.body {
-                EventBody::Heartbeat { running, .. } => {
+                EventBody::Heartbeat { running, pool, .. } => {
+                    self.topic_for_agent(&ev.agent, &pool);
                     let running: Vec<(ExecutionId, Attempt)> = running
                         .into_iter()
                         .map(|(e, a)| (ExecutionId(e), Attempt(a)))
@@ -196,6 +201,43 @@ impl KafkaDelivery {
             }
         }
         true
+    }
+
+    /// An agent of `pool` is up: its dispatch topic is created now, not at the pool's first
+    /// dispatch, so the agent has joined its group when the first task comes (the agent
+    /// waits for the topic before it subscribes).
+    fn topic_for_agent(&self, agent: &str, pool: &str) {
+        let topic = self.cfg.dispatch_topic(pool);
+        if self
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&topic)
+        {
+            return;
+        }
+        let mut waits = self.topic_waits.lock().unwrap_or_else(|p| p.into_inner());
+        let first = !waits.contains_key(pool);
+        if waits
+            .get(pool)
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        waits.insert(pool.to_owned(), Instant::now());
+        drop(waits);
+        match self.topic_for(pool) {
+            Ok(_) => {
+                self.topic_waits
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(pool);
+            }
+            Err(Refused::Rejected(why) | Refused::Busy(why)) if first => {
+                log::warn!(target: LOG, "agent={agent} pool={pool} waits for its topic: {why}")
+            }
+            Err(_) => {}
+        }
     }
 
     /// The dispatch topic of `pool`, checked (and created when allowed) on first use.
