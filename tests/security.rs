@@ -188,6 +188,8 @@ fn a_huge_declared_body_is_refused_and_the_server_lives() {
             break;
         }
     }
+    // The end of the body: the server has read and dropped it, and answers.
+    let _ = c.write_all(b"0\r\n\r\n");
     let mut resp = String::new();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = c.read_to_string(&mut resp);

@@ -940,3 +940,33 @@ fn a_mysql_url_to_a_loopback_port_is_used_as_given_not_the_servers_socket() {
         "the store kept working with its port closed: it does not use the port of its URL"
     );
 }
+
+#[test]
+fn only_attempts_recorded_not_started_are_free_of_the_retry_budget() {
+    for s in backends("unstartedfree") {
+        let c = s.create_task(&once("u", None), 1_000).unwrap();
+        let e = c.execution_id.unwrap();
+        assert_eq!(s.claim_due(1_000, 10, "node-a", "local").unwrap().len(), 1);
+        // Another node holds it now: the crashed node-b cannot requeue it.
+        assert!(!s
+            .requeue_held(e, Attempt(1), "node-b", "not started: x", 2_000)
+            .unwrap());
+        let msg = format!("{}node-a stopped before starting it", store::NOT_STARTED);
+        assert!(s
+            .requeue_held(e, Attempt(1), "node-a", &msg, 2_000)
+            .unwrap());
+        assert_eq!(s.unstarted_attempts(e).unwrap(), 1, "{}", s.describe());
+        // A lost attempt that may have started is not free.
+        assert_eq!(
+            s.claim_due(3_000, 10, "node-a", "local").unwrap()[0].attempt,
+            Attempt(2)
+        );
+        let fin = Finish {
+            status: Some(Status::Lost),
+            error: Some("node went silent".into()),
+            ..Finish::default()
+        };
+        finish1(s.as_ref(), e, Attempt(2), &fin, 4_000);
+        assert_eq!(s.unstarted_attempts(e).unwrap(), 1, "{}", s.describe());
+    }
+}
