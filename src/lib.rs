@@ -8,6 +8,14 @@ pub mod runner;
 pub mod signals;
 pub mod store;
 
+/// "0.1.0 (abc1234)": the crate version and the git commit it was built from (build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("ETASK_GIT_COMMIT"),
+    ")"
+);
+
 /// Milliseconds since the Unix epoch: the time unit of the store and the API.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -26,4 +34,5 @@ pub mod delivery;
 pub mod node;
 pub mod registry;
 pub mod scheduler;
+pub mod sd_notify;
 pub mod server;

@@ -12,6 +12,7 @@ use etask::runner::{
 
 #[derive(FromArgs)]
 /// ETask: distributed execution of ops scripts (scheduler, executors, agents, local runs).
+/// `etask --version` prints the version and the git commit it was built from.
 struct Cli {
     #[argh(subcommand)]
     cmd: Cmd,
@@ -86,6 +87,10 @@ struct ServerCmd {
     /// scripts run at once on this node (default 64)
     #[argh(option)]
     max_concurrent: Option<usize>,
+    /// where nodes create the scripts' private workspaces (default <data-dir>/work); the
+    /// packaged units put them on tmpfs under /run/etask
+    #[argh(option)]
+    workspace_root: Option<String>,
 }
 
 #[derive(FromArgs)]
@@ -243,6 +248,11 @@ struct RunCmd {
 }
 
 fn main() -> ExitCode {
+    // argh has no version flag of its own; `etask --version` is answered before parsing.
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("etask {}", etask::VERSION);
+        return ExitCode::SUCCESS;
+    }
     let cli: Cli = argh::from_env();
     // Daemons log their events; one-shot commands only what went wrong.
     let level = if matches!(cli.cmd, Cmd::Server(_)) {
@@ -474,6 +484,7 @@ fn cmd_server(c: ServerCmd) -> Result<(), String> {
     if let Some(v) = c.max_concurrent {
         cfg.node.max_concurrent = v;
     }
+    set(&mut cfg.node.workspace_root, c.workspace_root);
     cfg.validate()?;
     if cfg.server.token.is_empty() {
         if let Ok(t) = std::env::var("ETASK_TOKEN") {

@@ -201,8 +201,13 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     };
     println!("etask executor {node_id} serving on {advertise}");
     log::warn!(target: LOG, "started node={node_id} pool={} scheduler={}", ex.pool, ex.scheduler);
+    crate::sd_notify::ready(&format!(
+        "executor {node_id} pool {} ({}) on {advertise}",
+        ex.pool, ex.path
+    ));
     let sig = stop.recv().unwrap_or(libc::SIGTERM);
     log::warn!(target: LOG, "signal {sig}: stopping");
+    crate::sd_notify::stopping("stopping");
     registration.stop();
     if let Some(srv) = server {
         srv.stop();
