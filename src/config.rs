@@ -512,6 +512,37 @@ impl Config {
         Ok(())
     }
 
+    /// Makes every path of the configuration absolute, relative to `base` (the working
+    /// directory at start): the data dir, the SQLite store path, the workspace root, the agent
+    /// spool dir and the TLS files. Called once, right after flags are applied, so nothing later
+    /// sees a relative path: scripts run inside their workspace, where a relative path would
+    /// point somewhere else (a relative data dir once made every script fail to start).
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        let abs = |p: &std::path::Path| -> PathBuf {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let abs_str = |s: &mut String| {
+            if !s.is_empty() {
+                *s = abs(std::path::Path::new(s.as_str())).display().to_string();
+            }
+        };
+        self.server.data_dir = clean(&abs(&self.server.data_dir));
+        if let Some(path) = self.server.store.strip_prefix("sqlite:") {
+            if !path.is_empty() {
+                self.server.store = format!("sqlite:{}", abs(std::path::Path::new(path)).display());
+            }
+        }
+        abs_str(&mut self.node.workspace_root);
+        abs_str(&mut self.agent.spool_dir);
+        abs_str(&mut self.tls.cert);
+        abs_str(&mut self.tls.key);
+        abs_str(&mut self.tls.ca);
+    }
+
     pub fn store_url(&self) -> String {
         if self.server.store.is_empty() {
             format!("sqlite:{}", self.server.data_dir.join("etask.db").display())
@@ -559,9 +590,37 @@ impl Config {
     }
 }
 
+/// `a/./b/` → `a/b` (lexically; `..` is kept, it may cross a symlink).
+fn clean(p: &std::path::Path) -> PathBuf {
+    p.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relative_paths_are_resolved_against_the_start_directory() {
+        let mut c = Config::parse(
+            "[server]\ndata_dir = \"d\"\nstore = \"sqlite:s/x.db\"\n[node]\nworkspace_root = \"w\"\n\
+             [agent]\nspool_dir = \"sp\"\n[tls]\ncert = \"c.pem\"\nkey = \"/abs/k.pem\"\n",
+        )
+        .unwrap();
+        c.resolve_paths(std::path::Path::new("/base"));
+        assert_eq!(c.server.data_dir, PathBuf::from("/base/d"));
+        assert_eq!(c.server.store, "sqlite:/base/s/x.db");
+        assert_eq!(c.node.workspace_root, "/base/w");
+        assert_eq!(c.agent.spool_dir, "/base/sp");
+        assert_eq!(c.tls.cert, "/base/c.pem");
+        assert_eq!(c.tls.key, "/abs/k.pem");
+        let mut d = Config::default();
+        d.resolve_paths(std::path::Path::new("/base"));
+        assert_eq!(d.server.data_dir, PathBuf::from("/base/etask-data"));
+        assert!(d.store_url().starts_with("sqlite:/base/etask-data/"));
+        assert!(d.pool_config().workspace_root.is_absolute());
+    }
 
     #[test]
     fn printed_default_file_parses_to_the_defaults() {

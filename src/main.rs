@@ -485,6 +485,9 @@ fn cmd_server(c: ServerCmd) -> Result<(), String> {
         cfg.node.max_concurrent = v;
     }
     set(&mut cfg.node.workspace_root, c.workspace_root);
+    let cwd =
+        std::env::current_dir().map_err(|e| format!("cannot read the current directory: {e}"))?;
+    cfg.resolve_paths(&cwd);
     cfg.validate()?;
     if cfg.server.token.is_empty() {
         if let Ok(t) = std::env::var("ETASK_TOKEN") {

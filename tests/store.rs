@@ -269,6 +269,110 @@ fn silent_executions_are_found_by_heartbeat() {
     }
 }
 
+/// A task with its own program, so a mix-up of ids shows as another caller's program.
+fn own_program(name: &str, rid: Option<&str>, code: &str) -> NewTask {
+    let mut t = once(name, rid);
+    t.spec = json!({"name": name, "program": {"kind": "shell", "code": code}});
+    t
+}
+
+#[test]
+fn concurrent_creates_with_one_name_each_get_their_own_task() {
+    for s in backends("samename") {
+        let got: Vec<(String, store::Created)> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..16)
+                .map(|t| {
+                    let s = s.clone();
+                    sc.spawn(move || {
+                        (0..15)
+                            .map(|i| {
+                                let code = format!("echo {t}-{i}");
+                                let c = s
+                                    .create_task(&own_program("same", None, &code), 1_000)
+                                    .unwrap();
+                                (code, c)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let mut ids: Vec<_> = got.iter().map(|(_, c)| c.task_id).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(
+            ids.len(),
+            240,
+            "{}: every caller got a task of its own",
+            s.describe()
+        );
+        for (code, c) in &got {
+            let task = s.get_task(c.task_id).unwrap().unwrap();
+            assert_eq!(
+                &task.to_json()["spec"]["program"]["code"],
+                code,
+                "{}",
+                s.describe()
+            );
+            let e = s.get_execution(c.execution_id.unwrap()).unwrap().unwrap();
+            assert_eq!(
+                e.task_id,
+                c.task_id,
+                "{}: the execution runs the caller's task",
+                s.describe()
+            );
+        }
+    }
+}
+
+#[test]
+fn concurrent_creates_with_one_request_id_make_one_task_and_one_execution() {
+    for s in backends("samerid") {
+        for round in 0..5 {
+            let rid = format!("rid-{round}");
+            let got: Vec<store::Created> = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..12)
+                    .map(|_| {
+                        let (s, rid) = (s.clone(), rid.clone());
+                        sc.spawn(move || {
+                            s.create_task(&own_program("r", Some(&rid), "true"), 1_000)
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().unwrap().expect("no error for a repeat"))
+                    .collect()
+            });
+            assert_eq!(
+                got.iter().filter(|c| !c.existed).count(),
+                1,
+                "{}",
+                s.describe()
+            );
+            assert!(got.iter().all(|c| !c.differs));
+            let first = got.iter().find(|c| !c.existed).unwrap();
+            for c in &got {
+                assert_eq!(
+                    (c.task_id, c.execution_id),
+                    (first.task_id, first.execution_id),
+                    "{}",
+                    s.describe()
+                );
+            }
+            let execs = s
+                .list_executions(Some(first.task_id), None, 100, None)
+                .unwrap();
+            assert_eq!(execs.len(), 1, "{}", s.describe());
+        }
+        // The same request id with another body is reported as such.
+        let c = s
+            .create_task(&own_program("r", Some("rid-0"), "echo other"), 2_000)
+            .unwrap();
+        assert!(c.existed && c.differs, "{}", s.describe());
+    }
+}
+
 #[test]
 fn two_stores_on_one_mysql_never_claim_the_same_execution() {
     let url = support::mysql_db("race");

@@ -175,6 +175,10 @@ fn child_env(cfg: &PoolConfig, req: &RunRequest, ws: &Path, token: &str) -> Vec<
         ("ETASK_RESULT_FD".into(), "3".into()),
         ("EWORK_RESULT_FD".into(), "3".into()),
         (tree::TOKEN_VAR.into(), token.into()),
+        // Python block-buffers stdout into a pipe: without this a script's progress shows up
+        // only at its end, and whatever it printed is lost when a timeout kills it. The
+        // reference ETask sets it too; shell scripts that start python benefit the same way.
+        ("PYTHONUNBUFFERED".into(), "1".into()),
     ];
     // Request env may override PATH/LANG/HOME/TMPDIR (validation refuses any ETASK_* name).
     for (k, v) in req.program.env.iter().chain(req.program.secret_env.iter()) {

@@ -53,6 +53,9 @@ pub const MASK: &[u8] = b"******";
 
 #[derive(Debug, Default)]
 struct StreamBuf {
+    /// Raw bytes held back because they may be the start of a secret whose rest has not
+    /// arrived yet (never more than the longest secret minus one byte).
+    held: Vec<u8>,
     /// Bytes of the current, not yet terminated line.
     partial: Vec<u8>,
     /// The current line went over the cap: drop bytes until its newline.
@@ -88,13 +91,24 @@ fn idx(s: Stream) -> usize {
 
 impl LogCapture {
     pub fn new(limits: LogLimits, secrets: impl IntoIterator<Item = String>) -> Self {
-        let mut secrets: Vec<Vec<u8>> = secrets
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .map(String::into_bytes)
-            .collect();
+        let mut all: Vec<Vec<u8>> = Vec::new();
+        for s in secrets.into_iter().filter(|s| !s.is_empty()) {
+            // Each line of a multi-line value (a PEM key, say) is masked on its own too: a
+            // script that prints one line of it must not show that line.
+            if s.contains('\n') {
+                all.extend(
+                    s.split('\n')
+                        .map(|l| l.trim_end_matches('\r'))
+                        .filter(|l| !l.is_empty())
+                        .map(|l| l.as_bytes().to_vec()),
+                );
+            }
+            all.push(s.into_bytes());
+        }
+        let mut secrets = all;
         // Longest first, so a secret that contains another is masked whole.
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
         LogCapture {
             limits,
             secrets,
@@ -108,8 +122,69 @@ impl LogCapture {
     }
 
     /// Feeds bytes read from one stream.
-    pub fn push(&mut self, stream: Stream, mut bytes: &[u8], now: Instant) {
+    ///
+    /// Secrets are masked here, on the raw byte stream and before it is cut into lines or
+    /// chunks: a value written in pieces, across lines or across a batch boundary is still
+    /// seen whole, because bytes that could begin a secret are held back until the next bytes
+    /// show whether they do (or the run ends).
+    pub fn push(&mut self, stream: Stream, bytes: &[u8], now: Instant) {
         self.total_bytes += bytes.len() as u64;
+        if self.secrets.is_empty() {
+            return self.split_lines(stream, bytes, now);
+        }
+        let mut raw = std::mem::take(&mut self.streams[idx(stream)].held);
+        raw.extend_from_slice(bytes);
+        let (masked, held) = mask_stream(&self.secrets, &raw, false);
+        self.streams[idx(stream)].held = held;
+        self.split_lines(stream, &masked, now);
+    }
+
+    /// Masks every secret in the strings (keys and values, at any depth) of a script's fd-3
+    /// result, so a secret the script writes there never leaves the node in clear either.
+    pub fn mask_result(&self, result: &mut serde_json::Map<String, serde_json::Value>) {
+        if self.secrets.is_empty() {
+            return;
+        }
+        let old = std::mem::take(result);
+        for (k, mut v) in old {
+            self.mask_value(&mut v);
+            result.insert(self.mask_text(&k), v);
+        }
+    }
+
+    fn mask_value(&self, v: &mut serde_json::Value) {
+        use serde_json::Value;
+        match v {
+            Value::String(s) => *s = self.mask_text(s),
+            Value::Array(a) => a.iter_mut().for_each(|v| self.mask_value(v)),
+            Value::Object(m) => self.mask_result(m),
+            _ => {}
+        }
+    }
+
+    /// `text` with every secret replaced by [`MASK`].
+    pub fn mask_text(&self, text: &str) -> String {
+        if self.secrets.is_empty() {
+            return text.to_owned();
+        }
+        let (masked, _) = mask_stream(&self.secrets, text.as_bytes(), true);
+        // Whole secrets are replaced by ASCII, so valid UTF-8 stays valid.
+        String::from_utf8(masked)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    }
+
+    /// Releases what a stream held back for masking: at the end of the run nothing more can
+    /// complete a secret.
+    fn release_held(&mut self, stream: Stream, now: Instant) {
+        let raw = std::mem::take(&mut self.streams[idx(stream)].held);
+        if !raw.is_empty() {
+            let (masked, _) = mask_stream(&self.secrets, &raw, true);
+            self.split_lines(stream, &masked, now);
+        }
+    }
+
+    /// Cuts masked bytes into lines, capping each line.
+    fn split_lines(&mut self, stream: Stream, mut bytes: &[u8], now: Instant) {
         while !bytes.is_empty() {
             let (line, rest, complete) = match bytes.iter().position(|&b| b == b'\n') {
                 Some(i) => (&bytes[..=i], &bytes[i + 1..], true),
@@ -133,7 +208,7 @@ impl LogCapture {
                 // it is still unterminated.
                 let body = if complete { line.len() - 1 } else { line.len() };
                 if body > max {
-                    line.truncate(max);
+                    line.truncate(char_boundary(&line, max));
                     line.extend_from_slice(
                         format!(" …[etask: line truncated at {max} bytes]\n").as_bytes(),
                     );
@@ -150,7 +225,6 @@ impl LogCapture {
         if self.volume_cap_hit {
             return;
         }
-        let line = self.mask(line);
         let cap = self.limits.run_max_bytes;
         let buf = &mut self.streams[idx(stream)];
         if self.kept_bytes + line.len() as u64 > cap {
@@ -164,15 +238,6 @@ impl LogCapture {
             buf.ready.extend_from_slice(&line);
         }
         buf.since.get_or_insert(now);
-    }
-
-    fn mask(&self, mut line: Vec<u8>) -> Vec<u8> {
-        for secret in &self.secrets {
-            if line.len() >= secret.len() {
-                line = replace_all(&line, secret, MASK);
-            }
-        }
-        line
     }
 
     /// When the oldest unsent byte must go out (for the reactor's poll timeout).
@@ -208,8 +273,9 @@ impl LogCapture {
     /// Everything left, at the end of the run (an unterminated last line included).
     pub fn take_all(&mut self, now: Instant, out: &mut Vec<LogChunk>) {
         for s in [Stream::Stdout, Stream::Stderr] {
+            self.release_held(s, now);
             self.flush_partial(s, now);
-            self.emit(s, out);
+            self.emit_inner(s, out, true);
         }
     }
 
@@ -222,12 +288,27 @@ impl LogCapture {
     }
 
     fn emit(&mut self, s: Stream, out: &mut Vec<LogChunk>) {
+        self.emit_inner(s, out, false)
+    }
+
+    /// Sends the stream's ready bytes as one chunk. Unless `last`, an incomplete UTF-8
+    /// sequence at the end stays for the next chunk, so a character is never split by where
+    /// a batch happens to end (it would be decoded as two U+FFFD). Bytes that are not UTF-8
+    /// at all become U+FFFD wherever they fall.
+    fn emit_inner(&mut self, s: Stream, out: &mut Vec<LogChunk>, last: bool) {
         let b = &mut self.streams[idx(s)];
         b.since = None;
         if b.ready.is_empty() {
             return;
         }
-        let data = std::mem::take(&mut b.ready);
+        let mut data = std::mem::take(&mut b.ready);
+        if !last {
+            let tail = incomplete_utf8_tail(&data);
+            b.ready = data.split_off(data.len() - tail);
+            if data.is_empty() {
+                return;
+            }
+        }
         let data = match String::from_utf8(data) {
             Ok(s) => s,
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
@@ -241,19 +322,59 @@ impl LogCapture {
     }
 }
 
-fn replace_all(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(hay.len());
+/// Replaces every secret in `raw` by [`MASK`] (`secrets` longest first). Unless `last`, a
+/// tail of `raw` that is the beginning of a secret is not released but returned as the bytes
+/// to hold: (released, held).
+fn mask_stream(secrets: &[Vec<u8>], raw: &[u8], last: bool) -> (Vec<u8>, Vec<u8>) {
+    let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
-    while i < hay.len() {
-        if hay[i..].starts_with(needle) {
-            out.extend_from_slice(with);
-            i += needle.len();
-        } else {
-            out.push(hay[i]);
-            i += 1;
+    'scan: while i < raw.len() {
+        let rest = &raw[i..];
+        for secret in secrets {
+            if rest.starts_with(secret) {
+                out.extend_from_slice(MASK);
+                i += secret.len();
+                continue 'scan;
+            }
         }
+        if !last
+            && secrets
+                .iter()
+                .any(|s| s.len() > rest.len() && s.starts_with(rest))
+        {
+            return (out, rest.to_vec());
+        }
+        out.push(raw[i]);
+        i += 1;
     }
-    out
+    (out, Vec::new())
+}
+
+/// How many bytes at the end of `b` begin a UTF-8 character that is not complete yet (0–3).
+fn incomplete_utf8_tail(b: &[u8]) -> usize {
+    for back in 1..=b.len().min(3) {
+        let c = b[b.len() - back];
+        if c & 0xC0 == 0x80 {
+            continue; // a continuation byte: look further back for the lead byte
+        }
+        let need = match c {
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => return 0, // ASCII or not a lead byte: nothing to wait for
+        };
+        return if need > back { back } else { 0 };
+    }
+    0
+}
+
+/// The largest index ≤ `max` that does not fall inside a UTF-8 character of `b`.
+fn char_boundary(b: &[u8], mut max: usize) -> usize {
+    let floor = max.saturating_sub(3);
+    while max > floor && max < b.len() && b[max] & 0xC0 == 0x80 {
+        max -= 1;
+    }
+    max
 }
 
 #[cfg(test)]
@@ -302,6 +423,112 @@ mod tests {
             Instant::now(),
         );
         assert_eq!(all(&mut c)[0].data, "password=****** again ******\n");
+    }
+
+    /// Feeds `pieces` one at a time, taking due chunks after each as if the batch interval
+    /// had passed (the worst case for cuts), and returns everything sent.
+    fn fed_in_pieces(secrets: &[&str], pieces: &[(Stream, &[u8])]) -> Vec<LogChunk> {
+        let mut c = LogCapture::new(LogLimits::default(), secrets.iter().map(|s| s.to_string()));
+        let mut t = Instant::now();
+        let mut v = Vec::new();
+        for (s, p) in pieces {
+            c.push(*s, p, t);
+            t += Duration::from_secs(1);
+            c.take_due(t, &mut v);
+        }
+        c.take_all(t, &mut v);
+        v
+    }
+
+    fn text(v: &[LogChunk], s: Stream) -> String {
+        v.iter()
+            .filter(|c| c.stream == s)
+            .map(|c| c.data.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn a_secret_written_in_pieces_across_flushes_is_masked() {
+        let out = Stream::Stdout;
+        let v = fed_in_pieces(
+            &["hunter2"],
+            &[(out, b"pw=hun"), (out, b"te"), (out, b"r2 ok\n")],
+        );
+        assert_eq!(text(&v, out), "pw=****** ok\n");
+        assert!(
+            v.iter().all(|c| !c.data.contains("hun")),
+            "no piece leaks: {v:?}"
+        );
+    }
+
+    #[test]
+    fn a_multi_line_secret_is_masked_whole_and_line_by_line() {
+        let out = Stream::Stdout;
+        let secret = "one1secret\ntwo2secret";
+        let v = fed_in_pieces(
+            &[secret],
+            &[
+                (out, b"a one1secret\ntwo2secret b\n"),
+                (out, b"two2secret\n"),
+            ],
+        );
+        let all = text(&v, out);
+        assert!(
+            !all.contains("one1secret") && !all.contains("two2secret"),
+            "{all:?}"
+        );
+        assert_eq!(all, "a ****** b\n******\n");
+    }
+
+    #[test]
+    fn short_and_regex_like_secrets_are_masked_on_both_streams() {
+        let v = fed_in_pieces(
+            &["a.*", "$x"],
+            &[
+                (Stream::Stderr, b"1 a.* 2 $"),
+                (Stream::Stdout, b"abc\n"),
+                (Stream::Stderr, b"x 3\n"),
+            ],
+        );
+        assert_eq!(text(&v, Stream::Stderr), "1 ****** 2 ****** 3\n");
+        assert_eq!(text(&v, Stream::Stdout), "abc\n");
+    }
+
+    #[test]
+    fn a_held_prefix_that_is_not_a_secret_is_released_intact() {
+        let out = Stream::Stdout;
+        let v = fed_in_pieces(
+            &["hunter2"],
+            &[(out, b"hunt"), (out, b"ing\n"), (out, b"hun")],
+        );
+        assert_eq!(text(&v, out), "hunting\nhun");
+    }
+
+    #[test]
+    fn multibyte_characters_survive_any_cut() {
+        // "progress 中 done": the character's three bytes arrive in two reads with a flush
+        // between them; and every other cut position of a mixed string.
+        let out = Stream::Stdout;
+        let v = fed_in_pieces(&[], &[(out, b"progress \xe4\xb8"), (out, b"\xad done\n")]);
+        assert_eq!(text(&v, out), "progress 中 done\n");
+        let s = "añ中😀b\n".as_bytes();
+        for cut in 0..=s.len() {
+            let v = fed_in_pieces(&["zz"], &[(out, &s[..cut]), (out, &s[cut..])]);
+            assert_eq!(text(&v, out), "añ中😀b\n", "cut at {cut}");
+        }
+        // Invalid bytes become U+FFFD, the same wherever the cut falls.
+        let v = fed_in_pieces(&[], &[(out, b"x\xff"), (out, b"y\n")]);
+        assert_eq!(text(&v, out), "x\u{fffd}y\n");
+    }
+
+    #[test]
+    fn line_truncation_does_not_split_a_character() {
+        let mut c = LogCapture::new(limits(4, 1 << 20), []);
+        c.push(Stream::Stdout, "ab中cd\n".as_bytes(), Instant::now());
+        assert_eq!(
+            all(&mut c)[0].data,
+            "ab …[etask: line truncated at 4 bytes]\n"
+        );
     }
 
     #[test]

@@ -238,7 +238,10 @@ impl Pool {
     /// Starts the reactor thread. Makes this process a child subreaper and installs a SIGCHLD
     /// handler: from now on the pool reaps every child of the process (see README, operating
     /// notes), so nothing else in the process may wait on children of its own.
-    pub fn start(cfg: PoolConfig) -> io::Result<Pool> {
+    pub fn start(mut cfg: PoolConfig) -> io::Result<Pool> {
+        // Scripts run inside their workspace: a relative root (a relative `$TMPDIR`, a relative
+        // data dir) would name a path that does not exist from there.
+        cfg.workspace_root = std::path::absolute(&cfg.workspace_root)?;
         if cfg.run_as.is_some() && unsafe { libc::geteuid() } != 0 {
             return Err(io::Error::other("run_as needs the node to run as root"));
         }
@@ -960,7 +963,11 @@ impl Reactor {
             Some(WaitStatus::Signaled(s)) => Ending::Signaled(s),
             None => Ending::Signaled(libc::SIGKILL),
         });
-        let parsed = std::mem::replace(&mut run.result, ResultSink::new(0)).finish();
+        let mut parsed = std::mem::replace(&mut run.result, ResultSink::new(0)).finish();
+        if let Some(r) = parsed.result.as_mut() {
+            run.logs.mask_result(r);
+        }
+        parsed.error = parsed.error.map(|e| run.logs.mask_text(&e));
         let outcome = Outcome {
             ending,
             exit_code,

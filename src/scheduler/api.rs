@@ -157,8 +157,9 @@ impl RetryPolicy {
         let backoff = self
             .initial_backoff_ms
             .saturating_mul(1u64 << exp)
-            .min(self.max_backoff_ms);
-        Some(now + backoff as i64)
+            .min(self.max_backoff_ms)
+            .min(MAX_BACKOFF_MS);
+        Some(now.saturating_add(backoff as i64))
     }
 }
 
@@ -189,6 +190,28 @@ fn once_now() -> Schedule {
 }
 
 pub const MAX_ATTEMPTS: u32 = 100;
+/// Longest name, request id, pool, node, hash key and cron expression, in characters (Unicode
+/// scalar values), as the store's `VARCHAR(255)` columns under utf8mb4 count them.
+pub const MAX_NAME_CHARS: usize = 255;
+/// At most this many labels per task, names of at most 64 and values of at most 1024 characters.
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_NAME_CHARS: usize = 64;
+pub const MAX_LABEL_VALUE_CHARS: usize = 1024;
+pub const MAX_URL_CHARS: usize = 2048;
+/// Longest retry backoff: 7 days, in milliseconds (larger values would overflow a time).
+pub const MAX_BACKOFF_MS: u64 = 7 * 86_400_000;
+
+/// Refuses `value` when it has more than `max` characters. Counts characters, not bytes, the
+/// way the limits are documented and the way MySQL's utf8mb4 columns count them.
+fn check_chars(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    let n = value.chars().count();
+    if n > max {
+        return Err(ApiError::invalid(format!(
+            "{field} must be at most {max} characters, not {n}"
+        )));
+    }
+    Ok(())
+}
 
 /// Parses a cron expression: 6 fields (seconds first), 7 with a year, or a descriptor.
 pub fn parse_cron(expr: &str) -> Result<cron::Schedule, ApiError> {
@@ -216,20 +239,48 @@ impl TaskSpec {
     }
 
     pub fn validate(&self, paths: &[&str]) -> Result<(), ApiError> {
-        if self.name.trim().is_empty() || self.name.len() > 255 {
-            return Err(ApiError::invalid("name must be 1 to 255 characters"));
+        if self.name.trim().is_empty() {
+            return Err(ApiError::invalid("name must not be empty"));
         }
-        if self
-            .request_id
-            .as_ref()
-            .is_some_and(|r| r.is_empty() || r.len() > 255)
-        {
-            return Err(ApiError::invalid("request_id must be 1 to 255 characters"));
+        check_chars("name", &self.name, MAX_NAME_CHARS)?;
+        if let Some(r) = &self.request_id {
+            if r.is_empty() {
+                return Err(ApiError::invalid("request_id must not be empty"));
+            }
+            check_chars("request_id", r, MAX_NAME_CHARS)?;
+        }
+        if let Some(t) = &self.target {
+            for (field, v) in [
+                ("target.pool", &t.pool),
+                ("target.node", &t.node),
+                ("target.key", &t.key),
+            ] {
+                if let Some(v) = v {
+                    check_chars(field, v, MAX_NAME_CHARS)?;
+                }
+            }
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(ApiError::invalid(format!(
+                "at most {MAX_LABELS} labels, not {}",
+                self.labels.len()
+            )));
+        }
+        for (k, v) in &self.labels {
+            if k.is_empty() {
+                return Err(ApiError::invalid("label names must not be empty"));
+            }
+            check_chars("label name", k, MAX_LABEL_NAME_CHARS)?;
+            check_chars(&format!("label {k:?}"), v, MAX_LABEL_VALUE_CHARS)?;
+        }
+        if let Some(u) = &self.callback_url {
+            check_chars("callback_url", u, MAX_URL_CHARS)?;
         }
         self.program
             .validate()
             .map_err(|e| ApiError::invalid(format!("program: {}", e.0)))?;
         if let Schedule::Cron { expr } = &self.schedule {
+            check_chars("schedule.expr", expr, MAX_NAME_CHARS)?;
             parse_cron(expr)?;
         }
         let path = self.path();
@@ -293,6 +344,11 @@ impl TaskSpec {
                     "retry.max_attempts must be 1 to {MAX_ATTEMPTS}"
                 )));
             }
+            if r.max_backoff_ms > MAX_BACKOFF_MS {
+                return Err(ApiError::invalid(format!(
+                    "retry.max_backoff_ms must be at most {MAX_BACKOFF_MS} (7 days)"
+                )));
+            }
             if r.initial_backoff_ms > r.max_backoff_ms {
                 return Err(ApiError::invalid(
                     "retry.initial_backoff_ms must not exceed retry.max_backoff_ms",
@@ -351,6 +407,53 @@ mod tests {
         let n = next_fire(&s, 1_000).unwrap();
         assert_eq!(n, 2_000);
         assert!(parse_cron("@hourly").is_ok());
+    }
+
+    #[test]
+    fn length_limits_count_characters_not_bytes() {
+        let task = |name: &str| json!({"name": name, "program": {"kind": "shell", "code": "true"}});
+        // 255 Chinese characters are 765 bytes: accepted; 256 are refused.
+        assert!(parse(task(&"中".repeat(255))).is_ok());
+        let e = parse(task(&"中".repeat(256))).unwrap_err();
+        assert!(
+            e.message.contains("at most 255 characters, not 256"),
+            "{e:?}"
+        );
+        let mut t = task("n");
+        t["request_id"] = json!("键".repeat(255));
+        t["labels"] = json!({"团队": "网络".repeat(512)});
+        t["target"] = json!({"path": "local", "pool": "池".repeat(255)});
+        assert!(parse(t.clone()).is_ok());
+        t["labels"] = json!({"团队": "网络".repeat(513)});
+        assert!(parse(t.clone()).is_err());
+        let many: serde_json::Map<String, Value> =
+            (0..65).map(|i| (format!("k{i}"), json!("v"))).collect();
+        t["labels"] = Value::Object(many);
+        assert!(parse(t).unwrap_err().message.contains("at most 64 labels"));
+        let mut t = task("n");
+        t["schedule"] = json!({"kind": "cron", "expr": format!("0 0 * * * * {}", " ".repeat(300))});
+        assert!(
+            parse(t).is_err(),
+            "a cron expression longer than its column is refused"
+        );
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_never_wraps() {
+        let mut t = json!({"name": "n", "program": {"kind": "shell", "code": "true"},
+                           "retry": {"max_attempts": 3, "initial_backoff_ms": u64::MAX, "max_backoff_ms": u64::MAX}});
+        assert!(parse(t.clone())
+            .unwrap_err()
+            .message
+            .contains("max_backoff_ms"));
+        t["retry"]["max_backoff_ms"] = json!(MAX_BACKOFF_MS);
+        t["retry"]["initial_backoff_ms"] = json!(MAX_BACKOFF_MS);
+        let s = parse(t).unwrap();
+        let now = 1_800_000_000_000;
+        assert_eq!(
+            s.retry.unwrap().next_at(2, now),
+            Some(now + MAX_BACKOFF_MS as i64)
+        );
     }
 
     #[test]

@@ -189,6 +189,14 @@ impl Core {
                 .unwrap_or_default(),
         };
         let mut created = self.store.create_task(&t, now)?;
+        if created.differs {
+            return Err(ApiError::conflict(format!(
+                "request_id {:?} was used before for task {} with a different body; use a new \
+                 request_id for a different task",
+                spec.request_id.as_deref().unwrap_or_default(),
+                created.task_id
+            )));
+        }
         let mut all = created.execution_id.into_iter().collect::<Vec<_>>();
         if broadcast_once && !created.existed {
             all = self.store.add_broadcast(

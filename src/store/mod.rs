@@ -26,6 +26,10 @@ pub enum StoreError {
     Retry(String),
     #[error("invalid store URL {0:?}: use sqlite:PATH or mysql://user:pass@host:port/db")]
     BadUrl(String),
+    /// An INSERT hit a unique key (MySQL 1062, SQLite `SQLITE_CONSTRAINT_UNIQUE`): the row
+    /// exists already. Only `create_task` expects it (a repeated `request_id`).
+    #[error("duplicate key: {0}")]
+    Duplicate(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -93,6 +97,9 @@ pub trait Backend: Send + Sync {
     fn migrate(&self) -> Result<Vec<u32>>;
     /// `INSERT OR IGNORE` (SQLite) / `INSERT IGNORE` (MySQL).
     fn insert_ignore(&self) -> &'static str;
+    /// The suffix that makes a SELECT a locking read of the latest committed rows
+    /// (`" FOR UPDATE"` on MySQL; empty on SQLite, whose writers are serialised anyway).
+    fn locking_read(&self) -> &'static str;
     fn describe(&self) -> String;
 }
 
@@ -261,6 +268,9 @@ pub struct Created {
     pub execution_id: Option<ExecutionId>,
     /// The request id was seen before: nothing was created, these are the first call's ids.
     pub existed: bool,
+    /// With `existed`: the first call's task spec differs from this call's (same request id,
+    /// another body), which the API answers with 409 instead of the first call's ids.
+    pub differs: bool,
 }
 
 /// An execution claimed for dispatch, with the spec of its task.
@@ -690,41 +700,42 @@ impl Store for SqlStore {
 
     fn create_task(&self, t: &NewTask, now: i64) -> Result<Created> {
         let spec = t.spec.to_string();
-        let ignore = self.b.insert_ignore();
+        let lock = self.b.locking_read();
         self.tx(|c| {
-            if let Some(rid) = &t.request_id {
-                let got = c.query("SELECT id FROM tasks WHERE request_id = ?", &[rid.as_str().into()])?;
-                if let Some(r) = got.first() {
-                    let task_id = TaskId(r[0].i().ok_or_else(|| bad("id"))?);
-                    let ex = c.query("SELECT MIN(id) FROM executions WHERE task_id = ?", &[task_id.0.into()])?;
-                    let execution_id = ex.first().and_then(|r| r[0].i()).map(ExecutionId);
-                    return Ok(Created { task_id, execution_id, existed: true });
-                }
-            }
             let (cron_expr, next) = match &t.cron {
                 Some((e, n)) => (Some(e.clone()), Some(*n)),
                 None => (None, None),
             };
-            // INSERT IGNORE: a concurrent call with the same request id loses quietly here and
-            // reads the winner's ids below.
             let params = [t.name.as_str().into(), t.request_id.clone().into(), spec.as_str().into(), cron_expr.into(),
                           next.into(), now.into(), t.path.as_str().into(), t.pool.as_str().into()];
-            let sql = format!("{ignore} INTO tasks (name, request_id, spec, cron_expr, next_fire_at, created_at, path, pool) VALUES (?, ?, ?, ?, ?, ?, ?, ?)");
-            let changed = c.exec(&sql, &params)?;
-            let rows = match &t.request_id {
-                Some(rid) => c.query("SELECT id FROM tasks WHERE request_id = ?", &[rid.as_str().into()])?,
-                None => c.query("SELECT MAX(id) FROM tasks WHERE name = ?", &[t.name.as_str().into()])?,
+            // The id is the one this INSERT created, never read back by another column: a
+            // read-back by name once handed concurrent callers each other's tasks. A repeated
+            // request id fails on its unique key; under MySQL that failure waits for the
+            // winner's commit, and the locking reads below see the winner's rows (a plain read
+            // could use an older snapshot and find nothing).
+            let inserted = c.insert(
+                "INSERT INTO tasks (name, request_id, spec, cron_expr, next_fire_at, created_at, path, pool) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                &params,
+            );
+            let task_id = match (inserted, &t.request_id) {
+                (Ok(id), _) => TaskId(id),
+                (Err(StoreError::Duplicate(_)), Some(rid)) => {
+                    let got = c.query(&format!("SELECT id, spec FROM tasks WHERE request_id = ?{lock}"), &[rid.as_str().into()])?;
+                    let r = got.first().ok_or_else(|| bad("task of a duplicate request_id"))?;
+                    let task_id = TaskId(r[0].i().ok_or_else(|| bad("id"))?);
+                    let first: Option<Value> = r[1].s().and_then(|s| serde_json::from_str(&s).ok());
+                    let ex = c.query(&format!("SELECT MIN(id) FROM executions WHERE task_id = ?{lock}"), &[task_id.0.into()])?;
+                    let execution_id = ex.first().and_then(|r| r[0].i()).map(ExecutionId);
+                    let differs = first.as_ref() != Some(&t.spec);
+                    return Ok(Created { task_id, execution_id, existed: true, differs });
+                }
+                (Err(e), _) => return Err(e),
             };
-            let task_id = TaskId(rows.first().and_then(|r| r[0].i()).ok_or_else(|| bad("inserted task"))?);
-            if changed == 0 {
-                let ex = c.query("SELECT MIN(id) FROM executions WHERE task_id = ?", &[task_id.0.into()])?;
-                return Ok(Created { task_id, execution_id: ex.first().and_then(|r| r[0].i()).map(ExecutionId), existed: true });
-            }
             let execution_id = match t.first_due_at {
                 Some(due) => Some(Self::insert_execution(c, task_id, due, t.deadline_ms, now)?),
                 None => None,
             };
-            Ok(Created { task_id, execution_id, existed: false })
+            Ok(Created { task_id, execution_id, existed: false, differs: false })
         })
     }
 

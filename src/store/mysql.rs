@@ -20,6 +20,9 @@ fn err(e: mysql::Error) -> StoreError {
         mysql::Error::MySqlError(ref m) if m.code == 1213 || m.code == 1205 => {
             StoreError::Retry(format!("mysql: {e}"))
         }
+        mysql::Error::MySqlError(ref m) if m.code == 1062 => {
+            StoreError::Duplicate(format!("mysql: {e}"))
+        }
         mysql::Error::IoError(_) | mysql::Error::DriverError(_) => {
             StoreError::Unavailable(format!("mysql: {e}"))
         }
@@ -175,6 +178,10 @@ impl Backend for Mysql {
 
     fn insert_ignore(&self) -> &'static str {
         "INSERT IGNORE"
+    }
+
+    fn locking_read(&self) -> &'static str {
+        " FOR UPDATE"
     }
 
     fn describe(&self) -> String {

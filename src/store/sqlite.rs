@@ -19,6 +19,12 @@ fn err(e: rusqlite::Error) -> StoreError {
         rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DatabaseBusy => {
             StoreError::Unavailable(format!("sqlite busy: {e}"))
         }
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+        {
+            StoreError::Duplicate(format!("sqlite: {e}"))
+        }
         e => StoreError::Internal(format!("sqlite: {e}")),
     }
 }
@@ -138,6 +144,10 @@ impl Backend for Sqlite {
         }
         tx.commit().map_err(err)?;
         Ok(applied)
+    }
+
+    fn locking_read(&self) -> &'static str {
+        ""
     }
 
     fn insert_ignore(&self) -> &'static str {
