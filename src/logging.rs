@@ -52,13 +52,10 @@ pub fn init(default: LevelFilter) {
 /// socket it connected; comparing it with fd 2 tells a service's own stderr from one an
 /// operator redirected (`etask server 2>file` started from a unit's shell).
 fn stderr_is_journal() -> bool {
-    let Some((dev, ino)) = std::env::var("JOURNAL_STREAM")
-        .ok()
-        .and_then(|v| {
-            let (d, i) = v.split_once(':')?;
-            Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?))
-        })
-    else {
+    let Some((dev, ino)) = std::env::var("JOURNAL_STREAM").ok().and_then(|v| {
+        let (d, i) = v.split_once(':')?;
+        Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?))
+    }) else {
         return false;
     };
     // SAFETY: fstat on fd 2 into a zeroed stat buffer.

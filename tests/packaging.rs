@@ -145,25 +145,37 @@ fn deb_and_rpm_ship_the_same_static_binary_units_and_scripts() {
         "/usr/lib/sysusers.d/etask.conf",
         "/usr/lib/tmpfiles.d/etask.conf",
     ] {
-        assert!(rpm_list.iter().any(|f| f == want), "{want} missing: {rpm_list:?}");
+        assert!(
+            rpm_list.iter().any(|f| f == want),
+            "{want} missing: {rpm_list:?}"
+        );
     }
 
     // Conffiles: the config survives upgrades on both.
-    let conffiles = ok(Command::new("dpkg-deb")
-        .args(["-f"])
-        .arg(&deb)
-        .arg("Conffiles"));
     let ctrl = tempdir("ctrl");
     ok(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&ctrl));
-    let conffiles = conffiles
-        + &std::fs::read_to_string(ctrl.join("conffiles")).unwrap_or_default();
-    assert!(conffiles.contains("/etc/etask/etask.toml"), "{conffiles}");
+    let conffiles = std::fs::read_to_string(ctrl.join("conffiles")).unwrap_or_default();
+    assert_eq!(conffiles.trim(), "/etc/etask/etask.toml");
     let rpm_config = ok(Command::new("rpm").args(["-qp", "--configfiles"]).arg(&rpm));
     assert_eq!(rpm_config.trim(), "/etc/etask/etask.toml");
 
     // Scriptlets and requirements: the same duties as the Debian maintainer scripts, and
     // nothing required beyond a shell (the binary is static).
     let scripts = ok(Command::new("rpm").args(["-qp", "--scripts"]).arg(&rpm));
+    let scriptlet = |phase: &str| -> String {
+        // Sections start with "<phase> scriptlet:" or "<phase> scriptlet (using /bin/sh):".
+        let mut on = false;
+        let mut text = String::new();
+        for l in scripts.lines() {
+            if l.contains(" scriptlet") && l.ends_with(':') && !l.starts_with('#') {
+                on = l.starts_with(&format!("{phase} scriptlet"));
+            } else if on {
+                text += l;
+                text += "\n";
+            }
+        }
+        text
+    };
     for (phase, duty) in [
         ("preinstall", "systemd-sysusers"),
         ("postinstall", "daemon-reload"),
@@ -171,13 +183,22 @@ fn deb_and_rpm_ship_the_same_static_binary_units_and_scripts() {
         ("preuninstall", "systemctl stop"),
         ("postuninstall", "daemon-reload"),
     ] {
-        let section = scripts
-            .split("scriptlet (using")
-            .find(|s| s.contains(&format!("{phase} ")) || s.starts_with(&format!(" {phase}")))
-            .map(|_| ())
-            .is_some();
-        assert!(section && scripts.contains(duty), "{phase} lacks {duty}:\n{scripts}");
+        assert!(
+            scriptlet(phase).contains(duty),
+            "{phase} lacks {duty}:\n{scripts}"
+        );
     }
+    // The user %pre creates is the one of the sysusers file.
+    let sysusers =
+        std::fs::read_to_string(repo().join("packaging/sysusers.conf")).unwrap_or_default();
+    let user_line = sysusers
+        .lines()
+        .find(|l| l.starts_with("u "))
+        .unwrap_or("none");
+    assert!(
+        scriptlet("preinstall").contains(user_line),
+        "%pre and sysusers.conf differ"
+    );
     for (script, duty) in [
         ("postinst", "systemd-sysusers"),
         ("postinst", "daemon-reload"),
@@ -189,12 +210,17 @@ fn deb_and_rpm_ship_the_same_static_binary_units_and_scripts() {
         assert!(text.contains(duty), "{script} lacks {duty}:\n{text}");
     }
     let requires = ok(Command::new("rpm").args(["-qp", "--requires"]).arg(&rpm));
-    let deps: Vec<&str> = requires
+    // rpmlib() features and the package's own config() are what every RPM requires.
+    let mut deps: Vec<&str> = requires
         .lines()
-        .filter(|l| !l.starts_with("rpmlib("))
+        .filter(|l| !l.starts_with("rpmlib(") && !l.starts_with("config(etask)"))
         .collect();
+    deps.dedup();
     assert_eq!(deps, vec!["/bin/sh"], "rpm requires: {requires}");
-    let depends = run(Command::new("dpkg-deb").args(["-f"]).arg(&deb).arg("Depends"));
+    let depends = run(Command::new("dpkg-deb")
+        .args(["-f"])
+        .arg(&deb)
+        .arg("Depends"));
     assert!(
         String::from_utf8_lossy(&depends.stdout).trim().is_empty(),
         "the .deb depends on {:?}",
@@ -208,8 +234,14 @@ fn deb_and_rpm_ship_the_same_static_binary_units_and_scripts() {
     let dynamic = ok(Command::new("readelf").arg("-d").arg(&bin));
     assert!(!dynamic.contains("NEEDED"), "not static:\n{dynamic}");
     let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(u64::MAX);
-    eprintln!("packaging: /usr/bin/etask {:.1} MiB, static", size as f64 / 1048576.0);
-    assert!(size <= 15 * 1024 * 1024, "binary is {size} bytes, over 15 MiB");
+    eprintln!(
+        "packaging: /usr/bin/etask {:.1} MiB, static",
+        size as f64 / 1048576.0
+    );
+    assert!(
+        size <= 15 * 1024 * 1024,
+        "binary is {size} bytes, over 15 MiB"
+    );
     let version = ok(Command::new(&bin).arg("--version"));
     assert!(
         version.starts_with(&format!("etask {VERSION} (")) && !version.contains("(unknown)"),
@@ -250,9 +282,12 @@ fn rootfs() -> Result<PathBuf, String> {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(tools_dir()).map_err(|e| e.to_string())?;
     // The mirror lines apt uses on this machine (deb822 or one-line style).
-    let sources = ["/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list"]
-        .into_iter()
-        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0));
+    let sources = [
+        "/etc/apt/sources.list.d/debian.sources",
+        "/etc/apt/sources.list",
+    ]
+    .into_iter()
+    .find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0));
     let t0 = Instant::now();
     let mut cmd = Command::new("mmdebstrap");
     cmd.args(["--variant=minbase", "--quiet"])
@@ -270,7 +305,10 @@ fn rootfs() -> Result<PathBuf, String> {
         ));
     }
     std::fs::rename(&tmp, &dir).map_err(|e| e.to_string())?;
-    eprintln!("packaging: built the Debian 12 rootfs in {:.1?}", t0.elapsed());
+    eprintln!(
+        "packaging: built the Debian 12 rootfs in {:.1?}",
+        t0.elapsed()
+    );
     Ok(dir)
 }
 
@@ -291,7 +329,10 @@ impl Booted {
         // the container's cgroups live below it and are removed with it.
         let name = format!("etask-pkgtest-{}", std::process::id());
         let roots: Vec<PathBuf> = if Path::new("/sys/fs/cgroup/unified").is_dir() {
-            vec!["/sys/fs/cgroup/unified".into(), "/sys/fs/cgroup/systemd".into()]
+            vec![
+                "/sys/fs/cgroup/unified".into(),
+                "/sys/fs/cgroup/systemd".into(),
+            ]
         } else {
             vec!["/sys/fs/cgroup".into()]
         };
@@ -336,18 +377,21 @@ impl Booted {
             console,
         };
         let t0 = Instant::now();
-        // The container's init is nspawn's child.
+        // The container's init: the child of nspawn that became systemd (nspawn forks helpers
+        // first).
         while b.init == 0 {
-            if t0.elapsed() > Duration::from_secs(20) || b.nspawn.try_wait().ok().flatten().is_some() {
+            if t0.elapsed() > Duration::from_secs(20)
+                || b.nspawn.try_wait().ok().flatten().is_some()
+            {
                 return Err(format!("the container did not start:\n{}", b.console_log()));
             }
-            b.init = std::fs::read_to_string(format!(
-                "/proc/{0}/task/{0}/children",
-                b.nspawn.id()
-            ))
-            .ok()
-            .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
-            .unwrap_or(0);
+            b.init = children(b.nspawn.id())
+                .into_iter()
+                .find(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.trim() == "systemd")
+                })
+                .unwrap_or(0);
             std::thread::sleep(Duration::from_millis(50));
         }
         // `is-system-running --wait` fails before the bus is up: poll instead.
@@ -355,7 +399,10 @@ impl Booted {
             let state = b.sh("systemctl is-system-running 2>/dev/null || true");
             let state = state.trim();
             if state == "running" || state == "degraded" {
-                eprintln!("packaging: container booted to {state} in {:.1?}", t0.elapsed());
+                eprintln!(
+                    "packaging: container booted to {state} in {:.1?}",
+                    t0.elapsed()
+                );
                 if state == "degraded" {
                     eprintln!("{}", b.sh("systemctl --failed --no-pager || true"));
                 }
@@ -379,7 +426,12 @@ impl Booted {
     fn try_sh(&self, script: &str) -> (bool, String) {
         let out = run(Command::new("nsenter")
             .args(["-t", &self.init.to_string(), "-a", "--"])
-            .args(["/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"])
+            .args([
+                "/usr/bin/env",
+                "-i",
+                "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                "LANG=C.UTF-8",
+            ])
             .args(["/bin/sh", "-c", script])
             .stdin(Stdio::null()));
         let text = format!(
@@ -393,7 +445,10 @@ impl Booted {
     /// Runs a script inside that must succeed; returns its output.
     fn sh(&self, script: &str) -> String {
         let (good, out) = self.try_sh(script);
-        assert!(good, "in the container, failed:\n{script}\n--- output:\n{out}");
+        assert!(
+            good,
+            "in the container, failed:\n{script}\n--- output:\n{out}"
+        );
         out
     }
 
@@ -414,15 +469,20 @@ impl Booted {
             .to_string()
     }
 
-    /// POSTs a task to the scheduler inside and waits for its execution to end; returns it.
-    fn run_task(&self, task: &serde_json::Value) -> serde_json::Value {
+    /// POSTs a task to the scheduler inside; returns its execution id.
+    fn submit(&self, task: &serde_json::Value) -> i64 {
         let body = task.to_string().replace('\'', "'\\''");
         let created = self.sh(&format!(
             "curl -sS -f -X POST http://127.0.0.1:8765/api/v1/tasks -d '{body}'"
         ));
         let created: serde_json::Value =
             serde_json::from_str(&created).unwrap_or_else(|e| panic!("{e}: {created}"));
-        let id = created["execution_id"].as_i64().expect("execution_id");
+        created["execution_id"].as_i64().expect("execution_id")
+    }
+
+    /// Submits a task and waits for its execution to end; returns it.
+    fn run_task(&self, task: &serde_json::Value) -> serde_json::Value {
+        let id = self.submit(task);
         self.wait_execution(id, |e| {
             matches!(
                 e["status"].as_str(),
@@ -479,6 +539,21 @@ impl Drop for Booted {
     }
 }
 
+/// The children of a process, from every one of its threads.
+fn children(pid: u32) -> Vec<u32> {
+    let mut v = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let text = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            v.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    v
+}
+
 /// Removes a cgroup directory and everything below it, deepest first.
 fn remove_cgroup(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -499,7 +574,9 @@ fn boot_unavailable() -> Option<String> {
     }
     for tool in ["systemd-nspawn", "mmdebstrap", "nsenter", "rpm"] {
         if !have(tool) {
-            return Some(format!("{tool} is not installed (scripts/test.sh installs it)"));
+            return Some(format!(
+                "{tool} is not installed (scripts/test.sh installs it)"
+            ));
         }
     }
     None
@@ -581,18 +658,24 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
     let c = match Booted::boot(&rootfs, &binds) {
         Ok(c) => c,
         Err(why) => {
-            eprintln!("packaging: SKIPPED the booted-system test: booting is impossible here: {why}");
+            eprintln!(
+                "packaging: SKIPPED the booted-system test: booting is impossible here: {why}"
+            );
             return;
         }
     };
 
     // Broker and registry inside: --private-network gives the container its own loopback.
-    c.sh("systemd-run --unit=tansu --quiet /usr/local/bin/tansu broker \
+    c.sh(
+        "systemd-run --unit=tansu --quiet /usr/local/bin/tansu broker \
           --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 \
-          --storage-engine memory://tansu/");
-    c.sh("systemd-run --unit=etcd --quiet /usr/local/bin/etcd --data-dir /var/tmp/etcd \
+          --storage-engine memory://tansu/",
+    );
+    c.sh(
+        "systemd-run --unit=etcd --quiet /usr/local/bin/etcd --data-dir /var/tmp/etcd \
           --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
-          --listen-peer-urls http://127.0.0.1:2380");
+          --listen-peer-urls http://127.0.0.1:2380",
+    );
     c.sh("for i in $(seq 100); do (echo >/dev/tcp/127.0.0.1/9092) 2>/dev/null && break; sleep 0.1; done
           for t in etask.events etask.control etask.dead-letter etask.dispatch.dmz etask.dispatch.ro; do
             /usr/local/bin/tansu topic create $t --broker tcp://127.0.0.1:9092 --partitions 2 >/dev/null
@@ -602,26 +685,37 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
     c.sh(&format!("dpkg -i /pkgs/{}", file_name(&p.deb(1))));
     c.sh("getent passwd etask && test \"$(stat -c %U:%G:%a /etc/etask/etask.toml)\" = root:etask:640");
     for unit in ["etask-scheduler", "etask-executor", "etask-agent@dmz"] {
-        assert_eq!(c.prop(unit, "ActiveState"), "inactive", "{unit} started on install");
+        assert_eq!(
+            c.prop(unit, "ActiveState"),
+            "inactive",
+            "{unit} started on install"
+        );
         assert_eq!(c.prop(unit, "UnitFileState"), "disabled", "{unit}");
     }
-    let verify = c.sh("cd /lib/systemd/system && systemd-analyze verify etask-scheduler.service \
-                       etask-executor.service etask-agent@dmz.service 2>&1");
+    let verify = c.sh(
+        "cd /lib/systemd/system && systemd-analyze verify etask-scheduler.service \
+                       etask-executor.service etask-agent@dmz.service 2>&1",
+    );
     assert!(
         !verify.contains("etask"),
         "systemd-analyze verify complains:\n{verify}"
     );
     for unit in ["etask-scheduler", "etask-executor", "etask-agent@dmz"] {
-        let sec = c.sh(&format!("systemd-analyze security {unit} --no-pager 2>&1 | tail -1"));
+        let sec = c.sh(&format!(
+            "systemd-analyze security {unit} --no-pager 2>&1 | tail -1"
+        ));
         eprintln!("packaging: systemd-analyze security {unit}: {}", sec.trim());
     }
 
     // A broken config fails the start with a clear journal line (ExecStartPre).
-    c.sh("cp /etc/etask/etask.toml /tmp/etask.toml.orig && echo '[server]\nlisen = 1' >> /etc/etask/etask.toml");
+    c.sh("printf '[server]\\nlisen = 1\\n' > /etc/etask/etask.toml");
     let (started, _) = c.try_sh("systemctl start etask-scheduler");
     assert!(!started, "the scheduler started with a broken config");
     let journal = c.sh("journalctl -u etask-scheduler --no-pager -o cat");
-    assert!(journal.contains("lisen"), "no clear journal line:\n{journal}");
+    assert!(
+        journal.contains("lisen"),
+        "no clear journal line:\n{journal}"
+    );
     c.sh("systemctl reset-failed etask-scheduler");
 
     // The three roles as their units.
@@ -631,7 +725,7 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
     c.start("etask-agent@dmz");
     let sched_pid = c.prop("etask-scheduler", "MainPID");
     assert_eq!(
-        c.sh(&format!("ps -o user= -p {sched_pid}")).trim(),
+        c.sh(&format!("stat -c %U /proc/{sched_pid}")).trim(),
         "etask",
         "the scheduler does not run as etask"
     );
@@ -641,7 +735,10 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
         !listening.contains(&format!("pid={agent_pid},")),
         "the agent listens:\n{listening}"
     );
-    assert!(listening.contains("127.0.0.1:8765"), "scheduler HTTP:\n{listening}");
+    assert!(
+        listening.contains("127.0.0.1:8765"),
+        "scheduler HTTP:\n{listening}"
+    );
     let status = c.sh("systemctl status etask-agent@dmz --no-pager || true");
     assert!(status.contains("pool dmz"), "no READY status:\n{status}");
 
@@ -666,14 +763,11 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
     assert_result(&e, "pushed", &serde_json::json!(true));
 
     // Stopping an agent drains: the running script finishes and is reported.
-    let body = shell_task("drain", Some(("agent", "dmz")), "sleep 3; echo '{\"drained\": true}' >&3");
-    let created = c.sh(&format!(
-        "curl -sS -f -X POST http://127.0.0.1:8765/api/v1/tasks -d '{}'",
-        body
+    let id = c.submit(&shell_task(
+        "drain",
+        Some(("agent", "dmz")),
+        "sleep 3; echo '{\"drained\": true}' >&3",
     ));
-    let id = serde_json::from_str::<serde_json::Value>(&created).expect("json")["execution_id"]
-        .as_i64()
-        .expect("id");
     c.wait_execution(id, |e| e["status"] == "running");
     let stop0 = Instant::now();
     c.sh("systemctl stop etask-agent@dmz");
@@ -695,10 +789,17 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
          echo \"{\\\"uid\\\": $(id -u), \\\"etc_writable\\\": $w}\" >&3",
     ));
     assert_eq!(e["status"], "succeeded", "{e}");
-    assert_ne!(e["result"]["uid"], serde_json::json!(0), "hardened runs as root: {e}");
+    assert_ne!(
+        e["result"]["uid"],
+        serde_json::json!(0),
+        "hardened runs as root: {e}"
+    );
     assert_eq!(e["result"]["etc_writable"], serde_json::json!(false), "{e}");
     let sec = c.sh("systemd-analyze security etask-agent@ro --no-pager 2>&1 | tail -1");
-    eprintln!("packaging: systemd-analyze security etask-agent@ro (hardened): {}", sec.trim());
+    eprintln!(
+        "packaging: systemd-analyze security etask-agent@ro (hardened): {}",
+        sec.trim()
+    );
     c.sh("systemctl stop etask-agent@ro");
 
     // Upgrade to a bumped version: the edited config stays, running services restart.
@@ -711,8 +812,14 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
         "dpkg -i --force-confold /pkgs/{}",
         file_name(&p.deb(2))
     ));
-    assert_eq!(c.sh("sha256sum /etc/etask/etask.toml"), conf_before, "config changed");
-    assert!(c.sh("dpkg-query -W etask").contains(&format!("{VERSION}-2")));
+    assert_eq!(
+        c.sh("sha256sum /etc/etask/etask.toml"),
+        conf_before,
+        "config changed"
+    );
+    assert!(c
+        .sh("dpkg-query -W etask")
+        .contains(&format!("{VERSION}-2")));
     for (u, before) in ["etask-scheduler", "etask-executor", "etask-agent@dmz"]
         .iter()
         .zip(&pids_before)
@@ -725,7 +832,11 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
         "inactive",
         "the upgrade started a stopped service"
     );
-    let e = c.run_task(&shell_task("after-upgrade", Some(("agent", "dmz")), "echo '{\"v\": 2}' >&3"));
+    let e = c.run_task(&shell_task(
+        "after-upgrade",
+        Some(("agent", "dmz")),
+        "echo '{\"v\": 2}' >&3",
+    ));
     assert_result(&e, "v", &serde_json::json!(2));
 
     // Remove: services stopped, units gone, state and config kept. Purge: state gone.
@@ -750,10 +861,17 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
     write_config(&c);
     c.start("etask-scheduler");
     c.start("etask-agent@dmz");
-    let e = c.run_task(&shell_task("rpm", Some(("agent", "dmz")), "echo '{\"rpm\": true}' >&3"));
+    let e = c.run_task(&shell_task(
+        "rpm",
+        Some(("agent", "dmz")),
+        "echo '{\"rpm\": true}' >&3",
+    ));
     assert_result(&e, "rpm", &serde_json::json!(true));
     c.sh("rpm -e etask 2>&1");
-    assert!(!c.try_sh("pgrep -x etask").0, "etask still runs after rpm -e");
+    assert!(
+        !c.try_sh("pgrep -x etask").0,
+        "etask still runs after rpm -e"
+    );
     eprintln!("packaging: booted-system test took {:.1?}", t0.elapsed());
 }
 
