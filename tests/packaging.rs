@@ -739,6 +739,18 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
         listening.contains("127.0.0.1:8765"),
         "scheduler HTTP:\n{listening}"
     );
+    // journald: the level comes from the line's <N> prefix, the time only from the journal.
+    let warnings = c.sh("journalctl -u etask-scheduler -p warning --no-pager -o cat");
+    assert!(
+        warnings.contains("started mode=Scheduler"),
+        "no warning-level start line:\n{warnings}"
+    );
+    assert!(
+        !warnings
+            .lines()
+            .any(|l| l.starts_with("20") || l.starts_with('<')),
+        "timestamp or priority prefix left in the message:\n{warnings}"
+    );
     let status = c.sh("systemctl status etask-agent@dmz --no-pager || true");
     assert!(status.contains("pool dmz"), "no READY status:\n{status}");
 
