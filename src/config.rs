@@ -2,7 +2,7 @@
 //! override it. `etask config --print-default` prints `DEFAULT_TOML`, which a unit test keeps
 //! in step with the `Default` impls here.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -187,6 +187,17 @@ pub struct ServerConfig {
     pub max_log_followers: usize,
     /// gRPC listen address of the scheduler (nodes report here); empty = no gRPC.
     pub grpc_listen: String,
+    /// A request's line and headers must arrive within this many ms (idle keep-alive
+    /// connections are closed after it too).
+    pub header_timeout_ms: u64,
+    /// A request's body must arrive within this many ms after its headers.
+    pub body_timeout_ms: u64,
+    /// Largest request head (request line + headers), bytes (at least 8192).
+    pub max_header_bytes: usize,
+    /// Most header lines per request.
+    pub max_headers: usize,
+    /// Most HTTP connections open at once; more clients wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -207,6 +218,9 @@ pub struct SchedulerConfig {
     pub retention_days: u64,
     /// A push/pull execution that no node took within this long fails ("no live node").
     pub no_node_timeout_seconds: u64,
+    /// IANA zone cron tasks are read in when they name none (`schedule.timezone`); fixed into
+    /// each task when it is created.
+    pub timezone: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -216,6 +230,10 @@ pub struct CallbackConfig {
     pub initial_backoff_ms: u64,
     pub max_backoff_ms: u64,
     pub timeout_ms: u64,
+    /// Hosts (names or IP addresses) and CIDR ranges callbacks may go to. Empty = any host
+    /// except loopback, link-local (cloud metadata), unspecified and multicast addresses;
+    /// those are reached only when listed here.
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -267,6 +285,11 @@ impl Default for ServerConfig {
             http_threads: 8,
             max_log_followers: 256,
             grpc_listen: "127.0.0.1:9090".into(),
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            max_header_bytes: 64 << 10,
+            max_headers: 100,
+            max_connections: 1024,
         }
     }
 }
@@ -282,6 +305,7 @@ impl Default for SchedulerConfig {
             cron_missed: "once".into(),
             retention_days: 30,
             no_node_timeout_seconds: 300,
+            timezone: "UTC".into(),
         }
     }
 }
@@ -293,6 +317,7 @@ impl Default for CallbackConfig {
             initial_backoff_ms: 1_000,
             max_backoff_ms: 300_000,
             timeout_ms: 10_000,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -338,7 +363,16 @@ http_threads = 8
 # Concurrent `logs?follow=true` streams; more are refused with 503.
 max_log_followers = 256
 # gRPC address of the scheduler: executors report logs and outcomes here. Empty = no gRPC.
+# Like listen: anything but a loopback address needs a token.
 grpc_listen = "127.0.0.1:9090"
+# Limits of the HTTP intake: a request's head must arrive within header_timeout_ms (idle
+# keep-alive connections close after it too), its body within body_timeout_ms; a head over
+# max_header_bytes or max_headers lines is refused (431); at most max_connections are open.
+header_timeout_ms = 10000
+body_timeout_ms = 30000
+max_header_bytes = 65536
+max_headers = 100
+max_connections = 1024
 
 [scheduler]
 # Look for due work this often (submissions to this scheduler wake it at once).
@@ -360,6 +394,9 @@ cron_missed = "once"
 retention_days = 30
 # A push/pull execution that no node took within this long fails with "no live node".
 no_node_timeout_seconds = 300
+# IANA time zone of cron tasks that set no schedule.timezone (e.g. "Asia/Shanghai"); fixed
+# into each task when it is created. The reference Go ETask used the scheduler host's zone.
+timezone = "UTC"
 
 [callbacks]
 # POST of the execution to callback_url on its terminal state, from a durable outbox.
@@ -367,6 +404,10 @@ max_attempts = 20
 initial_backoff_ms = 1000
 max_backoff_ms = 300000
 timeout_ms = 10000
+# Where callbacks may go: host names, IP addresses, CIDR ranges ("10.0.0.0/8"). Empty = any
+# host except loopback, link-local (e.g. 169.254.169.254 cloud metadata), unspecified and
+# multicast addresses, which are reached only when listed. Redirects are never followed.
+allowed_hosts = []
 
 [node]
 # The built-in node of --mode all (the process pool).
@@ -463,20 +504,215 @@ key = ""
 ca = ""
 "#;
 
+/// Why a config file could not be loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadError {
+    /// The file cannot be read (missing, no permission).
+    Unreadable(String),
+    /// It is not valid TOML, has unknown keys or bad values.
+    Invalid(String),
+}
+
+/// Why `Config::for_server` refused: the CLI exits with a different status for each.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("{0}")]
+    Unreadable(String),
+    /// The configuration (file, flags and environment together) is not one the server starts
+    /// with.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The flags of `etask server` that override the file; `None` = keep the file's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub store: Option<String>,
+    /// `executor.grpc_listen` for an executor, `server.grpc_listen` otherwise.
+    pub grpc_listen: Option<String>,
+    pub etcd: Option<String>,
+    pub scheduler: Option<String>,
+    /// `agent.pool` for an agent, `executor.pool` otherwise.
+    pub pool: Option<String>,
+    pub kafka: Option<String>,
+    pub path: Option<String>,
+    /// `agent.node_id` for an agent, `executor.node_id` otherwise.
+    pub node_id: Option<String>,
+    pub max_concurrent: Option<usize>,
+    /// `node.workspace_root` (the packaged units put workspaces on tmpfs under /run/etask).
+    pub workspace_root: Option<String>,
+}
+
+impl Overrides {
+    fn apply(&self, mode: Option<crate::server::Mode>, cfg: &mut Config) {
+        use crate::server::Mode;
+        let set = |slot: &mut String, v: &Option<String>| {
+            if let Some(v) = v {
+                slot.clone_from(v);
+            }
+        };
+        set(&mut cfg.server.listen, &self.listen);
+        if let Some(d) = &self.data_dir {
+            cfg.server.data_dir.clone_from(d);
+        }
+        set(&mut cfg.server.store, &self.store);
+        if mode == Some(Mode::Executor) {
+            set(&mut cfg.executor.grpc_listen, &self.grpc_listen);
+        } else {
+            set(&mut cfg.server.grpc_listen, &self.grpc_listen);
+        }
+        set(&mut cfg.registry.etcd, &self.etcd);
+        set(&mut cfg.executor.scheduler, &self.scheduler);
+        if mode == Some(Mode::Agent) {
+            set(&mut cfg.agent.pool, &self.pool);
+            set(&mut cfg.agent.node_id, &self.node_id);
+        } else {
+            set(&mut cfg.executor.pool, &self.pool);
+            set(&mut cfg.executor.node_id, &self.node_id);
+        }
+        set(&mut cfg.executor.path, &self.path);
+        set(&mut cfg.kafka.brokers, &self.kafka);
+        if let Some(v) = self.max_concurrent {
+            cfg.node.max_concurrent = v;
+        }
+        set(&mut cfg.node.workspace_root, &self.workspace_root);
+    }
+}
+
 impl Config {
-    pub fn load(path: &std::path::Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-        Config::parse(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    /// Reads and parses a config file (see `parse`).
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            LoadError::Unreadable(format!("cannot read config {}: {e}", path.display()))
+        })?;
+        Config::parse(&text)
+            .map_err(|e| LoadError::Invalid(format!("config {}: {e}", path.display())))
     }
 
+    /// Parses a config file's text and checks its values (`check_values`); what depends on
+    /// flags, the environment or the mode is checked by `validate`.
     pub fn parse(text: &str) -> Result<Config, String> {
         let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
-        cfg.validate()?;
+        cfg.check_values()?;
         Ok(cfg)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    /// The configuration `etask server --mode MODE` starts with: the file (or the defaults),
+    /// then the command-line flags, then `$ETASK_TOKEN` for an empty `server.token`; paths made
+    /// absolute against `cwd`; then `validate`. `etask config --check FILE` runs exactly this,
+    /// so a file it accepts is one the server starts with.
+    ///
+    /// # Errors
+    /// `Unreadable` when the file cannot be read, `Invalid` for everything else.
+    pub fn for_server(
+        mode: Option<crate::server::Mode>,
+        file: Option<&Path>,
+        flags: &Overrides,
+        env_token: Option<String>,
+        cwd: &Path,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = match file {
+            Some(p) => Config::load(p).map_err(|e| match e {
+                LoadError::Unreadable(m) => ConfigError::Unreadable(m),
+                LoadError::Invalid(m) => ConfigError::Invalid(m),
+            })?,
+            None => Config::default(),
+        };
+        flags.apply(mode, &mut cfg);
+        if cfg.server.token.is_empty() {
+            cfg.server.token = env_token.unwrap_or_default();
+        }
+        cfg.resolve_paths(cwd);
+        cfg.validate(mode).map_err(ConfigError::Invalid)?;
+        Ok(cfg)
+    }
+
+    /// Everything the server checks before it starts anything: the values (`check_values`),
+    /// the token rule for the HTTP intake, and what `mode` needs (executors a registry, agents
+    /// Kafka). `None` = the checks of every mode that do not depend on the mode.
+    pub fn validate(&self, mode: Option<crate::server::Mode>) -> Result<(), String> {
+        use crate::server::Mode;
+        self.check_values()?;
+        // Never an unauthenticated listener reachable from the network by accident: the rule
+        // every listener applies when it starts (`check_listener`), for the listeners `mode`
+        // opens (all of them when no mode is given).
+        if matches!(mode, None | Some(Mode::Scheduler | Mode::All)) {
+            check_listener("server.listen", &self.server.listen, &self.server.token)?;
+            if !self.server.grpc_listen.is_empty() {
+                check_listener(
+                    "server.grpc_listen",
+                    &self.server.grpc_listen,
+                    &self.server.token,
+                )?;
+            }
+        }
+        if matches!(mode, None | Some(Mode::Executor)) && self.executor.path == "push" {
+            check_listener(
+                "executor.grpc_listen",
+                &self.executor.grpc_listen,
+                &self.executor.token,
+            )?;
+        }
+        match mode {
+            Some(Mode::Executor) if self.registry.etcd.is_empty() => Err(
+                "an executor needs [registry] etcd (or --etcd URL) so schedulers can find it"
+                    .into(),
+            ),
+            Some(Mode::Agent) if self.kafka.brokers.trim().is_empty() => {
+                Err("an agent needs Kafka: set kafka.brokers or pass --kafka HOST:PORT".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The checks of single values and of keys that must go together.
+    pub fn check_values(&self) -> Result<(), String> {
+        crate::cron::zone(&self.scheduler.timezone)
+            .map_err(|e| format!("scheduler.timezone: {e}"))?;
+        let addr = |key: &str, v: &str| {
+            v.parse::<std::net::SocketAddr>()
+                .map(|_| ())
+                .map_err(|_| format!("{key} {v:?} is not IP:PORT (e.g. 127.0.0.1:8765)"))
+        };
+        addr("server.listen", &self.server.listen)?;
+        if !self.server.grpc_listen.is_empty() {
+            addr("server.grpc_listen", &self.server.grpc_listen)?;
+        }
+        if !self.server.store.is_empty() {
+            crate::store::check_url(&self.server.store)
+                .map_err(|e| format!("server.store: {e}"))?;
+        }
+        if !matches!(self.executor.path.as_str(), "push" | "pull") {
+            return Err(format!(
+                "executor.path must be \"push\" or \"pull\", not {:?}",
+                self.executor.path
+            ));
+        }
+        if !self.executor.grpc_listen.is_empty() {
+            addr("executor.grpc_listen", &self.executor.grpc_listen)?;
+        }
+        if !(self.executor.scheduler.starts_with("http://")
+            || self.executor.scheduler.starts_with("https://"))
+        {
+            return Err(format!(
+                "executor.scheduler must be an http:// or https:// URL, not {:?}",
+                self.executor.scheduler
+            ));
+        }
+        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
+            return Err("tls.cert and tls.key must be set together".into());
+        }
+        let brokers = self.kafka.brokers.trim();
+        if !brokers.is_empty() && brokers.split(',').any(|b| b.trim().is_empty()) {
+            return Err(format!(
+                "kafka.brokers {:?} must be HOST:PORT[,HOST:PORT]",
+                self.kafka.brokers
+            ));
+        }
         if !matches!(self.scheduler.cron_missed.as_str(), "once" | "skip") {
             return Err(format!(
                 "scheduler.cron_missed must be \"once\" or \"skip\", not {:?}",
@@ -505,6 +741,26 @@ impl Config {
         }
         if self.agent.heartbeat_ms == 0 || self.agent.pool.is_empty() {
             return Err("agent.heartbeat_ms must be at least 1 and agent.pool not empty".into());
+        }
+        if self.server.max_header_bytes < 8192
+            || self.server.max_headers == 0
+            || self.server.max_connections == 0
+        {
+            return Err("server.max_header_bytes must be at least 8192, server.max_headers and server.max_connections at least 1".into());
+        }
+        for h in &self.callbacks.allowed_hosts {
+            crate::scheduler::callbacks::HostRule::parse(h)
+                .map_err(|e| format!("callbacks.allowed_hosts: {e}"))?;
+        }
+        for (what, id) in [
+            ("executor.node_id", &self.executor.node_id),
+            ("agent.node_id", &self.agent.node_id),
+            ("agent.pool", &self.agent.pool),
+            ("executor.pool", &self.executor.pool),
+        ] {
+            if id.chars().count() > 255 {
+                return Err(format!("{what} must be at most 255 characters"));
+            }
         }
         if (self.node.run_as_uid < 0) != (self.node.run_as_gid < 0) {
             return Err("node.run_as_uid and node.run_as_gid must be set together".into());
@@ -588,6 +844,53 @@ impl Config {
             ..PoolConfig::default()
         }
     }
+}
+
+/// Parses a listen address and refuses one that is not loopback when no token protects it:
+/// the same rule for every listener (HTTP intake, the scheduler's gRPC, an executor's gRPC).
+///
+/// # Errors
+/// The address is not `IP:PORT`, or it is not loopback and `token` is empty.
+pub fn check_listener(
+    what: &str,
+    listen: &str,
+    token: &str,
+) -> Result<std::net::SocketAddr, String> {
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .map_err(|_| format!("{what} {listen:?} is not IP:PORT"))?;
+    if token.is_empty() && !addr.ip().is_loopback() {
+        return Err(format!(
+            "refusing {what} = {addr} without a token: anyone who reaches it could run scripts \
+             on the nodes. Set a token (clients send `Authorization: Bearer <token>`) or use a \
+             loopback address"
+        ));
+    }
+    Ok(addr)
+}
+
+/// Creates (or tightens) a directory of node state: mode 0700, or 0711 when scripts dropped to
+/// another uid (`run_as`) must traverse it to reach their workspace (they still cannot list
+/// it, and the files in it are 0600). A directory that was more open is tightened and says so.
+///
+/// # Errors
+/// The directory cannot be created or its mode set.
+pub fn prepare_state_dir(dir: &std::path::Path, traversable: bool) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let mode = if traversable { 0o711 } else { 0o700 };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(|e| format!("cannot create state dir {}: {e}", dir.display()))?;
+    let meta = std::fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let have = meta.permissions().mode() & 0o777;
+    if have & !mode != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("cannot restrict {} to {mode:o}: {e}", dir.display()))?;
+        log::warn!(target: "etask::config", "state dir {} was mode {have:o}; restricted to {mode:o} (it holds task secrets)", dir.display());
+    }
+    Ok(())
 }
 
 /// `a/./b/` → `a/b` (lexically; `..` is kept, it may cross a symlink).

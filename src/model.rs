@@ -143,6 +143,33 @@ impl Status {
     }
 }
 
+/// What a cron fire does while the task's previous execution has not ended (README "Overlap").
+/// The store decides it inside the fire's compare-and-set, so several schedulers agree.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlap {
+    /// The fire is skipped and counted (`skipped_fires`), like the reference ETask.
+    #[default]
+    Forbid,
+    /// Runs start regardless.
+    Allow,
+    /// At most one execution waits; it starts when the earlier ones have ended.
+    Queue,
+    /// The executions that have not ended are cancelled, then the new one starts.
+    Replace,
+}
+
+impl Overlap {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overlap::Forbid => "forbid",
+            Overlap::Allow => "allow",
+            Overlap::Queue => "queue",
+            Overlap::Replace => "replace",
+        }
+    }
+}
+
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

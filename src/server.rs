@@ -21,6 +21,17 @@ pub enum Mode {
     All,
 }
 
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Scheduler => "scheduler",
+            Mode::Agent => "agent",
+            Mode::Executor => "executor",
+            Mode::All => "all",
+        })
+    }
+}
+
 impl std::str::FromStr for Mode {
     type Err = String;
     fn from_str(s: &str) -> Result<Mode, String> {
@@ -46,6 +57,22 @@ fn node_id() -> String {
     )
 }
 
+/// Opens the node's start journal in its data dir (`start.journal`): what the previous
+/// incarnation took and never started, and a fresh journal for this one.
+///
+/// # Errors
+/// The journal cannot be opened, or another running node uses this data dir.
+pub fn open_journal(
+    cfg: &Config,
+    node: &str,
+) -> Result<(Arc<crate::runner::StartJournal>, crate::runner::Previous), String> {
+    crate::config::prepare_state_dir(&cfg.server.data_dir, cfg.node.run_as_uid >= 0)?;
+    let path = cfg.server.data_dir.join("start.journal");
+    let (j, prev) = crate::runner::StartJournal::open(&path, node)
+        .map_err(|e| format!("cannot open the start journal {}: {e}", path.display()))?;
+    Ok((Arc::new(j), prev))
+}
+
 /// Runs until `stop` yields (SIGTERM/SIGINT in the CLI), then shuts down in order.
 pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> Result<(), String> {
     match mode {
@@ -54,13 +81,26 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         Mode::Scheduler | Mode::All => {}
     }
     crate::scheduler::http::check_listen(&cfg)?;
-    std::fs::create_dir_all(&cfg.server.data_dir).map_err(|e| {
-        format!(
-            "cannot create data dir {}: {e}",
-            cfg.server.data_dir.display()
-        )
-    })?;
-    let store = crate::store::open(&cfg.store_url()).map_err(|e| e.to_string())?;
+    if !cfg.server.grpc_listen.is_empty() {
+        crate::config::check_listener(
+            "server.grpc_listen",
+            &cfg.server.grpc_listen,
+            &cfg.server.token,
+        )?;
+    }
+    crate::config::prepare_state_dir(&cfg.server.data_dir, cfg.node.run_as_uid >= 0)?;
+    // One SQLite file belongs to one process: a second `--mode all` in the same directory
+    // is refused instead of sharing it.
+    let store_url = cfg.store_url();
+    let _sqlite_lock = match store_url.strip_prefix("sqlite:") {
+        Some(db) => Some(crate::lock_exclusive(
+            std::path::Path::new(&format!("{db}.lock")),
+            &format!("the store {store_url}"),
+            "give this one its own --data-dir (or server.store)",
+        )?),
+        None => None,
+    };
+    let store = crate::store::open(&store_url).map_err(|e| e.to_string())?;
     // Unbounded on purpose: the pool's reactor must never block on its consumer (timeouts and
     // kills run on that thread). The backlog is bounded by the per-run log cap times
     // node.max_concurrent, and drains as soon as the store answers again.
@@ -68,10 +108,15 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     let reports_tx_sched = reports_tx.clone();
     let mut local = None;
     let mut deliveries: Vec<Arc<dyn Delivery>> = Vec::new();
+    let mut previous = None;
     if mode == Mode::All {
-        let pool = Pool::start(cfg.pool_config())
-            .map_err(|e| format!("cannot start the process pool: {e}"))?;
-        let l = Arc::new(Local::new(pool, node_id(), reports_tx));
+        let node = node_id();
+        let (journal, prev) = open_journal(&cfg, &node)?;
+        previous = Some(prev);
+        let mut pc = cfg.pool_config();
+        pc.journal = Some(journal);
+        let pool = Pool::start(pc).map_err(|e| format!("cannot start the process pool: {e}"))?;
+        let l = Arc::new(Local::new(pool, node, reports_tx));
         deliveries.push(l.clone());
         local = Some(l);
     }
@@ -105,12 +150,13 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     if !cfg.server.grpc_listen.is_empty() {
         let rt = crate::delivery::grpc::Runtime::with_tls(cfg.grpc_tls()?)
             .map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
-        let addr = cfg.server.grpc_listen.parse().map_err(|_| {
-            format!(
-                "server.grpc_listen {:?} is not IP:PORT",
-                cfg.server.grpc_listen
-            )
-        })?;
+        // The same rule as the HTTP intake: gRPC takes tasks, hands out work (with its
+        // secrets) and accepts outcomes, so anything but loopback needs the token.
+        let addr = crate::config::check_listener(
+            "server.grpc_listen",
+            &cfg.server.grpc_listen,
+            &cfg.server.token,
+        )?;
         let srv = crate::delivery::grpc::serve_scheduler(
             &rt,
             addr,
@@ -118,8 +164,15 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
             &cfg.server.token,
             pull_slot.clone(),
             tasks_slot.clone(),
+            cfg.server.max_body_bytes,
         )
-        .map_err(|e| format!("cannot listen for gRPC on {addr}: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "cannot listen for gRPC on {addr} (server.grpc_listen): {e}; is another etask \
+                 running? --grpc-listen 127.0.0.1:0 picks a free port, --grpc-listen '' turns \
+                 gRPC off"
+            )
+        })?;
         log::info!(target: "etask::server", "gRPC listening on {}", srv.addr);
         if let Some(t) = &table {
             deliveries.push(Arc::new(crate::delivery::grpc::push::Push::new(
@@ -137,7 +190,9 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         deliveries.push(k.clone());
         kafka = Some(k);
     }
-    let pull_enabled = grpc_server.is_some();
+    // Pull nodes are known (and their runs kept alive) through the registry only: without it
+    // every pulled run longer than node_silent_after_ms would be declared lost.
+    let pull_enabled = grpc_server.is_some() && table.is_some();
     let tls_on = !cfg.tls.cert.is_empty();
     let sched = Scheduler::start(
         Arc::new(store),
@@ -147,6 +202,14 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         table,
         pull_enabled,
     )?;
+    if let Some(prev) = previous.filter(|p| !p.node.is_empty()) {
+        let list: Vec<_> = prev
+            .unstarted
+            .iter()
+            .map(|(e, a)| (crate::model::ExecutionId(*e), crate::model::Attempt(*a)))
+            .collect();
+        sched.core.recover_unstarted(&prev.node, &list);
+    }
     let _ = pull_slot.set(sched.core.clone());
     let _ = tasks_slot.set(sched.core.clone());
     if let Some(k) = &kafka {
@@ -164,13 +227,13 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         ),
         None => println!("etask grpc off"),
     }
-    log::warn!(target: "etask::server", "started mode={mode:?} store={}", sched.core.store.describe());
+    log::info!(target: "etask::server", "started mode={mode} store={}", sched.core.store.describe());
     crate::sd_notify::ready(&format!(
-        "mode {mode:?}, HTTP on {}",
+        "mode {mode}, HTTP on {}",
         sched.http_addr().map_or("-".into(), |a| a.to_string())
     ));
     let sig = stop.recv().unwrap_or(libc::SIGTERM);
-    log::warn!(target: "etask::server", "signal {sig}: stopping");
+    log::info!(target: "etask::server", "{}: stopping", crate::signals::name(sig));
     crate::sd_notify::stopping("stopping");
     if let Some(g) = grpc_server {
         g.stop();
@@ -184,12 +247,8 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         r.stop();
     }
     if let Some(l) = local {
-        match Arc::try_unwrap(l) {
-            Ok(l) => l.shutdown(),
-            Err(_) => {
-                log::warn!(target: "etask::server", "built-in node still referenced; not waiting for it")
-            }
-        }
+        l.shutdown();
     }
+    log::info!(target: "etask::server", "stopped");
     Ok(())
 }

@@ -555,7 +555,7 @@ fn cli_client_submits_waits_and_mirrors_the_outcome() {
     let tasks = etask(&["tasks"]);
     assert!(String::from_utf8_lossy(&tasks.stdout).contains("cli-check"));
     let cancel = etask(&["cancel", &id]);
-    assert_eq!(cancel.status.code(), Some(2));
+    assert_eq!(cancel.status.code(), Some(65), "a refused request exits 65");
     assert!(
         String::from_utf8_lossy(&cancel.stderr).contains("conflict (HTTP 409)"),
         "{}",
@@ -574,7 +574,22 @@ fn sigterm_stops_the_server_cleanly_and_its_script() {
     });
     assert!(status.success(), "exit status {status:?}\n{}", s.log());
     assert!(!pid_alive(script), "the script outlived its server");
-    assert!(s.log().contains("signal 15: stopping"));
+    // A normal start and stop: INFO only, nothing alarming, values as an operator reads them.
+    let log = s.log();
+    assert!(
+        log.contains("INFO  etask::server: SIGTERM: stopping"),
+        "{log}"
+    );
+    assert!(
+        log.contains("INFO  etask::server: started mode=all"),
+        "{log}"
+    );
+    for bad in ["WARN", "ERROR", "Some(", "None", "{ "] {
+        assert!(
+            !log.contains(bad),
+            "{bad:?} in the log of a clean start and stop:\n{log}"
+        );
+    }
 }
 
 #[test]
@@ -729,9 +744,17 @@ fn push_round_trip_through_a_grpc_executor() {
         .into_string()
         .unwrap();
     assert!(logs.contains("remote-out"), "{logs}");
-    // A pool nobody serves: the submission is accepted, the execution waits for a node.
+    // A pool nobody serves: work for now is refused at once (503); work due later is
+    // accepted and waits for a node.
     let mut body = shell("nobody", "true");
     body["target"] = json!({"path": "push", "pool": "empty"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!(code, 503, "{v}");
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    body["schedule"] = json!({"kind": "once", "at": soon});
     let (_, e2) = s.submit(body);
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(s.execution(e2)["status"], "pending");
@@ -987,7 +1010,7 @@ fn executor_before_scheduler_and_results_survive_a_scheduler_restart() {
 fn pull_round_trip_and_the_long_poll_wakes_on_submit() {
     let etcd = support::EtcdServer::start("pull");
     let dir = support::temp_dir("e2e-pull");
-    // No registry needed on the scheduler for PULL; the executor still registers itself.
+    // The scheduler knows its pull nodes (and keeps their runs alive) through the registry.
     let s = Server::start(
         &dir.join("sched"),
         &[],
@@ -1090,6 +1113,11 @@ fn broadcast_runs_once_per_live_node_with_its_shard() {
     cron["schedule"] = json!({"kind": "cron", "expr": "* * * * * *"});
     let (code, v) = s.call("POST", "/api/v1/tasks", Some(&cron.to_string()));
     assert_eq!(code, 201, "{v}");
+    assert_eq!(
+        v["execution_ids"],
+        json!([]),
+        "one shape for every broadcast: {v}"
+    );
     let tid = v["task_id"].as_i64().unwrap();
     let t0 = Instant::now();
     loop {
@@ -1116,6 +1144,13 @@ fn broadcast_runs_once_per_live_node_with_its_shard() {
         std::thread::sleep(Duration::from_millis(100));
     }
     s.call("POST", &format!("/api/v1/tasks/{tid}/pause"), Some("{}"));
+    // One live node: the same shape, a list of one.
+    let _c = Executor::start(&dir.join("c"), "c", "solo", &grpc, &etcd.url);
+    wait_nodes(&s, 3);
+    body["target"] = json!({"path": "push", "pool": "solo", "strategy": "broadcast"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["execution_ids"], json!([v["execution_id"]]), "{v}");
     // No live node in the pool: a clear 503, nothing created.
     body["target"] = json!({"path": "push", "pool": "nobody", "strategy": "broadcast"});
     let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
@@ -1276,4 +1311,134 @@ fn push_over_tls() {
         plain.get(e).is_err(),
         "plaintext gRPC was accepted by a TLS server"
     );
+}
+
+#[test]
+fn cron_task_shows_its_zone_and_forbid_skips_and_counts_overlapping_fires() {
+    let dir = support::temp_dir("e2e-overlap");
+    let s = Server::start(&dir, &[], "timezone = \"Asia/Shanghai\"\n");
+    let mut body = shell("slow-tick", "sleep 2.5");
+    body["schedule"] = json!({"kind": "cron", "expr": "* * * * * *"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!(code, 201, "{v}");
+    let tid = v["task_id"].as_i64().unwrap();
+    let (_, t) = s.call("GET", &format!("/api/v1/tasks/{tid}"), None);
+    // No zone given: the scheduler's default is fixed into the task.
+    assert_eq!(t["timezone"], "Asia/Shanghai", "{t}");
+    assert_eq!(t["spec"]["schedule"]["timezone"], "Asia/Shanghai", "{t}");
+    assert_eq!(t["overlap"], "forbid", "{t}");
+    assert!(t["next_fire_at"].as_i64().is_some(), "{t}");
+    assert!(
+        t["next_fire_local"].as_str().unwrap().ends_with("+08:00"),
+        "{t}"
+    );
+    std::thread::sleep(Duration::from_millis(6_000));
+    let (_, list) = s.call("GET", &format!("/api/v1/executions?task_id={tid}"), None);
+    let runs = list["items"].as_array().unwrap();
+    // A 2.5 s script fired every second: never two at once, the rest skipped and counted.
+    let live = runs
+        .iter()
+        .filter(|e| !matches!(e["status"].as_str(), Some("succeeded")))
+        .count();
+    assert!(live <= 1, "overlapping executions: {list}");
+    assert!((1..=3).contains(&runs.len()), "{list}");
+    let (_, t) = s.call("GET", &format!("/api/v1/tasks/{tid}"), None);
+    let skipped = t["skipped_fires"].as_i64().unwrap();
+    assert!(skipped >= 2, "{t}");
+    let (code, _) = s.call("POST", &format!("/api/v1/tasks/{tid}/pause"), Some("{}"));
+    assert_eq!(code, 200);
+    let metrics = ureq::get(&format!("{}/metrics", s.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "etask_cron_skipped_fires_total{{task_id=\"{tid}\",name=\"slow-tick\"}} "
+        )),
+        "{metrics}"
+    );
+    // `etask tasks` prints the next fire in the task's zone.
+    let out = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["tasks", "--server", &s.url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("+08:00 Asia/Shanghai"), "etask tasks: {text}");
+}
+
+#[test]
+fn params_and_variables_reach_the_script_and_secret_ones_stay_masked() {
+    let s = Server::start(&support::temp_dir("e2e-vars"), &[], "");
+    let mut body = json!({"name": "vars", "program": {"kind": "python",
+        "code": "import json, os\nprint('token', os.environ['TOKEN'])\nargs = json.load(open(os.environ['ETASK_ARGS_FILE']))\nos.write(3, json.dumps({'region': args['region'], 'user': os.environ['USER_NAME']}).encode())\n",
+        "params": {"region": "cn-north"},
+        "variables": [{"key": "USER_NAME", "value": "ops"},
+                      {"key": "TOKEN", "value": "tok-98765", "secret": true}]}});
+    let (tid, e) = s.submit(body.take());
+    let v = s.wait_final(e, Duration::from_secs(20));
+    assert_eq!(v["status"], "succeeded", "{v}");
+    assert_eq!(v["result"], json!({"region": "cn-north", "user": "ops"}));
+    let (_, t) = s.call("GET", &format!("/api/v1/tasks/{tid}"), None);
+    let vars = &t["spec"]["program"]["variables"];
+    assert_eq!(vars[0]["value"], "ops", "{t}");
+    assert_eq!(vars[1]["value"], "******", "{t}");
+    let logs = ureq::get(&format!("{}/api/v1/executions/{e}/logs", s.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(logs.contains("token ******"), "{logs}");
+    assert!(!logs.contains("tok-98765"), "{logs}");
+    assert!(!t.to_string().contains("tok-98765"), "{t}");
+}
+
+#[test]
+fn replace_cancels_the_running_execution_on_its_node_and_starts_the_next() {
+    let s = Server::start(&support::temp_dir("e2e-replace"), &[], "");
+    let mut body = shell("stuck", "echo pid=$$; sleep 60");
+    body["schedule"] = json!({"kind": "cron", "expr": "*/2 * * * * *", "overlap": "replace"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!(code, 201, "{v}");
+    let tid = v["task_id"].as_i64().unwrap();
+    let list = || {
+        s.call("GET", &format!("/api/v1/executions?task_id={tid}"), None)
+            .1["items"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let t0 = Instant::now();
+    while list().len() < 3 && t0.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    s.call("POST", &format!("/api/v1/tasks/{tid}/pause"), Some("{}"));
+    let runs = list();
+    assert!(runs.len() >= 3, "{runs:?}");
+    // Newest first: every execution but the newest was cancelled by the next fire...
+    for e in &runs[1..] {
+        assert_eq!(e["status"], "cancelled", "{runs:?}");
+        assert!(
+            e["error"].as_str().unwrap_or("").contains("replaced"),
+            "{e}"
+        );
+    }
+    // ...and its script was killed on the node.
+    let old = runs.last().unwrap()["id"].as_i64().unwrap();
+    let logs = ureq::get(&format!("{}/api/v1/executions/{old}/logs", s.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let pid: i32 = logs
+        .split("pid=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {logs}"));
+    let t0 = Instant::now();
+    while pid_alive(pid) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!pid_alive(pid), "the replaced script {pid} still runs");
 }

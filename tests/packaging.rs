@@ -725,7 +725,10 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
     c.start("etask-agent@dmz");
     let sched_pid = c.prop("etask-scheduler", "MainPID");
     assert_eq!(
-        c.sh(&format!("stat -c %U /proc/{sched_pid}")).trim(),
+        c.sh(&format!(
+            "getent passwd $(awk '/^Uid:/ {{print $2}}' /proc/{sched_pid}/status) | cut -d: -f1"
+        ))
+        .trim(),
         "etask",
         "the scheduler does not run as etask"
     );
@@ -739,17 +742,18 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
         listening.contains("127.0.0.1:8765"),
         "scheduler HTTP:\n{listening}"
     );
-    // journald: the level comes from the line's <N> prefix, the time only from the journal.
-    let warnings = c.sh("journalctl -u etask-scheduler -p warning --no-pager -o cat");
+    // journald: the line's <N> prefix is taken as its level (not left in the message), and
+    // the time comes from the journal only.
+    let info = c.sh("journalctl -u etask-scheduler -p info --no-pager -o cat");
     assert!(
-        warnings.contains("started mode=Scheduler"),
-        "no warning-level start line:\n{warnings}"
+        info.contains("started mode=scheduler"),
+        "no start line:\n{info}"
     );
     assert!(
-        !warnings
+        !info
             .lines()
             .any(|l| l.starts_with("20") || l.starts_with('<')),
-        "timestamp or priority prefix left in the message:\n{warnings}"
+        "timestamp or priority prefix left in the message:\n{info}"
     );
     let status = c.sh("systemctl status etask-agent@dmz --no-pager || true");
     assert!(status.contains("pool dmz"), "no READY status:\n{status}");

@@ -720,3 +720,95 @@ fn a_long_queue_drains_through_few_slots() {
         }
     }
 }
+
+/// The reference ETask's inputs: params {"host"}, a plain and a secret variable (a value with
+/// a space, a quote and a `$`, which must neither break `source` nor run as code).
+fn with_reference_inputs(mut p: Program) -> Program {
+    use etask::runner::Variable;
+    p.params = Some(
+        json!({"host": "10.0.0.7", "port": 22})
+            .as_object()
+            .unwrap()
+            .clone(),
+    );
+    p.variables = vec![
+        Variable {
+            key: "DB_USER".into(),
+            value: "ops".into(),
+            secret: false,
+        },
+        Variable {
+            key: "DB_PASSWORD".into(),
+            value: "s3cr3t pa'ss$word".into(),
+            secret: true,
+        },
+    ];
+    p
+}
+
+fn script(name: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/scripts/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+#[test]
+fn scripts_of_each_reference_contract_run_unchanged_and_never_log_a_secret_variable() {
+    use etask::runner::{ArgvStyle, ShellKind};
+    let want = json!({"host": "10.0.0.7", "user": "ops", "password_len": 17});
+    let mut legacy_sh = with_reference_inputs(Program::shell(script("legacy.sh")));
+    legacy_sh.shell = Some(ShellKind::Bash);
+    legacy_sh.argv_style = ArgvStyle::Legacy;
+    let mut legacy_py = with_reference_inputs(Program::python(script("legacy.py")));
+    legacy_py.argv_style = ArgvStyle::Legacy;
+    let files_sh = with_reference_inputs(Program::shell(script("files.sh")));
+    let files_py = with_reference_inputs(Program::python(script("files.py")));
+    for (name, p) in [
+        ("legacy.sh", legacy_sh),
+        ("legacy.py", legacy_py),
+        ("files.sh", files_sh),
+        ("files.py", files_py),
+    ] {
+        let r = run(p);
+        let logs = format!("{}{}", r.text(Stream::Stdout), r.text(Stream::Stderr));
+        assert_eq!(
+            r.outcome.status(),
+            Status::Succeeded,
+            "{name}: {:?} {logs}",
+            r.outcome
+        );
+        assert_eq!(r.result(), want, "{name}: {logs}");
+        assert!(logs.contains("checking 10.0.0.7 as ops"), "{name}: {logs}");
+        assert!(!logs.contains("s3cr3t"), "{name} leaked the secret: {logs}");
+        assert!(logs.contains("******"), "{name}: {logs}");
+    }
+}
+
+#[test]
+fn input_files_default_to_empty_json_and_variables_are_environment() {
+    let mut p = Program::python(
+        "import json, os\n\
+         a = json.load(open(os.environ['ETASK_ARGS_FILE']))\n\
+         v = json.load(open(os.environ['ETASK_VARIABLES_FILE']))\n\
+         os.write(3, json.dumps({'args': a, 'vars': v, 'mode': oct(os.stat(os.environ['ETASK_ARGS_FILE']).st_mode & 0o777)}).encode())\n",
+    );
+    let r = run(p.clone());
+    assert_eq!(r.result(), json!({"args": {}, "vars": [], "mode": "0o600"}));
+    // A later variable of the same name wins, as in the reference.
+    p = Program::shell("echo \"{\\\"v\\\": \\\"$K\\\"}\" >&3\n");
+    p.variables = vec![
+        etask::runner::Variable {
+            key: "K".into(),
+            value: "first".into(),
+            secret: false,
+        },
+        etask::runner::Variable {
+            key: "K".into(),
+            value: "second".into(),
+            secret: false,
+        },
+    ];
+    assert_eq!(run(p).result(), json!({"v": "second"}));
+}

@@ -5,8 +5,8 @@ mod support;
 
 use std::sync::Arc;
 
-use etask::model::{Attempt, ExecutionId, Status, TaskId};
-use etask::store::{self, CancelOutcome, Finish, NewTask, Store};
+use etask::model::{Attempt, ExecutionId, Overlap, Status, TaskId};
+use etask::store::{self, CancelOutcome, Finish, Fire, NewTask, Store};
 use serde_json::json;
 
 fn backends(tag: &str) -> Vec<Arc<dyn Store>> {
@@ -18,7 +18,7 @@ fn backends(tag: &str) -> Vec<Arc<dyn Store>> {
     for s in &all {
         assert_eq!(
             s.migrate().expect("migrate"),
-            vec![1, 2, 3, 4],
+            vec![1, 2, 3, 4, 5],
             "{}",
             s.describe()
         );
@@ -184,6 +184,194 @@ fn cancel_is_idempotent_and_pending_work_is_not_claimed() {
     }
 }
 
+fn fire(task: TaskId, expected: i64, next: Option<i64>, overlap: Overlap) -> Fire<'static> {
+    Fire {
+        task,
+        expected,
+        next,
+        overlap,
+        nodes: None,
+        deadline_ms: None,
+    }
+}
+
+fn cron_task(s: &dyn Store, first: i64) -> TaskId {
+    let mut t = once("c", None);
+    t.first_due_at = None;
+    t.cron = Some(("* * * * * *".into(), first));
+    s.create_task(&t, 1_000).unwrap().task_id
+}
+
+/// Fires at 1, 2, 3, ... seconds; returns what each fire created.
+fn fire_at(s: &dyn Store, task: TaskId, sec: i64, overlap: Overlap) -> store::Fired {
+    let f = fire(task, sec * 1000, Some((sec + 1) * 1000), overlap);
+    s.fire_cron(&f, sec * 1000).unwrap().expect("fire won")
+}
+
+#[test]
+fn forbid_skips_and_counts_fires_while_the_previous_execution_lives() {
+    for s in backends("forbid") {
+        let t = cron_task(&*s, 1_000);
+        let first = fire_at(&*s, t, 1, Overlap::Forbid);
+        assert_eq!((first.created.len(), first.skipped), (1, 0));
+        // Pending, then running: both skip.
+        assert_eq!(fire_at(&*s, t, 2, Overlap::Forbid).skipped, 1);
+        let c = s.claim_due(2_500, 10, "n1", "local").unwrap();
+        assert_eq!(c.len(), 1);
+        s.mark_running(&[(c[0].id, c[0].attempt)], None, 2_600, 2_600)
+            .unwrap();
+        assert_eq!(fire_at(&*s, t, 3, Overlap::Forbid).skipped, 1);
+        let ok = Finish {
+            status: Some(Status::Succeeded),
+            ..Finish::default()
+        };
+        finish1(&*s, c[0].id, c[0].attempt, &ok, 3_500);
+        let again = fire_at(&*s, t, 4, Overlap::Forbid);
+        assert_eq!(
+            (again.created.len(), again.skipped),
+            (1, 0),
+            "{}",
+            s.describe()
+        );
+        assert_eq!(s.get_task(t).unwrap().unwrap().skipped_fires, 2);
+        assert_eq!(s.skipped_fires().unwrap(), vec![(t, "c".to_string(), 2)]);
+    }
+}
+
+#[test]
+fn queue_keeps_one_waiting_execution_that_is_claimed_after_the_previous_ends() {
+    for s in backends("queue") {
+        let t = cron_task(&*s, 1_000);
+        fire_at(&*s, t, 1, Overlap::Queue);
+        let c = s.claim_due(1_500, 10, "n1", "local").unwrap();
+        s.mark_running(&[(c[0].id, c[0].attempt)], None, 1_600, 1_600)
+            .unwrap();
+        let waiting = fire_at(&*s, t, 2, Overlap::Queue);
+        assert_eq!((waiting.created.len(), waiting.skipped), (1, 0));
+        assert_eq!(
+            fire_at(&*s, t, 3, Overlap::Queue).skipped,
+            1,
+            "only one may wait"
+        );
+        assert!(
+            s.claim_due(3_500, 10, "n1", "local").unwrap().is_empty(),
+            "the waiting execution started while the previous one runs ({})",
+            s.describe()
+        );
+        let ok = Finish {
+            status: Some(Status::Succeeded),
+            ..Finish::default()
+        };
+        finish1(&*s, c[0].id, c[0].attempt, &ok, 3_600);
+        let next = s.claim_due(3_700, 10, "n1", "local").unwrap();
+        assert_eq!(
+            next.iter().map(|c| c.id).collect::<Vec<_>>(),
+            waiting.created
+        );
+    }
+}
+
+#[test]
+fn replace_cancels_the_running_execution_and_starts_the_new_one() {
+    for s in backends("replace") {
+        let t = cron_task(&*s, 1_000);
+        let first = fire_at(&*s, t, 1, Overlap::Replace);
+        let c = s.claim_due(1_500, 10, "n1", "local").unwrap();
+        s.mark_running(&[(c[0].id, c[0].attempt)], None, 1_600, 1_600)
+            .unwrap();
+        let second = fire_at(&*s, t, 2, Overlap::Replace);
+        assert_eq!(
+            second.cancelled,
+            vec![(first.created[0], Attempt(1), Status::Running)]
+        );
+        assert_eq!(second.created.len(), 1);
+        let old = s.get_execution(first.created[0]).unwrap().unwrap();
+        assert_eq!(old.status, Status::Cancelled);
+        assert!(old.error.unwrap().contains("replaced"));
+        assert_eq!(
+            s.claim_due(2_500, 10, "n1", "local").unwrap()[0].id,
+            second.created[0]
+        );
+    }
+}
+
+#[test]
+fn broadcast_fires_apply_the_policy_per_node() {
+    for s in backends("bcastov") {
+        let t = cron_task(&*s, 1_000);
+        let nodes = vec!["a".to_string(), "b".to_string()];
+        let mut f = fire(t, 1_000, Some(2_000), Overlap::Forbid);
+        f.nodes = Some(&nodes);
+        assert_eq!(s.fire_cron(&f, 1_000).unwrap().unwrap().created.len(), 2);
+        // Node a's run ends; b's has not: the next fire runs on a only.
+        let a = s.claim_due_in(1_500, 10, "a", "local", Some("")).unwrap();
+        let a = a
+            .iter()
+            .find(|c| c.pin_node.as_deref() == Some("a"))
+            .unwrap();
+        s.mark_running(&[(a.id, a.attempt)], None, 1_600, 1_600)
+            .unwrap();
+        let ok = Finish {
+            status: Some(Status::Succeeded),
+            ..Finish::default()
+        };
+        finish1(&*s, a.id, a.attempt, &ok, 1_700);
+        let mut f = fire(t, 2_000, Some(3_000), Overlap::Forbid);
+        f.nodes = Some(&nodes);
+        let fired = s.fire_cron(&f, 2_000).unwrap().unwrap();
+        assert_eq!(
+            (fired.created.len(), fired.skipped),
+            (1, 1),
+            "{}",
+            s.describe()
+        );
+        let e = s.get_execution(fired.created[0]).unwrap().unwrap();
+        assert_eq!(e.status, Status::Pending);
+    }
+}
+
+#[test]
+fn schedulers_racing_on_one_mysql_fire_each_time_once_and_agree_on_forbid() {
+    let url = support::mysql_db("overlaprace");
+    let a = store::open(&url).unwrap();
+    let b = store::open(&url).unwrap();
+    a.migrate().unwrap();
+    let t = cron_task(&a, 1_000);
+    // Both schedulers try every fire time; the execution of the first fire never ends.
+    fn race(s: &store::SqlStore, t: TaskId) -> Vec<store::Fired> {
+        let mut won = Vec::new();
+        for sec in 1..=20 {
+            let f = fire(t, sec * 1000, Some((sec + 1) * 1000), Overlap::Forbid);
+            loop {
+                match s.fire_cron(&f, sec * 1000) {
+                    Ok(Some(fired)) => {
+                        won.push(fired);
+                        break;
+                    }
+                    // Lost this time: go on once the winner moved the fire time on.
+                    Ok(None) if s.get_task(t).unwrap().unwrap().next_fire_at > Some(sec * 1000) => {
+                        break
+                    }
+                    Ok(None) => std::thread::yield_now(),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        won
+    }
+    let (wa, wb) = std::thread::scope(|sc| {
+        let ha = sc.spawn(|| race(&a, t));
+        let hb = sc.spawn(|| race(&b, t));
+        (ha.join().unwrap(), hb.join().unwrap())
+    });
+    let all: Vec<_> = wa.into_iter().chain(wb).collect();
+    assert_eq!(all.len(), 20, "each fire time fired exactly once");
+    let created: usize = all.iter().map(|f| f.created.len()).sum();
+    let skipped: u32 = all.iter().map(|f| f.skipped).sum();
+    assert_eq!((created, skipped), (1, 19));
+    assert_eq!(a.get_task(t).unwrap().unwrap().skipped_fires, 19);
+}
+
 #[test]
 fn cron_fire_is_compare_and_set() {
     for s in backends("cron") {
@@ -193,14 +381,10 @@ fn cron_fire_is_compare_and_set() {
         let id = s.create_task(&t, 1_000).unwrap().task_id;
         assert!(s.due_cron(4_999, 10).unwrap().is_empty());
         assert_eq!(s.due_cron(5_000, 10).unwrap().len(), 1);
-        assert!(s
-            .fire_cron(id, 5_000, Some(6_000), None, 5_000)
-            .unwrap()
-            .is_some());
+        let fire = fire(id, 5_000, Some(6_000), Overlap::Allow);
+        assert!(s.fire_cron(&fire, 5_000).unwrap().is_some());
         assert!(
-            s.fire_cron(id, 5_000, Some(6_000), None, 5_000)
-                .unwrap()
-                .is_none(),
+            s.fire_cron(&fire, 5_000).unwrap().is_none(),
             "second fire of the same time loses"
         );
         assert!(s.set_paused(id, true).unwrap());
@@ -247,6 +431,26 @@ fn logs_are_ordered_deduplicated_and_paged() {
         let rest = s.logs_after(e, all[0].seq, 100).unwrap();
         assert_eq!(rest.len(), 2);
         assert_eq!(rest[0].stream, "stderr");
+        // `seq` numbers each execution's chunks from 1, whatever else the store holds.
+        let other = s
+            .create_task(&once("u", None), 1_000)
+            .unwrap()
+            .execution_id
+            .unwrap();
+        s.append_logs(&[(other, Attempt(1), 0, "stdout", "x\n")], 3)
+            .unwrap();
+        s.append_logs(&[(e, Attempt(2), 0, "stdout", "retry\n")], 4)
+            .unwrap();
+        let seqs = |rows: &[etask::store::LogRow]| rows.iter().map(|l| l.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&s.logs_after(other, 0, 100).unwrap()), vec![1]);
+        let all = s.logs_after(e, 0, 100).unwrap();
+        assert_eq!(seqs(&all), vec![1, 2, 3, 4]);
+        assert_eq!(seqs(&s.logs_after(e, 2, 100).unwrap()), vec![3, 4]);
+        // A follower continues after the last row it has, with the same numbers.
+        let more = s.logs_continue(e, &all[1], 100).unwrap();
+        assert_eq!(seqs(&more), vec![3, 4]);
+        assert_eq!(more[1].data, "retry\n");
+        assert!(s.logs_continue(e, &all[3], 100).unwrap().is_empty());
     }
 }
 
@@ -385,7 +589,11 @@ fn two_stores_on_one_mysql_never_claim_the_same_execution() {
     });
     let mut applied = [ra.unwrap(), rb.unwrap()].concat();
     applied.sort();
-    assert_eq!(applied, vec![1, 2, 3, 4], "each migration ran exactly once");
+    assert_eq!(
+        applied,
+        vec![1, 2, 3, 4, 5],
+        "each migration ran exactly once"
+    );
     for i in 0..200 {
         a.create_task(&once(&format!("t{i}"), None), 1_000).unwrap();
     }
@@ -659,5 +867,106 @@ fn unstarted_dispatches_are_requeued_under_the_next_attempt() {
                 .is_ok_and(|moved| !moved),
             "a started attempt stays"
         );
+    }
+}
+
+/// A TCP relay from a free local port to `target`; `cut` closes it and every relayed
+/// connection.
+struct Relay {
+    port: u16,
+    conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    fn start(target: String) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, s) = (conns.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                let mut all = c.lock().unwrap();
+                all.push(client.try_clone().unwrap());
+                all.push(server.try_clone().unwrap());
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(server, client);
+            }
+        });
+        Relay { port, conns, stop }
+    }
+
+    fn cut(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port)); // wake the accept
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_mysql_url_to_a_loopback_port_is_used_as_given_not_the_servers_socket() {
+    // The driver's default would switch a 127.0.0.1 URL to the server's Unix socket after the
+    // first connection: a relay on another port shows which one the store really uses.
+    let url = support::mysql_db("tcp");
+    let (head, db) = url.rsplit_once('/').unwrap();
+    let (userpart, hostport) = head.rsplit_once('@').unwrap();
+    let relay = Relay::start(hostport.to_owned());
+    let via_relay = format!("{userpart}@127.0.0.1:{}/{db}", relay.port);
+    let s = store::open(&via_relay).unwrap();
+    s.migrate().unwrap();
+    s.create_task(&once("through-the-relay", None), 1_000)
+        .unwrap();
+    relay.cut();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        s.ping().is_err() && s.list_tasks(None, 10, None).is_err(),
+        "the store kept working with its port closed: it does not use the port of its URL"
+    );
+}
+
+#[test]
+fn only_attempts_recorded_not_started_are_free_of_the_retry_budget() {
+    for s in backends("unstartedfree") {
+        let c = s.create_task(&once("u", None), 1_000).unwrap();
+        let e = c.execution_id.unwrap();
+        assert_eq!(s.claim_due(1_000, 10, "node-a", "local").unwrap().len(), 1);
+        // Another node holds it now: the crashed node-b cannot requeue it.
+        assert!(!s
+            .requeue_held(e, Attempt(1), "node-b", "not started: x", 2_000)
+            .unwrap());
+        let msg = format!("{}node-a stopped before starting it", store::NOT_STARTED);
+        assert!(s
+            .requeue_held(e, Attempt(1), "node-a", &msg, 2_000)
+            .unwrap());
+        assert_eq!(s.unstarted_attempts(e).unwrap(), 1, "{}", s.describe());
+        // A lost attempt that may have started is not free.
+        assert_eq!(
+            s.claim_due(3_000, 10, "node-a", "local").unwrap()[0].attempt,
+            Attempt(2)
+        );
+        let fin = Finish {
+            status: Some(Status::Lost),
+            error: Some("node went silent".into()),
+            ..Finish::default()
+        };
+        finish1(s.as_ref(), e, Attempt(2), &fin, 4_000);
+        assert_eq!(s.unstarted_attempts(e).unwrap(), 1, "{}", s.describe());
     }
 }

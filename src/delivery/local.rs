@@ -22,8 +22,9 @@ impl Local {
         }
     }
 
-    /// Stops the pool: running scripts are cancelled and their trees killed.
-    pub fn shutdown(self) {
+    /// Stops the pool: running scripts are cancelled and their trees killed. Works while the
+    /// scheduler still holds this delivery (it does until the process ends).
+    pub fn shutdown(&self) {
         self.pool.shutdown();
     }
 }
@@ -56,9 +57,9 @@ impl Delivery for Local {
             .submit(req, self.reports.clone())
             .map_err(|e| match e {
                 SubmitError::Invalid(e) => Refused::Rejected(e.to_string()),
-                e @ (SubmitError::Full { .. } | SubmitError::Stopped) => {
-                    Refused::Busy(e.to_string())
-                }
+                e @ (SubmitError::Full { .. }
+                | SubmitError::Stopped
+                | SubmitError::Unrecorded(_)) => Refused::Busy(e.to_string()),
             })
     }
 

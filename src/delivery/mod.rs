@@ -79,6 +79,12 @@ pub trait TaskApi: Send + Sync {
 pub trait PullSource: Send + Sync {
     /// Up to `free` dispatches of `pool` for `node`, waiting at most `wait` for some.
     fn pull(&self, node: &str, pool: &str, free: u32, wait: std::time::Duration) -> Vec<Dispatch>;
+    /// For each (execution, attempt): does `node` hold it, unfinished? Reports for anything
+    /// else (unknown ids, other nodes' attempts, finished executions) are dropped.
+    fn held(&self, node: &str, keys: &[(ExecutionId, Attempt)]) -> Vec<bool>;
+    /// `node` took the attempt and never started it (its start journal says so after a
+    /// crash): dispatch it again, free of the retry budget, if `node` still holds it.
+    fn unstarted(&self, node: &str, id: ExecutionId, attempt: Attempt, why: &str);
 }
 
 /// Where transports that acknowledge what they received (Kafka offsets) hand node reports:

@@ -65,12 +65,7 @@ impl ExecutorHandler for Handler {
 
 /// Sends pool events to the scheduler in batches; what is not acknowledged is kept and resent
 /// (the scheduler deduplicates by execution id + attempt + log seq).
-fn reporter(
-    client: SchedulerClient,
-    node: String,
-    events: Receiver<RunEvent>,
-    stop: Arc<AtomicBool>,
-) {
+fn reporter(client: &SchedulerClient, node: &str, events: &Receiver<RunEvent>, stop: &AtomicBool) {
     let mut pending: VecDeque<pb::ReportItem> = VecDeque::new();
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -86,7 +81,7 @@ fn reporter(
         }
         let n = pending.len().min(256);
         let batch = pb::ReportBatch {
-            node_id: node.clone(),
+            node_id: node.to_owned(),
             items: pending.iter().take(n).cloned().collect(),
         };
         match client.report(batch) {
@@ -127,8 +122,11 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     };
     let rt = grpc::Runtime::with_tls(cfg.grpc_tls()?)
         .map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
-    let pool = Pool::start(cfg.pool_config())
-        .map_err(|e| format!("cannot start the process pool: {e}"))?;
+    crate::config::prepare_state_dir(&cfg.server.data_dir, cfg.node.run_as_uid >= 0)?;
+    let (journal, previous) = crate::server::open_journal(&cfg, &node_id)?;
+    let mut pc = cfg.pool_config();
+    pc.journal = Some(journal);
+    let pool = Pool::start(pc).map_err(|e| format!("cannot start the process pool: {e}"))?;
     let capacity = pool.max_concurrent() as u32;
     // Unbounded for the same reason as in --mode all: the pool never blocks on its consumer.
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
@@ -139,12 +137,11 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     });
     // PUSH serves Execute/Cancel; PULL opens no port at all and asks the scheduler instead.
     let mut server = None;
-    let mut advertise = String::from("-");
+    let mut advertise = String::new();
     if ex.path == "push" {
-        let addr = ex
-            .grpc_listen
-            .parse()
-            .map_err(|_| format!("executor.grpc_listen {:?} is not IP:PORT", ex.grpc_listen))?;
+        // Execute runs scripts: reachable from the network only with the token.
+        let addr =
+            crate::config::check_listener("executor.grpc_listen", &ex.grpc_listen, &ex.token)?;
         let srv = grpc::serve_executor(&rt, addr, handler.clone(), &ex.token)
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         advertise = if ex.advertise.is_empty() {
@@ -157,10 +154,25 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let stop_flag = Arc::new(AtomicBool::new(false));
     let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token)?;
     let (node, flag) = (node_id.clone(), stop_flag.clone());
-    let reporter = std::thread::Builder::new()
-        .name("executor-report".into())
-        .spawn(move || reporter(client, node, events_rx, flag))
-        .map_err(|e| e.to_string())?;
+    if !previous.unstarted.is_empty() && !previous.node.is_empty() {
+        let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token)?;
+        let flag = stop_flag.clone();
+        std::thread::Builder::new()
+            .name("executor-recover".into())
+            .spawn(move || report_unstarted(&client, &previous, &flag))
+            .map_err(|e| e.to_string())?;
+    }
+    // Restarted if it panics, like every component loop (what was buffered is lost then; the
+    // scheduler's silence handling covers it).
+    let health = Arc::new(crate::supervise::Health::default());
+    let f2 = flag.clone();
+    let reporter = crate::supervise::spawn(
+        &health,
+        "executor-report",
+        move || f2.load(Ordering::SeqCst),
+        move || reporter(&client, &node, &events_rx, &flag),
+    )
+    .map_err(|e| e.to_string())?;
     let info = NodeInfo {
         id: node_id.clone(),
         role: "executor".into(),
@@ -190,23 +202,32 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
             ex.pool.clone(),
             stop_flag.clone(),
         );
-        Some(
-            std::thread::Builder::new()
-                .name("executor-pull".into())
-                .spawn(move || pull_loop(&client, &h, &node, &pool, capacity, &flag))
-                .map_err(|e| e.to_string())?,
-        )
+        Some({
+            let f2 = flag.clone();
+            crate::supervise::spawn(
+                &health,
+                "executor-pull",
+                move || f2.load(Ordering::SeqCst),
+                move || pull_loop(&client, &h, &node, &pool, capacity, &flag),
+            )
+            .map_err(|e| e.to_string())?
+        })
     } else {
         None
     };
-    println!("etask executor {node_id} serving on {advertise}");
-    log::warn!(target: LOG, "started node={node_id} pool={} scheduler={}", ex.pool, ex.scheduler);
+    // One line on stdout, like the scheduler's, so scripts and tests know it is up.
+    if server.is_some() {
+        println!("etask executor {node_id} serving on {advertise}");
+    } else {
+        println!("etask executor {node_id} pulling from {}", ex.scheduler);
+    }
+    log::info!(target: LOG, "started node={node_id} pool={} path={} scheduler={}", ex.pool, ex.path, ex.scheduler);
     crate::sd_notify::ready(&format!(
         "executor {node_id} pool {} ({}) on {advertise}",
         ex.pool, ex.path
     ));
     let sig = stop.recv().unwrap_or(libc::SIGTERM);
-    log::warn!(target: LOG, "signal {sig}: stopping");
+    log::info!(target: LOG, "{}: stopping", crate::signals::name(sig));
     crate::sd_notify::stopping("stopping");
     registration.stop();
     if let Some(srv) = server {
@@ -218,6 +239,39 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     }
     let _ = reporter.join();
     Ok(())
+}
+
+/// Tells the scheduler which attempts the previous incarnation of this node took and never
+/// started (under that incarnation's node id, which still holds them), until it acknowledges.
+fn report_unstarted(client: &SchedulerClient, prev: &crate::runner::Previous, stop: &AtomicBool) {
+    let batch = pb::ReportBatch {
+        node_id: prev.node.clone(),
+        items: prev
+            .unstarted
+            .iter()
+            .map(|(e, a)| pb::ReportItem {
+                execution_id: *e,
+                attempt: *a,
+                kind: Some(pb::report_item::Kind::NotStarted(
+                    "the node stopped before starting it".into(),
+                )),
+            })
+            .collect(),
+    };
+    let mut backoff = Duration::from_millis(200);
+    while !stop.load(Ordering::SeqCst) {
+        match client.report(batch.clone()) {
+            Ok(_) => {
+                log::info!(target: LOG, "reported {} attempt(s) the previous node {} never started", batch.items.len(), prev.node);
+                return;
+            }
+            Err(e) => {
+                log::warn!(target: LOG, "cannot report unstarted attempts yet: {e}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// PULL: asks the scheduler for work whenever a slot is free; each call is held open by the

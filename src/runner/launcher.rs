@@ -98,7 +98,8 @@ pub(super) fn finish(workspace: Option<PathBuf>, events: &Sender<RunEvent>, fini
 
 fn launch_one(cfg: &PoolConfig, pool_id: usize, job: &SpawnJob) -> Result<Spawned, String> {
     let launch = prepare_workspace(cfg, &job.req, &job.workspace)?;
-    let env = child_env(cfg, &job.req, &job.workspace, &job.token);
+    let mut env = child_env(cfg, &job.req, &job.workspace, &job.token);
+    env.extend(launch.env.iter().cloned());
     let spec = SpawnSpec {
         argv: &launch.argv,
         env: &env,
@@ -107,6 +108,17 @@ fn launch_one(cfg: &PoolConfig, pool_id: usize, job: &SpawnJob) -> Result<Spawne
         limits: &cfg.limits,
         run_as: cfg.run_as,
     };
+    // Recorded before the fork, and no fork without it: after a crash an attempt without its
+    // `S` line provably never ran (runner/journal.rs).
+    if let Some(j) = &cfg.journal {
+        if let Err(e) = j.started(job.req.execution_id.0, job.req.attempt.0) {
+            let _ = std::fs::remove_dir_all(&job.workspace);
+            return Err(format!(
+                "cannot record the start in {}: {e}",
+                j.path().display()
+            ));
+        }
+    }
     let spawned = tree::spawn_root(pool_id, || spawn(&spec).map(|sp| (sp.pid, sp)));
     match spawned {
         Ok((_, sp)) => Ok(sp),
@@ -122,9 +134,16 @@ fn prepare_workspace(cfg: &PoolConfig, req: &RunRequest, ws: &Path) -> Result<La
     let launch = launch(&req.program, ws, &cfg.interpreters).map_err(|e| e.0)?;
     let io = |what: &str, p: &Path, e: io::Error| format!("{what} {}: {e}", p.display());
     // As few inodes as possible: on ext4, creating and removing directories is most of a
-    // trivial run's cost (see README, benchmark). The workspace, its tmp, and the working
+    // trivial run's cost (see docs/benchmarks.md). The workspace, its tmp, and the working
     // directory only when it is not the workspace itself.
     let mut owned = vec![ws.to_path_buf(), ws.join("tmp")];
+    // The name is unique per pool instance and run (see `Reactor::begin`): one that exists
+    // can only be the leftover of a dead process that had the same pid and random tag, and
+    // must not block this run.
+    if ws.symlink_metadata().is_ok() {
+        log::warn!(target: "etask::runner", "removing leftover workspace {}", ws.display());
+        std::fs::remove_dir_all(ws).map_err(|e| io("cannot remove leftover workspace", ws, e))?;
+    }
     for d in &owned {
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -144,6 +163,17 @@ fn prepare_workspace(cfg: &PoolConfig, req: &RunRequest, ws: &Path) -> Result<La
             .write(true)
             .create_new(true)
             .mode(*mode)
+            .open(path)
+            .map_err(|e| io("cannot create", path, e))?;
+        f.write_all(bytes)
+            .map_err(|e| io("cannot write", path, e))?;
+        owned.push(path.clone());
+    }
+    for (path, bytes) in &launch.inputs {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
             .open(path)
             .map_err(|e| io("cannot create", path, e))?;
         f.write_all(bytes)
@@ -184,6 +214,12 @@ fn child_env(cfg: &PoolConfig, req: &RunRequest, ws: &Path, token: &str) -> Vec<
     for (k, v) in req.program.env.iter().chain(req.program.secret_env.iter()) {
         env.retain(|(ek, _)| ek != k);
         env.push((k.clone(), v.clone()));
+    }
+    // The reference's variables, each under its own name (validation keeps them apart from
+    // env, secret_env and ETASK_* names).
+    for (k, v) in req.program.variable_env() {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.to_owned(), v.to_owned()));
     }
     env
 }

@@ -330,19 +330,21 @@ fn mask_stream(secrets: &[Vec<u8>], raw: &[u8], last: bool) -> (Vec<u8>, Vec<u8>
     let mut i = 0;
     'scan: while i < raw.len() {
         let rest = &raw[i..];
-        for secret in secrets {
-            if rest.starts_with(secret) {
-                out.extend_from_slice(MASK);
-                i += secret.len();
-                continue 'scan;
-            }
-        }
+        // Wait while a secret may still complete here: the longest match wins (a multi-line
+        // value is masked whole, not line by line).
         if !last
             && secrets
                 .iter()
                 .any(|s| s.len() > rest.len() && s.starts_with(rest))
         {
             return (out, rest.to_vec());
+        }
+        for secret in secrets {
+            if rest.starts_with(secret) {
+                out.extend_from_slice(MASK);
+                i += secret.len();
+                continue 'scan;
+            }
         }
         out.push(raw[i]);
         i += 1;

@@ -45,6 +45,9 @@ pub struct PoolConfig {
     pub path_env: String,
     pub lang: String,
     pub interpreters: Interpreters,
+    /// Where the node records taken and started attempts (see `journal`); `None` = nowhere
+    /// (`etask run`, tests).
+    pub journal: Option<Arc<super::journal::StartJournal>>,
 }
 
 impl Default for PoolConfig {
@@ -63,6 +66,7 @@ impl Default for PoolConfig {
             path_env: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
             lang: "C.UTF-8".into(),
             interpreters: Interpreters::default(),
+            journal: None,
         }
     }
 }
@@ -114,6 +118,19 @@ pub enum Ending {
     TimedOut,
     Cancelled,
     SpawnFailed(String),
+}
+
+/// As an operator reads it (logs, `etask run`): "exit code 3", "timed out", ...
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ending::Exited(c) => write!(f, "exit code {c}"),
+            Ending::Signaled(s) => write!(f, "killed by signal {s}"),
+            Ending::TimedOut => f.write_str("timed out"),
+            Ending::Cancelled => f.write_str("cancelled"),
+            Ending::SpawnFailed(r) => write!(f, "could not start: {r}"),
+        }
+    }
 }
 
 /// Everything known about a finished run.
@@ -210,6 +227,10 @@ pub enum SubmitError {
     Full { in_flight: usize, capacity: usize },
     #[error("the pool has stopped")]
     Stopped,
+    /// The start journal could not record the attempt, so it is not taken (a crash could
+    /// otherwise make it look unstarted and run it twice).
+    #[error("cannot record the attempt in the start journal: {0}")]
+    Unrecorded(String),
 }
 
 enum Cmd {
@@ -224,20 +245,25 @@ struct Shared {
 }
 
 /// Handle to the pool; dropping it cancels what is left and joins the reactor.
+/// The reactor thread and the launcher threads of a pool.
+type Threads = (Option<JoinHandle<()>>, Vec<JoinHandle<()>>);
+
 pub struct Pool {
     shared: Arc<Shared>,
     poller: Arc<Poller>,
     cmd_tx: Sender<Cmd>,
     capacity: usize,
+    journal: Option<Arc<super::journal::StartJournal>>,
     max_concurrent: usize,
-    thread: Option<JoinHandle<()>>,
-    launchers: Vec<JoinHandle<()>>,
+    /// The reactor and the launchers, joined by the first `shutdown` (through a shared
+    /// reference: a node hands its pool to several components).
+    threads: std::sync::Mutex<Threads>,
 }
 
 impl Pool {
     /// Starts the reactor thread. Makes this process a child subreaper and installs a SIGCHLD
-    /// handler: from now on the pool reaps every child of the process (see README, operating
-    /// notes), so nothing else in the process may wait on children of its own.
+    /// handler: from now on the pool reaps every child of the process (see docs/design.md,
+    /// "Reaping"), so nothing else in the process may wait on children of its own.
     pub fn start(mut cfg: PoolConfig) -> io::Result<Pool> {
         // Scripts run inside their workspace: a relative root (a relative `$TMPDIR`, a relative
         // data dir) would name a path that does not exist from there.
@@ -271,6 +297,7 @@ impl Pool {
             stopping: AtomicBool::new(false),
         });
         let max_concurrent = cfg.max_concurrent;
+        let journal = cfg.journal.clone();
         let cfg = Arc::new(cfg);
         let pool_id = tree::register_pool(poller.clone());
         // Bounded by what can be in flight: one job per run plus one workspace removal per run.
@@ -302,9 +329,9 @@ impl Pool {
             poller,
             cmd_tx,
             capacity,
+            journal,
             max_concurrent,
-            thread: Some(thread),
-            launchers,
+            threads: std::sync::Mutex::new((Some(thread), launchers)),
         })
     }
 
@@ -321,6 +348,12 @@ impl Pool {
                 in_flight: prev,
                 capacity: self.capacity,
             });
+        }
+        if let Some(j) = &self.journal {
+            if let Err(e) = j.taken(req.execution_id.0, req.attempt.0) {
+                self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                return Err(SubmitError::Unrecorded(e.to_string()));
+            }
         }
         self.send(Cmd::Submit(Box::new(req), events))
             .inspect_err(|_| {
@@ -357,19 +390,20 @@ impl Pool {
         self.max_concurrent
     }
 
-    /// Cancels everything left and waits for the reactor to finish.
-    pub fn shutdown(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
+    /// Cancels everything left (killing each run's tree) and waits for the reactor and the
+    /// launchers to finish. Later calls return at once.
+    pub fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = self.poller.notify();
-        if let Some(t) = self.thread.take() {
+        let (thread, launchers) = {
+            let mut t = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+            (t.0.take(), std::mem::take(&mut t.1))
+        };
+        if let Some(t) = thread {
             let _ = t.join();
         }
         // The reactor dropped the job sender on exit; launchers finish pending removals and end.
-        for t in self.launchers.drain(..) {
+        for t in launchers {
             let _ = t.join();
         }
     }
@@ -377,7 +411,7 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.stop();
+        self.shutdown();
     }
 }
 
@@ -460,6 +494,10 @@ struct Reactor {
     jobs: Sender<Job>,
     spawned_rx: Receiver<SpawnDone>,
     next_seq: u64,
+    /// `<pid>-<random>`, fixed for this pool: with `next_seq` it makes every per-run name (the
+    /// workspace, the run token) unique among pools of all processes on the host, including
+    /// dead ones whose workspace was left behind by `kill -9` under a since reused pid.
+    instance: String,
     scratch: Vec<u8>,
     chunks: Vec<LogChunk>,
 }
@@ -493,6 +531,7 @@ impl Reactor {
             by_pid: HashMap::new(),
             queue: VecDeque::new(),
             next_seq: 0,
+            instance: format!("{}-{:08x}", std::process::id(), fastrand::u32(..)),
             scratch: vec![0; 64 << 10],
             chunks: Vec::new(),
         }
@@ -604,11 +643,11 @@ impl Reactor {
     /// Hands a queued run to a launcher thread; it counts against `max_concurrent` from now.
     fn begin(&mut self, req: Box<RunRequest>, events: Sender<RunEvent>) {
         self.next_seq += 1;
-        let token = format!("{}-{}", std::process::id(), self.next_seq);
-        let workspace = self.cfg.workspace_root.join(format!(
-            "run-{}-{}-{}",
-            req.execution_id, req.attempt, self.next_seq
-        ));
+        let token = format!("{}-{}", self.instance, self.next_seq);
+        let workspace = self
+            .cfg
+            .workspace_root
+            .join(format!("run-{}-{}-{token}", req.execution_id, req.attempt));
         self.starting.insert(req.key(), false);
         if let Err(crossbeam_channel::SendError(Job::Spawn(job))) =
             self.jobs.send(Job::Spawn(SpawnJob {
@@ -850,7 +889,7 @@ impl Reactor {
         if run.ending.is_some() || run.wait.is_some() {
             return; // already stopping, or already over
         }
-        log::info!(target: LOG, "execution={} attempt={} stopping: {why:?}", key.execution, key.attempt);
+        log::info!(target: LOG, "execution={} attempt={} stopping: {why}", key.execution, key.attempt);
         run.ending = Some(why);
         tree::signal_run(
             run.pid,

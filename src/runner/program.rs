@@ -3,6 +3,7 @@
 //! Everything a user can get wrong is rejected here, before anything is spawned.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
@@ -23,6 +24,38 @@ pub enum ShellKind {
     #[default]
     Sh,
     Bash,
+}
+
+/// A variable as the reference Go ETask passes it: an environment variable of the same name,
+/// and an entry of the `ETASK_VARIABLES_FILE` list. `secret` values get `secret_env`'s
+/// protection (masked in logs, never shown by the API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variable {
+    pub key: String,
+    pub value: String,
+    #[serde(default)]
+    pub secret: bool,
+}
+
+/// How `params` and `variables` reach the script besides the files and the environment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArgvStyle {
+    /// The reference v1.12 contract: `ETASK_ARGS_FILE`, `ETASK_VARIABLES_FILE` (and for shell
+    /// `ETASK_SHELL_ENV_FILE`); the command line carries only `args`.
+    #[default]
+    Files,
+    /// The ECMDB-era contract (reference <= v0.0.7), positional: shell `$1` = the params JSON,
+    /// `$2` = a file of `KEY=VALUE` lines to `source`; Python `sys.argv[1]` = the params JSON,
+    /// `sys.argv[2]` = the variables JSON. `args` follow.
+    Legacy,
+}
+
+impl ArgvStyle {
+    fn is_files(&self) -> bool {
+        *self == ArgvStyle::Files
+    }
 }
 
 /// A script and how to run it. Unknown fields are refused so a typo is an error, not a silently
@@ -49,6 +82,14 @@ pub struct Program {
     /// Working directory relative to the run's workspace (created if missing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
+    /// The reference ETask's parameters: a JSON object, written to `ETASK_ARGS_FILE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<Map<String, Value>>,
+    /// The reference ETask's variables, in the environment and in `ETASK_VARIABLES_FILE`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variables: Vec<Variable>,
+    #[serde(default, skip_serializing_if = "ArgvStyle::is_files")]
+    pub argv_style: ArgvStyle,
 }
 
 impl Program {
@@ -72,6 +113,9 @@ impl Program {
             secret_env: BTreeMap::new(),
             stdin: None,
             workdir: None,
+            params: None,
+            variables: Vec::new(),
+            argv_style: ArgvStyle::Files,
         }
     }
 
@@ -106,6 +150,21 @@ impl Program {
                 "env variable {k} is given both in env and secret_env"
             )));
         }
+        for v in &self.variables {
+            validate_env(&v.key, &v.value)
+                .map_err(|e| ProgramError::new(format!("variables: {}", e.0)))?;
+            if self.env.contains_key(&v.key) || self.secret_env.contains_key(&v.key) {
+                return Err(ProgramError::new(format!(
+                    "variable {} is also given in env or secret_env; give it once",
+                    v.key
+                )));
+            }
+        }
+        if self.argv_style == ArgvStyle::Legacy && self.kind == ProgramKind::Exec {
+            return Err(ProgramError::new(
+                "argv_style \"legacy\" applies to shell and python programs only",
+            ));
+        }
         for a in self.args.iter().chain(self.argv.iter().flatten()) {
             if a.contains('\0') {
                 return Err(ProgramError::new("arguments may not contain NUL bytes"));
@@ -117,9 +176,10 @@ impl Program {
         Ok(())
     }
 
-    /// Values that must never appear in logs.
+    /// Values that must never appear in logs: `secret_env` and secret variables.
     pub fn secret_values(&self) -> impl Iterator<Item = String> + '_ {
-        self.secret_env.values().cloned()
+        let vars = self.variables.iter().filter(|v| v.secret).map(|v| &v.value);
+        self.secret_env.values().chain(vars).cloned()
     }
 
     /// A copy safe to show or store in plain view: secret values replaced by the mask.
@@ -128,7 +188,20 @@ impl Program {
         for v in p.secret_env.values_mut() {
             *v = "******".into();
         }
+        for v in p.variables.iter_mut().filter(|v| v.secret) {
+            v.value = "******".into();
+        }
         p
+    }
+
+    /// The variables as the environment gets them: the last of one name wins, as in the
+    /// reference.
+    pub fn variable_env(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.variables
+            .iter()
+            .enumerate()
+            .filter(|(i, v)| !self.variables[i + 1..].iter().any(|w| w.key == v.key))
+            .map(|(_, v)| (v.key.as_str(), v.value.as_str()))
     }
 }
 
@@ -206,12 +279,15 @@ impl Default for Interpreters {
     }
 }
 
-/// The concrete launch: a file to write (if any), the argv, the working directory.
+/// The concrete launch: a file to write (if any), the argv, the working directory, and the
+/// input files of the reference contract (mode 0600) with the variables that name them.
 #[derive(Debug, Clone)]
 pub struct Launch {
     pub script: Option<(PathBuf, Vec<u8>, u32)>,
     pub argv: Vec<String>,
     pub cwd: PathBuf,
+    pub inputs: Vec<(PathBuf, Vec<u8>)>,
+    pub env: Vec<(String, String)>,
 }
 
 /// Maps a validated program onto a workspace.
@@ -250,8 +326,66 @@ pub fn launch(
             }
         },
     };
+    // The reference gives shell and Python scripts their params and variables as files
+    // (v1.12), or positionally (legacy); other programs get the files when they have inputs.
+    let mut inputs = Vec::new();
+    let mut env = Vec::new();
+    let scripted = matches!(p.kind, ProgramKind::Shell | ProgramKind::Python);
+    if scripted || p.params.is_some() || !p.variables.is_empty() {
+        let params = Value::Object(p.params.clone().unwrap_or_default()).to_string();
+        let vars = serde_json::to_string(&p.variables)
+            .map_err(|e| ProgramError::new(format!("variables: {e}")))?;
+        let (args_file, vars_file) = (file("args.json"), file("variables.json"));
+        env.push(("ETASK_ARGS_FILE".into(), args_file.display().to_string()));
+        env.push((
+            "ETASK_VARIABLES_FILE".into(),
+            vars_file.display().to_string(),
+        ));
+        inputs.push((args_file, params.clone().into_bytes()));
+        inputs.push((vars_file, vars.clone().into_bytes()));
+        let mut positional = Vec::new();
+        if p.kind == ProgramKind::Shell {
+            let env_file = file("variables.env");
+            env.push((
+                "ETASK_SHELL_ENV_FILE".into(),
+                env_file.display().to_string(),
+            ));
+            positional = vec![params, env_file.display().to_string()];
+            inputs.push((env_file, shell_env_file(p).into_bytes()));
+        } else if p.kind == ProgramKind::Python {
+            positional = vec![params, vars];
+        }
+        if p.argv_style == ArgvStyle::Legacy {
+            argv.extend(positional);
+        }
+    }
     argv.extend(p.args.iter().cloned());
-    Ok(Launch { script, argv, cwd })
+    Ok(Launch {
+        script,
+        argv,
+        cwd,
+        inputs,
+        env,
+    })
+}
+
+/// `KEY=VALUE` lines a shell can `source`: values quoted only when they need it, so simple
+/// values read the same as the reference's unquoted lines and no value can run code.
+fn shell_env_file(p: &Program) -> String {
+    let safe = |v: &str| {
+        !v.is_empty()
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_./:@%+,-=".contains(&b))
+    };
+    let mut out = String::new();
+    for (k, v) in p.variable_env() {
+        if safe(v) {
+            out.push_str(&format!("{k}={v}\n"));
+        } else {
+            out.push_str(&format!("{k}='{}'\n", v.replace('\'', "'\\''")));
+        }
+    }
+    out
 }
 
 fn code_bytes(p: &Program) -> Vec<u8> {
@@ -294,6 +428,61 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field `bogus`"), "{err}");
+    }
+
+    #[test]
+    fn variables_are_checked_like_env_names() {
+        let var = |k: &str| Variable {
+            key: k.into(),
+            value: "v".into(),
+            secret: false,
+        };
+        let mut p = Program::shell("x");
+        p.variables = vec![var("OK_1")];
+        assert!(p.validate().is_ok());
+        p.variables = vec![var("1BAD")];
+        assert!(p.validate().unwrap_err().0.contains("variables: invalid"));
+        p.variables = vec![var("ETASK_ARGS_FILE")];
+        assert!(p.validate().unwrap_err().0.contains("reserved"));
+        p.variables = vec![var("K")];
+        p.env.insert("K".into(), "x".into());
+        assert!(p.validate().unwrap_err().0.contains("give it once"));
+        let mut p = Program::exec(vec!["true".into()]);
+        p.argv_style = ArgvStyle::Legacy;
+        assert!(p.validate().unwrap_err().0.contains("shell and python"));
+        let json = r#"{"kind":"shell","code":"x","params":[1]}"#;
+        assert!(serde_json::from_str::<Program>(json).is_err());
+    }
+
+    #[test]
+    fn legacy_argv_carries_params_and_the_variables_file() {
+        let mut p = Program::shell("x");
+        p.params = serde_json::from_str(r#"{"a": 1}"#).unwrap();
+        p.argv_style = ArgvStyle::Legacy;
+        p.variables = vec![Variable {
+            key: "S".into(),
+            value: "it's $x".into(),
+            secret: true,
+        }];
+        let l = launch(&p, Path::new("/w"), &Interpreters::default()).unwrap();
+        assert_eq!(
+            l.argv,
+            [
+                "/bin/sh",
+                "/w/.etask-script.sh",
+                r#"{"a":1}"#,
+                "/w/.etask-variables.env"
+            ]
+        );
+        let env_file = &l
+            .inputs
+            .iter()
+            .find(|(p, _)| p.ends_with(".etask-variables.env"))
+            .unwrap()
+            .1;
+        assert_eq!(String::from_utf8_lossy(env_file), "S='it'\\''s $x'\n");
+        assert!(p.secret_values().any(|v| v == "it's $x"));
+        assert_eq!(p.redacted().variables[0].value, "******");
     }
 
     #[test]

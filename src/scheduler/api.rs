@@ -2,11 +2,11 @@
 //! refuses unknown fields and explains every invalid value; nothing here touches the store.
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::cron;
 use crate::runner::Program;
 
 /// An API error: a code from the documented set, with the HTTP status it maps to.
@@ -97,9 +97,20 @@ pub enum Schedule {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         at: Option<i64>,
     },
-    /// Cron with seconds first (`0 */5 * * * *`) or a descriptor (`@hourly`).
-    Cron { expr: String },
+    /// Cron in the reference dialect (`0 */5 * * * *`, `@hourly`; README "Cron"), read in
+    /// `timezone`. The intake stores the zone it resolved, so a later change of
+    /// `[scheduler] timezone` does not move existing tasks.
+    Cron {
+        expr: String,
+        /// IANA zone; absent = `[scheduler] timezone` (stored tasks without one: UTC).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timezone: Option<String>,
+        #[serde(default)]
+        overlap: Overlap,
+    },
 }
+
+pub use crate::model::Overlap;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -213,20 +224,48 @@ fn check_chars(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Parses a cron expression: 6 fields (seconds first), 7 with a year, or a descriptor.
-pub fn parse_cron(expr: &str) -> Result<cron::Schedule, ApiError> {
-    cron::Schedule::from_str(expr.trim()).map_err(|e| {
+/// Parses a cron schedule read in `zone`, the zone resolved with `resolve_zone`.
+pub fn parse_cron(expr: &str, zone: chrono_tz::Tz) -> Result<cron::Schedule, ApiError> {
+    cron::Schedule::new(expr, zone).map_err(|e| {
         ApiError::invalid(format!(
-            "schedule.expr {expr:?} is not a valid cron expression ({e}); use 6 fields with seconds first, \
-             e.g. \"0 */5 * * * *\", or @hourly/@daily/..."
+            "schedule.expr {expr:?} is not a valid cron expression: {e} (README \"Cron\" lists the dialect)"
         ))
     })
 }
 
-/// The next fire time of `expr` strictly after `after_ms`.
+/// The zone a cron schedule is read in: its `CRON_TZ=` prefix, else `schedule.timezone`, else
+/// `default` (`[scheduler] timezone`). A prefix and a `timezone` that disagree are refused.
+pub fn resolve_zone(
+    expr: &str,
+    timezone: Option<&str>,
+    default: &str,
+) -> Result<chrono_tz::Tz, ApiError> {
+    let parsed = cron::parse(expr).map_err(|e| {
+        ApiError::invalid(format!(
+            "schedule.expr {expr:?} is not a valid cron expression: {e} (README \"Cron\" lists the dialect)"
+        ))
+    })?;
+    let given = match timezone {
+        Some(z) => {
+            Some(cron::zone(z).map_err(|e| ApiError::invalid(format!("schedule.timezone: {e}")))?)
+        }
+        None => None,
+    };
+    match (parsed.prefix_zone, given) {
+        (Some(p), Some(g)) if p != g => Err(ApiError::invalid(format!(
+            "schedule.expr says CRON_TZ={} but schedule.timezone is {}; give one",
+            p.name(),
+            g.name()
+        ))),
+        (Some(z), _) | (None, Some(z)) => Ok(z),
+        (None, None) => cron::zone(default)
+            .map_err(|e| ApiError::internal(format!("[scheduler] timezone: {e}"))),
+    }
+}
+
+/// The next fire time of `schedule` strictly after `after_ms`.
 pub fn next_fire(schedule: &cron::Schedule, after_ms: i64) -> Option<i64> {
-    let after = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(after_ms)?;
-    schedule.after(&after).next().map(|t| t.timestamp_millis())
+    schedule.next_after(after_ms)
 }
 
 impl TaskSpec {
@@ -279,16 +318,19 @@ impl TaskSpec {
         self.program
             .validate()
             .map_err(|e| ApiError::invalid(format!("program: {}", e.0)))?;
-        if let Schedule::Cron { expr } = &self.schedule {
+        if let Schedule::Cron { expr, timezone, .. } = &self.schedule {
             check_chars("schedule.expr", expr, MAX_NAME_CHARS)?;
-            parse_cron(expr)?;
+            // The default zone is only known to the scheduler; UTC stands in for the syntax check.
+            let zone = resolve_zone(expr, timezone.as_deref(), "UTC")?;
+            parse_cron(expr, zone)?;
         }
         let path = self.path();
         if !paths.contains(&path) {
             let why = match path {
                 "push" => "push needs gRPC (server.grpc_listen) and a registry (registry.etcd)"
                     .to_string(),
-                "pull" => "pull needs gRPC (server.grpc_listen)".to_string(),
+                "pull" => "pull needs gRPC (server.grpc_listen) and a registry (registry.etcd)"
+                    .to_string(),
                 "agent" => "agent needs Kafka (kafka.brokers or --kafka)".to_string(),
                 "local" => "this scheduler has no built-in node (run --mode all)".to_string(),
                 _ => format!("unknown path; use one of {paths:?}"),
@@ -365,6 +407,19 @@ impl TaskSpec {
         Ok(())
     }
 
+    /// One execution per live node of the pool (`target.strategy = "broadcast"`).
+    pub fn is_broadcast(&self) -> bool {
+        self.target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast")
+    }
+
+    /// The target pool ("default" when none is given).
+    pub fn pool(&self) -> &str {
+        self.target
+            .as_ref()
+            .and_then(|t| t.pool.as_deref())
+            .unwrap_or("default")
+    }
+
     pub fn path(&self) -> &str {
         self.target.as_ref().map_or("local", |t| t.path.as_str())
     }
@@ -403,10 +458,25 @@ mod tests {
 
     #[test]
     fn cron_accepts_seconds_and_descriptors() {
-        let s = parse_cron("*/2 * * * * *").unwrap();
+        let utc = cron::zone("UTC").unwrap();
+        let s = parse_cron("*/2 * * * * *", utc).unwrap();
         let n = next_fire(&s, 1_000).unwrap();
         assert_eq!(n, 2_000);
-        assert!(parse_cron("@hourly").is_ok());
+        assert!(parse_cron("@hourly", utc).is_ok());
+        let e = parse(json!({"name": "n", "schedule": {"kind": "cron", "expr": "0 0 * * *"}, "program": {"kind": "shell", "code": "true"}})).unwrap_err();
+        assert!(e.message.contains("5 fields"), "{e:?}");
+        let e = parse(json!({"name": "n", "schedule": {"kind": "cron", "expr": "0 0 0 * * *", "timezone": "Moon/Base"}, "program": {"kind": "shell", "code": "true"}})).unwrap_err();
+        assert!(e.message.contains("schedule.timezone"), "{e:?}");
+        let s = parse(json!({"name": "n", "schedule": {"kind": "cron", "expr": "0 0 0 * * *", "overlap": "queue"}, "program": {"kind": "shell", "code": "true"}})).unwrap();
+        assert!(matches!(
+            s.schedule,
+            Schedule::Cron {
+                overlap: Overlap::Queue,
+                ..
+            }
+        ));
+        let e = parse(json!({"name": "n", "schedule": {"kind": "cron", "expr": "0 0 0 * * *", "overlap": "skip"}, "program": {"kind": "shell", "code": "true"}})).unwrap_err();
+        assert!(e.message.contains("unknown variant"), "{e:?}");
     }
 
     #[test]

@@ -113,6 +113,26 @@ impl Metrics {
     }
 }
 
+/// Cron fires the overlap policy skipped, per task (from the store, so every scheduler sharing
+/// it shows the same counts, and they survive restarts). Only tasks that skipped any appear.
+pub fn render_skipped_fires(s: &mut String, tasks: &[(crate::model::TaskId, String, i64)]) {
+    let _ = writeln!(
+        s,
+        "# HELP etask_cron_skipped_fires_total Cron fires skipped by the task's overlap policy."
+    );
+    let _ = writeln!(s, "# TYPE etask_cron_skipped_fires_total counter");
+    for (id, name, n) in tasks {
+        let name = name
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        let _ = writeln!(
+            s,
+            "etask_cron_skipped_fires_total{{task_id=\"{id}\",name=\"{name}\"}} {n}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 //! loop and talks to the others through the store and small wake-up channels.
 
 pub mod api;
-mod callbacks;
+pub mod callbacks;
 pub mod http;
 pub mod metrics;
 
@@ -22,8 +22,8 @@ use crate::delivery::{Delivery, Dispatch, Refused};
 use crate::model::{Attempt, ExecutionId, Status, TaskId};
 use crate::now_ms;
 use crate::runner::{Outcome, RunEvent};
-use crate::store::{CancelOutcome, Created, Finish, NewTask, Store};
-use api::{next_fire, parse_cron, ApiError, RetryPolicy, Schedule, TaskSpec};
+use crate::store::{CancelOutcome, Created, Finish, Fire, NewTask, Store};
+use api::{next_fire, parse_cron, resolve_zone, ApiError, RetryPolicy, Schedule, TaskSpec};
 use metrics::Metrics;
 
 use crate::registry::{NodeInfo, NodeTable};
@@ -60,6 +60,8 @@ pub struct Core {
     kick_callbacks: Sender<()>,
     stopping: AtomicBool,
     pub followers: AtomicUsize,
+    /// The scheduler's component threads, for `/healthz`.
+    pub health: Arc<crate::supervise::Health>,
     /// Live nodes from etcd, when a registry is configured.
     node_table: Option<Arc<NodeTable>>,
     /// Executors may Pull work (the gRPC service is up).
@@ -103,6 +105,30 @@ impl Core {
             .collect()
     }
 
+    /// `/metrics`: the in-memory counters with the store's counts.
+    pub fn metrics_text(&self) -> String {
+        let counts = self.store.status_counts().unwrap_or_default();
+        let mut text = self
+            .metrics
+            .render(&counts, self.store.outbox_pending().unwrap_or(0));
+        metrics::render_skipped_fires(&mut text, &self.store.skipped_fires().unwrap_or_default());
+        text
+    }
+
+    /// `/healthz`: (healthy, body). Healthy when the store answers and every component thread
+    /// runs; the body names each component (no paths, no addresses: the endpoint is open).
+    pub fn health(&self) -> (bool, Value) {
+        let store_ok = self.store.ping().is_ok();
+        let comps_ok = self.health.all_running() || self.stopping();
+        let ok = store_ok && comps_ok;
+        let body = serde_json::json!({
+            "status": if ok { "ok" } else if !store_ok { "store unavailable" } else { "degraded" },
+            "store": if store_ok { "ok" } else { "unavailable" },
+            "components": self.health.to_json(),
+        });
+        (ok, body)
+    }
+
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
@@ -125,11 +151,7 @@ impl Core {
     /// Creates a task (and its first execution for `once`); idempotent on `request_id`.
     /// The nodes a broadcast of `spec` runs on: the live nodes of its path and pool.
     fn broadcast_nodes(&self, spec: &TaskSpec) -> Vec<String> {
-        let pool = spec
-            .target
-            .as_ref()
-            .and_then(|t| t.pool.clone())
-            .unwrap_or_else(|| "default".into());
+        let pool = spec.pool();
         let path = spec.path();
         self.node_table
             .as_ref()
@@ -143,10 +165,15 @@ impl Core {
             .unwrap_or_default()
     }
 
-    pub fn submit(&self, spec: TaskSpec) -> Result<(Created, Vec<ExecutionId>), ApiError> {
+    pub fn submit(&self, mut spec: TaskSpec) -> Result<(Created, Vec<ExecutionId>), ApiError> {
+        if let Some(u) = &spec.callback_url {
+            callbacks::Policy::new(&self.cfg.callbacks.allowed_hosts)
+                .and_then(|p| p.check_url(u))
+                .map_err(ApiError::invalid)?;
+        }
         let now = now_ms();
         let target = spec.target.clone();
-        let broadcast = target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast");
+        let broadcast = spec.is_broadcast();
         // Broadcast: one execution per live node of the pool, known before anything is stored.
         let broadcast_once = broadcast && matches!(spec.schedule, Schedule::Once { .. });
         let shards: Vec<String> = if broadcast_once {
@@ -165,12 +192,32 @@ impl Core {
         } else {
             Vec::new()
         };
-        let (cron, first_due_at) = match &spec.schedule {
+        // Work for a pool with no live node now (a typo, or no node started yet) fails at once
+        // instead of waiting no_node_timeout_seconds; work due later, or a cron task, waits
+        // for a node to come.
+        let runs_now = matches!(spec.schedule, Schedule::Once { at: None });
+        if runs_now && !broadcast && matches!(spec.path(), "push" | "pull") {
+            let synced = self.node_table.as_ref().is_some_and(|t| t.synced());
+            if synced && self.broadcast_nodes(&spec).is_empty() {
+                return Err(ApiError::unavailable(format!(
+                    "no live {} node in pool {:?}; start one (etask server --mode executor \
+                     --path {} --pool {}) or check the pool name",
+                    spec.path(),
+                    spec.pool(),
+                    spec.path(),
+                    spec.pool(),
+                )));
+            }
+        }
+        let (cron, first_due_at) = match &mut spec.schedule {
             Schedule::Once { at } => (None, Some(at.unwrap_or(now))),
-            Schedule::Cron { expr } => {
-                let next = next_fire(&parse_cron(expr)?, now).ok_or_else(|| {
+            Schedule::Cron { expr, timezone, .. } => {
+                let zone = resolve_zone(expr, timezone.as_deref(), &self.cfg.scheduler.timezone)?;
+                let next = next_fire(&parse_cron(expr, zone)?, now).ok_or_else(|| {
                     ApiError::invalid(format!("schedule.expr {expr:?} never fires"))
                 })?;
+                // The zone is fixed into the task: a later `[scheduler] timezone` does not move it.
+                *timezone = Some(zone.name().to_owned());
                 (Some((expr.clone(), next)), None)
             }
         };
@@ -217,8 +264,8 @@ impl Core {
         }
         if !created.existed {
             self.metrics.tasks_submitted.fetch_add(1, Ordering::Relaxed);
-            log::info!(target: LOG, "task={} name={:?} created execution={:?}", created.task_id, spec.name,
-                created.execution_id.map(|e| e.0));
+            log::info!(target: LOG, "task={} name={:?} created{}", created.task_id, spec.name,
+                created.execution_id.map(|e| format!(" execution={e}")).unwrap_or_default());
         }
         if created.execution_id.is_some() {
             self.wake_dispatch();
@@ -242,6 +289,62 @@ impl Core {
         Ok(id)
     }
 
+    /// Pauses a cron task: it fires no more until resumed (executions already created run).
+    /// A task that runs once has nothing to pause: 409, so that nobody believes it paused.
+    pub fn pause(&self, id: TaskId) -> Result<Value, ApiError> {
+        let t = self.cron_task(id, "pause")?;
+        self.store.set_paused(id, true)?;
+        if !t.paused {
+            log::info!(target: LOG, "task={id} paused");
+        }
+        Ok(json!({"id": id, "paused": true}))
+    }
+
+    /// Resumes a paused cron task at its next fire time after now. Fire times missed while it
+    /// was paused are skipped, unless `catch_up` asks for one execution now (like
+    /// `scheduler.cron_missed = "once"` after downtime).
+    pub fn resume(&self, id: TaskId, catch_up: bool) -> Result<Value, ApiError> {
+        let t = self.cron_task(id, "resume")?;
+        let now = now_ms();
+        if t.paused && !catch_up {
+            if let (Some(expr), Some(at)) = (t.cron_expr.as_deref(), t.next_fire_at) {
+                if at <= now {
+                    // Moved while still paused, so the ticker cannot fire the missed time in
+                    // between; a CAS, like every fire.
+                    let zone = t
+                        .spec
+                        .pointer("/schedule/timezone")
+                        .and_then(Value::as_str)
+                        .and_then(|z| crate::cron::zone(z).ok())
+                        .unwrap_or(chrono_tz::UTC);
+                    let next = parse_cron(expr, zone).ok().and_then(|s| next_fire(&s, now));
+                    self.store.skip_cron(id, at, next)?;
+                }
+            }
+        }
+        self.store.set_paused(id, false)?;
+        if t.paused {
+            log::info!(target: LOG, "task={id} resumed{}", if catch_up { " with a catch-up run" } else { "" });
+        }
+        Ok(json!({"id": id, "paused": false}))
+    }
+
+    /// The task `action` (pause/resume) applies to: it exists and runs on a cron schedule.
+    fn cron_task(&self, id: TaskId, action: &str) -> Result<crate::store::TaskRow, ApiError> {
+        let t = self
+            .store
+            .get_task(id)?
+            .filter(|t| !t.deleted)
+            .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))?;
+        if t.cron_expr.is_none() {
+            return Err(ApiError::conflict(format!(
+                "task {id} runs once: only cron tasks can {action}; to stop its execution, \
+                 cancel it (POST /api/v1/executions/ID/cancel) or delete the task"
+            )));
+        }
+        Ok(t)
+    }
+
     /// Cancels an execution: at once in the store, then on its node. Idempotent.
     pub fn cancel(&self, id: ExecutionId) -> Result<Value, ApiError> {
         let now = now_ms();
@@ -252,19 +355,25 @@ impl Core {
             CancelOutcome::AlreadyFinal(st) => Err(ApiError::conflict(format!(
                 "execution {id} already ended: {st}"
             ))),
-            CancelOutcome::Cancelled { was, node, attempt } => {
-                if was != Status::Cancelled {
-                    log::info!(target: LOG, "execution={id} attempt={attempt} cancelled (was {was})");
-                    // Each delivery ignores attempts it does not hold.
-                    let _ = node;
-                    for d in &self.deliveries {
-                        d.cancel(id, attempt);
-                    }
-                    self.queue_callback(id, now);
-                }
+            CancelOutcome::Cancelled { was, attempt, .. } => {
+                self.cancelled(id, attempt, was, now);
                 Ok(json!({"id": id, "status": "cancelled"}))
             }
         }
+    }
+
+    /// After the store cancelled an execution that was `was`: stop it on its node and queue its
+    /// callback (nothing when it was already cancelled).
+    fn cancelled(&self, id: ExecutionId, attempt: Attempt, was: Status, now: i64) {
+        if was == Status::Cancelled {
+            return;
+        }
+        log::info!(target: LOG, "execution={id} attempt={attempt} cancelled (was {was})");
+        // Each delivery ignores attempts it does not hold.
+        for d in &self.deliveries {
+            d.cancel(id, attempt);
+        }
+        self.queue_callback(id, now);
     }
 
     fn queue_callback(&self, id: ExecutionId, now: i64) {
@@ -343,7 +452,11 @@ impl Core {
                 fin.status,
                 Some(Status::Failed | Status::TimedOut | Status::Lost)
             ) {
-                fin.retry_at = policy.retry.next_at(attempt.0, now);
+                // Attempts that provably never started are free: the budget counts the others.
+                let free = self.store.unstarted_attempts(*id).unwrap_or(0);
+                fin.retry_at = policy
+                    .retry
+                    .next_at(attempt.0.saturating_sub(free).max(1), now);
             }
             fin.callback_url = policy.callback_url;
             true
@@ -437,7 +550,40 @@ impl crate::delivery::PullSource for Core {
     /// Claims up to `free` pull executions of `pool` for `node`, waiting up to `wait` for some
     /// to be submitted (woken by the submission itself, not by polling the store; a slow
     /// re-check every poll interval covers work created by other schedulers).
+    fn unstarted(&self, node: &str, id: ExecutionId, attempt: Attempt, why: &str) {
+        self.requeue(id, attempt, &format!("by {node}: {why}"), Some(node));
+    }
+
+    fn held(&self, node: &str, keys: &[(ExecutionId, Attempt)]) -> Vec<bool> {
+        let mut seen: HashMap<ExecutionId, Option<crate::store::ExecutionRow>> = HashMap::new();
+        keys.iter()
+            .map(|(id, attempt)| {
+                let row = seen
+                    .entry(*id)
+                    .or_insert_with(|| self.store.get_execution(*id).ok().flatten());
+                row.as_ref().is_some_and(|e| {
+                    e.attempt == *attempt
+                        && e.node.as_deref() == Some(node)
+                        && !e.status.is_terminal()
+                })
+            })
+            .collect()
+    }
+
     fn pull(&self, node: &str, pool: &str, free: u32, wait: Duration) -> Vec<Dispatch> {
+        // With a registry, only a live pull node of this pool gets this pool's work (and the
+        // secrets in it): naming a pool is not enough.
+        if let Some(t) = &self.node_table {
+            let known = t
+                .nodes()
+                .iter()
+                .any(|n| n.id == node && n.pool == pool && n.path == "pull");
+            if !known {
+                log::warn!(target: LOG, "node={node:?} pool={pool:?} pull refused: not a live pull node of that pool in the registry");
+                std::thread::sleep(wait.min(Duration::from_secs(1)));
+                return Vec::new();
+            }
+        }
         let deadline = std::time::Instant::now() + wait;
         let poll = Duration::from_millis(self.cfg.scheduler.poll_interval_ms.max(50));
         loop {
@@ -553,7 +699,23 @@ impl Core {
     /// An attempt that was dispatched but never started goes back to the queue under a new
     /// attempt number — unless no node has started it for `no_node_timeout_seconds` since it
     /// was due, then it fails.
-    fn requeue(&self, id: ExecutionId, attempt: Attempt, why: &str) {
+    /// Attempts a crashed node took and provably never started (its start journal says so)
+    /// go back to the queue without counting against their retry budget.
+    pub fn recover_unstarted(&self, node: &str, list: &[(ExecutionId, Attempt)]) {
+        if !list.is_empty() {
+            log::info!(target: LOG, "node={node} {} attempt(s) it took never started; dispatching them again", list.len());
+        }
+        for (id, attempt) in list {
+            self.requeue(
+                *id,
+                *attempt,
+                &format!("{node} took it and stopped before starting it"),
+                Some(node),
+            );
+        }
+    }
+
+    fn requeue(&self, id: ExecutionId, attempt: Attempt, why: &str, holder: Option<&str>) {
         let now = now_ms();
         let wait = self.cfg.scheduler.no_node_timeout_seconds as i64 * 1000;
         let due = self
@@ -574,7 +736,12 @@ impl Core {
             self.finish(id, attempt, fin);
             return;
         }
-        match self.store.requeue(id, attempt, why, now) {
+        let error = format!("{}{why}", crate::store::NOT_STARTED);
+        let moved = match holder {
+            Some(node) => self.store.requeue_held(id, attempt, node, &error, now),
+            None => self.store.requeue(id, attempt, &error, now),
+        };
+        match moved {
             Ok(true) => {
                 self.policies
                     .lock()
@@ -616,7 +783,7 @@ impl crate::delivery::ReportSink for Core {
     }
 
     fn not_started(&self, node: &str, id: ExecutionId, attempt: Attempt, why: &str) {
-        self.requeue(id, attempt, &format!("not started by {node}: {why}"));
+        self.requeue(id, attempt, &format!("by {node}: {why}"), None);
     }
 }
 
@@ -642,7 +809,11 @@ impl Scheduler {
             .migrate()
             .map_err(|e| format!("store {}: {e}", store.describe()))?;
         if !applied.is_empty() {
-            log::info!(target: LOG, "store {} migrated to version {:?}", store.describe(), applied.last());
+            let to = applied
+                .iter()
+                .max()
+                .map_or(String::new(), |v| v.to_string());
+            log::info!(target: LOG, "store {} migrated to version {to}", store.describe());
         }
         let (kick_dispatch, dispatch_rx) = crossbeam_channel::bounded(1);
         let (kick_callbacks, callbacks_rx) = crossbeam_channel::bounded(1);
@@ -655,38 +826,33 @@ impl Scheduler {
             kick_callbacks,
             stopping: AtomicBool::new(false),
             followers: AtomicUsize::new(0),
+            health: Arc::new(crate::supervise::Health::default()),
             node_table,
             pull_enabled,
             policies: Mutex::new(HashMap::new()),
             pull_gen: (Mutex::new(0), std::sync::Condvar::new()),
         });
         let http = http::HttpServer::start(core.clone())?;
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(f)
+        // Each loop is restarted if it panics (supervise), so no input can stop it for good.
+        let spawn = |name: &str, f: Box<dyn Fn(&Core) + Send>| {
+            let (c, stop) = (core.clone(), core.clone());
+            crate::supervise::spawn(&core.health, name, move || stop.stopping(), move || f(&c))
                 .map_err(|e| format!("cannot start thread {name}: {e}"))
         };
-        let mut threads = Vec::new();
-        let c = core.clone();
-        threads.push(spawn(
-            "sched-dispatch",
-            Box::new(move || dispatcher(&c, &dispatch_rx)),
-        )?);
-        let c = core.clone();
-        threads.push(spawn(
-            "sched-ingest",
-            Box::new(move || ingest(&c, &reports)),
-        )?);
-        let c = core.clone();
-        threads.push(spawn("sched-cron", Box::new(move || cron_ticker(&c)))?);
-        let c = core.clone();
-        threads.push(spawn("sched-sweeper", Box::new(move || sweeper(&c)))?);
-        let c = core.clone();
-        threads.push(spawn(
-            "sched-callbacks",
-            Box::new(move || callbacks::run(&c, &callbacks_rx)),
-        )?);
+        let mut threads = vec![
+            spawn(
+                "sched-dispatch",
+                Box::new(move |c| dispatcher(c, &dispatch_rx)),
+            )?,
+            spawn("sched-ingest", Box::new(move |c| ingest(c, &reports)))?,
+            spawn("sched-cron", Box::new(cron_ticker))?,
+            spawn("sched-sweeper", Box::new(sweeper))?,
+            spawn(
+                "sched-callbacks",
+                Box::new(move |c| callbacks::run(c, &callbacks_rx)),
+            )?,
+        ];
+        threads.shrink_to_fit();
         Ok(Scheduler {
             core,
             threads,
@@ -875,7 +1041,7 @@ fn ingest(core: &Core, reports: &Receiver<RunEvent>) {
 }
 
 /// Fires due cron tasks. A fire is a compare-and-set on the task's next fire time, so several
-/// schedulers fire each time once.
+/// schedulers fire each time once; the overlap policy is decided inside it (`Store::fire_cron`).
 fn cron_ticker(core: &Core) {
     let tick = Duration::from_millis(200);
     let late_after = (4 * core.cfg.scheduler.poll_interval_ms).max(2_000) as i64;
@@ -884,56 +1050,82 @@ fn cron_ticker(core: &Core) {
         match core.store.due_cron(now, 100) {
             Ok(tasks) => {
                 for t in tasks {
-                    let (Some(expr), Some(expected)) = (t.cron_expr.as_deref(), t.next_fire_at)
-                    else {
-                        continue;
-                    };
-                    let next = parse_cron(expr).ok().and_then(|s| next_fire(&s, now));
-                    let spec = serde_json::from_value::<TaskSpec>(t.spec.clone()).ok();
-                    let deadline = spec.as_ref().map(|s| core.timeout_ms(s));
-                    let missed = now - expected > late_after;
-                    if missed && core.cfg.scheduler.cron_missed == "skip" {
-                        // Only move the fire time on; a CAS like the fire itself.
-                        let _ = core.store.skip_cron(t.id, expected, next);
-                        log::info!(target: LOG, "task={} missed fire at {expected} skipped", t.id);
-                        continue;
-                    }
-                    if let Some(spec) = spec.as_ref().filter(|s| {
-                        s.target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast")
-                    }) {
-                        // Broadcast: the fire time moves by compare-and-set, then one execution
-                        // per node alive now.
-                        if core.store.skip_cron(t.id, expected, next).unwrap_or(false) {
-                            let nodes = core.broadcast_nodes(spec);
-                            if nodes.is_empty() {
-                                log::warn!(target: LOG, "task={} broadcast fire: no live node in the pool; skipped", t.id);
-                            } else {
-                                match core.store.add_broadcast(t.id, &nodes, deadline, now) {
-                                    Ok(ids) => {
-                                        log::info!(target: LOG, "task={} cron broadcast fired {} executions", t.id, ids.len());
-                                        core.wake_dispatch();
-                                    }
-                                    Err(e) => {
-                                        log::warn!(target: LOG, "task={} broadcast fire failed: {e}", t.id)
-                                    }
-                                }
-                            }
-                        }
-                        continue;
-                    }
-                    match core.store.fire_cron(t.id, expected, next, deadline, now) {
-                        Ok(Some(e)) => {
-                            log::info!(target: LOG, "task={} cron fired execution={e}{}", t.id, if missed { " (missed fires collapsed into one)" } else { "" });
-                            core.wake_dispatch();
-                        }
-                        Ok(None) => {}
-                        Err(e) => log::warn!(target: LOG, "task={} cannot fire: {e}", t.id),
-                    }
+                    fire_one(core, &t, now, late_after);
                 }
             }
             Err(e) => log::warn!(target: LOG, "cannot read due cron tasks: {e}"),
         }
         std::thread::sleep(tick);
+    }
+}
+
+fn fire_one(core: &Core, t: &crate::store::TaskRow, now: i64, late_after: i64) {
+    let (Some(expr), Some(expected)) = (t.cron_expr.as_deref(), t.next_fire_at) else {
+        return;
+    };
+    let spec = serde_json::from_value::<TaskSpec>(t.spec.clone()).ok();
+    let (zone, overlap) = match spec.as_ref().map(|s| &s.schedule) {
+        Some(Schedule::Cron {
+            timezone, overlap, ..
+        }) => (timezone.as_deref().unwrap_or("UTC"), *overlap),
+        _ => ("UTC", crate::model::Overlap::default()),
+    };
+    // An expression that no longer parses (stored by an older version) stops the task with a
+    // log line instead of firing at times nobody asked for.
+    let next = match crate::cron::zone(zone)
+        .map_err(|e| e.to_string())
+        .and_then(|z| parse_cron(expr, z).map_err(|e| e.message))
+    {
+        Ok(s) => next_fire(&s, now),
+        Err(e) => {
+            log::error!(target: LOG, "task={} cron schedule unusable, no further fires: {e}", t.id);
+            None
+        }
+    };
+    let deadline = spec.as_ref().map(|s| core.timeout_ms(s));
+    let missed = now - expected > late_after;
+    if missed && core.cfg.scheduler.cron_missed == "skip" {
+        // Only move the fire time on; a CAS like the fire itself.
+        let _ = core.store.skip_cron(t.id, expected, next);
+        log::info!(target: LOG, "task={} missed fire at {expected} skipped", t.id);
+        return;
+    }
+    // Broadcast: one execution per node alive now, the policy applied per node.
+    let broadcast = spec
+        .as_ref()
+        .filter(|s| s.target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast"));
+    let nodes = broadcast.map(|s| core.broadcast_nodes(s));
+    if nodes.as_ref().is_some_and(Vec::is_empty) {
+        log::warn!(target: LOG, "task={} broadcast fire: no live node in the pool; skipped", t.id);
+        let _ = core.store.skip_cron(t.id, expected, next);
+        return;
+    }
+    let fire = Fire {
+        task: t.id,
+        expected,
+        next,
+        overlap,
+        nodes: nodes.as_deref(),
+        deadline_ms: deadline,
+    };
+    match core.store.fire_cron(&fire, now) {
+        Ok(Some(fired)) => {
+            for (id, attempt, was) in &fired.cancelled {
+                core.cancelled(*id, *attempt, *was, now);
+            }
+            if fired.skipped > 0 {
+                log::info!(target: LOG, "task={} overlap={} fire skipped ({} not ended)", t.id, overlap.as_str(),
+                    if broadcast.is_some() { format!("{} nodes' previous executions", fired.skipped) } else { "previous execution".into() });
+            }
+            if !fired.created.is_empty() {
+                log::info!(target: LOG, "task={} cron fired executions={:?}{}", t.id,
+                    fired.created.iter().map(|e| e.0).collect::<Vec<_>>(),
+                    if missed { " (missed fires collapsed into one)" } else { "" });
+                core.wake_dispatch();
+            }
+        }
+        Ok(None) => {}
+        Err(e) => log::warn!(target: LOG, "task={} cannot fire: {e}", t.id),
     }
 }
 
@@ -1024,6 +1216,7 @@ fn sweeper(core: &Core) {
                             id,
                             attempt,
                             "no node started its dispatch before it expired",
+                            None,
                         );
                     }
                 }

@@ -9,7 +9,7 @@ mod sqlite;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::model::{Attempt, ExecutionId, Status, TaskId};
+use crate::model::{Attempt, ExecutionId, Overlap, Status, TaskId};
 
 pub use self::mysql::Mysql;
 pub use self::sqlite::Sqlite;
@@ -33,6 +33,10 @@ pub enum StoreError {
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The start of the error recorded for an attempt that provably never started (requeued by the
+/// scheduler): such attempts are free, the retry budget counts only the others.
+pub const NOT_STARTED: &str = "not started: ";
 
 /// A value bound to or read from a statement.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,12 +115,14 @@ pub fn migrations(dir: &str) -> Vec<(u32, &'static str)> {
             (2, include_str!("../../sql/sqlite/0002_target_path.sql")),
             (3, include_str!("../../sql/sqlite/0003_target_pool.sql")),
             (4, include_str!("../../sql/sqlite/0004_broadcast.sql")),
+            (5, include_str!("../../sql/sqlite/0005_cron_overlap.sql")),
         ],
         _ => vec![
             (1, include_str!("../../sql/mysql/0001_init.sql")),
             (2, include_str!("../../sql/mysql/0002_target_path.sql")),
             (3, include_str!("../../sql/mysql/0003_target_pool.sql")),
             (4, include_str!("../../sql/mysql/0004_broadcast.sql")),
+            (5, include_str!("../../sql/mysql/0005_cron_overlap.sql")),
         ],
     }
 }
@@ -144,6 +150,37 @@ pub fn statements(sql: &str) -> Vec<String> {
 }
 
 /// Opens the store named by a URL: `sqlite:PATH` or `mysql://user:pass@host:port/db`.
+/// Checks a store URL without connecting: what `open` would refuse before any I/O.
+///
+/// # Errors
+/// `BadUrl` for anything but `sqlite:PATH` or a parseable `mysql://…/db` URL.
+pub fn check_url(url: &str) -> Result<()> {
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        if path.trim_start_matches("//").is_empty() {
+            return Err(StoreError::BadUrl(url.to_owned()));
+        }
+        Ok(())
+    } else if url.starts_with("mysql://") {
+        self::mysql::opts(url).map(|_| ())
+    } else {
+        Err(StoreError::BadUrl(url.to_owned()))
+    }
+}
+
+/// Creates the store's database when it is missing (MySQL; SQLite creates its file when it
+/// opens it); true when it was created. What `etask migrate` does first.
+///
+/// # Errors
+/// As `open`; also when the MySQL user may not create databases.
+pub fn create_database(url: &str) -> Result<bool> {
+    check_url(url)?;
+    if url.starts_with("mysql://") {
+        self::mysql::create_database(url)
+    } else {
+        Ok(false)
+    }
+}
+
 pub fn open(url: &str) -> Result<SqlStore> {
     let backend: Box<dyn Backend> = if let Some(path) = url.strip_prefix("sqlite:") {
         Box::new(Sqlite::open(path.trim_start_matches("//"))?)
@@ -170,9 +207,13 @@ pub struct TaskRow {
     pub paused: bool,
     pub deleted: bool,
     pub created_at: i64,
+    /// Cron fires the overlap policy skipped.
+    pub skipped_fires: i64,
 }
 
 impl TaskRow {
+    /// The API shape of a task: its spec with secret values masked, and for cron tasks the
+    /// zone and the next fire time in it.
     pub fn to_json(&self) -> Value {
         let mut spec = self.spec.clone();
         // Secret values never leave the store through the API.
@@ -184,11 +225,41 @@ impl TaskRow {
                 *v = json!("******");
             }
         }
-        json!({
+        if let Some(vars) = spec
+            .pointer_mut("/program/variables")
+            .and_then(Value::as_array_mut)
+        {
+            for v in vars.iter_mut().filter(|v| v["secret"] == json!(true)) {
+                v["value"] = json!("******");
+            }
+        }
+        let mut out = json!({
             "id": self.id, "name": self.name, "request_id": self.request_id, "spec": spec,
             "next_fire_at": self.next_fire_at, "paused": self.paused, "deleted": self.deleted,
             "created_at": self.created_at,
-        })
+        });
+        if self.cron_expr.is_some() {
+            // Stored before zones existed: read in UTC, as they were.
+            let zone = self
+                .spec
+                .pointer("/schedule/timezone")
+                .and_then(Value::as_str)
+                .unwrap_or("UTC");
+            let overlap = self
+                .spec
+                .pointer("/schedule/overlap")
+                .and_then(Value::as_str)
+                .unwrap_or("forbid");
+            let local = crate::cron::zone(zone)
+                .ok()
+                .zip(self.next_fire_at)
+                .and_then(|(tz, at)| crate::cron::local_rfc3339(at, tz));
+            out["timezone"] = json!(zone);
+            out["next_fire_local"] = json!(local);
+            out["overlap"] = json!(overlap);
+            out["skipped_fires"] = json!(self.skipped_fires);
+        }
+        out
     }
 }
 
@@ -239,8 +310,10 @@ impl ExecutionRow {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogRow {
-    /// Position in the execution's log across attempts (`after_seq` in the API).
+    /// Position in the execution's log, from 1, across attempts (`after_seq` in the API).
     pub seq: i64,
+    /// The store's own id of the chunk: where `logs_continue` goes on without counting again.
+    pub chunk_id: i64,
     pub attempt: u32,
     pub stream: String,
     pub data: String,
@@ -271,6 +344,29 @@ pub struct Created {
     /// With `existed`: the first call's task spec differs from this call's (same request id,
     /// another body), which the API answers with 409 instead of the first call's ids.
     pub differs: bool,
+}
+
+/// One cron fire (see `Store::fire_cron`).
+#[derive(Debug, Clone)]
+pub struct Fire<'a> {
+    pub task: TaskId,
+    /// The fire time as read (the compare-and-set's expected value).
+    pub expected: i64,
+    pub next: Option<i64>,
+    pub overlap: Overlap,
+    /// Broadcast: one execution per node, pinned and told its shard; the policy applies per node.
+    pub nodes: Option<&'a [String]>,
+    pub deadline_ms: Option<i64>,
+}
+
+/// What a cron fire did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fired {
+    pub created: Vec<ExecutionId>,
+    /// Executions (or broadcast shards) not created because of the overlap policy.
+    pub skipped: u32,
+    /// Executions `replace` cancelled: their nodes must be told, their callbacks queued.
+    pub cancelled: Vec<(ExecutionId, Attempt, Status)>,
 }
 
 /// An execution claimed for dispatch, with the spec of its task.
@@ -366,16 +462,13 @@ pub trait Store: Send + Sync {
         now: i64,
     ) -> Result<Vec<ExecutionId>>;
     fn due_cron(&self, now: i64, limit: u32) -> Result<Vec<TaskRow>>;
-    /// Moves a cron task's fire time from `expected` to `next` and creates the execution for
-    /// this fire, atomically; `None` if another scheduler fired it first.
-    fn fire_cron(
-        &self,
-        task: TaskId,
-        expected: i64,
-        next: Option<i64>,
-        deadline_ms: Option<i64>,
-        now: i64,
-    ) -> Result<Option<ExecutionId>>;
+    /// Moves a cron task's fire time from `expected` to `next` (the compare-and-set that makes
+    /// one scheduler fire each time) and, in the same transaction, applies the overlap policy
+    /// to the task's executions that have not ended (per node for a broadcast) and creates the
+    /// executions of this fire. `None` if another scheduler fired it first.
+    fn fire_cron(&self, f: &Fire<'_>, now: i64) -> Result<Option<Fired>>;
+    /// Tasks whose overlap policy skipped fires: (id, name, skipped fires).
+    fn skipped_fires(&self) -> Result<Vec<(TaskId, String, i64)>>;
     /// Moves a cron task's fire time on without firing (missed fires with `cron_missed = "skip"`).
     fn skip_cron(&self, task: TaskId, expected: i64, next: Option<i64>) -> Result<bool>;
     fn get_execution(&self, id: ExecutionId) -> Result<Option<ExecutionRow>>;
@@ -434,6 +527,19 @@ pub trait Store: Send + Sync {
     /// work): the old dispatch can never run, the new one is fenced from it. False when the
     /// attempt is no longer the dispatched one.
     fn requeue(&self, id: ExecutionId, attempt: Attempt, error: &str, now: i64) -> Result<bool>;
+    /// [`Store::requeue`], only while `node` still holds the attempt (recovery of a crashed
+    /// node's unstarted attempts must not touch one that moved on to another node).
+    fn requeue_held(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        node: &str,
+        error: &str,
+        now: i64,
+    ) -> Result<bool>;
+    /// How many attempts of an execution were recorded as never started (their error begins
+    /// with [`NOT_STARTED`]): they do not count against the retry budget.
+    fn unstarted_attempts(&self, id: ExecutionId) -> Result<u32>;
     /// Ends attempts, in one transaction; for each, the new status, or `None` when the report
     /// is stale (older attempt, or the execution already final).
     fn finish(
@@ -449,7 +555,12 @@ pub trait Store: Send + Sync {
         chunks: &[(ExecutionId, Attempt, u64, &str, &str)],
         now: i64,
     ) -> Result<()>;
+    /// The chunks of an execution after position `after_seq` (0 = from the start), in the
+    /// order they were stored, numbered from 1 per execution.
     fn logs_after(&self, id: ExecutionId, after_seq: i64, limit: u32) -> Result<Vec<LogRow>>;
+    /// The chunks after `last` (a row this reader already has), numbered on from its `seq`:
+    /// what a follower polls, so it never counts the chunks it already read.
+    fn logs_continue(&self, id: ExecutionId, last: &LogRow, limit: u32) -> Result<Vec<LogRow>>;
     /// `retry_wait` executions whose backoff is over become `pending` with the next attempt.
     fn promote_retries(&self, now: i64) -> Result<u64>;
     /// Dispatched/running executions whose node stopped heartbeating before `silent_before`.
@@ -491,7 +602,14 @@ const EXEC_COLS: &str =
     "id, task_id, attempt, status, node, due_at, deadline_at, exit_code, `signal`, result, \
                          result_error, error, created_at, started_at, finished_at";
 const TASK_COLS: &str =
-    "id, name, request_id, spec, cron_expr, next_fire_at, paused, deleted, created_at";
+    "id, name, request_id, spec, cron_expr, next_fire_at, paused, deleted, created_at, skipped_fires";
+
+/// A pending execution `e` that may be claimed: not a `queue` execution (serial) still waiting
+/// for an earlier execution of its task (of its node, for a broadcast shard) to end.
+const WAITS_FOR_NONE: &str =
+    "(e.serial = 0 OR NOT EXISTS (SELECT 1 FROM executions p WHERE p.task_id = e.task_id \
+     AND p.id < e.id AND p.status IN ('pending', 'dispatched', 'running', 'retry_wait') \
+     AND (e.pin_node IS NULL OR p.pin_node = e.pin_node)))";
 
 fn bad(what: &str) -> StoreError {
     StoreError::Internal(format!("unexpected row shape: {what}"))
@@ -501,6 +619,20 @@ fn status_of(v: &V) -> Result<Status> {
     v.s()
         .and_then(|s| Status::parse(&s))
         .ok_or_else(|| bad("status"))
+}
+
+/// Rows of `SELECT id, attempt, stream, data FROM log_chunks`, numbered on after `after_seq`.
+fn log_rows(rows: &[Vec<V>], after_seq: i64) -> Vec<LogRow> {
+    rows.iter()
+        .zip(after_seq + 1..)
+        .map(|(r, seq)| LogRow {
+            seq,
+            chunk_id: r[0].i().unwrap_or(0),
+            attempt: r[1].i().unwrap_or(0) as u32,
+            stream: r[2].s().unwrap_or_default(),
+            data: r[3].s().unwrap_or_default(),
+        })
+        .collect()
 }
 
 fn task_row(r: &[V]) -> Result<TaskRow> {
@@ -516,6 +648,7 @@ fn task_row(r: &[V]) -> Result<TaskRow> {
         paused: r[6].i() == Some(1),
         deleted: r[7].i() == Some(1),
         created_at: r[8].i().unwrap_or(0),
+        skipped_fires: r[9].i().unwrap_or(0),
     })
 }
 
@@ -623,6 +756,62 @@ impl SqlStore {
         Ok(())
     }
 
+    /// Cancels an execution inside a transaction (see `Store::cancel`).
+    fn cancel_in(c: &mut dyn Conn, id: ExecutionId, why: &str, now: i64) -> Result<CancelOutcome> {
+        let rows = c.query(
+            "SELECT status, node, attempt, started_at FROM executions WHERE id = ?",
+            &[id.0.into()],
+        )?;
+        let Some(r) = rows.first() else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let (cur, node, attempt) = (
+            status_of(&r[0])?,
+            r[1].s(),
+            Attempt(r[2].i().unwrap_or(1) as u32),
+        );
+        if cur == Status::Cancelled {
+            return Ok(CancelOutcome::Cancelled {
+                was: cur,
+                node,
+                attempt,
+            });
+        }
+        if cur.is_terminal() {
+            return Ok(CancelOutcome::AlreadyFinal(cur));
+        }
+        let n = c.exec(
+                "UPDATE executions SET status = 'cancelled', error = ?, finished_at = ?, updated_at = ? WHERE id = ? AND status = ?",
+                &[why.into(), now.into(), now.into(), id.0.into(), cur.as_str().into()],
+            )?;
+        if n != 1 {
+            return Err(StoreError::Unavailable(
+                "execution changed while cancelling; retry".into(),
+            ));
+        }
+        if matches!(cur, Status::Dispatched | Status::Running) {
+            let fin = Finish {
+                error: Some(why.into()),
+                ..Finish::default()
+            };
+            Self::record_attempt(
+                c,
+                id,
+                attempt,
+                Status::Cancelled,
+                node.clone(),
+                &fin,
+                r[3].i(),
+                now,
+            )?;
+        }
+        Ok(CancelOutcome::Cancelled {
+            was: cur,
+            node,
+            attempt,
+        })
+    }
+
     /// One attempt's outcome inside a transaction (see `Store::finish`).
     fn finish_in(
         c: &mut dyn Conn,
@@ -686,6 +875,40 @@ impl SqlStore {
             }
         }
         Ok(Some(new))
+    }
+}
+
+impl SqlStore {
+    /// `requeue`, optionally only while `holder` holds the attempt.
+    fn requeue_in(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        holder: Option<&str>,
+        error: &str,
+        now: i64,
+    ) -> Result<bool> {
+        self.tx(|c| {
+            let rows = c.query(
+                "SELECT node FROM executions WHERE id = ? AND attempt = ? AND status = 'dispatched'",
+                &[id.0.into(), i64::from(attempt.0).into()],
+            )?;
+            let Some(r) = rows.first() else { return Ok(false) };
+            if holder.is_some_and(|h| r[0].s().as_deref() != Some(h)) {
+                return Ok(false);
+            }
+            let n = c.exec(
+                "UPDATE executions SET status = 'pending', attempt = attempt + 1, node = NULL, heartbeat_at = NULL, \
+                 updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
+                &[now.into(), id.0.into(), i64::from(attempt.0).into()],
+            )?;
+            if n != 1 {
+                return Ok(false);
+            }
+            let fin = Finish { error: Some(error.to_owned()), ..Finish::default() };
+            Self::record_attempt(c, id, attempt, Status::Lost, r[0].s(), &fin, None, now)?;
+            Ok(true)
+        })
     }
 }
 
@@ -837,23 +1060,93 @@ impl Store for SqlStore {
         })
     }
 
-    fn fire_cron(
-        &self,
-        task: TaskId,
-        expected: i64,
-        next: Option<i64>,
-        deadline_ms: Option<i64>,
-        now: i64,
-    ) -> Result<Option<ExecutionId>> {
+    fn fire_cron(&self, f: &Fire<'_>, now: i64) -> Result<Option<Fired>> {
         self.tx(|c| {
             let n = c.exec(
                 "UPDATE tasks SET next_fire_at = ? WHERE id = ? AND next_fire_at = ? AND deleted = 0",
-                &[next.into(), task.0.into(), expected.into()],
+                &[f.next.into(), f.task.0.into(), f.expected.into()],
             )?;
             if n == 0 {
                 return Ok(None);
             }
-            Self::insert_execution(c, task, now, deadline_ms, now).map(Some)
+            // The task row is now locked by this transaction until it commits, so no other
+            // fire of this task reads the executions below before this one's are written.
+            let mut fired = Fired::default();
+            let shards: Vec<Option<&str>> = match f.nodes {
+                Some(nodes) => nodes.iter().map(|n| Some(n.as_str())).collect(),
+                None => vec![None],
+            };
+            let total = shards.len() as i64;
+            for (i, node) in shards.into_iter().enumerate() {
+                let live = c.query(
+                    "SELECT id, status FROM executions WHERE task_id = ? \
+                     AND status IN ('pending', 'dispatched', 'running', 'retry_wait') \
+                     AND (? IS NULL OR pin_node = ?) ORDER BY id",
+                    &[f.task.0.into(), node.into(), node.into()],
+                )?;
+                let serial = match f.overlap {
+                    Overlap::Allow => false,
+                    Overlap::Queue if live.is_empty() => true,
+                    _ if live.is_empty() => false,
+                    Overlap::Forbid => {
+                        fired.skipped += 1;
+                        continue;
+                    }
+                    Overlap::Queue => {
+                        // At most one waits: one not started yet is already waiting.
+                        if live.iter().any(|r| r[1].s().as_deref() == Some("pending")) {
+                            fired.skipped += 1;
+                            continue;
+                        }
+                        true
+                    }
+                    Overlap::Replace => {
+                        for r in &live {
+                            let id = ExecutionId(r[0].i().ok_or_else(|| bad("id"))?);
+                            if let CancelOutcome::Cancelled { was, attempt, .. } =
+                                Self::cancel_in(c, id, "cancelled: replaced by a newer cron fire (overlap = replace)", now)?
+                            {
+                                fired.cancelled.push((id, attempt, was));
+                            }
+                        }
+                        false
+                    }
+                };
+                let id = Self::insert_execution(c, f.task, now, f.deadline_ms, now)?;
+                if node.is_some() || serial {
+                    c.exec(
+                        "UPDATE executions SET pin_node = ?, shard_index = ?, shard_total = ?, serial = ? WHERE id = ?",
+                        &[node.into(), (i as i64).into(), if node.is_some() { total } else { 1 }.into(),
+                          i64::from(serial).into(), id.0.into()],
+                    )?;
+                }
+                fired.created.push(id);
+            }
+            if fired.skipped > 0 {
+                c.exec(
+                    "UPDATE tasks SET skipped_fires = skipped_fires + ? WHERE id = ?",
+                    &[i64::from(fired.skipped).into(), f.task.0.into()],
+                )?;
+            }
+            Ok(Some(fired))
+        })
+    }
+
+    fn skipped_fires(&self) -> Result<Vec<(TaskId, String, i64)>> {
+        self.tx(|c| {
+            let rows = c.query(
+                "SELECT id, name, skipped_fires FROM tasks WHERE skipped_fires > 0 AND deleted = 0 ORDER BY id",
+                &[],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        TaskId(r[0].i().ok_or_else(|| bad("id"))?),
+                        r[1].s().unwrap_or_default(),
+                        r[2].i().unwrap_or(0),
+                    ))
+                })
+                .collect()
         })
     }
 
@@ -912,10 +1205,10 @@ impl Store for SqlStore {
         let pin = pool.map(|_| node);
         self.tx(|c| {
             let candidates = c.query(
-                "SELECT e.id, e.task_id, e.attempt, e.due_at, t.spec, e.pin_node, e.shard_index, e.shard_total \
+                &format!("SELECT e.id, e.task_id, e.attempt, e.due_at, t.spec, e.pin_node, e.shard_index, e.shard_total \
                  FROM executions e JOIN tasks t ON t.id = e.task_id \
                  WHERE e.path = ? AND (? IS NULL OR e.pool = ?) AND (? IS NULL OR e.pin_node IS NULL OR e.pin_node = ?) \
-                 AND e.status = 'pending' AND e.due_at <= ? ORDER BY e.due_at, e.id LIMIT ?",
+                 AND e.status = 'pending' AND e.due_at <= ? AND {WAITS_FOR_NONE} ORDER BY e.due_at, e.id LIMIT ?"),
                 &[path.into(), pool.into(), pool.into(), pin.into(), pin.into(), now.into(), i64::from(limit).into()],
             )?;
             let mut out = Vec::new();
@@ -1015,23 +1308,27 @@ impl Store for SqlStore {
     }
 
     fn requeue(&self, id: ExecutionId, attempt: Attempt, error: &str, now: i64) -> Result<bool> {
+        self.requeue_in(id, attempt, None, error, now)
+    }
+
+    fn requeue_held(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        node: &str,
+        error: &str,
+        now: i64,
+    ) -> Result<bool> {
+        self.requeue_in(id, attempt, Some(node), error, now)
+    }
+
+    fn unstarted_attempts(&self, id: ExecutionId) -> Result<u32> {
         self.tx(|c| {
             let rows = c.query(
-                "SELECT node FROM executions WHERE id = ? AND attempt = ? AND status = 'dispatched'",
-                &[id.0.into(), i64::from(attempt.0).into()],
+                "SELECT COUNT(*) FROM attempts WHERE execution_id = ? AND status = 'lost' AND started_at IS NULL AND error LIKE ?",
+                &[id.0.into(), format!("{NOT_STARTED}%").into()],
             )?;
-            let Some(r) = rows.first() else { return Ok(false) };
-            let n = c.exec(
-                "UPDATE executions SET status = 'pending', attempt = attempt + 1, node = NULL, heartbeat_at = NULL, \
-                 updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
-                &[now.into(), id.0.into(), i64::from(attempt.0).into()],
-            )?;
-            if n != 1 {
-                return Ok(false);
-            }
-            let fin = Finish { error: Some(error.to_owned()), ..Finish::default() };
-            Self::record_attempt(c, id, attempt, Status::Lost, r[0].s(), &fin, None, now)?;
-            Ok(true)
+            Ok(rows.first().and_then(|r| r[0].i()).unwrap_or(0) as u32)
         })
     }
 
@@ -1058,29 +1355,7 @@ impl Store for SqlStore {
     }
 
     fn cancel(&self, id: ExecutionId, now: i64) -> Result<CancelOutcome> {
-        self.tx(|c| {
-            let rows = c.query("SELECT status, node, attempt, started_at FROM executions WHERE id = ?", &[id.0.into()])?;
-            let Some(r) = rows.first() else { return Ok(CancelOutcome::NotFound) };
-            let (cur, node, attempt) = (status_of(&r[0])?, r[1].s(), Attempt(r[2].i().unwrap_or(1) as u32));
-            if cur == Status::Cancelled {
-                return Ok(CancelOutcome::Cancelled { was: cur, node, attempt });
-            }
-            if cur.is_terminal() {
-                return Ok(CancelOutcome::AlreadyFinal(cur));
-            }
-            let n = c.exec(
-                "UPDATE executions SET status = 'cancelled', error = 'cancelled', finished_at = ?, updated_at = ? WHERE id = ? AND status = ?",
-                &[now.into(), now.into(), id.0.into(), cur.as_str().into()],
-            )?;
-            if n != 1 {
-                return Err(StoreError::Unavailable("execution changed while cancelling; retry".into()));
-            }
-            if matches!(cur, Status::Dispatched | Status::Running) {
-                let fin = Finish { error: Some("cancelled".into()), ..Finish::default() };
-                Self::record_attempt(c, id, attempt, Status::Cancelled, node.clone(), &fin, r[3].i(), now)?;
-            }
-            Ok(CancelOutcome::Cancelled { was: cur, node, attempt })
-        })
+        self.tx(|c| Self::cancel_in(c, id, "cancelled", now))
     }
 
     fn append_logs(
@@ -1111,15 +1386,25 @@ impl Store for SqlStore {
     }
 
     fn logs_after(&self, id: ExecutionId, after_seq: i64, limit: u32) -> Result<Vec<LogRow>> {
+        // Positions are stable: chunks are only ever appended (ids grow) and deleted with
+        // their whole execution.
+        let after_seq = after_seq.max(0);
+        self.tx(|c| {
+            let rows = c.query(
+                "SELECT id, attempt, stream, data FROM log_chunks WHERE execution_id = ? ORDER BY id LIMIT ? OFFSET ?",
+                &[id.0.into(), i64::from(limit).into(), after_seq.into()],
+            )?;
+            Ok(log_rows(&rows, after_seq))
+        })
+    }
+
+    fn logs_continue(&self, id: ExecutionId, last: &LogRow, limit: u32) -> Result<Vec<LogRow>> {
         self.tx(|c| {
             let rows = c.query(
                 "SELECT id, attempt, stream, data FROM log_chunks WHERE execution_id = ? AND id > ? ORDER BY id LIMIT ?",
-                &[id.0.into(), after_seq.into(), i64::from(limit).into()],
+                &[id.0.into(), last.chunk_id.into(), i64::from(limit).into()],
             )?;
-            Ok(rows
-                .iter()
-                .map(|r| LogRow { seq: r[0].i().unwrap_or(0), attempt: r[1].i().unwrap_or(0) as u32, stream: r[2].s().unwrap_or_default(), data: r[3].s().unwrap_or_default() })
-                .collect())
+            Ok(log_rows(&rows, last.seq))
         })
     }
 
@@ -1165,8 +1450,8 @@ impl Store for SqlStore {
     ) -> Result<Vec<ExecutionId>> {
         self.tx(|c| {
             let rows = c.query(
-                "SELECT e.id, e.attempt, t.spec FROM executions e JOIN tasks t ON t.id = e.task_id \
-                 WHERE e.path = ? AND e.status = 'pending' AND e.due_at < ? ORDER BY e.id LIMIT ?",
+                &format!("SELECT e.id, e.attempt, t.spec FROM executions e JOIN tasks t ON t.id = e.task_id \
+                 WHERE e.path = ? AND e.status = 'pending' AND e.due_at < ? AND {WAITS_FOR_NONE} ORDER BY e.id LIMIT ?"),
                 &[path.into(), due_before.into(), i64::from(limit).into()],
             )?;
             let mut out = Vec::new();

@@ -49,6 +49,7 @@ impl Sqlite {
                 StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
+        restrict_files(path)?;
         let conn = Connection::open(path)
             .map_err(|e| StoreError::Unavailable(format!("cannot open sqlite:{path}: {e}")))?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -62,6 +63,38 @@ impl Sqlite {
             path: path.to_owned(),
         })
     }
+}
+
+/// The store holds task secrets: the file is created 0600 (SQLite gives its `-wal` and `-shm`
+/// files the database file's mode), and existing files that are more open are restricted.
+fn restrict_files(path: &str) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if path == ":memory:" {
+        return Ok(());
+    }
+    if !Path::new(path).exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot create {path}: {e}")))?;
+    }
+    for f in [
+        path.to_owned(),
+        format!("{path}-wal"),
+        format!("{path}-shm"),
+    ] {
+        if let Ok(m) = std::fs::metadata(&f) {
+            if m.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).map_err(
+                    |e| StoreError::Unavailable(format!("cannot restrict {f} to 0600: {e}")),
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 struct Tx<'a>(&'a rusqlite::Transaction<'a>);

@@ -21,17 +21,31 @@ impl Server {
     pub fn start(dir: &Path, extra_args: &[&str], extra_config: &str) -> Server {
         std::fs::create_dir_all(dir).unwrap();
         let cfg = dir.join("etask.toml");
-        // A first line "poll_interval_ms = N" in extra_config replaces the test default.
-        let (poll, extra_config) = match extra_config.strip_prefix("poll_interval_ms = ") {
-            Some(rest) => {
-                let (n, rest) = rest.split_once('\n').unwrap_or((rest, ""));
-                (n.to_owned(), rest.to_owned())
-            }
-            None => ("200".to_owned(), extra_config.to_owned()),
+        // Lines of extra_config before its first [section] belong to [scheduler]; a
+        // "poll_interval_ms = N" among them replaces the test default.
+        let split = extra_config.find("\n[").map_or(
+            if extra_config.starts_with('[') {
+                0
+            } else {
+                extra_config.len()
+            },
+            |i| {
+                if extra_config.starts_with('[') {
+                    0
+                } else {
+                    i + 1
+                }
+            },
+        );
+        let (sched, extra_config) = extra_config.split_at(split);
+        let poll = if sched.contains("poll_interval_ms") {
+            String::new()
+        } else {
+            "poll_interval_ms = 200\n".to_owned()
         };
         let text = format!(
-            "[scheduler]\npoll_interval_ms = {poll}\nheartbeat_interval_ms = 300\nnode_silent_after_ms = 2000\n\
-             [callbacks]\ninitial_backoff_ms = 200\nmax_backoff_ms = 500\ntimeout_ms = 2000\n\
+            "[scheduler]\n{poll}{sched}\nheartbeat_interval_ms = 300\nnode_silent_after_ms = 2000\n\
+             [callbacks]\ninitial_backoff_ms = 200\nmax_backoff_ms = 500\ntimeout_ms = 2000\nallowed_hosts = [\"127.0.0.1\"]\n\
              [node]\nkill_grace_seconds = 1\n{extra_config}"
         );
         std::fs::write(&cfg, text).unwrap();
@@ -193,3 +207,36 @@ pub fn pid_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(pid, 0) == 0 }
 }
+
+/// Starts `cmd` (an `etask server` command line, possibly behind a wrapper such as `prlimit`
+/// or `setpriv`) with stdout piped, and returns it with the HTTP URL from its first line.
+/// For tests that need a start `Server::start` cannot express.
+pub fn spawn_listening(mut cmd: Command) -> (Child, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start etask server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("first line");
+    let url = line
+        .trim()
+        .strip_prefix("etask listening on ")
+        .unwrap_or_else(|| panic!("no listen line: {line:?}"))
+        .to_owned();
+    (child, url)
+}
+
+/// `etask server --mode all` on a free HTTP port without gRPC: the arguments `spawn_listening`
+/// callers start from.
+pub const ALL_NO_GRPC: &[&str] = &[
+    "server",
+    "--mode",
+    "all",
+    "--listen",
+    "127.0.0.1:0",
+    "--grpc-listen",
+    "",
+];

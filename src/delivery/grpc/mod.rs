@@ -1,4 +1,4 @@
-//! The gRPC transport (tonic). The only place with a tokio runtime (DESIGN.md containment
+//! The gRPC transport (tonic). The only place with a tokio runtime (docs/design.md containment
 //! rule): `Runtime` owns it; servers hand requests to sync code through plain callbacks and
 //! crossbeam channels, and sync callers use the blocking clients below.
 
@@ -15,7 +15,9 @@ use tonic::{Request, Response, Status};
 
 use crate::delivery::{Dispatch, PullSource, TaskApi};
 use crate::model::{Attempt, ExecutionId, TaskId};
-use crate::runner::{LogChunk, Program, ProgramKind, RunEvent, RunKey, ShellKind, Stream};
+use crate::runner::{
+    ArgvStyle, LogChunk, Program, ProgramKind, RunEvent, RunKey, ShellKind, Stream, Variable,
+};
 
 #[allow(clippy::all)]
 pub mod pb {
@@ -205,6 +207,23 @@ pub fn program_to_pb(p: &Program) -> pb::Program {
         secret_env: p.secret_env.clone().into_iter().collect(),
         stdin: p.stdin.clone(),
         workdir: p.workdir.clone(),
+        params_json: p
+            .params
+            .as_ref()
+            .map(|m| Value::Object(m.clone()).to_string()),
+        variables: p
+            .variables
+            .iter()
+            .map(|v| pb::Variable {
+                key: v.key.clone(),
+                value: v.value.clone(),
+                secret: v.secret,
+            })
+            .collect(),
+        argv_style: match p.argv_style {
+            ArgvStyle::Files => String::new(),
+            ArgvStyle::Legacy => "legacy".into(),
+        },
     }
 }
 
@@ -225,6 +244,27 @@ pub fn program_from_pb(p: pb::Program) -> Result<Program, String> {
         secret_env: p.secret_env.into_iter().collect::<BTreeMap<_, _>>(),
         stdin: p.stdin,
         workdir: p.workdir,
+        params: match p.params_json.as_deref() {
+            None => None,
+            Some(j) => match serde_json::from_str::<Value>(j) {
+                Ok(Value::Object(m)) => Some(m),
+                _ => return Err("program params must be a JSON object".into()),
+            },
+        },
+        variables: p
+            .variables
+            .into_iter()
+            .map(|v| Variable {
+                key: v.key,
+                value: v.value,
+                secret: v.secret,
+            })
+            .collect(),
+        argv_style: match p.argv_style.as_str() {
+            "" | "files" => ArgvStyle::Files,
+            "legacy" => ArgvStyle::Legacy,
+            s => return Err(format!("unknown argv_style {s:?}")),
+        },
     };
     prog.validate().map_err(|e| e.0)?;
     Ok(prog)
@@ -303,6 +343,8 @@ pub fn event_from_pb(item: pb::ReportItem) -> Option<RunEvent> {
     };
     Some(match item.kind? {
         Kind::Started(_) => RunEvent::Started { key, pid: 0 },
+        // Not an event of a run: the Report handler deals with it before this.
+        Kind::NotStarted(_) => return None,
         Kind::Log(l) => RunEvent::Log {
             key,
             chunk: LogChunk {
@@ -523,6 +565,9 @@ impl TasksClient {
     }
 }
 
+/// Most items in one `Report` call (executors send at most 256).
+const MAX_REPORT_ITEMS: usize = 4096;
+
 struct SchedulerSvc {
     reports: Sender<RunEvent>,
     pull: PullSlot,
@@ -552,16 +597,56 @@ impl pb::scheduler_server::Scheduler for SchedulerSvc {
         req: Request<pb::ReportBatch>,
     ) -> Result<Response<pb::ReportAck>, Status> {
         let batch = req.into_inner();
+        let Some(src) = self.pull.get().cloned() else {
+            return Err(Status::unavailable("scheduler starting"));
+        };
+        if batch.items.len() > MAX_REPORT_ITEMS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_REPORT_ITEMS} items per report batch"
+            )));
+        }
+        // Only the node that holds an attempt may report on it, and only while it runs: a
+        // report for anything else (another node's attempt, an unknown or finished execution)
+        // is acknowledged and dropped, so it changes nothing and stores nothing.
+        let keys: Vec<(ExecutionId, Attempt)> = batch
+            .items
+            .iter()
+            .map(|i| (ExecutionId(i.execution_id), Attempt(i.attempt)))
+            .collect();
+        let node = batch.node_id.clone();
+        let src2 = src.clone();
+        let held = tokio::task::spawn_blocking(move || src2.held(&node, &keys))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         let mut n = 0;
-        for item in batch.items {
+        let mut dropped = 0;
+        for (item, ok) in batch.items.into_iter().zip(held) {
+            if !ok {
+                dropped += 1;
+                continue;
+            }
+            if let Some(pb::report_item::Kind::NotStarted(why)) = &item.kind {
+                let (src, node, why) = (src.clone(), batch.node_id.clone(), why.clone());
+                let key = (ExecutionId(item.execution_id), Attempt(item.attempt));
+                tokio::task::spawn_blocking(move || src.unstarted(&node, key.0, key.1, &why))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                n += 1;
+                continue;
+            }
             if let Some(ev) = event_from_pb(item) {
                 self.reports
                     .send(ev)
                     .map_err(|_| Status::unavailable("scheduler stopping"))?;
-                n += 1;
             }
+            n += 1;
         }
-        Ok(Response::new(pb::ReportAck { accepted: n }))
+        if dropped > 0 {
+            log::warn!(target: "etask::grpc", "node={:?} report: {dropped} item(s) dropped (not an attempt this node holds, or already finished)", batch.node_id);
+        }
+        Ok(Response::new(pb::ReportAck {
+            accepted: n + dropped,
+        }))
     }
 }
 
@@ -572,13 +657,19 @@ pub fn serve_scheduler(
     token: &str,
     pull: PullSlot,
     tasks: TasksSlot,
+    max_body_bytes: usize,
 ) -> std::io::Result<ServerHandle> {
-    let svc = pb::scheduler_server::SchedulerServer::with_interceptor(
-        SchedulerSvc { reports, pull },
+    use tonic::service::interceptor::InterceptedService;
+    // One size limit for a task on both intakes: the HTTP body limit (plus room for the
+    // message framing) instead of tonic's own 4 MiB.
+    let max = max_body_bytes.saturating_add(64 << 10);
+    let svc = InterceptedService::new(
+        pb::scheduler_server::SchedulerServer::new(SchedulerSvc { reports, pull })
+            .max_decoding_message_size(max),
         token_check(token),
     );
-    let tasks = pb::tasks_server::TasksServer::with_interceptor(
-        TasksSvc { api: tasks },
+    let tasks = InterceptedService::new(
+        pb::tasks_server::TasksServer::new(TasksSvc { api: tasks }).max_decoding_message_size(max),
         token_check(token),
     );
     serve(
@@ -680,5 +771,25 @@ impl SchedulerClient {
             .block_on(c.report(authed(batch, &self.token)))
             .map(|r| r.into_inner().accepted)
             .map_err(|s| format!("{}: {}", s.code(), s.message()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_inputs_of_the_reference_survive_the_wire() {
+        let mut p = Program::python("print(1)");
+        p.params = serde_json::from_str(r#"{"host": "h", "n": [1, 2]}"#).unwrap();
+        p.variables = vec![Variable {
+            key: "K".into(),
+            value: "v".into(),
+            secret: true,
+        }];
+        p.argv_style = ArgvStyle::Legacy;
+        assert_eq!(program_from_pb(program_to_pb(&p)).unwrap(), p);
+        let plain = Program::shell("true");
+        assert_eq!(program_from_pb(program_to_pb(&plain)).unwrap(), plain);
     }
 }
