@@ -60,6 +60,7 @@ macro_rules! command {
 command! {
 #[derive(FromArgs)]
 /// ETask: distributed execution of ops scripts (scheduler, executors, agents, local runs).
+/// `etask --version` prints the version and the git commit it was built from.
 #[argh(
     note = "Exit status 0 is success. run and submit --wait exit like the script: its own code,",
     note = "124 timed out, 127 could not start, 128+N killed by signal N, 130 cancelled or",
@@ -144,6 +145,10 @@ struct ServerCmd {
     /// scripts run at once on this node (default 64)
     #[argh(option)]
     max_concurrent: Option<usize>,
+    /// where nodes create the scripts' private workspaces (default <data-dir>/work); the
+    /// packaged units put them on tmpfs under /run/etask
+    #[argh(option)]
+    workspace_root: Option<String>,
 }
 }
 
@@ -346,6 +351,11 @@ struct RunCmd {
 }
 
 fn main() -> ExitCode {
+    // argh has no version flag of its own; `etask --version` is answered before parsing.
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("etask {}", etask::VERSION);
+        return ExitCode::SUCCESS;
+    }
     let cli = match parse_args() {
         Ok(cli) => cli,
         Err(code) => return code,
@@ -683,6 +693,7 @@ fn cmd_server(c: ServerCmd) -> CmdResult {
         path: c.path,
         node_id: c.node_id,
         max_concurrent: c.max_concurrent,
+        workspace_root: c.workspace_root,
     };
     let cfg = server_config(Some(c.mode), c.config.as_deref(), &flags)?;
     // Nothing of the node for scripts to read: the token leaves the environment (still single-

@@ -570,7 +570,7 @@ fn submit_wait_shows_result_errors_and_attempts_and_ctrl_c_cancels() {
     // Ctrl-C while waiting cancels the execution on the server.
     let long = dir.join("long.sh");
     std::fs::write(&long, "sleep 30\n").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_etask"))
+    let child = Command::new(env!("CARGO_BIN_EXE_etask"))
         .args([
             "submit",
             "--server",
