@@ -950,9 +950,10 @@ fn cmd_tasks(c: TasksCmd) -> CmdResult {
                 "active"
             };
             // The next fire in the task's own zone, as the server computed it.
-            // A paused task fires at no time until it is resumed.
+            // The next fire in the task's own zone, as the server computed it (a paused task's
+            // STATE says it will not fire then).
             let next = match (t["next_fire_local"].as_str(), t["timezone"].as_str()) {
-                (Some(at), Some(zone)) if state == "active" => format!("{at} {zone}"),
+                (Some(at), Some(zone)) => format!("{at} {zone}"),
                 _ => "-".to_owned(),
             };
             vec![
