@@ -373,6 +373,22 @@ fn main() -> ExitCode {
     if !matches!(cli.cmd, Cmd::Server(_) | Cmd::Run(_)) {
         // SAFETY: resetting a signal disposition before any thread of ours runs.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        // Output that cannot be written (a full disk, `>/dev/full`) is the OS's failure
+        // (exit 71), said in one line, not a panic with a backtrace (exit 101).
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if msg.starts_with("failed printing to std") {
+                eprintln!("etask: cannot write the output: {msg}");
+                std::process::exit(i32::from(exit::OSERR));
+            }
+            default_hook(info);
+        }));
     }
     let res = match cli.cmd {
         Cmd::Run(c) => cmd_run(c),

@@ -42,7 +42,7 @@ impl HttpServer {
             max_head_bytes: s.max_header_bytes,
             max_headers: s.max_headers,
             max_body_bytes: s.max_body_bytes,
-            max_connections: s.max_connections,
+            max_connections: crate::connection_budget(s.max_connections),
             workers: s.http_threads,
             queue: s.http_threads * 64,
         };
@@ -207,6 +207,12 @@ fn handle(core: &Arc<Core>, head: &Head, body: &[u8]) -> Response {
     };
     let method = head.method.as_str();
     if segs == ["healthz"] {
+        if method != "GET" && method != "HEAD" {
+            return err_response(&ApiError {
+                code: "method_not_allowed",
+                message: format!("{method} is not allowed on /healthz; use GET"),
+            });
+        }
         let (ok, body) = core.health();
         return json_response(if ok { 200 } else { 503 }, &body);
     }
