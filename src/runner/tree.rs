@@ -1,6 +1,7 @@
 //! Process-tree control for the pool: makes this process a child subreaper, turns SIGCHLD into
-//! a readable pipe for the reactor, finds every process that belongs to a run (its descendants,
-//! plus orphans re-parented to us that carry the run's token in their environment) and kills them.
+//! a readable pipe for the reactor, reaps children (with what they used), and — for the
+//! fallback without cgroups — finds every process that belongs to a run (its descendants, plus
+//! orphans re-parented to us that carry the run's token in their environment) and kills them.
 //! Linux only; reads /proc. Owns no run state.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -119,12 +120,29 @@ pub enum WaitStatus {
     Signaled(i32),
 }
 
+/// What a reaped process and the children it waited for used (wait4's rusage).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcUsage {
+    pub user_ms: u64,
+    pub system_ms: u64,
+    /// Largest resident set of that process or of one child it waited for, KiB.
+    pub max_rss_kib: u64,
+}
+
+/// One reaped root of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    pub pid: i32,
+    pub status: WaitStatus,
+    pub usage: ProcUsage,
+}
+
 /// Every child of the process is reaped here, whichever pool wakes first: run roots are filed
 /// for the pool that owns them (and that pool's poller is woken), adopted orphans are dropped.
 /// Spawning happens under the same lock, so a root is registered before anyone can reap it.
 struct Reaper {
     roots: HashMap<i32, usize>,
-    exits: HashMap<usize, Vec<(i32, WaitStatus)>>,
+    exits: HashMap<usize, Vec<Exit>>,
     pollers: HashMap<usize, Arc<Poller>>,
     next_pool: usize,
 }
@@ -171,17 +189,19 @@ pub fn spawn_root<T>(
 }
 
 /// Reaps what has ended and returns the exits of `pool`'s roots.
-pub fn collect_exits(pool: usize) -> Vec<(i32, WaitStatus)> {
+pub fn collect_exits(pool: usize) -> Vec<Exit> {
     let mut r = reaper();
     let mut wake = Vec::new();
-    reap_all(|pid, ws| match r.roots.remove(&pid) {
+    reap_all(|exit| match r.roots.remove(&exit.pid) {
         Some(owner) => {
-            r.exits.entry(owner).or_default().push((pid, ws));
+            r.exits.entry(owner).or_default().push(exit);
             if owner != pool {
                 wake.push(owner);
             }
         }
-        None => log::debug!(target: "etask::runner", "reaped adopted orphan pid={pid} {ws:?}"),
+        None => {
+            log::debug!(target: "etask::runner", "reaped adopted orphan pid={} {:?}", exit.pid, exit.status)
+        }
     });
     for owner in wake {
         if let Some(p) = r.pollers.get(&owner) {
@@ -192,14 +212,22 @@ pub fn collect_exits(pool: usize) -> Vec<(i32, WaitStatus)> {
 }
 
 /// Reaps every child that has ended, without blocking.
-fn reap_all(mut each: impl FnMut(i32, WaitStatus)) {
+fn reap_all(mut each: impl FnMut(Exit)) {
     loop {
         let mut status = 0;
-        // SAFETY: waitpid with a valid out pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        // SAFETY: a zeroed rusage is a valid value of the plain C struct.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 with valid out pointers.
+        let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut ru) };
         if pid <= 0 {
             return;
         }
+        let ms = |t: libc::timeval| t.tv_sec.max(0) as u64 * 1000 + t.tv_usec.max(0) as u64 / 1000;
+        let usage = ProcUsage {
+            user_ms: ms(ru.ru_utime),
+            system_ms: ms(ru.ru_stime),
+            max_rss_kib: ru.ru_maxrss.max(0) as u64,
+        };
         let ws = if libc::WIFEXITED(status) {
             WaitStatus::Exited(libc::WEXITSTATUS(status))
         } else if libc::WIFSIGNALED(status) {
@@ -207,7 +235,11 @@ fn reap_all(mut each: impl FnMut(i32, WaitStatus)) {
         } else {
             continue;
         };
-        each(pid, ws);
+        each(Exit {
+            pid,
+            status: ws,
+            usage,
+        });
     }
 }
 
@@ -299,6 +331,35 @@ pub fn signal_run(
         unsafe { libc::kill(p, sig) };
     }
     members.len()
+}
+
+/// SIGKILLs every process whose run token starts with `prefix` (the runs of a previous
+/// incarnation of this node, in the fallback mode), until none is left or `within` passed.
+/// Returns how many were killed. Scans all of /proc, so it runs once, at node start.
+pub fn kill_by_token_prefix(prefix: &str, within: std::time::Duration) -> usize {
+    let end = std::time::Instant::now() + within;
+    let mut killed = HashSet::new();
+    loop {
+        let mut found = 0;
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return killed.len();
+        };
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            if token_of(pid).is_some_and(|t| t.starts_with(prefix)) {
+                found += 1;
+                killed.insert(pid);
+                // SAFETY: kill(2); ESRCH for a pid that just went is fine.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if found == 0 || std::time::Instant::now() >= end {
+            return killed.len();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// True while a process with this pid exists (zombies count until reaped).
