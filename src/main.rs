@@ -656,8 +656,8 @@ fn cmd_tasks(c: TasksCmd) -> Result<ExitCode, String> {
 fn cmd_nodes(c: NodesCmd) -> Result<ExitCode, String> {
     let v = client(&c.server).get("/api/v1/nodes")?;
     println!(
-        "{:<40}  {:<9}  {:<12}  {:<6}  {:>9}  address",
-        "id", "role", "pool", "path", "running"
+        "{:<40}  {:<9}  {:<12}  {:<6}  {:>9}  {:<11}  address",
+        "id", "role", "pool", "path", "running", "containment"
     );
     for n in v
         .get("items")
@@ -672,13 +672,14 @@ fn cmd_nodes(c: NodesCmd) -> Result<ExitCode, String> {
                 .to_owned()
         };
         println!(
-            "{:<40}  {:<9}  {:<12}  {:<6}  {:>4}/{:<4}  {}",
+            "{:<40}  {:<9}  {:<12}  {:<6}  {:>4}/{:<4}  {:<11}  {}",
             s("id"),
             s("role"),
             s("pool"),
             s("path"),
             n["running"],
             n["capacity"],
+            s("containment"),
             s("address")
         );
     }
