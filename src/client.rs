@@ -6,6 +6,37 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// Why a call to the scheduler failed; the CLI turns each kind into its exit status.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The scheduler answered with an API error (`{"error": {"code", "message"}}`).
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// No answer: connection refused, DNS, timeout.
+    Unreachable(String),
+    /// An answer that is not the API's JSON (a proxy, another service on the port).
+    BadResponse(String),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Api {
+                status,
+                code,
+                message,
+            } => write!(f, "{code} (HTTP {status}): {message}"),
+            ClientError::Unreachable(m) | ClientError::BadResponse(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
 pub struct Client {
     base: String,
     token: Option<String>,
@@ -32,38 +63,48 @@ impl Client {
         }
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, String> {
+    /// The typed error of a failed request.
+    fn error(&self, e: ureq::Error) -> ClientError {
+        match e {
+            ureq::Error::Status(status, resp) => {
+                let v: Value = resp.into_json().unwrap_or(Value::Null);
+                let text = |p: &str, or: &str| {
+                    v.pointer(p)
+                        .and_then(Value::as_str)
+                        .unwrap_or(or)
+                        .to_owned()
+                };
+                ClientError::Api {
+                    status,
+                    code: text("/error/code", "error"),
+                    message: text("/error/message", "no message"),
+                }
+            }
+            ureq::Error::Transport(t) => ClientError::Unreachable(format!(
+                "cannot reach the scheduler at {}: {t}",
+                self.base
+            )),
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
         let r = self.req(method, path).timeout(Duration::from_secs(60));
         let res = match body {
             Some(b) => r.send_json(b),
             None => r.call(),
         };
         match res {
-            Ok(resp) => resp
-                .into_json()
-                .map_err(|e| format!("bad response from {}: {e}", self.base)),
-            Err(ureq::Error::Status(code, resp)) => {
-                let v: Value = resp.into_json().unwrap_or(Value::Null);
-                let msg = v
-                    .pointer("/error/message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("no message");
-                let kind = v
-                    .pointer("/error/code")
-                    .and_then(Value::as_str)
-                    .unwrap_or("error");
-                Err(format!("{kind} (HTTP {code}): {msg}"))
-            }
-            Err(ureq::Error::Transport(t)) => {
-                Err(format!("cannot reach the scheduler at {}: {t}", self.base))
-            }
+            Ok(resp) => resp.into_json().map_err(|e| {
+                ClientError::BadResponse(format!("bad response from {}: {e}", self.base))
+            }),
+            Err(e) => Err(self.error(e)),
         }
     }
 
-    pub fn get(&self, path: &str) -> Result<Value, String> {
+    pub fn get(&self, path: &str) -> Result<Value, ClientError> {
         self.call("GET", path, None)
     }
-    pub fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         self.call("POST", path, Some(body))
     }
 
@@ -74,23 +115,13 @@ impl Client {
         after: i64,
         follow: bool,
         mut each: impl FnMut(&Value),
-    ) -> Result<(), String> {
+    ) -> Result<(), ClientError> {
         let path = format!("/api/v1/executions/{id}/logs?after_seq={after}&follow={follow}");
-        let resp = match self.req("GET", &path).call() {
-            Ok(r) => r,
-            Err(ureq::Error::Status(code, resp)) => {
-                let v: Value = resp.into_json().unwrap_or(Value::Null);
-                return Err(format!(
-                    "HTTP {code}: {}",
-                    v.pointer("/error/message")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                ));
-            }
-            Err(e) => return Err(format!("cannot reach the scheduler at {}: {e}", self.base)),
-        };
+        let resp = self.req("GET", &path).call().map_err(|e| self.error(e))?;
         for line in BufReader::new(resp.into_reader()).lines() {
-            let line = line.map_err(|e| format!("log stream broken: {e}"))?;
+            let line = line.map_err(|e| {
+                ClientError::Unreachable(format!("log stream from {} broken: {e}", self.base))
+            })?;
             if let Ok(v) = serde_json::from_str::<Value>(&line) {
                 each(&v);
             }

@@ -2,7 +2,7 @@
 //! override it. `etask config --print-default` prints `DEFAULT_TOML`, which a unit test keeps
 //! in step with the `Default` impls here.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -546,22 +546,212 @@ key = ""
 ca = ""
 "#;
 
+/// Why a config file could not be loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadError {
+    /// The file cannot be read (missing, no permission).
+    Unreadable(String),
+    /// It is not valid TOML, has unknown keys or bad values.
+    Invalid(String),
+}
+
+/// Why `Config::for_server` refused: the CLI exits with a different status for each.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("{0}")]
+    Unreadable(String),
+    /// The configuration (file, flags and environment together) is not one the server starts
+    /// with.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The flags of `etask server` that override the file; `None` = keep the file's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub store: Option<String>,
+    /// `executor.grpc_listen` for an executor, `server.grpc_listen` otherwise.
+    pub grpc_listen: Option<String>,
+    pub etcd: Option<String>,
+    pub scheduler: Option<String>,
+    /// `agent.pool` for an agent, `executor.pool` otherwise.
+    pub pool: Option<String>,
+    pub kafka: Option<String>,
+    pub path: Option<String>,
+    /// `agent.node_id` for an agent, `executor.node_id` otherwise.
+    pub node_id: Option<String>,
+    pub max_concurrent: Option<usize>,
+}
+
+impl Overrides {
+    fn apply(&self, mode: Option<crate::server::Mode>, cfg: &mut Config) {
+        use crate::server::Mode;
+        let set = |slot: &mut String, v: &Option<String>| {
+            if let Some(v) = v {
+                slot.clone_from(v);
+            }
+        };
+        set(&mut cfg.server.listen, &self.listen);
+        if let Some(d) = &self.data_dir {
+            cfg.server.data_dir.clone_from(d);
+        }
+        set(&mut cfg.server.store, &self.store);
+        if mode == Some(Mode::Executor) {
+            set(&mut cfg.executor.grpc_listen, &self.grpc_listen);
+        } else {
+            set(&mut cfg.server.grpc_listen, &self.grpc_listen);
+        }
+        set(&mut cfg.registry.etcd, &self.etcd);
+        set(&mut cfg.executor.scheduler, &self.scheduler);
+        if mode == Some(Mode::Agent) {
+            set(&mut cfg.agent.pool, &self.pool);
+            set(&mut cfg.agent.node_id, &self.node_id);
+        } else {
+            set(&mut cfg.executor.pool, &self.pool);
+            set(&mut cfg.executor.node_id, &self.node_id);
+        }
+        set(&mut cfg.executor.path, &self.path);
+        set(&mut cfg.kafka.brokers, &self.kafka);
+        if let Some(v) = self.max_concurrent {
+            cfg.node.max_concurrent = v;
+        }
+    }
+}
+
 impl Config {
-    pub fn load(path: &std::path::Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-        Config::parse(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    /// Reads and parses a config file (see `parse`).
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            LoadError::Unreadable(format!("cannot read config {}: {e}", path.display()))
+        })?;
+        Config::parse(&text)
+            .map_err(|e| LoadError::Invalid(format!("config {}: {e}", path.display())))
     }
 
+    /// Parses a config file's text and checks its values (`check_values`); what depends on
+    /// flags, the environment or the mode is checked by `validate`.
     pub fn parse(text: &str) -> Result<Config, String> {
         let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
-        cfg.validate()?;
+        cfg.check_values()?;
         Ok(cfg)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    /// The configuration `etask server --mode MODE` starts with: the file (or the defaults),
+    /// then the command-line flags, then `$ETASK_TOKEN` for an empty `server.token`; paths made
+    /// absolute against `cwd`; then `validate`. `etask config --check FILE` runs exactly this,
+    /// so a file it accepts is one the server starts with.
+    ///
+    /// # Errors
+    /// `Unreadable` when the file cannot be read, `Invalid` for everything else.
+    pub fn for_server(
+        mode: Option<crate::server::Mode>,
+        file: Option<&Path>,
+        flags: &Overrides,
+        env_token: Option<String>,
+        cwd: &Path,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = match file {
+            Some(p) => Config::load(p).map_err(|e| match e {
+                LoadError::Unreadable(m) => ConfigError::Unreadable(m),
+                LoadError::Invalid(m) => ConfigError::Invalid(m),
+            })?,
+            None => Config::default(),
+        };
+        flags.apply(mode, &mut cfg);
+        if cfg.server.token.is_empty() {
+            cfg.server.token = env_token.unwrap_or_default();
+        }
+        cfg.resolve_paths(cwd);
+        cfg.validate(mode).map_err(ConfigError::Invalid)?;
+        Ok(cfg)
+    }
+
+    /// Everything the server checks before it starts anything: the values (`check_values`),
+    /// the token rule for the HTTP intake, and what `mode` needs (executors a registry, agents
+    /// Kafka). `None` = the checks of every mode that do not depend on the mode.
+    pub fn validate(&self, mode: Option<crate::server::Mode>) -> Result<(), String> {
+        use crate::server::Mode;
+        self.check_values()?;
+        // Never an unauthenticated listener reachable from the network by accident: the rule
+        // every listener applies when it starts (`check_listener`), for the listeners `mode`
+        // opens (all of them when no mode is given).
+        if matches!(mode, None | Some(Mode::Scheduler | Mode::All)) {
+            check_listener("server.listen", &self.server.listen, &self.server.token)?;
+            if !self.server.grpc_listen.is_empty() {
+                check_listener(
+                    "server.grpc_listen",
+                    &self.server.grpc_listen,
+                    &self.server.token,
+                )?;
+            }
+        }
+        if matches!(mode, None | Some(Mode::Executor)) && self.executor.path == "push" {
+            check_listener(
+                "executor.grpc_listen",
+                &self.executor.grpc_listen,
+                &self.executor.token,
+            )?;
+        }
+        match mode {
+            Some(Mode::Executor) if self.registry.etcd.is_empty() => Err(
+                "an executor needs [registry] etcd (or --etcd URL) so schedulers can find it"
+                    .into(),
+            ),
+            Some(Mode::Agent) if self.kafka.brokers.trim().is_empty() => {
+                Err("an agent needs Kafka: set kafka.brokers or pass --kafka HOST:PORT".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The checks of single values and of keys that must go together.
+    pub fn check_values(&self) -> Result<(), String> {
         crate::cron::zone(&self.scheduler.timezone)
             .map_err(|e| format!("scheduler.timezone: {e}"))?;
+        let addr = |key: &str, v: &str| {
+            v.parse::<std::net::SocketAddr>()
+                .map(|_| ())
+                .map_err(|_| format!("{key} {v:?} is not IP:PORT (e.g. 127.0.0.1:8765)"))
+        };
+        addr("server.listen", &self.server.listen)?;
+        if !self.server.grpc_listen.is_empty() {
+            addr("server.grpc_listen", &self.server.grpc_listen)?;
+        }
+        if !self.server.store.is_empty() {
+            crate::store::check_url(&self.server.store)
+                .map_err(|e| format!("server.store: {e}"))?;
+        }
+        if !matches!(self.executor.path.as_str(), "push" | "pull") {
+            return Err(format!(
+                "executor.path must be \"push\" or \"pull\", not {:?}",
+                self.executor.path
+            ));
+        }
+        if !self.executor.grpc_listen.is_empty() {
+            addr("executor.grpc_listen", &self.executor.grpc_listen)?;
+        }
+        if !(self.executor.scheduler.starts_with("http://")
+            || self.executor.scheduler.starts_with("https://"))
+        {
+            return Err(format!(
+                "executor.scheduler must be an http:// or https:// URL, not {:?}",
+                self.executor.scheduler
+            ));
+        }
+        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
+            return Err("tls.cert and tls.key must be set together".into());
+        }
+        let brokers = self.kafka.brokers.trim();
+        if !brokers.is_empty() && brokers.split(',').any(|b| b.trim().is_empty()) {
+            return Err(format!(
+                "kafka.brokers {:?} must be HOST:PORT[,HOST:PORT]",
+                self.kafka.brokers
+            ));
+        }
         if !matches!(self.scheduler.cron_missed.as_str(), "once" | "skip") {
             return Err(format!(
                 "scheduler.cron_missed must be \"once\" or \"skip\", not {:?}",

@@ -29,3 +29,40 @@ pub mod node;
 pub mod registry;
 pub mod scheduler;
 pub mod server;
+
+/// An exclusive advisory lock (`flock`) on `path`, created if missing, held until the returned
+/// file is dropped (or the process dies: a killed process never leaves it held). `what` names
+/// the resource in the error, which also names the process holding it; `fix` says what to do.
+///
+/// # Errors
+/// When the file cannot be opened, or another process holds the lock.
+pub fn lock_exclusive(
+    path: &std::path::Path,
+    what: &str,
+    fix: &str,
+) -> Result<std::fs::File, String> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| format!("cannot open lock file {}: {e}", path.display()))?;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = f.read_to_string(&mut holder);
+        return Err(format!(
+            "{what} is in use by another etask process (pid {}, lock {}): stop that one, or {fix}",
+            holder.trim(),
+            path.display()
+        ));
+    }
+    // Who holds it, for the error above; best effort.
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = write!(f, "{}", std::process::id());
+    Ok(f)
+}

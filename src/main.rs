@@ -1,20 +1,75 @@
-//! The `etask` command line: one binary for every role (see `etask --help`).
+//! The `etask` command line: one binary for every role (see `etask --help`). Flags are parsed
+//! by argh; every failure becomes one `Fail` whose exit status follows one scheme across all
+//! subcommands (README "Exit status", and `--help`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use argh::FromArgs;
+use etask::client::ClientError;
 use etask::model::ExecutionId;
 use etask::runner::{
     Ending, Outcome, Pool, PoolConfig, Program, RunEvent, RunRequest, ShellKind, Stream,
 };
 
+/// ETask's own exit statuses, the sysexits(3) codes: a script can exit with 64-78 too, so
+/// `run` and `submit --wait` report such a script code as 1 (and print the real one), and a
+/// caller can always tell ETask's failures from the script's.
+mod exit {
+    /// Bad command line: unknown, missing or conflicting options, or a bad value.
+    pub const USAGE: u8 = 64;
+    /// The scheduler refused the request as invalid (HTTP 400, 405, 409, 413).
+    pub const DATAERR: u8 = 65;
+    /// A file named on the command line cannot be read, or no such task or execution (404).
+    pub const NOINPUT: u8 = 66;
+    /// The scheduler (or, for `server` and `migrate`, the store, broker, etcd or a listen
+    /// address) is unavailable.
+    pub const UNAVAILABLE: u8 = 69;
+    /// An answer ETask does not understand, or a bug.
+    pub const SOFTWARE: u8 = 70;
+    /// The local system refused something: signal handling, threads.
+    pub const OSERR: u8 = 71;
+    /// Missing or wrong token (HTTP 401).
+    pub const NOPERM: u8 = 77;
+    /// The configuration is invalid.
+    pub const CONFIG: u8 = 78;
+    /// The first and last of the reserved codes.
+    pub const RESERVED: std::ops::RangeInclusive<i64> = 64..=78;
+}
+
+/// Declares a subcommand with the exit statuses every command shares in its `--help` (the
+/// same text as README "Exit status"; a test keeps them in step).
+macro_rules! command {
+    ($(#[$m:meta])* struct $name:ident { $($body:tt)* }) => {
+        $(#[$m])*
+        #[argh(
+            error_code(64, "bad command line: unknown, missing or conflicting options, or a bad value"),
+            error_code(65, "the scheduler refused the request as invalid (HTTP 400, 405, 409, 413)"),
+            error_code(66, "a file named on the command line cannot be read, or no such task or execution"),
+            error_code(69, "unavailable: the scheduler, or the store, broker, etcd or a listen address"),
+            error_code(70, "internal error: an answer etask does not understand, or a bug"),
+            error_code(71, "the local system refused: signal handling, threads"),
+            error_code(77, "missing or wrong token (HTTP 401)"),
+            error_code(78, "invalid configuration"),
+        )]
+        struct $name { $($body)* }
+    };
+}
+
+command! {
 #[derive(FromArgs)]
 /// ETask: distributed execution of ops scripts (scheduler, executors, agents, local runs).
+#[argh(
+    note = "Exit status 0 is success. run and submit --wait exit like the script: its own code,",
+    note = "124 timed out, 127 could not start, 128+N killed by signal N, 130 cancelled or",
+    note = "interrupted; a script code in 64-78 is reported as 1 (the real one is printed).",
+    note = "The codes below are etask's own, the same in every command."
+)]
 struct Cli {
     #[argh(subcommand)]
     cmd: Cmd,
+}
 }
 
 #[derive(FromArgs)]
@@ -32,6 +87,7 @@ enum Cmd {
     Nodes(NodesCmd),
 }
 
+command! {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "nodes")]
 /// list the live nodes the scheduler knows (from etcd, or its built-in node).
@@ -40,7 +96,9 @@ struct NodesCmd {
     #[argh(option)]
     server: Option<String>,
 }
+}
 
+command! {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "server")]
 /// run a server role: scheduler (HTTP + gRPC intake, store, routing, retries, callbacks), all
@@ -49,7 +107,7 @@ struct NodesCmd {
 struct ServerCmd {
     /// scheduler | agent | executor | all
     #[argh(option)]
-    mode: String,
+    mode: etask::server::Mode,
     /// TOML config file (see `etask config --print-default`)
     #[argh(option)]
     config: Option<PathBuf>,
@@ -87,7 +145,9 @@ struct ServerCmd {
     #[argh(option)]
     max_concurrent: Option<usize>,
 }
+}
 
+command! {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "migrate")]
 /// apply the schema migrations (sql/) to a store; safe to run while schedulers start.
@@ -96,23 +156,37 @@ struct MigrateCmd {
     #[argh(option)]
     store: String,
 }
+}
 
+command! {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "config")]
-/// print the commented default configuration, or check a config file.
+/// print the commented default configuration, or check a config file exactly as `etask server`
+/// checks it before it starts (with $ETASK_TOKEN, and relative paths against this directory).
 struct ConfigCmd {
     /// print the default config file with every key documented
     #[argh(switch)]
     print_default: bool,
-    /// parse and validate this file
+    /// check this file; exit 0 and print "ok" when the server would start with it
     #[argh(option)]
     check: Option<PathBuf>,
+    /// with --check: also what this mode needs (executor: a registry; agent: Kafka)
+    #[argh(option)]
+    mode: Option<etask::server::Mode>,
+}
 }
 
+command! {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "submit")]
 /// submit a script as a task (runs once now, or on --cron); --wait follows it to the end and
 /// exits like `etask run`.
+#[argh(
+    note = "Exit status with --wait: 0 succeeded; the script's own exit code when it failed (a",
+    note = "code in 64-78 is reported as 1, the real one is printed; 1 also when it ended",
+    note = "without one, e.g. its node was lost); 124 timed out; 127 could not start; 128+N",
+    note = "killed by signal N; 130 cancelled. The codes below are etask's own."
+)]
 struct SubmitCmd {
     /// shell script file
     #[argh(option)]
@@ -155,7 +229,9 @@ struct SubmitCmd {
     #[argh(positional, greedy)]
     args: Vec<String>,
 }
+}
 
+command! {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "get")]
 /// show an execution as JSON.
@@ -166,7 +242,9 @@ struct GetCmd {
     #[argh(option)]
     server: Option<String>,
 }
+}
 
+command! {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "logs")]
 /// print an execution's logs; -f follows them until it ends.
@@ -180,7 +258,9 @@ struct LogsCmd {
     #[argh(option)]
     server: Option<String>,
 }
+}
 
+command! {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "cancel")]
 /// cancel an execution (its whole process tree is stopped).
@@ -191,7 +271,9 @@ struct CancelCmd {
     #[argh(option)]
     server: Option<String>,
 }
+}
 
+command! {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "tasks")]
 /// list tasks, newest first.
@@ -206,13 +288,19 @@ struct TasksCmd {
     #[argh(option)]
     server: Option<String>,
 }
+}
 
+command! {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "run")]
 /// run one script locally through the process pool, exactly as a node runs it. Trailing
 /// arguments are passed to the script; with --exec they are the command line itself
-/// (`etask run --exec -- ls -l /`). Exit status: 0 on success, the script's exit code,
-/// 124 timed out, 128+N killed by signal N, 127 could not start, 130 interrupted.
+/// (`etask run --exec -- ls -l /`).
+#[argh(
+    note = "Exit status: 0 succeeded; the script's own exit code when it failed (a code in",
+    note = "64-78 is reported as 1, the real one is printed); 124 timed out; 127 could not",
+    note = "start; 128+N killed by signal N; 130 interrupted. The codes below are etask's own."
+)]
 struct RunCmd {
     /// shell script file, run with /bin/sh (or bash with --bash)
     #[argh(option)]
@@ -248,9 +336,13 @@ struct RunCmd {
     #[argh(positional, greedy)]
     args: Vec<String>,
 }
+}
 
 fn main() -> ExitCode {
-    let cli: Cli = argh::from_env();
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     // Daemons log their events; one-shot commands only what went wrong.
     let level = if matches!(cli.cmd, Cmd::Server(_)) {
         log::LevelFilter::Info
@@ -260,58 +352,150 @@ fn main() -> ExitCode {
     etask::logging::init(level);
     let res = match cli.cmd {
         Cmd::Run(c) => cmd_run(c),
-        Cmd::Server(c) => cmd_server(c).map(|()| ExitCode::SUCCESS),
-        Cmd::Migrate(c) => cmd_migrate(c).map(|()| ExitCode::SUCCESS),
-        Cmd::Config(c) => cmd_config(c).map(|()| ExitCode::SUCCESS),
+        Cmd::Server(c) => cmd_server(c),
+        Cmd::Migrate(c) => cmd_migrate(c),
+        Cmd::Config(c) => cmd_config(c),
         Cmd::Submit(c) => cmd_submit(c),
         Cmd::Get(c) => client(&c.server)
             .get(&format!("/api/v1/executions/{}", c.id))
-            .map(print_json),
+            .map(print_json)
+            .map_err(Fail::from),
         Cmd::Logs(c) => cmd_logs(c),
         Cmd::Cancel(c) => client(&c.server)
             .post(
                 &format!("/api/v1/executions/{}/cancel", c.id),
                 &serde_json::json!({}),
             )
-            .map(print_json),
+            .map(print_json)
+            .map_err(Fail::from),
         Cmd::Tasks(c) => cmd_tasks(c),
         Cmd::Nodes(c) => cmd_nodes(c),
     };
     match res {
         Ok(code) => code,
-        Err(msg) => {
-            eprintln!("etask: {msg}");
-            ExitCode::from(2)
+        Err(f) => {
+            eprintln!("etask: {}", f.msg);
+            ExitCode::from(f.code)
         }
     }
 }
 
-fn parse_kv(items: &[String], flag: &str) -> Result<Vec<(String, String)>, String> {
+/// Parses the command line like `argh::from_env`, but a bad command line exits with the usage
+/// status (argh's own exits 1, which a script's failure could mean too).
+fn parse_args() -> Result<Cli, ExitCode> {
+    let mut args = Vec::new();
+    for a in std::env::args_os() {
+        match a.into_string() {
+            Ok(a) => args.push(a),
+            Err(a) => {
+                eprintln!("etask: argument {a:?} is not valid UTF-8");
+                return Err(ExitCode::from(exit::USAGE));
+            }
+        }
+    }
+    let name = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("etask")
+        .to_owned();
+    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    match Cli::from_args(&[&name], &rest) {
+        Ok(cli) => Ok(cli),
+        Err(argh::EarlyExit { output, status }) => match status {
+            // --help
+            Ok(()) => {
+                println!("{output}");
+                Err(ExitCode::SUCCESS)
+            }
+            Err(()) => {
+                eprintln!("{output}\nRun {name} --help for more information.");
+                Err(ExitCode::from(exit::USAGE))
+            }
+        },
+    }
+}
+
+/// Why a command failed: its exit status (see `exit`) and one line for the user.
+#[derive(Debug)]
+struct Fail {
+    code: u8,
+    msg: String,
+}
+
+impl Fail {
+    fn new(code: u8, msg: impl Into<String>) -> Fail {
+        Fail {
+            code,
+            msg: msg.into(),
+        }
+    }
+    fn usage(msg: impl Into<String>) -> Fail {
+        Fail::new(exit::USAGE, msg)
+    }
+}
+
+impl From<ClientError> for Fail {
+    fn from(e: ClientError) -> Fail {
+        let code = match &e {
+            ClientError::Api { status, .. } => match status {
+                401 | 403 => exit::NOPERM,
+                404 => exit::NOINPUT,
+                400 | 405 | 409 | 413 | 422 => exit::DATAERR,
+                502..=504 => exit::UNAVAILABLE,
+                _ => exit::SOFTWARE,
+            },
+            ClientError::Unreachable(_) => exit::UNAVAILABLE,
+            _ => exit::SOFTWARE,
+        };
+        Fail::new(code, e.to_string())
+    }
+}
+
+type CmdResult = Result<ExitCode, Fail>;
+
+fn parse_kv(items: &[String], flag: &str) -> Result<Vec<(String, String)>, Fail> {
     items
         .iter()
         .map(|kv| match kv.split_once('=') {
             Some((k, v)) => Ok((k.to_string(), v.to_string())),
-            None => Err(format!("{flag} takes K=V, got {kv:?}")),
+            None => Err(Fail::usage(format!("{flag} takes K=V, got {kv:?}"))),
         })
         .collect()
 }
 
-fn read_file(p: &PathBuf) -> Result<String, String> {
-    std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+fn read_file(p: &Path) -> Result<String, Fail> {
+    std::fs::read_to_string(p)
+        .map_err(|e| Fail::new(exit::NOINPUT, format!("cannot read {}: {e}", p.display())))
 }
 
-fn seconds(v: f64, flag: &str) -> Result<Duration, String> {
+fn seconds(v: f64, flag: &str) -> Result<Duration, Fail> {
     Duration::try_from_secs_f64(v)
-        .map_err(|_| format!("{flag} takes a positive number of seconds, got {v}"))
+        .map_err(|_| Fail::usage(format!("{flag} takes a number of seconds, got {v}")))
 }
 
-fn cmd_run(c: RunCmd) -> Result<ExitCode, String> {
+/// The exit status of a script that ended with `code`: its own, unless that is one of ETask's
+/// reserved statuses (then 1, and the caller prints the real code).
+fn script_code(code: i64) -> u8 {
+    if exit::RESERVED.contains(&code) {
+        1
+    } else {
+        code.clamp(1, 255) as u8
+    }
+}
+
+fn cmd_run(c: RunCmd) -> CmdResult {
     let chosen = [c.shell.is_some(), c.python.is_some(), c.exec]
         .iter()
         .filter(|b| **b)
         .count();
     if chosen != 1 {
-        return Err("give exactly one of --shell FILE, --python FILE or --exec -- ARGV...".into());
+        return Err(Fail::usage(
+            "give exactly one of --shell FILE, --python FILE or --exec -- ARGV...",
+        ));
+    }
+    if c.bash && c.shell.is_none() {
+        return Err(Fail::usage("--bash goes with --shell FILE"));
     }
     let mut program = if let Some(f) = &c.shell {
         let mut p = Program::shell(read_file(f)?);
@@ -326,7 +510,7 @@ fn cmd_run(c: RunCmd) -> Result<ExitCode, String> {
         p
     } else {
         if c.args.is_empty() {
-            return Err("--exec needs a command line after --".into());
+            return Err(Fail::usage("--exec needs a command line after --"));
         }
         Program::exec(c.args.clone())
     };
@@ -337,29 +521,42 @@ fn cmd_run(c: RunCmd) -> Result<ExitCode, String> {
     if let Some(f) = &c.stdin {
         program.stdin = Some(read_file(f)?);
     }
-    program.validate().map_err(|e| e.to_string())?;
+    program.validate().map_err(|e| Fail::usage(e.to_string()))?;
+    let kill_grace = seconds(c.grace, "--grace")?;
+    let timeout = match c.timeout.map(|t| seconds(t, "--timeout")).transpose()? {
+        Some(t) if t.is_zero() => return Err(Fail::usage("--timeout must be more than 0")),
+        t => t,
+    };
 
-    let signals =
-        etask::signals::termination().map_err(|e| format!("cannot set up signal handling: {e}"))?;
+    let signals = etask::signals::termination()
+        .map_err(|e| Fail::new(exit::OSERR, format!("cannot set up signal handling: {e}")))?;
     let cfg = PoolConfig {
         max_concurrent: 1,
         queue_capacity: 1,
-        kill_grace: seconds(c.grace, "--grace")?,
+        kill_grace,
         ..PoolConfig::default()
     };
-    let pool = Pool::start(cfg).map_err(|e| format!("cannot start the process pool: {e}"))?;
+    // The pool exists only for this script: if it cannot start (e.g. the workspace root
+    // cannot be created), the script could not start.
+    let pool = Pool::start(cfg).map_err(|e| {
+        Fail::new(
+            SPAWN_FAILED,
+            format!("could not start: cannot start the process pool: {e}"),
+        )
+    })?;
     let mut req = RunRequest::new(ExecutionId(0), program);
-    req.timeout = c.timeout.map(|t| seconds(t, "--timeout")).transpose()?;
+    req.timeout = timeout;
     let key = req.key();
     let (tx, rx) = crossbeam_channel::bounded(256);
-    pool.submit(req, tx).map_err(|e| e.to_string())?;
+    pool.submit(req, tx)
+        .map_err(|e| Fail::new(SPAWN_FAILED, format!("could not start: {e}")))?;
     let outcome = loop {
         crossbeam_channel::select! {
             recv(rx) -> ev => match ev {
                 Ok(RunEvent::Log { chunk, .. }) if !c.json => print_chunk(chunk.stream, &chunk.data),
                 Ok(RunEvent::Finished { outcome, .. }) => break outcome,
                 Ok(_) => {}
-                Err(_) => return Err("the process pool stopped unexpectedly".into()),
+                Err(_) => return Err(Fail::new(exit::SOFTWARE, "the process pool stopped unexpectedly")),
             },
             recv(signals) -> _ => pool.cancel(key),
         }
@@ -372,6 +569,11 @@ fn cmd_run(c: RunCmd) -> Result<ExitCode, String> {
     }
     Ok(exit_code(&outcome))
 }
+
+/// Script outcomes that are not the script's own exit code (the shell's conventions).
+const TIMED_OUT: u8 = 124;
+const SPAWN_FAILED: u8 = 127;
+const CANCELLED: u8 = 130;
 
 fn print_chunk(stream: Stream, data: &str) {
     use std::io::Write;
@@ -394,13 +596,7 @@ fn print_chunk(stream: Stream, data: &str) {
 }
 
 fn print_summary(o: &Outcome) {
-    let how = match &o.ending {
-        Ending::Exited(c) => format!("exit code {c}"),
-        Ending::Signaled(s) => format!("killed by signal {s}"),
-        Ending::TimedOut => "timed out".into(),
-        Ending::Cancelled => "cancelled".into(),
-        Ending::SpawnFailed(r) => format!("could not start: {r}"),
-    };
+    let how = &o.ending;
     eprintln!(
         "== {} ({how}) in {} ms, {} log bytes{}",
         o.status(),
@@ -417,14 +613,14 @@ fn print_summary(o: &Outcome) {
 }
 
 fn exit_code(o: &Outcome) -> ExitCode {
-    let code = match &o.ending {
-        Ending::Exited(c) => *c,
-        Ending::Signaled(s) => 128 + s,
-        Ending::TimedOut => 124,
-        Ending::Cancelled => 130,
-        Ending::SpawnFailed(_) => 127,
-    };
-    ExitCode::from(code.clamp(0, 255) as u8)
+    ExitCode::from(match &o.ending {
+        Ending::Exited(0) => 0,
+        Ending::Exited(c) => script_code(i64::from(*c)),
+        Ending::Signaled(s) => (128 + s).clamp(129, 255) as u8,
+        Ending::TimedOut => TIMED_OUT,
+        Ending::Cancelled => CANCELLED,
+        Ending::SpawnFailed(_) => SPAWN_FAILED,
+    })
 }
 
 fn print_json(v: serde_json::Value) -> ExitCode {
@@ -440,99 +636,131 @@ fn client(server: &Option<String>) -> etask::client::Client {
     etask::client::Client::new(&base, std::env::var("ETASK_TOKEN").ok())
 }
 
-fn cmd_server(c: ServerCmd) -> Result<(), String> {
-    let mode: etask::server::Mode = c.mode.parse()?;
-    let mut cfg = match &c.config {
-        Some(p) => etask::config::Config::load(p)?,
-        None => etask::config::Config::default(),
+/// The configuration of `etask server` (and of `config --check`: the same function).
+fn server_config(
+    mode: Option<etask::server::Mode>,
+    file: Option<&Path>,
+    flags: &etask::config::Overrides,
+) -> Result<etask::config::Config, Fail> {
+    use etask::config::{Config, ConfigError};
+    let cwd = std::env::current_dir().map_err(|e| {
+        Fail::new(
+            exit::OSERR,
+            format!("cannot read the current directory: {e}"),
+        )
+    })?;
+    let token = std::env::var("ETASK_TOKEN").ok();
+    Config::for_server(mode, file, flags, token, &cwd).map_err(|e| match e {
+        ConfigError::Unreadable(m) => Fail::new(exit::NOINPUT, m),
+        e => Fail::new(exit::CONFIG, e.to_string()),
+    })
+}
+
+fn cmd_server(c: ServerCmd) -> CmdResult {
+    let flags = etask::config::Overrides {
+        listen: c.listen,
+        data_dir: c.data_dir,
+        store: c.store,
+        grpc_listen: c.grpc_listen,
+        etcd: c.etcd,
+        scheduler: c.scheduler,
+        pool: c.pool,
+        kafka: c.kafka,
+        path: c.path,
+        node_id: c.node_id,
+        max_concurrent: c.max_concurrent,
     };
-    if let Some(l) = c.listen {
-        cfg.server.listen = l;
-    }
-    if let Some(d) = c.data_dir {
-        cfg.server.data_dir = d;
-    }
-    if let Some(s) = c.store {
-        cfg.server.store = s;
-    }
-    if let Some(g) = c.grpc_listen {
-        if mode == etask::server::Mode::Executor {
-            cfg.executor.grpc_listen = g;
-        } else {
-            cfg.server.grpc_listen = g;
-        }
-    }
-    let set = |slot: &mut String, v: Option<String>| {
-        if let Some(v) = v {
-            *slot = v;
-        }
-    };
-    set(&mut cfg.registry.etcd, c.etcd);
-    set(&mut cfg.executor.scheduler, c.scheduler);
-    if mode == etask::server::Mode::Agent {
-        set(&mut cfg.agent.pool, c.pool);
-        set(&mut cfg.agent.node_id, c.node_id);
-    } else {
-        set(&mut cfg.executor.pool, c.pool);
-        set(&mut cfg.executor.node_id, c.node_id);
-    }
-    set(&mut cfg.executor.path, c.path);
-    set(&mut cfg.kafka.brokers, c.kafka);
-    if let Some(v) = c.max_concurrent {
-        cfg.node.max_concurrent = v;
-    }
-    let cwd =
-        std::env::current_dir().map_err(|e| format!("cannot read the current directory: {e}"))?;
-    cfg.resolve_paths(&cwd);
-    cfg.validate()?;
-    if cfg.server.token.is_empty() {
-        if let Ok(t) = std::env::var("ETASK_TOKEN") {
-            cfg.server.token = t;
-        }
-    }
+    let cfg = server_config(Some(c.mode), c.config.as_deref(), &flags)?;
     // Nothing of the node for scripts to read: the token leaves the environment (still single-
     // threaded here, so removing a variable is safe), and the process is not dumpable, so a
     // script of the same uid cannot read /proc/<node>/environ or memory, nor ptrace it.
     etask::signals::scrub_env("ETASK_TOKEN");
     etask::signals::not_dumpable();
     // Block the termination signals before any thread starts, so every thread inherits it.
-    let stop =
-        etask::signals::termination().map_err(|e| format!("cannot set up signal handling: {e}"))?;
-    etask::server::run(mode, cfg, stop)
+    let stop = etask::signals::termination()
+        .map_err(|e| Fail::new(exit::OSERR, format!("cannot set up signal handling: {e}")))?;
+    // Everything was validated above: what fails now is a store, broker, etcd or address that
+    // is not there.
+    etask::server::run(c.mode, cfg, stop).map_err(|m| Fail::new(exit::UNAVAILABLE, m))?;
+    Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_migrate(c: MigrateCmd) -> Result<(), String> {
-    let store = etask::store::open(&c.store).map_err(|e| e.to_string())?;
-    use etask::store::Store;
-    let applied = store.migrate().map_err(|e| e.to_string())?;
+fn cmd_migrate(c: MigrateCmd) -> CmdResult {
+    use etask::store::{Store, StoreError};
+    let fail = |e: StoreError| {
+        let code = match e {
+            StoreError::BadUrl(_) => exit::USAGE,
+            StoreError::Unavailable(_) | StoreError::Retry(_) => exit::UNAVAILABLE,
+            _ => exit::SOFTWARE,
+        };
+        Fail::new(code, e.to_string())
+    };
+    let created = etask::store::create_database(&c.store).map_err(fail)?;
+    let store = etask::store::open(&c.store).map_err(fail)?;
+    if created {
+        println!("{}: database created", store.describe());
+    }
+    let applied = store.migrate().map_err(fail)?;
     if applied.is_empty() {
         println!("{}: schema up to date", store.describe());
     } else {
-        println!("{}: applied migrations {applied:?}", store.describe());
+        let list: Vec<String> = applied.iter().map(u32::to_string).collect();
+        println!(
+            "{}: applied migrations {}",
+            store.describe(),
+            list.join(", ")
+        );
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_config(c: ConfigCmd) -> Result<(), String> {
-    if let Some(p) = c.check {
-        etask::config::Config::load(&p)?;
-        println!("{}: ok", p.display());
-        return Ok(());
+fn cmd_config(c: ConfigCmd) -> CmdResult {
+    match (c.print_default, c.check) {
+        (true, None) if c.mode.is_none() => {
+            print!("{}", etask::config::DEFAULT_TOML);
+            Ok(ExitCode::SUCCESS)
+        }
+        (false, Some(p)) => {
+            server_config(c.mode, Some(&p), &etask::config::Overrides::default())?;
+            println!("{}: ok", p.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => Err(Fail::usage(
+            "use --print-default, or --check FILE [--mode MODE]",
+        )),
     }
-    if !c.print_default {
-        return Err("use --print-default or --check FILE".into());
-    }
-    print!("{}", etask::config::DEFAULT_TOML);
-    Ok(())
 }
 
-fn cmd_submit(c: SubmitCmd) -> Result<ExitCode, String> {
+fn cmd_submit(c: SubmitCmd) -> CmdResult {
     use serde_json::json;
+    // Everything that can be refused locally is refused before the task is created: a retry
+    // of a refused command must not leave tasks behind.
     let (kind, file) = match (&c.shell, &c.python) {
         (Some(f), None) => ("shell", f),
         (None, Some(f)) => ("python", f),
-        _ => return Err("give exactly one of --shell FILE or --python FILE".into()),
+        _ => {
+            return Err(Fail::usage(
+                "give exactly one of --shell FILE or --python FILE",
+            ))
+        }
     };
+    if c.wait && c.cron.is_some() {
+        return Err(Fail::usage(
+            "--wait follows a task that runs now; a --cron task runs later (drop --wait, then \
+             follow its executions with `etask logs ID -f`)",
+        ));
+    }
+    if let Some(t) = c.timeout {
+        // NaN is refused too.
+        if t.is_nan() || t <= 0.0 {
+            return Err(Fail::usage(format!(
+                "--timeout takes a positive number of seconds, got {t}"
+            )));
+        }
+    }
+    if c.max_attempts == Some(0) {
+        return Err(Fail::usage("--max-attempts must be at least 1"));
+    }
     let name = c.name.clone().unwrap_or_else(|| {
         file.file_name()
             .map_or("task".into(), |n| n.to_string_lossy().into_owned())
@@ -554,7 +782,7 @@ fn cmd_submit(c: SubmitCmd) -> Result<ExitCode, String> {
             body["schedule"]["overlap"] = json!(o);
         }
     } else if c.timezone.is_some() || c.overlap.is_some() {
-        return Err("--timezone and --overlap go with --cron".into());
+        return Err(Fail::usage("--timezone and --overlap go with --cron"));
     }
     if let Some(t) = c.timeout {
         body["timeout_seconds"] = json!(t);
@@ -567,16 +795,19 @@ fn cmd_submit(c: SubmitCmd) -> Result<ExitCode, String> {
     }
     let cl = client(&c.server);
     let created = cl.post("/api/v1/tasks", &body)?;
-    let exec = created
-        .get("execution_id")
-        .and_then(serde_json::Value::as_i64);
     if !c.wait {
         print_json(created);
         return Ok(ExitCode::SUCCESS);
     }
-    let Some(exec) = exec else {
-        return Err("--wait needs a task that runs now (not --cron)".into());
-    };
+    let exec = created
+        .get("execution_id")
+        .and_then(serde_json::Value::as_i64)
+        .ok_or_else(|| {
+            Fail::new(
+                exit::SOFTWARE,
+                format!("the scheduler created no execution to wait for: {created}"),
+            )
+        })?;
     eprintln!("== execution {exec}");
     cl.logs(exec, 0, true, print_log_line)?;
     let e = cl.get(&format!("/api/v1/executions/{exec}"))?;
@@ -595,95 +826,156 @@ fn cmd_submit(c: SubmitCmd) -> Result<ExitCode, String> {
     if let Some(r) = e.get("result").filter(|r| !r.is_null()) {
         eprintln!("== result: {r}");
     }
-    Ok(match status.as_str() {
-        "succeeded" => ExitCode::SUCCESS,
-        "timed_out" => ExitCode::from(124),
-        "cancelled" => ExitCode::from(130),
-        _ => match e.get("exit_code").and_then(serde_json::Value::as_i64) {
-            Some(c) if (1..=255).contains(&c) => ExitCode::from(c as u8),
-            _ => ExitCode::from(1),
+    let num = |k: &str| e.get(k).and_then(serde_json::Value::as_i64);
+    let spawn_failed = e
+        .get("error")
+        .and_then(serde_json::Value::as_str)
+        .is_some_and(|m| m.starts_with("spawn failed"));
+    Ok(ExitCode::from(match status.as_str() {
+        "succeeded" => 0,
+        "timed_out" => TIMED_OUT,
+        "cancelled" => CANCELLED,
+        _ => match (num("exit_code"), num("signal")) {
+            (Some(c), _) if c != 0 => script_code(c),
+            (_, Some(s)) => (128 + s).clamp(129, 255) as u8,
+            _ if spawn_failed => SPAWN_FAILED,
+            // Ended without a code of its script: lost node, no node took it.
+            _ => 1,
         },
-    })
+    }))
 }
 
-fn cmd_logs(c: LogsCmd) -> Result<ExitCode, String> {
+fn cmd_logs(c: LogsCmd) -> CmdResult {
     client(&c.server).logs(c.id, 0, c.follow, print_log_line)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_tasks(c: TasksCmd) -> Result<ExitCode, String> {
+fn cmd_tasks(c: TasksCmd) -> CmdResult {
     let mut path = format!("/api/v1/tasks?limit={}", c.limit);
     if let Some(n) = &c.name {
-        path.push_str(&format!(
-            "&name={}",
-            n.replace('%', "%25")
-                .replace('&', "%26")
-                .replace(' ', "%20")
-        ));
+        path.push_str(&format!("&name={}", query_escape(n)));
     }
     let v = client(&c.server).get(&path)?;
-    for t in v
-        .get("items")
-        .and_then(serde_json::Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let sched = t
-            .pointer("/spec/schedule/expr")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or("once");
-        // The next fire in the task's own zone, as the server computed it.
-        let next = match (t["next_fire_local"].as_str(), t["timezone"].as_str()) {
-            (Some(at), Some(zone)) => format!("next {at} {zone}"),
-            _ => String::new(),
-        };
-        println!(
-            "{:>8}  {:<32}  {:<16}  {:<6}  {}",
-            t["id"],
-            t["name"].as_str().unwrap_or(""),
-            sched,
-            if t["paused"].as_bool() == Some(true) {
+    let rows = items(&v)
+        .map(|t| {
+            let sched = t
+                .pointer("/spec/schedule/expr")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("once");
+            let state = if t["paused"].as_bool() == Some(true) {
                 "paused"
             } else {
-                ""
-            },
-            next
-        );
-    }
+                "active"
+            };
+            // The next fire in the task's own zone, as the server computed it.
+            let next = match (t["next_fire_local"].as_str(), t["timezone"].as_str()) {
+                (Some(at), Some(zone)) => format!("{at} {zone}"),
+                _ => "-".to_owned(),
+            };
+            vec![
+                t["id"].to_string(),
+                t["name"].as_str().unwrap_or("").to_owned(),
+                sched.to_owned(),
+                state.to_owned(),
+                next,
+            ]
+        })
+        .collect();
+    print_table(
+        &["ID", "NAME", "SCHEDULE", "STATE", "NEXT FIRE"],
+        &[true],
+        rows,
+    );
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_nodes(c: NodesCmd) -> Result<ExitCode, String> {
+fn cmd_nodes(c: NodesCmd) -> CmdResult {
     let v = client(&c.server).get("/api/v1/nodes")?;
-    println!(
-        "{:<40}  {:<9}  {:<12}  {:<6}  {:>9}  {:<11}  address",
-        "id", "role", "pool", "path", "running", "containment"
+    let rows = items(&v)
+        .map(|n| {
+            let s = |k: &str| {
+                n.get(k)
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("-")
+                    .to_owned()
+            };
+            vec![
+                s("id"),
+                s("role"),
+                s("pool"),
+                s("path"),
+                format!("{}/{}", n["running"], n["capacity"]),
+                s("containment"),
+                s("address"),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "ROLE",
+            "POOL",
+            "PATH",
+            "RUNNING",
+            "CONTAINMENT",
+            "ADDRESS",
+        ],
+        &[false, false, false, false, true],
+        rows,
     );
-    for n in v
-        .get("items")
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `items` of a list answer.
+fn items(v: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
+    v.get("items")
         .and_then(serde_json::Value::as_array)
         .into_iter()
         .flatten()
-    {
-        let s = |k: &str| {
-            n.get(k)
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("-")
-                .to_owned()
-        };
-        println!(
-            "{:<40}  {:<9}  {:<12}  {:<6}  {:>4}/{:<4}  {:<11}  {}",
-            s("id"),
-            s("role"),
-            s("pool"),
-            s("path"),
-            n["running"],
-            n["capacity"],
-            s("containment"),
-            s("address")
-        );
+}
+
+/// Prints a header and rows in columns as wide as their widest cell (two spaces apart);
+/// `right[i]` right-aligns column i (numbers). The last column is not padded.
+fn print_table(header: &[&str], right: &[bool], rows: Vec<Vec<String>>) {
+    let width = |s: &str| s.chars().count();
+    let mut widths: Vec<usize> = header.iter().map(|h| width(h)).collect();
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(width(cell));
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    let line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let mut out = String::new();
+        for (i, cell) in cells.into_iter().enumerate() {
+            let pad = " ".repeat(widths[i].saturating_sub(width(cell)));
+            match (i == last, right.get(i).copied().unwrap_or(false)) {
+                (_, true) => out.push_str(&format!("{pad}{cell}")),
+                (true, false) => out.push_str(cell),
+                (false, false) => out.push_str(&format!("{cell}{pad}")),
+            }
+            if i != last {
+                out.push_str("  ");
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+/// Percent-encodes a query parameter value (everything but RFC 3986's unreserved bytes).
+fn query_escape(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// Prints one log line of the API (`{"stream", "data", ...}`) like `etask run` prints chunks.

@@ -21,6 +21,17 @@ pub enum Mode {
     All,
 }
 
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Scheduler => "scheduler",
+            Mode::Agent => "agent",
+            Mode::Executor => "executor",
+            Mode::All => "all",
+        })
+    }
+}
+
 impl std::str::FromStr for Mode {
     type Err = String;
     fn from_str(s: &str) -> Result<Mode, String> {
@@ -78,7 +89,18 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         )?;
     }
     crate::config::prepare_state_dir(&cfg.server.data_dir, cfg.node.run_as_uid >= 0)?;
-    let store = crate::store::open(&cfg.store_url()).map_err(|e| e.to_string())?;
+    // One SQLite file belongs to one process: a second `--mode all` in the same directory
+    // is refused instead of sharing it.
+    let store_url = cfg.store_url();
+    let _sqlite_lock = match store_url.strip_prefix("sqlite:") {
+        Some(db) => Some(crate::lock_exclusive(
+            std::path::Path::new(&format!("{db}.lock")),
+            &format!("the store {store_url}"),
+            "give this one its own --data-dir (or server.store)",
+        )?),
+        None => None,
+    };
+    let store = crate::store::open(&store_url).map_err(|e| e.to_string())?;
     // Unbounded on purpose: the pool's reactor must never block on its consumer (timeouts and
     // kills run on that thread). The backlog is bounded by the per-run log cap times
     // node.max_concurrent, and drains as soon as the store answers again.
@@ -144,7 +166,13 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
             tasks_slot.clone(),
             cfg.server.max_body_bytes,
         )
-        .map_err(|e| format!("cannot listen for gRPC on {addr}: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "cannot listen for gRPC on {addr} (server.grpc_listen): {e}; is another etask \
+                 running? --grpc-listen 127.0.0.1:0 picks a free port, --grpc-listen '' turns \
+                 gRPC off"
+            )
+        })?;
         log::info!(target: "etask::server", "gRPC listening on {}", srv.addr);
         if let Some(t) = &table {
             deliveries.push(Arc::new(crate::delivery::grpc::push::Push::new(
@@ -162,7 +190,9 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         deliveries.push(k.clone());
         kafka = Some(k);
     }
-    let pull_enabled = grpc_server.is_some();
+    // Pull nodes are known (and their runs kept alive) through the registry only: without it
+    // every pulled run longer than node_silent_after_ms would be declared lost.
+    let pull_enabled = grpc_server.is_some() && table.is_some();
     let tls_on = !cfg.tls.cert.is_empty();
     let sched = Scheduler::start(
         Arc::new(store),
@@ -197,9 +227,9 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         ),
         None => println!("etask grpc off"),
     }
-    log::warn!(target: "etask::server", "started mode={mode:?} store={}", sched.core.store.describe());
+    log::info!(target: "etask::server", "started mode={mode} store={}", sched.core.store.describe());
     let sig = stop.recv().unwrap_or(libc::SIGTERM);
-    log::warn!(target: "etask::server", "signal {sig}: stopping");
+    log::info!(target: "etask::server", "{}: stopping", crate::signals::name(sig));
     if let Some(g) = grpc_server {
         g.stop();
     }
@@ -212,12 +242,8 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         r.stop();
     }
     if let Some(l) = local {
-        match Arc::try_unwrap(l) {
-            Ok(l) => l.shutdown(),
-            Err(_) => {
-                log::warn!(target: "etask::server", "built-in node still referenced; not waiting for it")
-            }
-        }
+        l.shutdown();
     }
+    log::info!(target: "etask::server", "stopped");
     Ok(())
 }

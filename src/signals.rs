@@ -4,6 +4,16 @@
 
 use crossbeam_channel::Receiver;
 
+/// "SIGTERM", "SIGINT", "SIGHUP", or "signal N": how logs name what stopped a process.
+pub fn name(sig: i32) -> String {
+    match sig {
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        n => format!("signal {n}"),
+    }
+}
+
 /// Blocks SIGINT, SIGTERM and SIGHUP for the process and returns a channel that yields each
 /// one as it arrives. Child processes start with an empty mask (std resets it before exec).
 pub fn termination() -> std::io::Result<Receiver<i32>> {

@@ -555,7 +555,7 @@ fn cli_client_submits_waits_and_mirrors_the_outcome() {
     let tasks = etask(&["tasks"]);
     assert!(String::from_utf8_lossy(&tasks.stdout).contains("cli-check"));
     let cancel = etask(&["cancel", &id]);
-    assert_eq!(cancel.status.code(), Some(2));
+    assert_eq!(cancel.status.code(), Some(65), "a refused request exits 65");
     assert!(
         String::from_utf8_lossy(&cancel.stderr).contains("conflict (HTTP 409)"),
         "{}",
@@ -574,7 +574,22 @@ fn sigterm_stops_the_server_cleanly_and_its_script() {
     });
     assert!(status.success(), "exit status {status:?}\n{}", s.log());
     assert!(!pid_alive(script), "the script outlived its server");
-    assert!(s.log().contains("signal 15: stopping"));
+    // A normal start and stop: INFO only, nothing alarming, values as an operator reads them.
+    let log = s.log();
+    assert!(
+        log.contains("INFO  etask::server: SIGTERM: stopping"),
+        "{log}"
+    );
+    assert!(
+        log.contains("INFO  etask::server: started mode=all"),
+        "{log}"
+    );
+    for bad in ["WARN", "ERROR", "Some(", "None", "{ "] {
+        assert!(
+            !log.contains(bad),
+            "{bad:?} in the log of a clean start and stop:\n{log}"
+        );
+    }
 }
 
 #[test]
@@ -729,9 +744,17 @@ fn push_round_trip_through_a_grpc_executor() {
         .into_string()
         .unwrap();
     assert!(logs.contains("remote-out"), "{logs}");
-    // A pool nobody serves: the submission is accepted, the execution waits for a node.
+    // A pool nobody serves: work for now is refused at once (503); work due later is
+    // accepted and waits for a node.
     let mut body = shell("nobody", "true");
     body["target"] = json!({"path": "push", "pool": "empty"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!(code, 503, "{v}");
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    body["schedule"] = json!({"kind": "once", "at": soon});
     let (_, e2) = s.submit(body);
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(s.execution(e2)["status"], "pending");
@@ -987,7 +1010,7 @@ fn executor_before_scheduler_and_results_survive_a_scheduler_restart() {
 fn pull_round_trip_and_the_long_poll_wakes_on_submit() {
     let etcd = support::EtcdServer::start("pull");
     let dir = support::temp_dir("e2e-pull");
-    // No registry needed on the scheduler for PULL; the executor still registers itself.
+    // The scheduler knows its pull nodes (and keeps their runs alive) through the registry.
     let s = Server::start(
         &dir.join("sched"),
         &[],
@@ -1090,6 +1113,11 @@ fn broadcast_runs_once_per_live_node_with_its_shard() {
     cron["schedule"] = json!({"kind": "cron", "expr": "* * * * * *"});
     let (code, v) = s.call("POST", "/api/v1/tasks", Some(&cron.to_string()));
     assert_eq!(code, 201, "{v}");
+    assert_eq!(
+        v["execution_ids"],
+        json!([]),
+        "one shape for every broadcast: {v}"
+    );
     let tid = v["task_id"].as_i64().unwrap();
     let t0 = Instant::now();
     loop {
@@ -1116,6 +1144,13 @@ fn broadcast_runs_once_per_live_node_with_its_shard() {
         std::thread::sleep(Duration::from_millis(100));
     }
     s.call("POST", &format!("/api/v1/tasks/{tid}/pause"), Some("{}"));
+    // One live node: the same shape, a list of one.
+    let _c = Executor::start(&dir.join("c"), "c", "solo", &grpc, &etcd.url);
+    wait_nodes(&s, 3);
+    body["target"] = json!({"path": "push", "pool": "solo", "strategy": "broadcast"});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["execution_ids"], json!([v["execution_id"]]), "{v}");
     // No live node in the pool: a clear 503, nothing created.
     body["target"] = json!({"path": "push", "pool": "nobody", "strategy": "broadcast"});
     let (code, v) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));

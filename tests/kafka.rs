@@ -566,3 +566,50 @@ fn a_dispatch_cancelled_before_any_agent_read_it_never_runs() {
     assert!(!marks.exists(), "a cancelled dispatch ran");
     assert_eq!(s.execution(e)["status"], "cancelled");
 }
+
+/// Milliseconds from submission to start of an execution.
+fn submit_to_start(v: &Value) -> i64 {
+    v["started_at"].as_i64().unwrap_or(i64::MAX) - v["created_at"].as_i64().unwrap_or(0)
+}
+
+#[test]
+fn the_first_task_of_a_new_pool_starts_as_fast_as_the_rest_and_waiting_logs_no_error() {
+    let dir = support::temp_dir("kafka-newpool");
+    let broker = Broker::start("newpool");
+    let s = scheduler(&dir, &broker, "");
+    // A scheduler that has been running a while (its events consumer has joined its group).
+    warm_up_scheduler(&s, &dir, &broker);
+    // Two agents start together: one of a pool the scheduler set up at start ("default"), one
+    // of a pool it has never heard of ("fresh": in no kafka.pools, no topic yet).
+    let old = Agent::start(&dir, "old-1", "p9", &broker.addr, &[]);
+    let new = Agent::start(&dir, "fresh-1", "fresh", &broker.addr, &[]);
+    // An operator starts the agents, then submits work a little later.
+    std::thread::sleep(Duration::from_secs(5));
+    let mut took = Vec::new();
+    for (pool, a) in [("p9", &old), ("fresh", &new), ("fresh", &new)] {
+        let (_, e) = s.submit(agent_task(pool, pool, "true"));
+        let v = s.wait_final(e, Duration::from_secs(60));
+        assert_eq!(v["status"], "succeeded", "{v}\n{}", a.log());
+        took.push(submit_to_start(&v));
+    }
+    assert!(
+        took[1] < 1_000,
+        "first task of the new pool took {} ms to start (known pool: {} ms, second task: {} ms)\n{}",
+        took[1],
+        took[0],
+        took[2],
+        new.log()
+    );
+    let log = new.log();
+    assert!(
+        !log.contains("ERROR") && !log.contains("WARN"),
+        "a waiting agent logged alarms:\n{log}"
+    );
+}
+
+/// Runs one agent task through the scheduler, so its events consumer has joined its group.
+fn warm_up_scheduler(s: &Server, dir: &Path, broker: &Broker) {
+    let a = Agent::start(&dir.join("warm"), "warm-1", "p8", &broker.addr, &[]);
+    warm_up(s, "p8");
+    drop(a);
+}

@@ -431,6 +431,26 @@ fn logs_are_ordered_deduplicated_and_paged() {
         let rest = s.logs_after(e, all[0].seq, 100).unwrap();
         assert_eq!(rest.len(), 2);
         assert_eq!(rest[0].stream, "stderr");
+        // `seq` numbers each execution's chunks from 1, whatever else the store holds.
+        let other = s
+            .create_task(&once("u", None), 1_000)
+            .unwrap()
+            .execution_id
+            .unwrap();
+        s.append_logs(&[(other, Attempt(1), 0, "stdout", "x\n")], 3)
+            .unwrap();
+        s.append_logs(&[(e, Attempt(2), 0, "stdout", "retry\n")], 4)
+            .unwrap();
+        let seqs = |rows: &[etask::store::LogRow]| rows.iter().map(|l| l.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&s.logs_after(other, 0, 100).unwrap()), vec![1]);
+        let all = s.logs_after(e, 0, 100).unwrap();
+        assert_eq!(seqs(&all), vec![1, 2, 3, 4]);
+        assert_eq!(seqs(&s.logs_after(e, 2, 100).unwrap()), vec![3, 4]);
+        // A follower continues after the last row it has, with the same numbers.
+        let more = s.logs_continue(e, &all[1], 100).unwrap();
+        assert_eq!(seqs(&more), vec![3, 4]);
+        assert_eq!(more[1].data, "retry\n");
+        assert!(s.logs_continue(e, &all[3], 100).unwrap().is_empty());
     }
 }
 
@@ -847,5 +867,106 @@ fn unstarted_dispatches_are_requeued_under_the_next_attempt() {
                 .is_ok_and(|moved| !moved),
             "a started attempt stays"
         );
+    }
+}
+
+/// A TCP relay from a free local port to `target`; `cut` closes it and every relayed
+/// connection.
+struct Relay {
+    port: u16,
+    conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    fn start(target: String) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, s) = (conns.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                let mut all = c.lock().unwrap();
+                all.push(client.try_clone().unwrap());
+                all.push(server.try_clone().unwrap());
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(server, client);
+            }
+        });
+        Relay { port, conns, stop }
+    }
+
+    fn cut(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port)); // wake the accept
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_mysql_url_to_a_loopback_port_is_used_as_given_not_the_servers_socket() {
+    // The driver's default would switch a 127.0.0.1 URL to the server's Unix socket after the
+    // first connection: a relay on another port shows which one the store really uses.
+    let url = support::mysql_db("tcp");
+    let (head, db) = url.rsplit_once('/').unwrap();
+    let (userpart, hostport) = head.rsplit_once('@').unwrap();
+    let relay = Relay::start(hostport.to_owned());
+    let via_relay = format!("{userpart}@127.0.0.1:{}/{db}", relay.port);
+    let s = store::open(&via_relay).unwrap();
+    s.migrate().unwrap();
+    s.create_task(&once("through-the-relay", None), 1_000)
+        .unwrap();
+    relay.cut();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        s.ping().is_err() && s.list_tasks(None, 10, None).is_err(),
+        "the store kept working with its port closed: it does not use the port of its URL"
+    );
+}
+
+#[test]
+fn only_attempts_recorded_not_started_are_free_of_the_retry_budget() {
+    for s in backends("unstartedfree") {
+        let c = s.create_task(&once("u", None), 1_000).unwrap();
+        let e = c.execution_id.unwrap();
+        assert_eq!(s.claim_due(1_000, 10, "node-a", "local").unwrap().len(), 1);
+        // Another node holds it now: the crashed node-b cannot requeue it.
+        assert!(!s
+            .requeue_held(e, Attempt(1), "node-b", "not started: x", 2_000)
+            .unwrap());
+        let msg = format!("{}node-a stopped before starting it", store::NOT_STARTED);
+        assert!(s
+            .requeue_held(e, Attempt(1), "node-a", &msg, 2_000)
+            .unwrap());
+        assert_eq!(s.unstarted_attempts(e).unwrap(), 1, "{}", s.describe());
+        // A lost attempt that may have started is not free.
+        assert_eq!(
+            s.claim_due(3_000, 10, "node-a", "local").unwrap()[0].attempt,
+            Attempt(2)
+        );
+        let fin = Finish {
+            status: Some(Status::Lost),
+            error: Some("node went silent".into()),
+            ..Finish::default()
+        };
+        finish1(s.as_ref(), e, Attempt(2), &fin, 4_000);
+        assert_eq!(s.unstarted_attempts(e).unwrap(), 1, "{}", s.describe());
     }
 }

@@ -22,8 +22,9 @@ impl Local {
         }
     }
 
-    /// Stops the pool: running scripts are cancelled and their trees killed.
-    pub fn shutdown(self) {
+    /// Stops the pool: running scripts are cancelled and their trees killed. Works while the
+    /// scheduler still holds this delivery (it does until the process ends).
+    pub fn shutdown(&self) {
         self.pool.shutdown();
     }
 }

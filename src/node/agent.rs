@@ -128,7 +128,8 @@ impl Agent {
         };
         let mut spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = spool.get(key.execution, key.attempt) {
-            log::info!(target: LOG, "execution={} attempt={} delivered again ({t:?} here before): not run twice", key.execution, key.attempt);
+            log::info!(target: LOG, "execution={} attempt={} delivered again ({} here before): not run twice", key.execution, key.attempt,
+                match t { Taken::Started => "started", Taken::Finished => "finished" });
             return Ok(());
         }
         let now = crate::now_ms();
@@ -201,6 +202,26 @@ impl Agent {
 /// is full it stops polling, so fetched messages stay in librdkafka's bounded prefetch queue;
 /// when it stays full for over a second (long scripts) the assigned partitions are paused, so
 /// the consumer can keep polling (and stay in its group) without taking anything.
+/// Subscribes to the pool's dispatch topic once it exists. Subscribing to a missing topic
+/// makes librdkafka log errors and see the topic only at its next metadata refresh (10 s):
+/// the pool's first task would wait that long. Heartbeats go on meanwhile (the events
+/// thread), and they are what makes the scheduler create the topic.
+fn wait_for_topic(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
+    let topic = a.cfg.dispatch_topic(&a.pool_name);
+    let want = [topic.clone()];
+    while !a.draining() {
+        match existing_topics(&a.cfg, &a.producer, &want) {
+            Ok(have) if have.contains(&topic) => break,
+            Ok(_) => {}
+            Err(e) => log::debug!(target: LOG, "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    consumer
+        .subscribe(&[&topic])
+        .map_err(|e| format!("cannot subscribe to {topic}: {e}"))
+}
+
 fn dispatch_loop(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
     const PAUSE_AFTER: Duration = Duration::from_secs(1);
     let cap = a.pool.max_concurrent();
@@ -405,6 +426,14 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     crate::config::prepare_state_dir(&spool_dir, false)?;
     // A dispatch older than its TTL never runs: remembering an hour (or twice the TTL) is plenty.
     let keep = Duration::from_secs((2 * k.dispatch_ttl_seconds).max(3_600));
+    // Two agents sharing a spool would each rewrite the other's record of what it took.
+    std::fs::create_dir_all(&spool_dir)
+        .map_err(|e| format!("cannot create the agent spool {}: {e}", spool_dir.display()))?;
+    let _spool_lock = crate::lock_exclusive(
+        &spool_dir.join("lock"),
+        &format!("the agent spool {}", spool_dir.display()),
+        "give this agent its own --data-dir (or agent.spool_dir)",
+    )?;
     let spool = Spool::open(&spool_dir, keep).map_err(|e| {
         format!(
             "cannot open the agent spool in {}: {e}",
@@ -423,20 +452,24 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     ];
     match existing_topics(&k, &producer, &wanted) {
         Ok(have) => {
-            let missing: Vec<&String> = wanted.iter().filter(|t| !have.contains(*t)).collect();
+            let missing: Vec<&str> = wanted
+                .iter()
+                .filter(|t| !have.contains(*t))
+                .map(String::as_str)
+                .collect();
             if !missing.is_empty() {
-                log::warn!(target: LOG, "topics {missing:?} do not exist yet (the scheduler creates them); waiting for them");
+                // Normal when the scheduler has not started yet, or has not heard of this
+                // pool: it creates the pool's topic when this agent's first heartbeat arrives.
+                log::info!(target: LOG, "waiting for topics {} (the scheduler creates them)", missing.join(", "));
             }
         }
         Err(e) => log::warn!(target: LOG, "{e}; will keep trying"),
     }
+    // Subscribed by the dispatch thread once the topic exists (`wait_for_topic`).
     let consumer: BaseConsumer = k
         .consumer(&id, &format!("etask.agents.{pool_name}"), false)
         .create()
         .map_err(|e| format!("kafka consumer: {e}"))?;
-    consumer
-        .subscribe(&[&topic])
-        .map_err(|e| format!("cannot subscribe to {topic}: {e}"))?;
     let control: BaseConsumer = k
         .control_consumer(&id)
         .create()
@@ -455,10 +488,13 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         draining: AtomicBool::new(false),
         stop: AtomicBool::new(false),
     });
-    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(f)
+    // Each loop is restarted if it panics (supervise): no message from the broker can stop
+    // the agent's consuming for good.
+    let health = Arc::new(crate::supervise::Health::default());
+    let spawn = |name: &str, f: Box<dyn Fn() + Send>| {
+        let a = agent.clone();
+        let done = move || a.draining.load(Ordering::SeqCst) || a.stop.load(Ordering::SeqCst);
+        crate::supervise::spawn(&health, name, done, f)
             .map_err(|e| format!("cannot start thread {name}: {e}"))
     };
     let every = Duration::from_millis(cfg.agent.heartbeat_ms);
@@ -475,14 +511,15 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     // The dispatch loop ends the process when the spool fails.
     let (failed_tx, failed_rx) = crossbeam_channel::bounded::<String>(1);
     let a = agent.clone();
+    // The consumer lives in the closure: dropped when the loop ends for good (the thread
+    // ends), which leaves the group so the pool's other agents take over the partitions.
     let dispatch = spawn(
         "agent-dispatch",
         Box::new(move || {
-            if let Err(e) = dispatch_loop(&a, &consumer) {
-                let _ = failed_tx.send(e);
+            let res = wait_for_topic(&a, &consumer).and_then(|()| dispatch_loop(&a, &consumer));
+            if let Err(e) = res {
+                let _ = failed_tx.try_send(e);
             }
-            // Leaves the group now, so the pool's other agents take over the partitions.
-            drop(consumer);
         }),
     )?;
     let registration = if cfg.registry.etcd.is_empty() {
@@ -517,10 +554,10 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         "etask agent {id} pool {pool_name} consuming {topic} on {}",
         k.brokers
     );
-    log::warn!(target: LOG, "started agent={id} pool={pool_name} brokers={}", k.brokers);
+    log::info!(target: LOG, "started agent={id} pool={pool_name} brokers={}", k.brokers);
     let result = crossbeam_channel::select! {
         recv(stop) -> sig => {
-            log::warn!(target: LOG, "signal {}: stopping", sig.unwrap_or(libc::SIGTERM));
+            log::info!(target: LOG, "{}: stopping", crate::signals::name(sig.unwrap_or(libc::SIGTERM)));
             Ok(())
         }
         recv(failed_rx) -> e => Err(e.unwrap_or_default()),

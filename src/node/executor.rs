@@ -65,12 +65,7 @@ impl ExecutorHandler for Handler {
 
 /// Sends pool events to the scheduler in batches; what is not acknowledged is kept and resent
 /// (the scheduler deduplicates by execution id + attempt + log seq).
-fn reporter(
-    client: SchedulerClient,
-    node: String,
-    events: Receiver<RunEvent>,
-    stop: Arc<AtomicBool>,
-) {
+fn reporter(client: &SchedulerClient, node: &str, events: &Receiver<RunEvent>, stop: &AtomicBool) {
     let mut pending: VecDeque<pb::ReportItem> = VecDeque::new();
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -86,7 +81,7 @@ fn reporter(
         }
         let n = pending.len().min(256);
         let batch = pb::ReportBatch {
-            node_id: node.clone(),
+            node_id: node.to_owned(),
             items: pending.iter().take(n).cloned().collect(),
         };
         match client.report(batch) {
@@ -142,7 +137,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     });
     // PUSH serves Execute/Cancel; PULL opens no port at all and asks the scheduler instead.
     let mut server = None;
-    let mut advertise = String::from("-");
+    let mut advertise = String::new();
     if ex.path == "push" {
         // Execute runs scripts: reachable from the network only with the token.
         let addr =
@@ -167,10 +162,17 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
             .spawn(move || report_unstarted(&client, &previous, &flag))
             .map_err(|e| e.to_string())?;
     }
-    let reporter = std::thread::Builder::new()
-        .name("executor-report".into())
-        .spawn(move || reporter(client, node, events_rx, flag))
-        .map_err(|e| e.to_string())?;
+    // Restarted if it panics, like every component loop (what was buffered is lost then; the
+    // scheduler's silence handling covers it).
+    let health = Arc::new(crate::supervise::Health::default());
+    let f2 = flag.clone();
+    let reporter = crate::supervise::spawn(
+        &health,
+        "executor-report",
+        move || f2.load(Ordering::SeqCst),
+        move || reporter(&client, &node, &events_rx, &flag),
+    )
+    .map_err(|e| e.to_string())?;
     let info = NodeInfo {
         id: node_id.clone(),
         role: "executor".into(),
@@ -201,19 +203,28 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
             ex.pool.clone(),
             stop_flag.clone(),
         );
-        Some(
-            std::thread::Builder::new()
-                .name("executor-pull".into())
-                .spawn(move || pull_loop(&client, &h, &node, &pool, capacity, &flag))
-                .map_err(|e| e.to_string())?,
-        )
+        Some({
+            let f2 = flag.clone();
+            crate::supervise::spawn(
+                &health,
+                "executor-pull",
+                move || f2.load(Ordering::SeqCst),
+                move || pull_loop(&client, &h, &node, &pool, capacity, &flag),
+            )
+            .map_err(|e| e.to_string())?
+        })
     } else {
         None
     };
-    println!("etask executor {node_id} serving on {advertise}");
-    log::warn!(target: LOG, "started node={node_id} pool={} scheduler={}", ex.pool, ex.scheduler);
+    // One line on stdout, like the scheduler's, so scripts and tests know it is up.
+    if server.is_some() {
+        println!("etask executor {node_id} serving on {advertise}");
+    } else {
+        println!("etask executor {node_id} pulling from {}", ex.scheduler);
+    }
+    log::info!(target: LOG, "started node={node_id} pool={} path={} scheduler={}", ex.pool, ex.path, ex.scheduler);
     let sig = stop.recv().unwrap_or(libc::SIGTERM);
-    log::warn!(target: LOG, "signal {sig}: stopping");
+    log::info!(target: LOG, "{}: stopping", crate::signals::name(sig));
     registration.stop();
     if let Some(srv) = server {
         srv.stop();

@@ -194,9 +194,16 @@ fn prepare_workspace(cfg: &PoolConfig, req: &RunRequest, ws: &Path) -> Result<La
     let launch = launch(&req.program, ws, &cfg.interpreters).map_err(|e| e.0)?;
     let io = |what: &str, p: &Path, e: io::Error| format!("{what} {}: {e}", p.display());
     // As few inodes as possible: on ext4, creating and removing directories is most of a
-    // trivial run's cost (see README, benchmark). The workspace, its tmp, and the working
+    // trivial run's cost (see docs/benchmarks.md). The workspace, its tmp, and the working
     // directory only when it is not the workspace itself.
     let mut owned = vec![ws.to_path_buf(), ws.join("tmp")];
+    // The name is unique per pool instance and run (see `Reactor::begin`): one that exists
+    // can only be the leftover of a dead process that had the same pid and random tag, and
+    // must not block this run.
+    if ws.symlink_metadata().is_ok() {
+        log::warn!(target: "etask::runner", "removing leftover workspace {}", ws.display());
+        std::fs::remove_dir_all(ws).map_err(|e| io("cannot remove leftover workspace", ws, e))?;
+    }
     for d in &owned {
         std::fs::DirBuilder::new()
             .mode(0o700)

@@ -130,6 +130,19 @@ pub enum Ending {
     SpawnFailed(String),
 }
 
+/// As an operator reads it (logs, `etask run`): "exit code 3", "timed out", ...
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ending::Exited(c) => write!(f, "exit code {c}"),
+            Ending::Signaled(s) => write!(f, "killed by signal {s}"),
+            Ending::TimedOut => f.write_str("timed out"),
+            Ending::Cancelled => f.write_str("cancelled"),
+            Ending::SpawnFailed(r) => write!(f, "could not start: {r}"),
+        }
+    }
+}
+
 /// What a run used, what bounded it and whether a limit ended it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Resources {
@@ -301,6 +314,9 @@ struct Shared {
 }
 
 /// Handle to the pool; dropping it cancels what is left and joins the reactor.
+/// The reactor thread and the launcher threads of a pool.
+type Threads = (Option<JoinHandle<()>>, Vec<JoinHandle<()>>);
+
 pub struct Pool {
     shared: Arc<Shared>,
     poller: Arc<Poller>,
@@ -309,16 +325,17 @@ pub struct Pool {
     journal: Option<Arc<super::journal::StartJournal>>,
     max_concurrent: usize,
     containment: Arc<Containment>,
-    thread: Option<JoinHandle<()>>,
-    launchers: Vec<JoinHandle<()>>,
+    /// The reactor and the launchers, joined by the first `shutdown` (through a shared
+    /// reference: a node hands its pool to several components).
+    threads: std::sync::Mutex<Threads>,
     /// A named node's hold on its workspace root (see `lock_workspace`).
     _workspace_lock: Option<std::fs::File>,
 }
 
 impl Pool {
     /// Starts the reactor thread. Makes this process a child subreaper and installs a SIGCHLD
-    /// handler: from now on the pool reaps every child of the process (see README, operating
-    /// notes), so nothing else in the process may wait on children of its own.
+    /// handler: from now on the pool reaps every child of the process (see docs/design.md,
+    /// "Reaping"), so nothing else in the process may wait on children of its own.
     ///
     /// Before it returns (so before the node takes any work) it finds where runs are
     /// contained and, for a named node (`cgroup.name`), kills and removes what a previous
@@ -415,8 +432,7 @@ impl Pool {
             journal,
             max_concurrent,
             containment,
-            thread: Some(thread),
-            launchers,
+            threads: std::sync::Mutex::new((Some(thread), launchers)),
             _workspace_lock: workspace_lock,
         })
     }
@@ -487,19 +503,20 @@ impl Pool {
         self.max_concurrent
     }
 
-    /// Cancels everything left and waits for the reactor to finish.
-    pub fn shutdown(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
+    /// Cancels everything left (killing each run's tree) and waits for the reactor and the
+    /// launchers to finish. Later calls return at once.
+    pub fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = self.poller.notify();
-        if let Some(t) = self.thread.take() {
+        let (thread, launchers) = {
+            let mut t = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+            (t.0.take(), std::mem::take(&mut t.1))
+        };
+        if let Some(t) = thread {
             let _ = t.join();
         }
         // The reactor dropped the job sender on exit; launchers finish pending removals and end.
-        for t in self.launchers.drain(..) {
+        for t in launchers {
             let _ = t.join();
         }
     }
@@ -507,7 +524,7 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.stop();
+        self.shutdown();
     }
 }
 
@@ -671,6 +688,10 @@ struct Reactor {
     jobs: Sender<Job>,
     spawned_rx: Receiver<SpawnDone>,
     next_seq: u64,
+    /// `<pid>-<random>`, fixed for this pool: with `next_seq` it makes every per-run name (the
+    /// workspace, the run token) unique among pools of all processes on the host, including
+    /// dead ones whose workspace was left behind by `kill -9` under a since reused pid.
+    instance: String,
     scratch: Vec<u8>,
     chunks: Vec<LogChunk>,
 }
@@ -706,6 +727,7 @@ impl Reactor {
             by_pid: HashMap::new(),
             queue: VecDeque::new(),
             next_seq: 0,
+            instance: format!("{}-{:08x}", std::process::id(), fastrand::u32(..)),
             scratch: vec![0; 64 << 10],
             chunks: Vec::new(),
         }
@@ -817,15 +839,19 @@ impl Reactor {
     /// Hands a queued run to a launcher thread; it counts against `max_concurrent` from now.
     fn begin(&mut self, req: Box<RunRequest>, events: Sender<RunEvent>) {
         self.next_seq += 1;
-        // The node's name first: a restarted node finds its predecessor's runs by it.
+        // The node's name first: a restarted node finds its predecessor's runs by it; the
+        // instance keeps names apart from those its predecessor left.
         let token = format!(
-            "{}.{}.{}",
+            "{}.{}-{}",
             self.containment.name(),
-            std::process::id(),
+            self.instance,
             self.next_seq
         );
         // One name for the workspace and the cgroup: run-<execution>-<attempt>-<n>.
-        let name = format!("run-{}-{}-{}", req.execution_id, req.attempt, self.next_seq);
+        let name = format!(
+            "run-{}-{}-{}-{}",
+            req.execution_id, req.attempt, self.instance, self.next_seq
+        );
         let workspace = self.cfg.workspace_root.join(&name);
         let limits = req
             .program
@@ -1081,7 +1107,7 @@ impl Reactor {
         if run.ending.is_some() || run.wait.is_some() {
             return; // already stopping, or already over
         }
-        log::info!(target: LOG, "execution={} attempt={} stopping: {why:?}", key.execution, key.attempt);
+        log::info!(target: LOG, "execution={} attempt={} stopping: {why}", key.execution, key.attempt);
         run.ending = Some(why);
         let main = run.pid;
         run.signal_all(libc::SIGTERM, &|p| {

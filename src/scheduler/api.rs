@@ -329,7 +329,8 @@ impl TaskSpec {
             let why = match path {
                 "push" => "push needs gRPC (server.grpc_listen) and a registry (registry.etcd)"
                     .to_string(),
-                "pull" => "pull needs gRPC (server.grpc_listen)".to_string(),
+                "pull" => "pull needs gRPC (server.grpc_listen) and a registry (registry.etcd)"
+                    .to_string(),
                 "agent" => "agent needs Kafka (kafka.brokers or --kafka)".to_string(),
                 "local" => "this scheduler has no built-in node (run --mode all)".to_string(),
                 _ => format!("unknown path; use one of {paths:?}"),
@@ -404,6 +405,19 @@ impl TaskSpec {
             }
         }
         Ok(())
+    }
+
+    /// One execution per live node of the pool (`target.strategy = "broadcast"`).
+    pub fn is_broadcast(&self) -> bool {
+        self.target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast")
+    }
+
+    /// The target pool ("default" when none is given).
+    pub fn pool(&self) -> &str {
+        self.target
+            .as_ref()
+            .and_then(|t| t.pool.as_deref())
+            .unwrap_or("default")
     }
 
     pub fn path(&self) -> &str {

@@ -152,11 +152,7 @@ impl Core {
     /// Creates a task (and its first execution for `once`); idempotent on `request_id`.
     /// The nodes a broadcast of `spec` runs on: the live nodes of its path and pool.
     fn broadcast_nodes(&self, spec: &TaskSpec) -> Vec<String> {
-        let pool = spec
-            .target
-            .as_ref()
-            .and_then(|t| t.pool.clone())
-            .unwrap_or_else(|| "default".into());
+        let pool = spec.pool();
         let path = spec.path();
         self.node_table
             .as_ref()
@@ -178,7 +174,7 @@ impl Core {
         }
         let now = now_ms();
         let target = spec.target.clone();
-        let broadcast = target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast");
+        let broadcast = spec.is_broadcast();
         // Broadcast: one execution per live node of the pool, known before anything is stored.
         let broadcast_once = broadcast && matches!(spec.schedule, Schedule::Once { .. });
         let shards: Vec<String> = if broadcast_once {
@@ -197,6 +193,23 @@ impl Core {
         } else {
             Vec::new()
         };
+        // Work for a pool with no live node now (a typo, or no node started yet) fails at once
+        // instead of waiting no_node_timeout_seconds; work due later, or a cron task, waits
+        // for a node to come.
+        let runs_now = matches!(spec.schedule, Schedule::Once { at: None });
+        if runs_now && !broadcast && matches!(spec.path(), "push" | "pull") {
+            let synced = self.node_table.as_ref().is_some_and(|t| t.synced());
+            if synced && self.broadcast_nodes(&spec).is_empty() {
+                return Err(ApiError::unavailable(format!(
+                    "no live {} node in pool {:?}; start one (etask server --mode executor \
+                     --path {} --pool {}) or check the pool name",
+                    spec.path(),
+                    spec.pool(),
+                    spec.path(),
+                    spec.pool(),
+                )));
+            }
+        }
         let (cron, first_due_at) = match &mut spec.schedule {
             Schedule::Once { at } => (None, Some(at.unwrap_or(now))),
             Schedule::Cron { expr, timezone, .. } => {
@@ -252,8 +265,8 @@ impl Core {
         }
         if !created.existed {
             self.metrics.tasks_submitted.fetch_add(1, Ordering::Relaxed);
-            log::info!(target: LOG, "task={} name={:?} created execution={:?}", created.task_id, spec.name,
-                created.execution_id.map(|e| e.0));
+            log::info!(target: LOG, "task={} name={:?} created{}", created.task_id, spec.name,
+                created.execution_id.map(|e| format!(" execution={e}")).unwrap_or_default());
         }
         if created.execution_id.is_some() {
             self.wake_dispatch();
@@ -275,6 +288,62 @@ impl Core {
             .add_execution(task, now, Some(self.timeout_ms(&spec)), now)?;
         self.wake_dispatch();
         Ok(id)
+    }
+
+    /// Pauses a cron task: it fires no more until resumed (executions already created run).
+    /// A task that runs once has nothing to pause: 409, so that nobody believes it paused.
+    pub fn pause(&self, id: TaskId) -> Result<Value, ApiError> {
+        let t = self.cron_task(id, "pause")?;
+        self.store.set_paused(id, true)?;
+        if !t.paused {
+            log::info!(target: LOG, "task={id} paused");
+        }
+        Ok(json!({"id": id, "paused": true}))
+    }
+
+    /// Resumes a paused cron task at its next fire time after now. Fire times missed while it
+    /// was paused are skipped, unless `catch_up` asks for one execution now (like
+    /// `scheduler.cron_missed = "once"` after downtime).
+    pub fn resume(&self, id: TaskId, catch_up: bool) -> Result<Value, ApiError> {
+        let t = self.cron_task(id, "resume")?;
+        let now = now_ms();
+        if t.paused && !catch_up {
+            if let (Some(expr), Some(at)) = (t.cron_expr.as_deref(), t.next_fire_at) {
+                if at <= now {
+                    // Moved while still paused, so the ticker cannot fire the missed time in
+                    // between; a CAS, like every fire.
+                    let zone = t
+                        .spec
+                        .pointer("/schedule/timezone")
+                        .and_then(Value::as_str)
+                        .and_then(|z| crate::cron::zone(z).ok())
+                        .unwrap_or(chrono_tz::UTC);
+                    let next = parse_cron(expr, zone).ok().and_then(|s| next_fire(&s, now));
+                    self.store.skip_cron(id, at, next)?;
+                }
+            }
+        }
+        self.store.set_paused(id, false)?;
+        if t.paused {
+            log::info!(target: LOG, "task={id} resumed{}", if catch_up { " with a catch-up run" } else { "" });
+        }
+        Ok(json!({"id": id, "paused": false}))
+    }
+
+    /// The task `action` (pause/resume) applies to: it exists and runs on a cron schedule.
+    fn cron_task(&self, id: TaskId, action: &str) -> Result<crate::store::TaskRow, ApiError> {
+        let t = self
+            .store
+            .get_task(id)?
+            .filter(|t| !t.deleted)
+            .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))?;
+        if t.cron_expr.is_none() {
+            return Err(ApiError::conflict(format!(
+                "task {id} runs once: only cron tasks can {action}; to stop its execution, \
+                 cancel it (POST /api/v1/executions/ID/cancel) or delete the task"
+            )));
+        }
+        Ok(t)
     }
 
     /// Cancels an execution: at once in the store, then on its node. Idempotent.
@@ -741,7 +810,11 @@ impl Scheduler {
             .migrate()
             .map_err(|e| format!("store {}: {e}", store.describe()))?;
         if !applied.is_empty() {
-            log::info!(target: LOG, "store {} migrated to version {:?}", store.describe(), applied.last());
+            let to = applied
+                .iter()
+                .max()
+                .map_or(String::new(), |v| v.to_string());
+            log::info!(target: LOG, "store {} migrated to version {to}", store.describe());
         }
         let (kick_dispatch, dispatch_rx) = crossbeam_channel::bounded(1);
         let (kick_callbacks, callbacks_rx) = crossbeam_channel::bounded(1);

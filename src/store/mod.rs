@@ -152,6 +152,37 @@ pub fn statements(sql: &str) -> Vec<String> {
 }
 
 /// Opens the store named by a URL: `sqlite:PATH` or `mysql://user:pass@host:port/db`.
+/// Checks a store URL without connecting: what `open` would refuse before any I/O.
+///
+/// # Errors
+/// `BadUrl` for anything but `sqlite:PATH` or a parseable `mysql://…/db` URL.
+pub fn check_url(url: &str) -> Result<()> {
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        if path.trim_start_matches("//").is_empty() {
+            return Err(StoreError::BadUrl(url.to_owned()));
+        }
+        Ok(())
+    } else if url.starts_with("mysql://") {
+        self::mysql::opts(url).map(|_| ())
+    } else {
+        Err(StoreError::BadUrl(url.to_owned()))
+    }
+}
+
+/// Creates the store's database when it is missing (MySQL; SQLite creates its file when it
+/// opens it); true when it was created. What `etask migrate` does first.
+///
+/// # Errors
+/// As `open`; also when the MySQL user may not create databases.
+pub fn create_database(url: &str) -> Result<bool> {
+    check_url(url)?;
+    if url.starts_with("mysql://") {
+        self::mysql::create_database(url)
+    } else {
+        Ok(false)
+    }
+}
+
 pub fn open(url: &str) -> Result<SqlStore> {
     let backend: Box<dyn Backend> = if let Some(path) = url.strip_prefix("sqlite:") {
         Box::new(Sqlite::open(path.trim_start_matches("//"))?)
@@ -283,8 +314,10 @@ impl ExecutionRow {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogRow {
-    /// Position in the execution's log across attempts (`after_seq` in the API).
+    /// Position in the execution's log, from 1, across attempts (`after_seq` in the API).
     pub seq: i64,
+    /// The store's own id of the chunk: where `logs_continue` goes on without counting again.
+    pub chunk_id: i64,
     pub attempt: u32,
     pub stream: String,
     pub data: String,
@@ -528,7 +561,12 @@ pub trait Store: Send + Sync {
         chunks: &[(ExecutionId, Attempt, u64, &str, &str)],
         now: i64,
     ) -> Result<()>;
+    /// The chunks of an execution after position `after_seq` (0 = from the start), in the
+    /// order they were stored, numbered from 1 per execution.
     fn logs_after(&self, id: ExecutionId, after_seq: i64, limit: u32) -> Result<Vec<LogRow>>;
+    /// The chunks after `last` (a row this reader already has), numbered on from its `seq`:
+    /// what a follower polls, so it never counts the chunks it already read.
+    fn logs_continue(&self, id: ExecutionId, last: &LogRow, limit: u32) -> Result<Vec<LogRow>>;
     /// `retry_wait` executions whose backoff is over become `pending` with the next attempt.
     fn promote_retries(&self, now: i64) -> Result<u64>;
     /// Dispatched/running executions whose node stopped heartbeating before `silent_before`.
@@ -587,6 +625,20 @@ fn status_of(v: &V) -> Result<Status> {
     v.s()
         .and_then(|s| Status::parse(&s))
         .ok_or_else(|| bad("status"))
+}
+
+/// Rows of `SELECT id, attempt, stream, data FROM log_chunks`, numbered on after `after_seq`.
+fn log_rows(rows: &[Vec<V>], after_seq: i64) -> Vec<LogRow> {
+    rows.iter()
+        .zip(after_seq + 1..)
+        .map(|(r, seq)| LogRow {
+            seq,
+            chunk_id: r[0].i().unwrap_or(0),
+            attempt: r[1].i().unwrap_or(0) as u32,
+            stream: r[2].s().unwrap_or_default(),
+            data: r[3].s().unwrap_or_default(),
+        })
+        .collect()
 }
 
 fn task_row(r: &[V]) -> Result<TaskRow> {
@@ -1345,15 +1397,25 @@ impl Store for SqlStore {
     }
 
     fn logs_after(&self, id: ExecutionId, after_seq: i64, limit: u32) -> Result<Vec<LogRow>> {
+        // Positions are stable: chunks are only ever appended (ids grow) and deleted with
+        // their whole execution.
+        let after_seq = after_seq.max(0);
+        self.tx(|c| {
+            let rows = c.query(
+                "SELECT id, attempt, stream, data FROM log_chunks WHERE execution_id = ? ORDER BY id LIMIT ? OFFSET ?",
+                &[id.0.into(), i64::from(limit).into(), after_seq.into()],
+            )?;
+            Ok(log_rows(&rows, after_seq))
+        })
+    }
+
+    fn logs_continue(&self, id: ExecutionId, last: &LogRow, limit: u32) -> Result<Vec<LogRow>> {
         self.tx(|c| {
             let rows = c.query(
                 "SELECT id, attempt, stream, data FROM log_chunks WHERE execution_id = ? AND id > ? ORDER BY id LIMIT ?",
-                &[id.0.into(), after_seq.into(), i64::from(limit).into()],
+                &[id.0.into(), last.chunk_id.into(), i64::from(limit).into()],
             )?;
-            Ok(rows
-                .iter()
-                .map(|r| LogRow { seq: r[0].i().unwrap_or(0), attempt: r[1].i().unwrap_or(0) as u32, stream: r[2].s().unwrap_or_default(), data: r[3].s().unwrap_or_default() })
-                .collect())
+            Ok(log_rows(&rows, last.seq))
         })
     }
 

@@ -16,19 +16,30 @@ pub struct Mysql {
 }
 
 fn err(e: mysql::Error) -> StoreError {
+    let text = format!("mysql: {}", show(&e));
     match e {
         mysql::Error::MySqlError(ref m) if m.code == 1213 || m.code == 1205 => {
-            StoreError::Retry(format!("mysql: {e}"))
+            StoreError::Retry(text)
         }
-        mysql::Error::MySqlError(ref m) if m.code == 1062 => {
-            StoreError::Duplicate(format!("mysql: {e}"))
-        }
-        mysql::Error::IoError(_) | mysql::Error::DriverError(_) => {
-            StoreError::Unavailable(format!("mysql: {e}"))
-        }
-        e => StoreError::Internal(format!("mysql: {e}")),
+        mysql::Error::MySqlError(ref m) if m.code == 1062 => StoreError::Duplicate(text),
+        mysql::Error::IoError(_) | mysql::Error::DriverError(_) => StoreError::Unavailable(text),
+        _ => StoreError::Internal(text),
     }
 }
+
+/// A driver error as an operator reads it: the crate's own `Display` wraps the server's
+/// message in its Rust variant name (`MySqlError { ERROR 1049 … }`).
+fn show(e: &mysql::Error) -> String {
+    match e {
+        mysql::Error::MySqlError(m) => format!("error {} ({}): {}", m.code, m.state, m.message),
+        mysql::Error::DriverError(d) => d.to_string(),
+        mysql::Error::IoError(io) => io.to_string(),
+        e => e.to_string(),
+    }
+}
+
+/// MySQL's "unknown database" error number.
+const ER_BAD_DB: u16 = 1049;
 
 fn params(p: &[V]) -> Params {
     if p.is_empty() {
@@ -57,32 +68,83 @@ fn value(v: MyValue) -> V {
     }
 }
 
+/// The connection options of a `mysql://` URL, refused before any I/O when it has no
+/// database name. The URL's host and port are used as given: the driver would otherwise switch
+/// a `127.0.0.1`/`localhost` URL to the server's Unix socket (its `prefer_socket` default),
+/// which is another server when several run on one host. `?prefer_socket=true` still asks for
+/// that.
+pub(super) fn opts(url: &str) -> Result<Opts> {
+    let parsed = Opts::from_url(url).map_err(|e| StoreError::BadUrl(format!("{url}: {e}")))?;
+    if parsed.get_db_name().is_none_or(str::is_empty) {
+        return Err(StoreError::BadUrl(format!("{url}: no database name")));
+    }
+    if url.contains("prefer_socket=") {
+        return Ok(parsed);
+    }
+    Ok(OptsBuilder::from_opts(parsed).prefer_socket(false).into())
+}
+
+/// `mysql://user@host:port/db` (no password) for messages and logs.
+fn describe(opts: &Opts) -> String {
+    format!(
+        "mysql://{}@{}:{}/{}",
+        opts.get_user().unwrap_or(""),
+        opts.get_ip_or_hostname(),
+        opts.get_tcp_port(),
+        opts.get_db_name().unwrap_or("")
+    )
+}
+
+/// Creates the URL's database (utf8mb4) when it does not exist; true when it was created.
+/// Only `etask migrate` calls this: a server refuses to start without its database rather
+/// than create one from a mistyped URL.
+pub(super) fn create_database(url: &str) -> Result<bool> {
+    let opts = opts(url)?;
+    let db = opts.get_db_name().unwrap_or_default().to_owned();
+    let shown = describe(&opts);
+    let server = OptsBuilder::from_opts(opts).db_name(None::<String>);
+    let mut conn = mysql::Conn::new(server)
+        .map_err(|e| StoreError::Unavailable(format!("cannot connect to {shown}: {}", show(&e))))?;
+    let exists: Option<String> = conn
+        .exec_first(
+            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+            (db.as_str(),),
+        )
+        .map_err(err)?;
+    if exists.is_some() {
+        return Ok(false);
+    }
+    // An identifier cannot be a bound parameter: quote it (a backtick is doubled).
+    let quoted = db.replace('`', "``");
+    conn.query_drop(format!(
+        "CREATE DATABASE IF NOT EXISTS `{quoted}` CHARACTER SET utf8mb4"
+    ))
+    .map_err(err)?;
+    Ok(true)
+}
+
 impl Mysql {
     pub fn open(url: &str) -> Result<Mysql> {
-        let opts = Opts::from_url(url).map_err(|e| StoreError::BadUrl(format!("{url}: {e}")))?;
-        let describe = format!(
-            "mysql://{}@{}:{}/{}",
-            opts.get_user().unwrap_or(""),
-            opts.get_ip_or_hostname(),
-            opts.get_tcp_port(),
-            opts.get_db_name().unwrap_or("")
-        );
-        if opts.get_db_name().is_none_or(str::is_empty) {
-            return Err(StoreError::BadUrl(format!("{url}: no database name")));
-        }
+        let opts = opts(url)?;
+        let describe = describe(&opts);
         // A few connections are plenty: every statement is short and the threads are few.
         let constraints = PoolConstraints::new(1, 16)
             .ok_or_else(|| StoreError::Internal("pool constraints".into()))?;
         let opts = OptsBuilder::from_opts(opts)
             .pool_opts(PoolOpts::default().with_constraints(constraints));
-        let pool = Pool::new(opts)
-            .map_err(|e| StoreError::Unavailable(format!("cannot connect to {describe}: {e}")))?;
+        let pool = Pool::new(opts).map_err(|e| match &e {
+            mysql::Error::MySqlError(m) if m.code == ER_BAD_DB => StoreError::Unavailable(format!(
+                "{describe}: the database does not exist; create it with `etask migrate --store \
+                 URL` (or CREATE DATABASE ... CHARACTER SET utf8mb4)"
+            )),
+            _ => StoreError::Unavailable(format!("cannot connect to {describe}: {}", show(&e))),
+        })?;
         Ok(Mysql { pool, describe })
     }
 
     fn conn(&self) -> Result<PooledConn> {
         self.pool.get_conn().map_err(|e| {
-            StoreError::Unavailable(format!("cannot connect to {}: {e}", self.describe))
+            StoreError::Unavailable(format!("cannot connect to {}: {}", self.describe, show(&e)))
         })
     }
 }

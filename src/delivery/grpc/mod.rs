@@ -1,4 +1,4 @@
-//! The gRPC transport (tonic). The only place with a tokio runtime (DESIGN.md containment
+//! The gRPC transport (tonic). The only place with a tokio runtime (docs/design.md containment
 //! rule): `Runtime` owns it; servers hand requests to sync code through plain callbacks and
 //! crossbeam channels, and sync callers use the blocking clients below.
 

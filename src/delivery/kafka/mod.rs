@@ -111,8 +111,8 @@ impl ProducerContext for Logged {
     type DeliveryOpaque = ();
     fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
         if let Err((e, m)) = r {
-            log::warn!(target: LOG, "message to {} (key {:?}) not delivered: {e}", m.topic(),
-                m.key().map(String::from_utf8_lossy));
+            log::warn!(target: LOG, "message to {} (key {}) not delivered: {e}", m.topic(),
+                m.key().map_or("none".into(), String::from_utf8_lossy));
         }
     }
 }

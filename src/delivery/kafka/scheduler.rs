@@ -29,6 +29,9 @@ pub struct KafkaDelivery {
     producer: Producer_,
     /// Dispatch topics known to exist.
     topics: Mutex<HashSet<String>>,
+    /// Pools whose topic an agent's heartbeat asked for and that could not be created, with
+    /// when that was last tried (retried every 10 s, said once).
+    topic_waits: Mutex<HashMap<String, Instant>>,
     /// Attempts in a dispatch topic that no agent has reported started yet (bounded by
     /// `kafka.max_queued`; entries older than the dispatch TTL are dropped: the sweeper
     /// re-dispatches those).
@@ -63,16 +66,22 @@ impl KafkaDelivery {
             id,
             producer,
             topics: Mutex::new(topics.into_iter().collect()),
+            topic_waits: Mutex::new(HashMap::new()),
             queued: Mutex::new(HashMap::new()),
             sink: OnceLock::new(),
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
         });
         let d2 = d.clone();
-        let t = std::thread::Builder::new()
-            .name("kafka-events".into())
-            .spawn(move || d2.consume(&consumer))
-            .map_err(|e| e.to_string())?;
+        // Restarted if it panics: no event on the topic can stop the scheduler's ingest.
+        let (health, d3) = (Arc::new(crate::supervise::Health::default()), d.clone());
+        let t = crate::supervise::spawn(
+            &health,
+            "kafka-events",
+            move || d3.stop.load(Ordering::SeqCst),
+            move || d2.consume(&consumer),
+        )
+        .map_err(|e| e.to_string())?;
         *d.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
         log::info!(target: LOG, "scheduler on kafka {}: consuming {}", cfg.brokers, cfg.events_topic);
         Ok(d)
@@ -180,7 +189,8 @@ impl KafkaDelivery {
         }
         for ev in later {
             match ev.body {
-                EventBody::Heartbeat { running, .. } => {
+                EventBody::Heartbeat { running, pool, .. } => {
+                    self.topic_for_agent(&ev.agent, &pool);
                     let running: Vec<(ExecutionId, Attempt)> = running
                         .into_iter()
                         .map(|(e, a)| (ExecutionId(e), Attempt(a)))
@@ -196,6 +206,43 @@ impl KafkaDelivery {
             }
         }
         true
+    }
+
+    /// An agent of `pool` is up: its dispatch topic is created now, not at the pool's first
+    /// dispatch, so the agent has joined its group when the first task comes (the agent
+    /// waits for the topic before it subscribes).
+    fn topic_for_agent(&self, agent: &str, pool: &str) {
+        let topic = self.cfg.dispatch_topic(pool);
+        if self
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&topic)
+        {
+            return;
+        }
+        let mut waits = self.topic_waits.lock().unwrap_or_else(|p| p.into_inner());
+        let first = !waits.contains_key(pool);
+        if waits
+            .get(pool)
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        waits.insert(pool.to_owned(), Instant::now());
+        drop(waits);
+        match self.topic_for(pool) {
+            Ok(_) => {
+                self.topic_waits
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(pool);
+            }
+            Err(Refused::Rejected(why) | Refused::Busy(why)) if first => {
+                log::warn!(target: LOG, "agent={agent} pool={pool} waits for its topic: {why}")
+            }
+            Err(_) => {}
+        }
     }
 
     /// The dispatch topic of `pool`, checked (and created when allowed) on first use.

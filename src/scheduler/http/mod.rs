@@ -134,6 +134,51 @@ fn num<T: std::str::FromStr>(q: &[(String, String)], k: &str) -> Result<Option<T
         .transpose()
 }
 
+/// Refuses query parameters the request does not take (a typo is an error, as in a body),
+/// and parameters given twice.
+fn only(q: &[(String, String)], allowed: &[&str]) -> Result<(), ApiError> {
+    for (i, (k, _)) in q.iter().enumerate() {
+        if !allowed.contains(&k.as_str()) {
+            return Err(ApiError::invalid(if allowed.is_empty() {
+                format!("unknown query parameter {k:?}: this request takes none")
+            } else {
+                format!(
+                    "unknown query parameter {k:?}: this request takes {}",
+                    allowed.join(", ")
+                )
+            }));
+        }
+        if q[..i].iter().any(|(n, _)| n == k) {
+            return Err(ApiError::invalid(format!(
+                "query parameter {k:?} given more than once"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A page size: `limit` from 1 to 500, 50 when absent.
+fn limit(q: &[(String, String)]) -> Result<u32, ApiError> {
+    match num::<u32>(q, "limit")? {
+        None => Ok(50),
+        Some(n @ 1..=500) => Ok(n),
+        Some(n) => Err(ApiError::invalid(format!(
+            "limit={n}: a page holds 1 to 500 items"
+        ))),
+    }
+}
+
+/// A true/false query parameter (`true`/`1`, `false`/`0`); absent = false.
+fn flag(q: &[(String, String)], k: &str) -> Result<bool, ApiError> {
+    match param(q, k) {
+        None | Some("false" | "0") => Ok(false),
+        Some("true" | "1") => Ok(true),
+        Some(v) => Err(ApiError::invalid(format!(
+            "query parameter {k}={v:?}: use true or false"
+        ))),
+    }
+}
+
 fn id_of(seg: &str, what: &str) -> Result<i64, ApiError> {
     seg.parse::<i64>()
         .map_err(|_| ApiError::invalid(format!("{what} id {seg:?} is not a number")))
@@ -210,19 +255,28 @@ fn route(
         code: "method_not_allowed",
         message: format!("{method} is not allowed on {path}"),
     };
+    let takes: &[&str] = match (method, segs[2], &segs[3..]) {
+        ("GET", "tasks", []) => &["name", "limit", "cursor"],
+        ("GET", "executions", []) => &["task_id", "status", "limit", "cursor"],
+        ("POST", "tasks", [_, "resume"]) => &["catch_up"],
+        _ => &[],
+    };
+    only(q, takes)?;
     match (segs[2], &segs[3..]) {
         ("tasks", []) => match method {
             "POST" => {
                 let spec = TaskSpec::parse(body, &core.paths())?;
+                let broadcast = spec.is_broadcast();
                 let (c, all) = core.submit(spec)?;
                 let mut body = json!({"task_id": c.task_id, "execution_id": c.execution_id});
-                if all.len() > 1 {
+                // One shape for every broadcast, whatever the number of nodes (none yet: cron).
+                if broadcast {
                     body["execution_ids"] = json!(all);
                 }
                 Ok((if c.existed { 200 } else { 201 }, body))
             }
             "GET" => {
-                let limit = num::<u32>(q, "limit")?.unwrap_or(50).clamp(1, 500);
+                let limit = limit(q)?;
                 let cursor = num::<i64>(q, "cursor")?.map(TaskId);
                 let rows = core.store.list_tasks(
                     param(q, "name").filter(|n| !n.is_empty()),
@@ -266,12 +320,10 @@ fn route(
                     201,
                     json!({"task_id": id, "execution_id": core.run_now(id)?}),
                 )),
-                "pause" | "resume" => {
-                    if core.store.set_paused(id, *action == "pause")? {
-                        Ok((200, json!({"id": id, "paused": *action == "pause"})))
-                    } else {
-                        Err(ApiError::not_found(format!("task {id} not found")))
-                    }
+                "pause" => core.pause(id).map(|v| (200, v)),
+                "resume" => {
+                    let catch_up = flag(q, "catch_up")?;
+                    core.resume(id, catch_up).map(|v| (200, v))
                 }
                 _ => Err(ApiError::not_found(format!(
                     "no action {action:?} on tasks; use run, pause or resume"
@@ -283,7 +335,7 @@ fn route(
             Ok((200, json!({"items": nodes})))
         }
         ("executions", []) if method == "GET" => {
-            let limit = num::<u32>(q, "limit")?.unwrap_or(50).clamp(1, 500);
+            let limit = limit(q)?;
             let cursor = num::<i64>(q, "cursor")?.map(ExecutionId);
             let task = num::<i64>(q, "task_id")?.map(TaskId);
             let status = match param(q, "status").filter(|s| !s.is_empty()) {
@@ -323,9 +375,10 @@ fn route(
 /// response is streamed and ends when the execution does (or after [`FOLLOW_MAX`]).
 fn logs(core: &Arc<Core>, id: &str, q: &[(String, String)]) -> Response {
     let parsed = (|| {
+        only(q, &["after_seq", "follow"])?;
         let id = ExecutionId(id_of(id, "execution")?);
         let after = num::<i64>(q, "after_seq")?.unwrap_or(0);
-        let follow = matches!(param(q, "follow"), Some("true" | "1"));
+        let follow = flag(q, "follow")?;
         core.store
             .get_execution(id)?
             .ok_or_else(|| ApiError::not_found(format!("execution {id} not found")))?;
@@ -384,8 +437,9 @@ fn stream_logs(
     core: &Core,
     sink: &Sink,
     id: ExecutionId,
-    mut after: i64,
+    after: i64,
 ) -> Result<(), transport::Closed> {
+    let mut last: Option<crate::store::LogRow> = None;
     let started = Instant::now();
     let mut last_sent = Instant::now();
     let mut buf = String::new();
@@ -398,12 +452,19 @@ fn stream_logs(
             .ok()
             .flatten()
             .is_none_or(|e| e.status.is_terminal());
-        let rows = core.store.logs_after(id, after, 1_000).unwrap_or_default();
+        // Count the chunks before `after_seq` once; from then on continue after the last one.
+        let rows = match &last {
+            None => core.store.logs_after(id, after, 1_000),
+            Some(l) => core.store.logs_continue(id, l, 1_000),
+        }
+        .unwrap_or_default();
         buf.clear();
         for r in &rows {
             buf.push_str(&line(r));
             buf.push('\n');
-            after = r.seq;
+        }
+        if let Some(r) = rows.last() {
+            last = Some(r.clone());
         }
         if !buf.is_empty() {
             sink.send(std::mem::take(&mut buf).into_bytes())?;

@@ -1,0 +1,485 @@
+//! The command line as a user meets it: `etask run` next to other runs and after crashed ones,
+//! validation before side effects, exit codes, `config --check`, and the table output of the
+//! client commands. Every test runs the real binary.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::temp_dir;
+
+/// `etask ARGS` with `TMPDIR` set to `tmp` (so `etask run` workspaces land in the test's dir).
+fn etask(tmp: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(args)
+        .env("TMPDIR", tmp)
+        .env_remove("ETASK_SERVER")
+        .env_remove("ETASK_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run etask")
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn workspaces(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn concurrent_runs_and_leftovers_of_killed_runs_never_collide() {
+    let dir = temp_dir("cli-run-ws");
+    let script = dir.join("s.sh");
+    std::fs::write(&script, "sleep 5\n").unwrap();
+    let root = dir.join("etask-work");
+    let mut long = support::Proc(
+        Command::new(env!("CARGO_BIN_EXE_etask"))
+            .args(["run", "--shell"])
+            .arg(&script)
+            .env("TMPDIR", &dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while workspaces(&root).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no workspace appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A second run while the first one runs.
+    let o = etask(&dir, &["run", "--exec", "--", "true"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    // The first run dies without cleaning up: its workspace stays behind...
+    long.kill9();
+    let left = workspaces(&root);
+    assert_eq!(left.len(), 1, "{left:?}");
+    // ...and blocks nothing.
+    for _ in 0..2 {
+        let o = etask(&dir, &["run", "--exec", "--", "true"]);
+        assert_eq!(code(&o), 0, "{}", text(&o));
+    }
+    assert_eq!(workspaces(&root), left);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `etask ARGS --server URL`.
+fn client(tmp: &Path, url: &str, args: &[&str]) -> Output {
+    let mut all = args.to_vec();
+    all.extend(["--server", url]);
+    etask(tmp, &all)
+}
+
+#[test]
+fn submit_refuses_cron_with_wait_before_creating_anything() {
+    let dir = temp_dir("cli-submit-validate");
+    let s = support::server::Server::start(&dir, &[], "");
+    let script = dir.join("s.sh");
+    std::fs::write(&script, "true\n").unwrap();
+    let script = script.to_str().unwrap();
+    for bad in [
+        &[
+            "submit",
+            "--shell",
+            script,
+            "--cron",
+            "*/5 * * * * *",
+            "--wait",
+        ][..],
+        &["submit", "--shell", script, "--timeout", "-1"][..],
+        &["submit", "--shell", script, "--max-attempts", "0"][..],
+        &["submit", "--shell", script, "--env", "NOEQUALS"][..],
+        &["submit", "--shell", script, "--python", script][..],
+    ] {
+        let o = client(&dir, &s.url, bad);
+        assert_eq!(code(&o), 64, "{bad:?}: {}", text(&o));
+    }
+    let (st, v) = s.call("GET", "/api/v1/tasks", None);
+    assert_eq!(
+        (st, v["items"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{v}"
+    );
+}
+
+#[test]
+fn exit_statuses_follow_one_scheme_in_every_command() {
+    let dir = temp_dir("cli-exit");
+    let s = support::server::Server::start(&dir, &[], "");
+    let write = |name: &str, body: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let exit3 = write("exit3.sh", "exit 3\n");
+    let exit69 = write("exit69.sh", "echo x; exit 69\n");
+    let cases: Vec<(Vec<&str>, i32)> = vec![
+        // argh's own parse errors, and ours
+        (vec!["run", "--no-such-flag"], 64),
+        (vec!["nosuchcommand"], 64),
+        (vec!["run", "--exec"], 64),
+        (vec!["server", "--mode", "sideways"], 64),
+        (vec!["config"], 64),
+        // files that cannot be read
+        (vec!["run", "--shell", "/nonexistent/x.sh"], 66),
+        (vec!["config", "--check", "/nonexistent/etask.toml"], 66),
+        // the script's outcome
+        (vec!["run", "--shell", &exit3], 3),
+        (vec!["run", "--shell", &exit69], 1),
+        (
+            vec!["run", "--timeout", "0.2", "--exec", "--", "sleep", "5"],
+            124,
+        ),
+        (vec!["run", "--exec", "--", "/nonexistent/binary"], 127),
+        (vec!["run", "--exec", "--", "sh", "-c", "kill -9 $$"], 137),
+    ];
+    for (args, want) in &cases {
+        let o = etask(&dir, args);
+        assert_eq!(code(&o), *want, "{args:?}: {}", text(&o));
+    }
+    let o = etask(&dir, &["run", "--shell", &exit69]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("exit code 69"),
+        "{}",
+        text(&o)
+    );
+    // A workspace root that cannot be created: the script could not start.
+    let not_a_dir = dir.join("file");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["run", "--exec", "--", "true"])
+        .env("TMPDIR", &not_a_dir)
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 127, "{}", text(&o));
+    // The client: the scheduler's answers and its absence.
+    let dead = format!("http://127.0.0.1:{}", support::free_port());
+    let client_cases: Vec<(Vec<&str>, &str, i32)> = vec![
+        (vec!["submit", "--shell", &exit3, "--wait"], &s.url, 3),
+        (vec!["submit", "--shell", &exit69, "--wait"], &s.url, 1),
+        (vec!["submit", "--shell", &exit3, "--wait"], &dead, 69),
+        (vec!["get", "999999"], &s.url, 66),
+        (vec!["logs", "999999"], &s.url, 66),
+        (vec!["tasks"], &dead, 69),
+    ];
+    for (args, url, want) in &client_cases {
+        let o = client(&dir, url, args);
+        assert_eq!(code(&o), *want, "{args:?} at {url}: {}", text(&o));
+    }
+    // A refused request (400) and a wrong token (401).
+    let bad_cron = client(
+        &dir,
+        &s.url,
+        &["submit", "--shell", &exit3, "--cron", "nope"],
+    );
+    assert_eq!(code(&bad_cron), 65, "{}", text(&bad_cron));
+    let dir2 = temp_dir("cli-exit-token");
+    let t = support::server::Server::start(&dir2, &[], "[server]\ntoken = \"right\"\n");
+    let o = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["tasks", "--server", &t.url])
+        .env("ETASK_TOKEN", "wrong")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 77, "{}", text(&o));
+}
+
+#[test]
+fn config_check_refuses_exactly_what_the_server_refuses() {
+    let dir = temp_dir("cli-config-check");
+    let write = |name: &str, body: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let bad = [
+        (
+            write("open.toml", "[server]\nlisten = \"0.0.0.0:0\"\n"),
+            "without a token",
+        ),
+        (
+            write("pg.toml", "[server]\nstore = \"postgres://x\"\n"),
+            "server.store",
+        ),
+        (
+            write("path.toml", "[executor]\npath = \"sideways\"\n"),
+            "executor.path",
+        ),
+        (
+            write("grpc.toml", "[server]\ngrpc_listen = \"nine-oh-nine-oh\"\n"),
+            "server.grpc_listen",
+        ),
+    ];
+    for (file, why) in &bad {
+        let f = file.to_str().unwrap();
+        let check = etask(&dir, &["config", "--check", f]);
+        assert_eq!(code(&check), 78, "{f}: {}", text(&check));
+        assert!(
+            String::from_utf8_lossy(&check.stderr).contains(why),
+            "{}",
+            text(&check)
+        );
+        let data = dir.join("data");
+        let server = etask(
+            &dir,
+            &[
+                "server",
+                "--mode",
+                "all",
+                "--config",
+                f,
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code(&server), 78, "{f}: {}", text(&server));
+        assert_eq!(
+            String::from_utf8_lossy(&check.stderr),
+            String::from_utf8_lossy(&server.stderr),
+            "config --check and the server must say the same"
+        );
+    }
+    // What the server accepts, --check accepts: the token may come from the environment.
+    let open = bad[0].0.to_str().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["config", "--check", open])
+        .env("ETASK_TOKEN", "s3cret")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).ends_with(": ok\n"),
+        "{}",
+        text(&o)
+    );
+    // Mode requirements: an executor needs a registry, an agent Kafka.
+    let empty = write("empty.toml", "");
+    let empty = empty.to_str().unwrap();
+    assert_eq!(code(&etask(&dir, &["config", "--check", empty])), 0);
+    for mode in ["executor", "agent"] {
+        let o = etask(&dir, &["config", "--check", empty, "--mode", mode]);
+        assert_eq!(code(&o), 78, "{mode}: {}", text(&o));
+        let s = etask(&dir, &["server", "--mode", mode, "--config", empty]);
+        assert_eq!(code(&s), 78, "{mode}: {}", text(&s));
+    }
+}
+
+/// Starts `etask server --mode all ARGS` in `cwd`; returns the child once it printed its
+/// listen lines (both of them), or its exit status if it ended first.
+fn start_all(cwd: &Path, args: &[&str]) -> Result<(support::Proc, Vec<String>), Output> {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["server", "--mode", "all"])
+        .args(args)
+        .current_dir(cwd)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        let mut l = String::new();
+        if out.read_line(&mut l).unwrap_or(0) == 0 {
+            return Err(child.wait_with_output().unwrap());
+        }
+        lines.push(l.trim().to_owned());
+    }
+    Ok((support::Proc(child), lines))
+}
+
+#[test]
+fn a_second_mode_all_on_one_host_needs_its_own_dir_and_ports_and_says_so() {
+    let dir = temp_dir("cli-second-all");
+    let grpc = format!("127.0.0.1:{}", support::free_port());
+    let (_first, lines) =
+        start_all(&dir, &["--listen", "127.0.0.1:0", "--grpc-listen", &grpc]).expect("first");
+    assert!(
+        lines[0].starts_with("etask listening on http://127.0.0.1:"),
+        "{lines:?}"
+    );
+    assert_eq!(lines[1], format!("etask grpc on http://{grpc}"));
+    // Same directory: the SQLite store is the first one's.
+    let o = start_all(
+        &dir,
+        &["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"],
+    )
+    .err()
+    .expect("second in the same dir must not start");
+    assert_eq!(code(&o), 69, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("in use by another etask"),
+        "{}",
+        text(&o)
+    );
+    // Same gRPC port: the error says how to pick another.
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let o = start_all(&other, &["--listen", "127.0.0.1:0", "--grpc-listen", &grpc])
+        .err()
+        .expect("second on the same gRPC port must not start");
+    assert_eq!(code(&o), 69, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--grpc-listen 127.0.0.1:0"),
+        "{}",
+        text(&o)
+    );
+    // Its own directory and free ports: it runs.
+    let (_second, lines) = start_all(
+        &other,
+        &["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"],
+    )
+    .map_err(|o| text(&o))
+    .expect("second with its own dir and ports");
+    assert!(
+        lines[1].starts_with("etask grpc on http://127.0.0.1:"),
+        "{lines:?}"
+    );
+    // gRPC off.
+    let third = dir.join("third");
+    std::fs::create_dir_all(&third).unwrap();
+    let (_third, lines) = start_all(&third, &["--listen", "127.0.0.1:0", "--grpc-listen", ""])
+        .map_err(|o| text(&o))
+        .expect("third without gRPC");
+    assert_eq!(lines[1], "etask grpc off");
+}
+
+#[test]
+fn migrate_creates_a_missing_mysql_database_and_the_server_says_to_run_it() {
+    use mysql::prelude::Queryable;
+    let dir = temp_dir("cli-migrate");
+    let db = format!("etask_t_created_{}", std::process::id());
+    let url = format!("{}/{db}", support::mysql_server().trim_end_matches('/'));
+    let data = dir.join("data");
+    let o = etask(
+        &dir,
+        &[
+            "server",
+            "--mode",
+            "all",
+            "--store",
+            &url,
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 69, "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("does not exist") && err.contains("etask migrate"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("MySqlError"),
+        "a Rust type name in an operator's message: {err}"
+    );
+    let o = etask(&dir, &["migrate", "--store", &url]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("database created"),
+        "{}",
+        text(&o)
+    );
+    let o = etask(&dir, &["migrate", "--store", &url]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("schema up to date"),
+        "{}",
+        text(&o)
+    );
+    let mut conn =
+        mysql::Conn::new(mysql::Opts::from_url(&support::mysql_server()).unwrap()).unwrap();
+    conn.query_drop(format!("DROP DATABASE {db}")).unwrap();
+}
+
+/// The character column where `word` starts in `line`.
+fn column(line: &str, word: &str) -> usize {
+    line[..line
+        .find(word)
+        .unwrap_or_else(|| panic!("{word:?} not in {line:?}"))]
+        .chars()
+        .count()
+}
+
+#[test]
+fn tasks_and_nodes_print_aligned_columns_under_a_header() {
+    let dir = temp_dir("cli-tables");
+    let s = support::server::Server::start(&dir, &[], "");
+    let names = ["a", "a much longer task name", "größe-prüfen", "a+b & c=d"];
+    for n in names {
+        s.submit(support::server::shell(n, "true"));
+    }
+    let mut cron = support::server::shell("every-minute", "true");
+    cron["schedule"] = serde_json::json!({"kind": "cron", "expr": "0 * * * * *"});
+    s.submit(cron);
+    let o = client(&dir, &s.url, &["tasks"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 6, "{out}");
+    let header = lines[0];
+    assert!(
+        header.starts_with("ID") || header.trim_start().starts_with("ID"),
+        "{out}"
+    );
+    let (name_at, sched_at, state_at) = (
+        column(header, "NAME"),
+        column(header, "SCHEDULE"),
+        column(header, "STATE"),
+    );
+    // Newest first: the cron task, then the names in reverse.
+    let expect: Vec<&str> = std::iter::once("every-minute")
+        .chain(names.iter().rev().copied())
+        .collect();
+    for (line, name) in lines[1..].iter().zip(&expect) {
+        assert_eq!(column(line, name), name_at, "{out}");
+        let sched = if *name == "every-minute" {
+            "0 * * * * *"
+        } else {
+            "once"
+        };
+        assert_eq!(column(line, sched), sched_at, "{out}");
+        assert_eq!(column(line, "active"), state_at, "{out}");
+    }
+    // The name filter takes any characters.
+    let o = client(&dir, &s.url, &["tasks", "--name", "a+b & c=d"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(out.contains("a+b & c=d"), "{out}");
+    // Nodes: a header, then the built-in node.
+    let o = client(&dir, &s.url, &["nodes"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(
+        column(lines[0], "ROLE"),
+        column(lines[1], "executor"),
+        "{out}"
+    );
+    let path_at = lines[1][..lines[1].rfind("local").unwrap()].chars().count();
+    assert_eq!(column(lines[0], "PATH"), path_at, "{out}");
+}
