@@ -13,10 +13,19 @@ use etask::runner::{
     RunRequest, Stream,
 };
 
+/// `ETASK_TEST_CGROUP=v1|v2` pins the hierarchy (default: auto, the node's own choice).
 fn cfg() -> PoolConfig {
+    let want = std::env::var("ETASK_TEST_CGROUP")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_default();
     PoolConfig {
         workspace_root: std::env::temp_dir().join(format!("etask-cg-ws-{}", std::process::id())),
         kill_grace: Duration::from_millis(300),
+        cgroup: CgroupConfig {
+            want,
+            ..CgroupConfig::default()
+        },
         ..PoolConfig::default()
     }
 }

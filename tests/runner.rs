@@ -12,11 +12,21 @@ use etask::runner::{
 };
 use serde_json::json;
 
+/// `ETASK_TEST_CGROUP=off` runs every case in the fallback (no cgroups, runs found by their
+/// environment token); the default contains runs in cgroups where the host allows.
 fn cfg() -> PoolConfig {
     let root = std::env::temp_dir().join(format!("etask-test-ws-{}", std::process::id()));
+    let want = std::env::var("ETASK_TEST_CGROUP")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_default();
     PoolConfig {
         workspace_root: root,
         kill_grace: Duration::from_millis(500),
+        cgroup: etask::runner::CgroupConfig {
+            want,
+            ..Default::default()
+        },
         ..PoolConfig::default()
     }
 }
