@@ -33,6 +33,56 @@ pub(super) enum Job {
     },
 }
 
+/// The reactor's side of the launchers' two queues.
+pub(super) struct Jobs {
+    spawn: Sender<Job>,
+    finish: Sender<Job>,
+}
+
+impl Jobs {
+    /// # Errors
+    /// The launchers are gone (the pool stops); the job comes back.
+    pub fn send(&self, job: Job) -> Result<(), crossbeam_channel::SendError<Job>> {
+        match job {
+            Job::Spawn(_) => self.spawn.send(job),
+            Job::Finish { .. } => self.finish.send(job),
+        }
+    }
+}
+
+/// The launchers' side: spawns first, because a waiting spawn holds a slot of the pool idle;
+/// a clean-up only delays a `Finished` event whose slot is already free.
+pub(super) struct JobsRx {
+    spawn: Receiver<Job>,
+    finish: Receiver<Job>,
+}
+
+impl JobsRx {
+    /// The next job, or None once both queues are closed and empty.
+    fn next(&self) -> Option<Job> {
+        if let Ok(j) = self.spawn.try_recv() {
+            return Some(j);
+        }
+        crossbeam_channel::select! {
+            recv(self.spawn) -> j => j.ok().or_else(|| self.finish.recv().ok()),
+            recv(self.finish) -> j => j.ok().or_else(|| self.spawn.recv().ok()),
+        }
+    }
+}
+
+/// Two bounded queues of `capacity` each (one spawn and one clean-up per run in flight).
+pub(super) fn queues(capacity: usize) -> (Jobs, JobsRx) {
+    let (spawn, spawn_rx) = crossbeam_channel::bounded(capacity);
+    let (finish, finish_rx) = crossbeam_channel::bounded(capacity);
+    (
+        Jobs { spawn, finish },
+        JobsRx {
+            spawn: spawn_rx,
+            finish: finish_rx,
+        },
+    )
+}
+
 pub(super) struct SpawnJob {
     pub req: Box<RunRequest>,
     pub events: Sender<RunEvent>,
@@ -50,16 +100,17 @@ pub(super) struct SpawnDone {
     pub result: Result<(Spawned, Option<RunCgroup>), String>,
 }
 
-/// Starts `n` launcher threads. They stop when the job channel is closed and empty.
+/// Starts `n` launcher threads. They stop when both job queues are closed and empty.
 pub(super) fn start(
     n: usize,
     cfg: Arc<PoolConfig>,
     containment: Arc<Containment>,
     pool_id: usize,
-    jobs: Receiver<Job>,
+    jobs: JobsRx,
     done: Sender<SpawnDone>,
     poller: Arc<Poller>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
+    let jobs = Arc::new(jobs);
     (0..n.max(1))
         .map(|i| {
             let (cfg, jobs, done, poller) =
@@ -68,7 +119,7 @@ pub(super) fn start(
             std::thread::Builder::new()
                 .name(format!("runner-launch-{i}"))
                 .spawn(move || {
-                    for job in jobs.iter() {
+                    while let Some(job) = jobs.next() {
                         match job {
                             Job::Spawn(job) => {
                                 let started = Instant::now();

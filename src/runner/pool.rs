@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::cgroup::{CgroupConfig, Containment, Mode, RunCgroup};
-use super::launcher::{self, Job, SpawnDone, SpawnJob};
+use super::launcher::{self, Job, Jobs, SpawnDone, SpawnJob};
 use super::logs::{LogCapture, LogChunk, LogLimits, Stream};
 use super::program::{Interpreters, Limits, Program, ProgramError};
 use super::result::ResultSink;
@@ -398,8 +398,8 @@ impl Pool {
         let journal = cfg.journal.clone();
         let cfg = Arc::new(cfg);
         let pool_id = tree::register_pool(poller.clone());
-        // Bounded by what can be in flight: one job per run plus one workspace removal per run.
-        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(2 * capacity);
+        // Bounded by what can be in flight: one spawn and one clean-up per run.
+        let (jobs_tx, jobs_rx) = launcher::queues(capacity);
         let (spawned_tx, spawned_rx) = crossbeam_channel::bounded(capacity);
         let launchers = launcher::start(
             cfg.launchers,
@@ -685,7 +685,7 @@ struct Reactor {
     /// Runs handed to a launcher, with whether a cancel arrived meanwhile.
     starting: HashMap<RunKey, bool>,
     early_exits: HashMap<i32, Exit>,
-    jobs: Sender<Job>,
+    jobs: Jobs,
     spawned_rx: Receiver<SpawnDone>,
     next_seq: u64,
     /// `<pid>-<random>`, fixed for this pool: with `next_seq` it makes every per-run name (the
@@ -706,7 +706,7 @@ impl Reactor {
         shared: Arc<Shared>,
         sigchld: i32,
         pool_id: usize,
-        jobs: Sender<Job>,
+        jobs: Jobs,
         spawned_rx: Receiver<SpawnDone>,
     ) -> Self {
         Reactor {

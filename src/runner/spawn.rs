@@ -321,8 +321,9 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     // CLONE_VFORK: the child has exec'd or exited by now, so `args` is ours again.
     let step = Step::from_u32(args.step);
     if !matches!(step, Step::None) {
-        // It exited with 127 right after recording the failure; reap it here, under the
-        // reaper lock the launcher holds (tree::spawn_root), so nobody else sees it.
+        // It exited with 127 right after recording the failure. Reap it here; should the
+        // pool's reaper be quicker, it keeps the exit unclaimed until the spawn returns and
+        // then drops it (tree::spawn_root), and this waitpid finds nothing (ECHILD).
         let mut status = 0;
         // SAFETY: waitpid on our own child with a valid out pointer.
         unsafe { libc::waitpid(pid, &mut status, 0) };

@@ -139,12 +139,20 @@ pub struct Exit {
 
 /// Every child of the process is reaped here, whichever pool wakes first: run roots are filed
 /// for the pool that owns them (and that pool's poller is woken), adopted orphans are dropped.
-/// Spawning happens under the same lock, so a root is registered before anyone can reap it.
+///
+/// A spawn does not hold the lock: with CLONE_VFORK the spawning thread waits until the child
+/// has exec'd, and holding the lock that long would serialize every launcher and the reaping.
+/// So a root can be reaped before its spawner registers it: while spawns are in flight, an
+/// exit of an unknown pid is kept (`unclaimed`) for the spawner to claim. Pids are handed out
+/// cyclically, so a kept exit cannot be mistaken for a later child of the same pid: entries go
+/// when no spawn is in flight, or after a second.
 struct Reaper {
     roots: HashMap<i32, usize>,
     exits: HashMap<usize, Vec<Exit>>,
     pollers: HashMap<usize, Arc<Poller>>,
     next_pool: usize,
+    spawning: usize,
+    unclaimed: HashMap<i32, (Exit, std::time::Instant)>,
 }
 
 static REAPER: LazyLock<Mutex<Reaper>> = LazyLock::new(|| {
@@ -153,6 +161,8 @@ static REAPER: LazyLock<Mutex<Reaper>> = LazyLock::new(|| {
         exits: HashMap::new(),
         pollers: HashMap::new(),
         next_pool: 0,
+        spawning: 0,
+        unclaimed: HashMap::new(),
     })
 });
 
@@ -177,15 +187,38 @@ pub fn unregister_pool(id: usize) {
     r.roots.retain(|_, owner| *owner != id);
 }
 
-/// Runs `spawn` under the reaper lock and records the new root for `pool`.
+/// Runs `spawn` and records the new root for `pool` (or files its exit, when the reaper was
+/// quicker).
 pub fn spawn_root<T>(
     pool: usize,
     spawn: impl FnOnce() -> io::Result<(i32, T)>,
 ) -> io::Result<(i32, T)> {
+    reaper().spawning += 1;
+    let res = spawn();
     let mut r = reaper();
-    let (pid, t) = spawn()?;
-    r.roots.insert(pid, pool);
-    Ok((pid, t))
+    r.spawning -= 1;
+    let claimed = match &res {
+        Ok((pid, _)) => match r.unclaimed.remove(pid) {
+            Some((exit, _)) => {
+                r.exits.entry(pool).or_default().push(exit);
+                true
+            }
+            None => {
+                r.roots.insert(*pid, pool);
+                false
+            }
+        },
+        Err(_) => false,
+    };
+    if r.spawning == 0 {
+        r.unclaimed.clear();
+    }
+    if claimed {
+        if let Some(p) = r.pollers.get(&pool) {
+            let _ = p.notify();
+        }
+    }
+    res
 }
 
 /// Reaps what has ended and returns the exits of `pool`'s roots.
@@ -199,10 +232,21 @@ pub fn collect_exits(pool: usize) -> Vec<Exit> {
                 wake.push(owner);
             }
         }
+        // Perhaps a root whose spawner has not registered it yet (see `Reaper`).
+        None if r.spawning > 0 => {
+            r.unclaimed
+                .insert(exit.pid, (exit, std::time::Instant::now()));
+        }
         None => {
             log::debug!(target: "etask::runner", "reaped adopted orphan pid={} {:?}", exit.pid, exit.status)
         }
     });
+    if !r.unclaimed.is_empty() {
+        if let Some(old) = std::time::Instant::now().checked_sub(std::time::Duration::from_secs(1))
+        {
+            r.unclaimed.retain(|_, (_, at)| *at > old);
+        }
+    }
     for owner in wake {
         if let Some(p) = r.pollers.get(&owner) {
             let _ = p.notify();
