@@ -8,7 +8,7 @@
 //!   2. the RSS of this process while M `sleep 30` children run in the pool.
 //!
 //! Usage: cargo bench --bench pool -- [--runs N] [--concurrency C] [--sleepers M]
-//!        [--mib 0,50,200] [--workspace DIR]
+//!        [--mib 0,50,200] [--workspace DIR] [--launchers L]
 
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,7 @@ struct Setup<'a> {
     want: CgroupWant,
     limits: Limits,
     root: Option<&'a str>,
+    launchers: Option<usize>,
 }
 
 /// Runs/s through the pool, and the containment it reported.
@@ -80,6 +81,9 @@ fn pool_rate(runs: usize, conc: usize, s: &Setup<'_>) -> (f64, String) {
     };
     if let Some(r) = s.root {
         cfg.workspace_root = r.into();
+    }
+    if let Some(l) = s.launchers {
+        cfg.launchers = l;
     }
     let pool = Pool::start(cfg).expect("pool");
     let mode = pool.containment().to_owned();
@@ -161,6 +165,7 @@ fn main() {
         .filter_map(|m| m.trim().parse().ok())
         .collect();
     let workspace = arg_str("--workspace");
+    let launchers = arg_str("--launchers").and_then(|l| l.parse().ok());
     let root = workspace.as_deref();
     let ws_shown = root.map_or_else(
         || PoolConfig::default().workspace_root.display().to_string(),
@@ -185,6 +190,7 @@ fn main() {
                 want: CgroupWant::Off,
                 limits: Limits::default(),
                 root,
+                launchers,
             },
         );
         let (on, mode) = pool_rate(
@@ -194,6 +200,7 @@ fn main() {
                 want: CgroupWant::Auto,
                 limits: Limits::default(),
                 root,
+                launchers,
             },
         );
         let (lim, _) = pool_rate(
@@ -203,6 +210,7 @@ fn main() {
                 want: CgroupWant::Auto,
                 limits,
                 root,
+                launchers,
             },
         );
         std::hint::black_box(&ballast);

@@ -13,8 +13,12 @@ use etask::runner::{
     RunRequest, Stream,
 };
 
-/// `ETASK_TEST_CGROUP=v1|v2` pins the hierarchy (default: auto, the node's own choice).
+/// `ETASK_TEST_CGROUP=v1|v2` pins the hierarchy (default: auto, the node's own choice);
+/// `ETASK_TEST_CLONE=vfork` spawns with clone(CLONE_VM|CLONE_VFORK) instead of clone3.
 fn cfg() -> PoolConfig {
+    if std::env::var("ETASK_TEST_CLONE").as_deref() == Ok("vfork") {
+        etask::runner::spawn::disable_clone3();
+    }
     let want = std::env::var("ETASK_TEST_CGROUP")
         .ok()
         .and_then(|w| w.parse().ok())

@@ -623,7 +623,11 @@ impl RunCgroup {
                 .open(d)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", d.display())))?;
             pl.v2_dir = Some(OwnedFd::from(dir));
-            pl.v2_procs = Some(open_w(&d.join("cgroup.procs"))?);
+            // With clone3 the kernel places the child (CLONE_INTO_CGROUP); spawn opens the
+            // file itself should clone3 turn out to be refused.
+            if !super::spawn::clone3_in_use() {
+                pl.v2_procs = Some(open_w(&d.join("cgroup.procs"))?);
+            }
         }
         for d in &self.v1 {
             pl.v1_procs.push(open_w(&d.join("cgroup.procs"))?);

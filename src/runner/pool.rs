@@ -666,6 +666,8 @@ impl Run {
                 Some(cg) => cg.is_empty(),
                 None => tree::run_members(None, &self.token, is_root).is_empty(),
             }
+            // Killed orphans are our children: reaped before the run is reported over.
+            && !tree::adopted_zombie()
     }
 }
 

@@ -62,9 +62,21 @@ pub struct Spawned {
     pub result: OwnedFd,
 }
 
-/// Which clone flavour created the children so far (for the node's start-up log line).
+/// Whether spawns use clone3, which places the child into its v2 cgroup itself
+/// (`CLONE_INTO_CGROUP`); otherwise the child needs the v2 `cgroup.procs` in its `Placement`.
+pub fn clone3_in_use() -> bool {
+    cfg!(target_arch = "x86_64") && !CLONE3_UNAVAILABLE.load(Ordering::Relaxed)
+}
+
+/// Spawns with clone(CLONE_VM | CLONE_VFORK) from now on, as on a kernel without clone3 (the
+/// tests run both paths with it).
+pub fn disable_clone3() {
+    CLONE3_UNAVAILABLE.store(true, Ordering::Relaxed);
+}
+
+/// Which clone flavour creates the children (for the node's start-up log line).
 pub fn spawn_path() -> &'static str {
-    if cfg!(target_arch = "x86_64") && !CLONE3_UNAVAILABLE.load(Ordering::Relaxed) {
+    if clone3_in_use() {
         "clone3(CLONE_VM|CLONE_VFORK|CLONE_INTO_CGROUP)"
     } else {
         "clone(CLONE_VM|CLONE_VFORK)"
@@ -255,12 +267,23 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     let into_cgroup = spec
         .cgroup
         .and_then(|p| p.v2_dir.as_ref().map(|d| d.as_raw_fd()));
-    let use_clone3 = cfg!(target_arch = "x86_64") && !CLONE3_UNAVAILABLE.load(Ordering::Relaxed);
+    let use_clone3 = clone3_in_use();
     let mut procs: Vec<RawFd> = Vec::new();
+    // The v2 cgroup.procs when the child must write itself there (no clone3); lives until the
+    // child has exec'd.
+    let mut late_procs: Option<OwnedFd> = None;
     if let Some(p) = spec.cgroup {
         procs.extend(p.v1_procs.iter().map(|f| f.as_raw_fd()));
-        if !(use_clone3 && into_cgroup.is_some()) {
-            procs.extend(p.v2_procs.as_ref().map(|f| f.as_raw_fd()));
+        if !use_clone3 {
+            match (&p.v2_procs, &p.v2_dir) {
+                (Some(f), _) => procs.push(f.as_raw_fd()),
+                (None, Some(d)) => {
+                    let f = v2_procs_of(d)?;
+                    procs.push(f.as_raw_fd());
+                    late_procs = Some(f);
+                }
+                (None, None) => {}
+            }
         }
     }
 
@@ -300,10 +323,12 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
                 if !CLONE3_UNAVAILABLE.swap(true, Ordering::Relaxed) {
                     log::info!(target: "etask::runner", "clone3 refused ({}); spawning with clone(CLONE_VM|CLONE_VFORK), the child enters its cgroups itself", io::Error::from_raw_os_error(e));
                 }
-                if let Some(p) = spec.cgroup.and_then(|p| p.v2_procs.as_ref()) {
-                    procs.push(p.as_raw_fd());
+                if let Some(dir) = spec.cgroup.and_then(|p| p.v2_dir.as_ref()) {
+                    let f = v2_procs_of(dir)?;
+                    procs.push(f.as_raw_fd());
                     args.procs = procs.as_ptr();
                     args.n_procs = procs.len();
+                    late_procs = Some(f);
                 }
             }
             Err(e) => clone_errno = e,
@@ -315,6 +340,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
             Err(e) => clone_errno = e,
         }
     }
+    drop(late_procs);
     if pid < 0 {
         return Err(io::Error::from_raw_os_error(clone_errno));
     }
@@ -370,6 +396,23 @@ fn exec_candidates(program: &str, path_env: Option<&str>) -> Vec<String> {
             }
         })
         .collect()
+}
+
+/// Opens `cgroup.procs` of the cgroup v2 directory `dir` for writing.
+fn v2_procs_of(dir: &OwnedFd) -> io::Result<OwnedFd> {
+    // SAFETY: openat on a directory fd we hold, with a NUL-terminated literal path.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c"cgroup.procs".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Moves an fd to 10 or above (close-on-exec) when it sits on 0..=3.

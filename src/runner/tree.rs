@@ -324,13 +324,53 @@ fn adopted() -> Vec<i32> {
     }
 }
 
+/// True while an orphan adopted by this process has exited and is not reaped yet. A run that
+/// had processes killed waits for this, so that by its `Finished` they are gone for good (a
+/// pool stopped right after would otherwise leave them as zombies).
+pub fn adopted_zombie() -> bool {
+    adopted().into_iter().any(|p| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false)
+    })
+}
+
 /// The run token in a process's environment, if it has one.
 pub fn token_of(pid: i32) -> Option<String> {
-    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let mut env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    // Empty is a real empty environment, or a process caught in execve: its old memory already
+    // gone, or its new memory without the environment laid out yet (then `mid_exec`). Look
+    // again rather than miss a process of the run: twice in any case, longer while mid-exec.
+    let mut tries = 0;
+    while env.is_empty() && tries < 20 && (tries < 2 || mid_exec(pid)) {
+        std::thread::sleep(std::time::Duration::from_micros(500));
+        env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        tries += 1;
+    }
     let prefix = format!("{TOKEN_VAR}=");
     env.split(|&b| b == 0)
         .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
         .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// True while `pid` runs execve between installing its new memory and laying out its
+/// environment there (`env_end`, field 51 of /proc/<pid>/stat, is still 0).
+fn mid_exec(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return false;
+    };
+    // rest starts at field 3 (state); env_end is field 51.
+    let mut f = rest.split_whitespace();
+    let state = f.next();
+    state != Some("Z") && f.nth(47).and_then(|v| v.parse::<u64>().ok()) == Some(0)
 }
 
 /// Every live process of a run: the root's descendants and the orphans (children of this
