@@ -285,7 +285,6 @@ fn usage_is_reported_without_limits() {
     );
     let res = r.outcome.resources.expect("resources");
     assert!(res.cpu_user_ms.unwrap_or(0) > 0, "{res:?}");
-    assert!(res.max_rss_bytes.unwrap_or(0) > 1 << 20, "{res:?}");
     assert!(res.unenforced.is_empty());
 }
 

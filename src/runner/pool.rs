@@ -167,12 +167,11 @@ pub struct Resources {
     pub cpu_user_ms: Option<u64>,
     #[serde(default)]
     pub cpu_system_ms: Option<u64>,
-    /// Peak memory of the whole run (its memory cgroup); null when it had none.
+    /// Peak memory of the whole run (its memory cgroup); null when it had none. (wait4's
+    /// maxrss is no substitute: a child created without copying the node reports the node's
+    /// resident set until its exec.)
     #[serde(default)]
     pub memory_peak_bytes: Option<u64>,
-    /// Largest resident set of one process (the main one or a child it waited for).
-    #[serde(default)]
-    pub max_rss_bytes: Option<u64>,
 }
 
 /// Everything known about a finished run.
@@ -1231,7 +1230,6 @@ impl Reactor {
             // The cgroup's figures (whole run) replace these when the launcher reads them.
             resources.cpu_user_ms = Some(u.user_ms);
             resources.cpu_system_ms = Some(u.system_ms);
-            resources.max_rss_bytes = Some(u.max_rss_kib * 1024);
         }
         let outcome = Outcome {
             ending,

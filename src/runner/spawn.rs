@@ -219,10 +219,13 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         .iter()
         .map(|a| cstr(OsStr::new(a), "an argument"))
         .collect::<io::Result<_>>()?;
+    // One entry per name, the last one given winning (as with std's Command::envs).
     let env_c: Vec<CString> = spec
         .env
         .iter()
-        .map(|(k, v)| cstr(OsStr::new(&format!("{k}={v}")), "an environment variable"))
+        .enumerate()
+        .filter(|(i, (k, _))| !spec.env[i + 1..].iter().any(|(later, _)| later == k))
+        .map(|(_, (k, v))| cstr(OsStr::new(&format!("{k}={v}")), "an environment variable"))
         .collect::<io::Result<_>>()?;
     let path_env = spec
         .env

@@ -125,8 +125,6 @@ pub enum WaitStatus {
 pub struct ProcUsage {
     pub user_ms: u64,
     pub system_ms: u64,
-    /// Largest resident set of that process or of one child it waited for, KiB.
-    pub max_rss_kib: u64,
 }
 
 /// One reaped root of a run.
@@ -270,7 +268,6 @@ fn reap_all(mut each: impl FnMut(Exit)) {
         let usage = ProcUsage {
             user_ms: ms(ru.ru_utime),
             system_ms: ms(ru.ru_stime),
-            max_rss_kib: ru.ru_maxrss.max(0) as u64,
         };
         let ws = if libc::WIFEXITED(status) {
             WaitStatus::Exited(libc::WEXITSTATUS(status))
