@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::runner::{LogLimits, PoolConfig, Rlimits, RunAs};
+use crate::runner::{CgroupConfig, CgroupWant, Limits, LogLimits, PoolConfig, Rlimits, RunAs};
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -256,6 +256,22 @@ pub struct NodeConfig {
     /// Run scripts as this uid/gid when the node runs as root (-1 = as the node itself).
     pub run_as_uid: i64,
     pub run_as_gid: i64,
+    /// Containment of runs: "auto" (cgroup v2 where writable, v1 controllers where not or
+    /// for what v2 lacks, else the environment-token fallback), "v2", "v1" or "off".
+    pub cgroup: String,
+    /// The cgroup path (as in /proc/self/cgroup) under which the node makes its subtree;
+    /// empty = the cgroup the node runs in (systemd `Delegate=yes`).
+    pub cgroup_root: String,
+    /// The node's subtree name; empty = "etask-" and a hash of the data dir, so a restarted
+    /// node finds (and removes) what its previous incarnation left.
+    pub cgroup_name: String,
+    /// Default limits of each run (a task's `program.limits` override them); 0 = none.
+    /// Memory of the whole run in bytes (no swap beyond it).
+    pub limit_memory_bytes: u64,
+    /// Processes and threads of a run at once (binds root too, unlike rlimit_processes).
+    pub limit_pids: u64,
+    /// CPU in thousandths of a CPU (500 = half a CPU).
+    pub limit_cpu_millicores: u64,
 }
 
 impl Default for Config {
@@ -340,6 +356,12 @@ impl Default for NodeConfig {
             rlimit_processes: 0,
             run_as_uid: -1,
             run_as_gid: -1,
+            cgroup: "auto".into(),
+            cgroup_root: String::new(),
+            cgroup_name: String::new(),
+            limit_memory_bytes: 0,
+            limit_pids: 0,
+            limit_cpu_millicores: 0,
         }
     }
 }
@@ -428,6 +450,26 @@ rlimit_processes = 0
 # Run scripts as this uid/gid when the node runs as root; -1 = as the node itself.
 run_as_uid = -1
 run_as_gid = -1
+# Each run in its own cgroup: "auto" = cgroup v2 where the node may write (systemd
+# Delegate=yes, or cgroup_root), the v1 pids/memory/cpu/freezer hierarchies where not (or for
+# the controllers v2 lacks), else no cgroup (runs tracked by an environment token; a script
+# that clears its environment and daemonizes escapes). "v2" / "v1" = only that, or the node
+# does not start; "off" = never. The start-up log line and `etask nodes` say what is in use.
+cgroup = "auto"
+# Cgroup path (as in /proc/self/cgroup) under which the node makes its subtree; empty = the
+# cgroup the node runs in.
+cgroup_root = ""
+# Name of the node's subtree; empty = "etask-" + a hash of the data dir. At start the node
+# kills and removes every run cgroup a crashed previous incarnation left there.
+cgroup_name = ""
+# Default limits of each run, enforced through its cgroup (a task's program.limits override
+# them); 0 = none. A limit the node cannot enforce is named in the outcome's resources.
+# Memory of the whole run, bytes (no swap beyond it); past it the OOM killer ends the run.
+limit_memory_bytes = 0
+# Processes and threads of a run at once: stops fork bombs, also of root.
+limit_pids = 0
+# CPU, in thousandths of a CPU (500 = half a CPU, 2000 = two).
+limit_cpu_millicores = 0
 
 [registry]
 # etcd client URL (its /v3 JSON gateway). Nodes keep <prefix>nodes/<role>/<pool>/<id> alive on
@@ -765,6 +807,16 @@ impl Config {
         if (self.node.run_as_uid < 0) != (self.node.run_as_gid < 0) {
             return Err("node.run_as_uid and node.run_as_gid must be set together".into());
         }
+        self.node.cgroup.parse::<CgroupWant>()?;
+        if !self.node.cgroup_root.is_empty() && !self.node.cgroup_root.starts_with('/') {
+            return Err(format!(
+                "node.cgroup_root must be a cgroup path starting with '/' (as in /proc/self/cgroup), not {:?}",
+                self.node.cgroup_root
+            ));
+        }
+        self.run_limits()
+            .validate()
+            .map_err(|e| format!("node: {}", e.0.replace("limits.", "limit_")))?;
         Ok(())
     }
 
@@ -841,7 +893,28 @@ impl Config {
                 uid: n.run_as_uid as u32,
                 gid: n.run_as_gid as u32,
             }),
+            cgroup: CgroupConfig {
+                // validate() checked it.
+                want: n.cgroup.parse().unwrap_or_default(),
+                root: (!n.cgroup_root.is_empty()).then(|| n.cgroup_root.clone()),
+                name: Some(if n.cgroup_name.is_empty() {
+                    node_cgroup_name(&self.server.data_dir)
+                } else {
+                    n.cgroup_name.clone()
+                }),
+            },
+            run_limits: self.run_limits(),
             ..PoolConfig::default()
+        }
+    }
+
+    /// The node's default run limits (`[node] limit_*`, 0 = none).
+    pub fn run_limits(&self) -> Limits {
+        let opt = |v: u64| (v > 0).then_some(v);
+        Limits {
+            memory_bytes: opt(self.node.limit_memory_bytes),
+            pids: opt(self.node.limit_pids),
+            cpu_millicores: opt(self.node.limit_cpu_millicores),
         }
     }
 }
@@ -891,6 +964,18 @@ pub fn prepare_state_dir(dir: &std::path::Path, traversable: bool) -> Result<(),
         log::warn!(target: "etask::config", "state dir {} was mode {have:o}; restricted to {mode:o} (it holds task secrets)", dir.display());
     }
     Ok(())
+}
+
+/// "etask-" and 8 hex digits of FNV-1a over the data dir: stable across restarts of one node,
+/// different for nodes with different data dirs on one host.
+fn node_cgroup_name(data_dir: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data_dir.as_os_str().as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("etask-{:08x}", (h ^ (h >> 32)) as u32)
 }
 
 /// `a/./b/` → `a/b` (lexically; `..` is kept, it may cross a symlink).

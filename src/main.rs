@@ -1005,12 +1005,21 @@ fn cmd_nodes(c: NodesCmd) -> CmdResult {
                 s("pool"),
                 s("path"),
                 format!("{}/{}", n["running"], n["capacity"]),
+                s("containment"),
                 s("address"),
             ]
         })
         .collect();
     print_table(
-        &["ID", "ROLE", "POOL", "PATH", "RUNNING", "ADDRESS"],
+        &[
+            "ID",
+            "ROLE",
+            "POOL",
+            "PATH",
+            "RUNNING",
+            "CONTAINMENT",
+            "ADDRESS",
+        ],
         &[false, false, false, false, true],
         rows,
     );

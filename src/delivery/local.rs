@@ -66,4 +66,8 @@ impl Delivery for Local {
     fn cancel(&self, execution: ExecutionId, attempt: Attempt) {
         self.pool.cancel(RunKey { execution, attempt });
     }
+
+    fn containment(&self) -> Option<String> {
+        Some(self.pool.containment().into())
+    }
 }

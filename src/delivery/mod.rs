@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::model::{Attempt, ExecutionId, TaskId};
-use crate::runner::{Ending, Outcome, Program, RunEvent};
+use crate::runner::{Ending, Outcome, Program, Resources, RunEvent};
 
 /// One attempt of an execution, as handed to a node.
 #[derive(Debug, Clone)]
@@ -128,6 +128,9 @@ pub struct OutcomeWire {
     pub error: Option<String>,
     #[serde(default)]
     pub spawn_failed: bool,
+    /// What the run used and what bounded it; absent from older nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Box<Resources>>,
 }
 
 impl From<&Outcome> for OutcomeWire {
@@ -140,6 +143,7 @@ impl From<&Outcome> for OutcomeWire {
             result_error: o.result_error.clone(),
             error: o.error(),
             spawn_failed: matches!(o.ending, Ending::SpawnFailed(_)),
+            resources: o.resources.clone(),
         }
     }
 }
@@ -160,6 +164,7 @@ impl OutcomeWire {
             signal: self.signal,
             result: self.result,
             result_error: self.result_error,
+            resources: self.resources,
             ..Outcome::not_started(ending)
         }
     }
@@ -183,6 +188,11 @@ pub trait Delivery: Send + Sync {
     /// For paths where a dispatch can wait in transit (Kafka): after this long, an attempt no
     /// node has started is dispatched anew. None = dispatch is synchronous.
     fn unstarted_after(&self) -> Option<Duration> {
+        None
+    }
+    /// For a path that runs scripts in this process: how its pool contains runs ("cgroup2",
+    /// "hybrid", "cgroup1" or "none").
+    fn containment(&self) -> Option<String> {
         None
     }
 }

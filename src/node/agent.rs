@@ -536,6 +536,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
             running: 0,
             version: env!("CARGO_PKG_VERSION").into(),
             started_at: crate::now_ms(),
+            containment: Some(agent.pool.containment().into()),
         };
         let a = agent.clone();
         Some(

@@ -184,6 +184,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         running: 0,
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: crate::now_ms(),
+        containment: Some(handler.pool.containment().into()),
     };
     let h2 = handler.clone();
     let registration = Registration::start(

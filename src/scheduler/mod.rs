@@ -42,6 +42,7 @@ pub fn builtin_node_info(d: &dyn Delivery) -> NodeInfo {
         running,
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: *PROCESS_START,
+        containment: d.containment(),
     }
 }
 
@@ -1044,6 +1045,10 @@ fn finish_of(outcome: &Outcome) -> Finish {
         result: outcome.result.clone(),
         result_error: outcome.result_error.clone(),
         error: outcome.error(),
+        resources: outcome
+            .resources
+            .as_ref()
+            .and_then(|r| serde_json::to_value(r).ok()),
         retry_at: None,
         callback_url: None,
     }

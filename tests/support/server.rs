@@ -38,6 +38,11 @@ impl Server {
             },
         );
         let (sched, extra_config) = extra_config.split_at(split);
+        // A leading [node] section joins the [node] table written below (a second header
+        // would be a TOML error).
+        let extra_config = extra_config
+            .strip_prefix("[node]\n")
+            .unwrap_or(extra_config);
         let poll = if sched.contains("poll_interval_ms") {
             String::new()
         } else {

@@ -327,6 +327,11 @@ pub fn program_to_pb(p: &Program) -> pb::Program {
             ArgvStyle::Files => String::new(),
             ArgvStyle::Legacy => "legacy".into(),
         },
+        limits: p.limits.map(|l| pb::Limits {
+            memory_bytes: l.memory_bytes,
+            pids: l.pids,
+            cpu_millicores: l.cpu_millicores,
+        }),
     }
 }
 
@@ -368,6 +373,11 @@ pub fn program_from_pb(p: pb::Program) -> Result<Program, String> {
             "legacy" => ArgvStyle::Legacy,
             s => return Err(format!("unknown argv_style {s:?}")),
         },
+        limits: p.limits.map(|l| crate::runner::Limits {
+            memory_bytes: l.memory_bytes,
+            pids: l.pids,
+            cpu_millicores: l.cpu_millicores,
+        }),
     };
     prog.validate().map_err(|e| e.0)?;
     Ok(prog)
@@ -427,6 +437,10 @@ pub fn event_to_pb(ev: &RunEvent) -> pb::ReportItem {
                 result_error: o.result_error,
                 error: o.error,
                 spawn_failed: o.spawn_failed,
+                resources_json: o
+                    .resources
+                    .and_then(|r| serde_json::to_string(&r).ok())
+                    .unwrap_or_default(),
             })
         }
     };
@@ -472,6 +486,8 @@ pub fn event_from_pb(item: pb::ReportItem) -> Option<RunEvent> {
                 result_error: o.result_error,
                 error: o.error,
                 spawn_failed: o.spawn_failed,
+                // Optional on the wire: an older node sends none.
+                resources: serde_json::from_str(&o.resources_json).ok(),
             }
             .into_outcome(),
         },

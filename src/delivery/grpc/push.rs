@@ -203,6 +203,7 @@ mod tests {
             running,
             version: String::new(),
             started_at: 0,
+            containment: None,
         }
     }
 
