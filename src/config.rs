@@ -21,6 +21,31 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub agent: AgentConfig,
     pub tls: TlsConfig,
+    pub security: SecurityConfig,
+}
+
+/// Signed dispatches and sealed secrets (`crate::trust`, docs/security.md). Key values are
+/// paths of files written by `etask keygen`, or the key line itself.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Scheduler: the Ed25519 private key every dispatch and cancel is signed with. Empty =
+    /// unsigned (`--mode all` then signs with `<data_dir>/keys/dispatch.key`).
+    pub signing_key: String,
+    /// Nodes: the public keys whose signatures they accept (several during a rollover).
+    /// Empty = unsigned dispatches run (unless `require_signed`).
+    pub trusted_keys: Vec<String>,
+    /// Nodes: refuse to start without `trusted_keys` (packages set it).
+    pub require_signed: bool,
+    /// Nodes: the pool's X25519 private keys that open sealed secrets (several during a
+    /// rotation).
+    pub pool_private_keys: Vec<String>,
+    /// Scheduler: refuse a task with secrets for a pool that has no key in `pool_keys`
+    /// (instead of storing them in clear).
+    pub require_sealed_secrets: bool,
+    /// Scheduler: pool name → the pool's X25519 public key; secrets of tasks for that pool are
+    /// sealed to it at intake.
+    pub pool_keys: std::collections::BTreeMap<String, String>,
 }
 
 /// The Kafka path: the scheduler's producer/consumer and the agents' (`--mode agent`).
@@ -270,6 +295,7 @@ impl Default for Config {
             kafka: KafkaConfig::default(),
             agent: AgentConfig::default(),
             tls: TlsConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -502,6 +528,26 @@ drain_seconds = 30
 cert = ""
 key = ""
 ca = ""
+
+[security]
+# Signed dispatches (Ed25519) and sealed secrets; keys are made by `etask keygen` (a key value
+# is a file path, or the key line itself). Scheduler: signs every dispatch and cancel with
+# signing_key; empty = unsigned (--mode all signs with <data_dir>/keys/dispatch.key and its
+# built-in node verifies).
+signing_key = ""
+# Nodes: public keys whose signatures they accept (old and new during a rollover). A node with
+# trusted keys refuses unsigned, forged, tampered, expired, misbound and replayed dispatches.
+trusted_keys = []
+# Nodes: refuse to start without trusted_keys.
+require_signed = false
+# Nodes: the pool's private keys (`etask keygen --pool NAME`) that open sealed secrets.
+pool_private_keys = []
+# Scheduler: refuse tasks with secrets for a pool without a key in pool_keys (else stored clear).
+require_sealed_secrets = false
+
+[security.pool_keys]
+# Scheduler: pool name = its public key; secret_env values and secret variables of tasks for
+# that pool are sealed to it at intake, e.g. edge = "/etc/etask/keys/pool-edge.pub".
 "#;
 
 /// Why a config file could not be loaded.
@@ -794,6 +840,82 @@ impl Config {
         abs_str(&mut self.tls.cert);
         abs_str(&mut self.tls.key);
         abs_str(&mut self.tls.ca);
+        let key_path = |s: &mut String| {
+            // A key line stays as it is; anything else is a path.
+            if !s.contains(':') || s.starts_with('.') || s.starts_with('/') {
+                abs_str(s)
+            }
+        };
+        key_path(&mut self.security.signing_key);
+        self.security.trusted_keys.iter_mut().for_each(key_path);
+        self.security.pool_private_keys.iter_mut().for_each(key_path);
+        self.security.pool_keys.values_mut().for_each(key_path);
+    }
+
+    /// What a node checks before it runs a dispatch: the trusted keys, who it is, its pool
+    /// keys. `pool` None = any pool (the built-in node).
+    ///
+    /// # Errors
+    /// A key cannot be read, or `require_signed` without `trusted_keys`.
+    pub fn node_trust(
+        &self,
+        pool: Option<&str>,
+        node: &str,
+    ) -> Result<crate::trust::NodeTrust, String> {
+        let sec = &self.security;
+        if sec.require_signed && sec.trusted_keys.is_empty() {
+            return Err("security.require_signed is set but security.trusted_keys is empty: \
+                 list the scheduler's public key (etask keygen writes dispatch.pub)"
+                .into());
+        }
+        let verifier = crate::trust::Verifier::load(&sec.trusted_keys)
+            .map_err(|e| format!("security.trusted_keys: {e}"))?;
+        let private = sec
+            .pool_private_keys
+            .iter()
+            .map(|k| crate::trust::keys::load(crate::trust::keys::Kind::PoolPrivate, k))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("security.pool_private_keys: {e}"))?;
+        if !verifier.verifies() {
+            log::warn!(target: "etask::trust", "no security.trusted_keys: dispatches are run without checking who signed them");
+        }
+        Ok(crate::trust::NodeTrust {
+            verifier,
+            me: crate::trust::NodeIdentity {
+                pool: pool.map(str::to_owned),
+                node: node.to_owned(),
+            },
+            open: crate::trust::seal::OpenKeys::new(&private),
+        })
+    }
+
+    /// What the scheduler signs and seals with. `builtin`: the keys of `--mode all`'s
+    /// built-in node (signing key when none is configured, and its pool key for `local`).
+    ///
+    /// # Errors
+    /// A key cannot be read.
+    pub fn scheduler_keys(
+        &self,
+        builtin: Option<&crate::trust::BuiltinKeys>,
+    ) -> Result<crate::trust::SchedulerKeys, String> {
+        let sec = &self.security;
+        let signer = match (sec.signing_key.is_empty(), builtin) {
+            (true, Some(b)) => crate::trust::Signer::from_bytes(b.signing_private),
+            _ => crate::trust::Signer::load(&sec.signing_key)
+                .map_err(|e| format!("security.signing_key: {e}"))?,
+        };
+        let mut pools = std::collections::HashMap::new();
+        for (pool, k) in &sec.pool_keys {
+            let b = crate::trust::keys::load(crate::trust::keys::Kind::PoolPublic, k)
+                .map_err(|e| format!("security.pool_keys.{pool}: {e}"))?;
+            pools.insert(pool.clone(), crate::trust::seal::SealKey::from_bytes(b));
+        }
+        Ok(crate::trust::SchedulerKeys {
+            signer: std::sync::Arc::new(signer),
+            pools,
+            local: builtin.map(|b| crate::trust::seal::SealKey::from_bytes(b.pool_public)),
+            require_sealed: sec.require_sealed_secrets,
+        })
     }
 
     pub fn store_url(&self) -> String {

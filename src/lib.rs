@@ -9,6 +9,7 @@ pub mod runner;
 pub mod signals;
 pub mod store;
 pub mod supervise;
+pub mod trust;
 
 /// Milliseconds since the Unix epoch: the time unit of the store and the API.
 pub fn now_ms() -> i64 {

@@ -108,14 +108,41 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     let mut local = None;
     let mut deliveries: Vec<Arc<dyn Delivery>> = Vec::new();
     let mut previous = None;
-    if mode == Mode::All {
+    // --mode all signs and verifies always, with keys of its own in the data dir when none are
+    // configured, so the trust path is exercised even on a try-out.
+    let builtin = if mode == Mode::All {
+        Some(
+            crate::trust::builtin_keys(&cfg.server.data_dir)
+                .map_err(|e| format!("built-in keys: {e}"))?,
+        )
+    } else {
+        None
+    };
+    let keys = cfg.scheduler_keys(builtin.as_ref())?;
+    if !keys.signer.signs() {
+        log::warn!(target: "etask::server", "no security.signing_key: dispatches and cancels go out unsigned (nodes with trusted_keys refuse them)");
+    }
+    if let Some(b) = &builtin {
         let node = node_id();
         let (journal, prev) = open_journal(&cfg, &node)?;
         previous = Some(prev);
+        let mut trust = cfg.node_trust(None, &node)?;
+        let signer_public = keys.signer.public().unwrap_or(b.signing_public);
+        trust.verifier = trust
+            .verifier
+            .also_trusting(signer_public)
+            .map_err(|e| format!("built-in keys: {e}"))?;
+        trust.open = trust.open.with(b.pool_private);
         let mut pc = cfg.pool_config();
         pc.journal = Some(journal);
         let pool = Pool::start(pc).map_err(|e| format!("cannot start the process pool: {e}"))?;
-        let l = Arc::new(Local::new(pool, node, reports_tx));
+        let l = Arc::new(Local::new(
+            pool,
+            node,
+            reports_tx,
+            keys.signer.clone(),
+            trust,
+        ));
         deliveries.push(l.clone());
         local = Some(l);
     }
@@ -178,6 +205,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
                 rt.clone(),
                 t.clone(),
                 cfg.server.token.clone(),
+                keys.signer.clone(),
             )));
         }
         grpc_server = Some(srv);
@@ -185,7 +213,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     // Kafka: agents of every pool, reached through their dispatch topics.
     let mut kafka = None;
     if !cfg.kafka.brokers.is_empty() {
-        let k = crate::delivery::kafka::scheduler::KafkaDelivery::start(&cfg.kafka)?;
+        let k = crate::delivery::kafka::scheduler::KafkaDelivery::start(&cfg.kafka, keys.signer.clone())?;
         deliveries.push(k.clone());
         kafka = Some(k);
     }
@@ -200,6 +228,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         reports_rx,
         table,
         pull_enabled,
+        keys,
     )?;
     if let Some(prev) = previous.filter(|p| !p.node.is_empty()) {
         let list: Vec<_> = prev
