@@ -1,0 +1,376 @@
+//! Hostile tests of the trust path (issue 14): forged, tampered, expired, misbound and replayed
+//! dispatches and forged cancels on every path (a crafted gRPC `Execute`, raw records on the
+//! Kafka topics), each refused with its reason while a marker file proves no script started;
+//! sealed secrets absent from the SQLite file, a MariaDB dump, every Kafka topic and the logs.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etask::delivery::grpc::{dispatch_to_pb, ExecutorClient, Runtime};
+use etask::delivery::Dispatch;
+use etask::model::{Attempt, ExecutionId, TaskId};
+use etask::runner::Program;
+use etask::trust::Signer;
+use serde_json::json;
+use support::server::{pid_alive, Server};
+
+/// `etask keygen` through the binary: (private key path, public key path).
+fn keygen(dir: &Path, pool: Option<&str>) -> (String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etask"));
+    cmd.args(["keygen", "--out"]).arg(dir);
+    if let Some(p) = pool {
+        cmd.args(["--pool", p]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let files: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    (files[0].clone(), files[1].clone())
+}
+
+/// Every occurrence of `needle` in the file (and its -wal/-shm companions).
+fn hits_in_files(paths: &[PathBuf], needle: &str) -> usize {
+    paths
+        .iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .map(|b| b.windows(needle.len()).filter(|w| *w == needle.as_bytes()).count())
+        .sum()
+}
+
+fn dispatch(id: i64, code: &str, pool: &str) -> Dispatch {
+    Dispatch {
+        execution_id: ExecutionId(id),
+        task_id: TaskId(1),
+        attempt: Attempt(1),
+        program: Program::shell(code),
+        timeout: None,
+        shard_index: 0,
+        shard_total: 1,
+        pool: Some(pool.into()),
+        route: Default::default(),
+        stamp: Default::default(),
+    }
+}
+
+fn signed(mut d: Dispatch, s: &Signer, node: Option<&str>, ttl_ms: i64) -> Dispatch {
+    d.sign(s, node, ttl_ms);
+    d
+}
+
+/// A dispatch stamped in the past: issued 120 s ago, expired 60 s ago.
+fn expired(d: Dispatch, s: &Signer, node: Option<&str>) -> Dispatch {
+    let mut d = d;
+    d.stamp = s.stamp(d.fields(), node, etask::now_ms() - 120_000, 60_000);
+    d
+}
+
+#[test]
+fn mode_all_signs_with_its_own_keys_and_stores_only_sealed_secrets() {
+    let dir = support::temp_dir("trust-all");
+    let s = Server::start(&dir, &[], "");
+    let keys = dir.join("data/keys");
+    let mode = |f: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(keys.join(f)).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(
+        (mode("dispatch.key"), mode("dispatch.pub")),
+        (0o600, 0o644)
+    );
+    assert_eq!(mode("pool-local.key"), 0o600);
+    let secret = "s3cr3t-sqlite-4f1a9";
+    let var_secret = "v4r-s3cr3t-77aa";
+    let marker = dir.join("marker");
+    // The script writes what it sees outside the store (the code must not carry the value).
+    let code = format!("printf '%s %s' \"$PW\" \"$TOKEN\" > {}\n", marker.display());
+    let (task, e) = s.submit(json!({"name": "sealed", "program": {
+        "kind": "shell", "code": code, "secret_env": {"PW": secret},
+        "variables": [{"key": "TOKEN", "value": var_secret, "secret": true}]}}));
+    let v = s.wait_final(e, Duration::from_secs(20));
+    assert_eq!(v["status"], "succeeded", "{v}\n{}", s.log());
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap_or_default(),
+        format!("{secret} {var_secret}"),
+        "the script sees the clear values"
+    );
+    // The same request twice with a secret is still the same request (sealing is randomised).
+    let body = json!({"name": "idem", "request_id": "r-sealed-1",
+        "program": {"kind": "shell", "code": "true", "secret_env": {"PW": secret}}});
+    let (c1, v1) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    let (c2, v2) = s.call("POST", "/api/v1/tasks", Some(&body.to_string()));
+    assert_eq!((c1, c2), (201, 200), "{v1} {v2}");
+    let (_, t) = s.call("GET", &format!("/api/v1/tasks/{task}"), None);
+    assert_eq!(t["spec"]["program"]["secret_env"]["PW"], "******", "{t}");
+    // Stop the server so every page is in the files, then grep them.
+    let mut s = s;
+    support::sigterm_and_wait(&mut s.child, Duration::from_secs(15), String::new);
+    let db = dir.join("data/etask.db");
+    let files = vec![
+        db.clone(),
+        dir.join("data/etask.db-wal"),
+        dir.join("data/etask.db-shm"),
+        dir.join("server.log"),
+    ];
+    for needle in [secret, var_secret] {
+        assert_eq!(hits_in_files(&files, needle), 0, "{needle} found in the store or log");
+    }
+    assert!(
+        hits_in_files(&[db], "etask-sealed:v1:") > 0,
+        "the store holds the sealed values"
+    );
+}
+
+#[test]
+fn mariadb_holds_only_sealed_secrets() {
+    let url = support::mysql_db("trust");
+    let dir = support::temp_dir("trust-mysql");
+    let s = Server::start(&dir, &["--store", &url], "");
+    let secret = "m4riadb-s3cr3t-91c2";
+    let marker = dir.join("marker");
+    let code = format!("printf '%s' \"$PW\" > {}\n", marker.display());
+    let (_, e) = s.submit(json!({"name": "sealed-my", "program": {
+        "kind": "shell", "code": code, "secret_env": {"PW": secret}}}));
+    let v = s.wait_final(e, Duration::from_secs(20));
+    assert_eq!(v["status"], "succeeded", "{v}");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), secret);
+    let db = url.rsplit('/').next().unwrap();
+    let dump = Command::new("mariadb-dump")
+        .args(["-h", "127.0.0.1", "-u", "root", "--skip-extended-insert", db])
+        .output()
+        .expect("mariadb-dump");
+    assert!(dump.status.success(), "{dump:?}");
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(text.contains("etask-sealed:v1:"), "dump has the sealed value");
+    assert!(!text.contains(secret), "secret in the MariaDB dump");
+    assert!(!s.log().contains(secret), "secret in the server log");
+}
+
+/// `etask server --mode executor` with `config` appended.
+struct Executor {
+    _child: support::Proc,
+    dir: PathBuf,
+    addr: String,
+}
+
+impl Executor {
+    fn start(
+        dir: &Path,
+        id: &str,
+        pool: &str,
+        path: &str,
+        scheduler: &str,
+        etcd: &str,
+        config: &str,
+    ) -> Executor {
+        std::fs::create_dir_all(dir).unwrap();
+        let cfg = dir.join("executor.toml");
+        std::fs::write(
+            &cfg,
+            format!("[registry]\nttl_seconds = 2\n[node]\nkill_grace_seconds = 1\n[executor]\npath = \"{path}\"\n{config}"),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_etask"))
+            .args(["server", "--mode", "executor", "--config"])
+            .arg(&cfg)
+            .args(["--scheduler", scheduler, "--etcd", etcd, "--pool", pool])
+            .args(["--node-id", id, "--grpc-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("executor.log")).unwrap(),
+            ))
+            .spawn()
+            .expect("start executor");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with(&format!("etask executor {id} ")),
+            "executor did not start: {line:?}\n{}",
+            std::fs::read_to_string(dir.join("executor.log")).unwrap_or_default()
+        );
+        Executor {
+            _child: support::Proc(child),
+            dir: dir.to_owned(),
+            addr: line.trim().rsplit(' ').next().unwrap_or_default().to_owned(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("executor.log")).unwrap_or_default()
+    }
+}
+
+#[test]
+fn executors_refuse_forged_tampered_expired_misbound_and_replayed_dispatches() {
+    let etcd = support::EtcdServer::start("trust-push");
+    let dir = support::temp_dir("trust-push");
+    let (key, public) = keygen(&dir.join("keys"), None);
+    let (stranger_key, stranger_pub) = keygen(&dir.join("stranger"), None);
+    let s = Server::start(
+        &dir.join("sched"),
+        &[],
+        &format!(
+            "[registry]\netcd = \"{}\"\nttl_seconds = 2\n[security]\nsigning_key = \"{key}\"\n",
+            etcd.url
+        ),
+    );
+    let grpc = s.grpc.clone().expect("scheduler gRPC address");
+    let trusting = format!("[security]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n");
+    let ex = Executor::start(
+        &dir.join("ex"),
+        "ex",
+        "core",
+        "push",
+        &grpc,
+        &etcd.url,
+        &trusting,
+    );
+    let puller = Executor::start(
+        &dir.join("pl"),
+        "pl",
+        "edge",
+        "pull",
+        &grpc,
+        &etcd.url,
+        &trusting,
+    );
+    // A node that trusts another scheduler's key.
+    let wary = Executor::start(
+        &dir.join("wary"),
+        "wary",
+        "wary",
+        "push",
+        &grpc,
+        &etcd.url,
+        &format!("[security]\ntrusted_keys = [\"{stranger_pub}\"]\n"),
+    );
+    s.wait_nodes_where(3, |n| n["path"] == "push" || n["path"] == "pull");
+
+    // The scheduler's own dispatches run, on push and on pull.
+    for (path, pool) in [("push", "core"), ("pull", "edge")] {
+        let (_, e) = s.submit(json!({"name": "genuine", "program": {"kind": "shell", "code": "echo ok"},
+            "target": {"path": path, "pool": pool}}));
+        let v = s.wait_final(e, Duration::from_secs(30));
+        assert_eq!(v["status"], "succeeded", "{path}: {v}\n{}\n{}", ex.log(), puller.log());
+    }
+    // A node that does not trust the scheduler refuses, and the execution fails saying why.
+    let (_, e) = s.submit(json!({"name": "distrusted", "program": {"kind": "shell", "code": "true"},
+        "target": {"path": "push", "pool": "wary"}}));
+    let v = s.wait_final(e, Duration::from_secs(30));
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("unknown key"),
+        "{v}"
+    );
+    assert!(wary.log().contains("refused: untrusted dispatch"), "{}", wary.log());
+
+    // Crafted Execute calls straight to the executor (the token is not set: anyone on the
+    // network path could make them). Nothing may start.
+    let signer = Signer::load(&key).unwrap();
+    let stranger = Signer::load(&stranger_key).unwrap();
+    let rt = Runtime::new().unwrap();
+    let client = ExecutorClient::new(&rt, &format!("http://{}", ex.addr), "").unwrap();
+    let forbidden = dir.join("forbidden");
+    let bad = format!("echo ran >> {}", forbidden.display());
+    let mut tampered = signed(dispatch(900_003, "true", "core"), &signer, Some("ex"), 60_000);
+    tampered.program = Program::shell(bad.as_str());
+    let cases: Vec<(&str, Dispatch)> = vec![
+        ("unsigned", dispatch(900_001, &bad, "core")),
+        (
+            "unknown key",
+            signed(dispatch(900_002, &bad, "core"), &stranger, Some("ex"), 60_000),
+        ),
+        ("bad signature", tampered),
+        (
+            "expired",
+            expired(dispatch(900_004, &bad, "core"), &signer, Some("ex")),
+        ),
+        (
+            "pool \"other\"",
+            signed(dispatch(900_005, &bad, "other"), &signer, Some("ex"), 60_000),
+        ),
+        (
+            "node \"ex-2\"",
+            signed(dispatch(900_006, &bad, "core"), &signer, Some("ex-2"), 60_000),
+        ),
+        (
+            "valid for",
+            signed(dispatch(900_007, &bad, "core"), &signer, Some("ex"), 86_400_000),
+        ),
+    ];
+    for (why, d) in cases {
+        let ack = client.execute(dispatch_to_pb(&d, etask::now_ms())).unwrap();
+        assert!(!ack.accepted, "{why}: accepted");
+        assert!(ack.reason.contains(why), "{why}: {}", ack.reason);
+    }
+    // Replay: the genuine message runs once; the same message again is refused.
+    let once = dir.join("once");
+    let pidfile = dir.join("pid");
+    let good = signed(
+        dispatch(
+            900_010,
+            &format!(
+                "echo ran >> {}\necho $$ > {}\nexec sleep 30\n",
+                once.display(),
+                pidfile.display()
+            ),
+            "core",
+        ),
+        &signer,
+        Some("ex"),
+        60_000,
+    );
+    let msg = dispatch_to_pb(&good, 0);
+    let ack = client.execute(msg.clone()).unwrap();
+    assert!(ack.accepted, "{ack:?}");
+    let ack = client.execute(msg).unwrap();
+    assert!(
+        !ack.accepted && ack.reason.contains("replay"),
+        "{ack:?}"
+    );
+    let t0 = Instant::now();
+    while !pidfile.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", ex.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    // Unsigned and forged cancels are ignored: the script keeps running.
+    let (id, attempt) = (good.execution_id, good.attempt);
+    let err = client.cancel(id, attempt).unwrap_err();
+    assert!(err.contains("unsigned"), "{err}");
+    let forged = stranger.stamp_cancel(id.0, attempt.0, Some("ex"), etask::now_ms(), 60_000);
+    let err = client.cancel_stamped(id, attempt, &forged).unwrap_err();
+    assert!(err.contains("unknown key"), "{err}");
+    let mut other = signer.stamp_cancel(id.0 + 1, attempt.0, Some("ex"), etask::now_ms(), 60_000);
+    other.node = Some("ex".into());
+    let err = client.cancel_stamped(id, attempt, &other).unwrap_err();
+    assert!(err.contains("bad signature"), "{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(pid_alive(pid), "a forged cancel stopped the script");
+    // A signed cancel stops it.
+    let real = signer.stamp_cancel(id.0, attempt.0, Some("ex"), etask::now_ms(), 60_000);
+    assert!(client.cancel_stamped(id, attempt, &real).unwrap());
+    let t0 = Instant::now();
+    while pid_alive(pid) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "signed cancel ignored");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!forbidden.exists(), "a refused dispatch ran\n{}", ex.log());
+    assert_eq!(std::fs::read_to_string(&once).unwrap(), "ran\n", "replay ran");
+    let log = ex.log();
+    for why in ["unsigned", "unknown key", "bad signature", "replay"] {
+        assert!(log.contains(why), "{why} not logged:\n{log}");
+    }
+}
