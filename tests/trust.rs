@@ -374,3 +374,269 @@ fn executors_refuse_forged_tampered_expired_misbound_and_replayed_dispatches() {
         assert!(log.contains(why), "{why} not logged:\n{log}");
     }
 }
+
+/// `etask server --mode agent` with `config` appended; its log is `<dir>/<id>.log`.
+fn start_agent(dir: &Path, id: &str, pool: &str, brokers: &str, config: &str) -> support::Proc {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join(format!("{id}.toml"));
+    std::fs::write(
+        &cfg,
+        format!("[node]\nkill_grace_seconds = 1\n[agent]\nheartbeat_ms = 300\n{config}"),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["server", "--mode", "agent", "--kafka", brokers, "--pool", pool])
+        .args(["--node-id", id, "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(dir.join(format!("data-{id}")))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join(format!("{id}.log"))).unwrap(),
+        ))
+        .spawn()
+        .expect("start agent");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("etask agent "), "agent did not start: {line:?}");
+    support::Proc(child)
+}
+
+/// Every record of `topics` from the beginning up to their end now, as text. Partitions are
+/// assigned by hand and read to their high watermarks: no group to join, no idle guessing
+/// (agents' heartbeats never leave the events topic idle).
+fn read_topics(brokers: &str, topics: &[&str]) -> Vec<(String, String)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "trust-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut left = std::collections::HashMap::new();
+    for t in topics {
+        for p in 0..4 {
+            let (_, high) = c
+                .fetch_watermarks(t, p, Duration::from_secs(10))
+                .unwrap();
+            if high > 0 {
+                tpl.add_partition_offset(t, p, Offset::Beginning).unwrap();
+                left.insert((t.to_string(), p), high);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if left.is_empty() {
+        return out;
+    }
+    c.assign(&tpl).unwrap();
+    let t0 = Instant::now();
+    while !left.is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "topics not read to the end: {left:?}");
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            let text = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+            out.push((m.topic().to_owned(), text));
+            let k = (m.topic().to_owned(), m.partition());
+            if left.get(&k).is_some_and(|h| m.offset() + 1 >= *h) {
+                left.remove(&k);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn agents_refuse_forged_kafka_records_and_no_topic_holds_a_secret() {
+    use etask::delivery::kafka::wire::{ControlMsg, DispatchMsg};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let dir = support::temp_dir("trust-kafka");
+    let broker = support::kafka::Broker::start("trust");
+    let (key, public) = keygen(&dir.join("keys"), None);
+    let (pool_key, pool_pub) = keygen(&dir.join("keys"), Some("p8"));
+    let (stranger_key, _) = keygen(&dir.join("stranger"), None);
+    let s = Server::start(
+        &dir.join("sched"),
+        &["--kafka", &broker.addr],
+        &format!(
+            "[kafka]\nagent_silent_after_ms = 3000\n[security]\nsigning_key = \"{key}\"\n\
+             require_sealed_secrets = true\n[security.pool_keys]\np8 = \"{pool_pub}\"\n"
+        ),
+    );
+    let _agent = start_agent(
+        &dir,
+        "a8",
+        "p8",
+        &broker.addr,
+        &format!(
+            "[security]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n\
+             pool_private_keys = [\"{pool_key}\"]\n"
+        ),
+    );
+    let agent_log = || std::fs::read_to_string(dir.join("a8.log")).unwrap_or_default();
+    // A genuine task with a secret: sealed to p8's key, opened by the agent.
+    let secret = "k4fka-s3cr3t-e91d";
+    let seen = dir.join("seen");
+    let (_, e) = s.submit(json!({"name": "sealed", "target": {"path": "agent", "pool": "p8"},
+        "program": {"kind": "shell", "code": format!("printf '%s' \"$PW\" > {}", seen.display()),
+                    "secret_env": {"PW": secret}}}));
+    let v = s.wait_final(e, Duration::from_secs(60));
+    assert_eq!(v["status"], "succeeded", "{v}\n{}", agent_log());
+    assert_eq!(std::fs::read_to_string(&seen).unwrap(), secret);
+    // A pool without a key: its secrets are refused, not stored in clear.
+    let (code, v) = s.call(
+        "POST",
+        "/api/v1/tasks",
+        Some(&json!({"name": "nokey", "target": {"path": "agent", "pool": "p9"},
+            "program": {"kind": "shell", "code": "true", "secret_env": {"PW": "x"}}})
+        .to_string()),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert!(v.to_string().contains("security.pool_keys"), "{v}");
+
+    // Raw records written by anyone who can write to the topic.
+    let signer = Signer::load(&key).unwrap();
+    let stranger = Signer::load(&stranger_key).unwrap();
+    let forbidden = dir.join("forbidden");
+    let bad = format!("echo ran >> {}", forbidden.display());
+    let record = |d: &Dispatch| {
+        let pool = d.pool.clone().unwrap();
+        serde_json::to_string(&DispatchMsg::new(d, &pool, etask::now_ms(), 60_000)).unwrap()
+    };
+    let tampered = record(&signed(dispatch(900_103, "true", "p8"), &signer, None, 60_000))
+        .replace("\"code\":\"true\"", &format!("\"code\":{}", json!(bad)));
+    assert!(tampered.contains("forbidden"));
+    let once = dir.join("once");
+    let good = record(&signed(
+        dispatch(900_110, &format!("echo ran >> {}", once.display()), "p8"),
+        &signer,
+        None,
+        60_000,
+    ));
+    let records: Vec<(i64, String)> = vec![
+        (900_101, record(&dispatch(900_101, &bad, "p8"))),
+        (
+            900_102,
+            record(&signed(dispatch(900_102, &bad, "p8"), &stranger, None, 60_000)),
+        ),
+        (900_103, tampered),
+        (
+            900_104,
+            record(&expired(dispatch(900_104, &bad, "p8"), &signer, None)),
+        ),
+        (
+            900_105,
+            record(&signed(dispatch(900_105, &bad, "p9"), &signer, None, 60_000)),
+        ),
+        (900_110, good.clone()),
+        (900_110, good),
+    ];
+    let p: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .set("linger.ms", "0")
+        .create()
+        .unwrap();
+    for (id, r) in &records {
+        // One key: one partition, read in this order.
+        p.send(BaseRecord::to("etask.dispatch.p8").key("k").payload(r.as_bytes()))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        let _ = id;
+    }
+    p.flush(Duration::from_secs(5)).unwrap();
+    let t0 = Instant::now();
+    while !(agent_log().contains("execution=900110 attempt=1 delivered again")) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", agent_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1_000));
+    assert!(!forbidden.exists(), "a refused record ran\n{}", agent_log());
+    assert_eq!(std::fs::read_to_string(&once).unwrap(), "ran\n", "replayed");
+    let log = agent_log();
+    assert!(log.contains("attempt=1 not started: dispatch expired"), "{log}");
+    let letters = read_topics(&broker.addr, &["etask.dead-letter"]);
+    let reason = |id: i64| -> String {
+        letters
+            .iter()
+            .filter_map(|(_, t)| serde_json::from_str::<serde_json::Value>(t).ok())
+            .filter(|l| l["payload"].as_str().unwrap_or("").contains(&format!("\"execution_id\":{id},")))
+            .map(|l| l["reason"].as_str().unwrap_or("").to_owned())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    for (id, why) in [
+        (900_101, "unsigned"),
+        (900_102, "unknown key"),
+        (900_103, "bad signature"),
+        (900_105, "for pool \"p9\""),
+        (900_110, "replay"),
+    ] {
+        assert!(reason(id).contains(why), "{id}: {why}: {:?}", reason(id));
+    }
+
+    // Forged cancels on the control topic are ignored; the real one works.
+    let pidfile = dir.join("pid");
+    let (_, e) = s.submit(json!({"name": "long", "target": {"path": "agent", "pool": "p8"},
+        "program": {"kind": "shell", "code": format!("echo $$ > {}\nexec sleep 60", pidfile.display())}}));
+    s.wait_for(e, Duration::from_secs(30), |v| {
+        v["status"] == "running" && pidfile.exists()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let forged = stranger.stamp_cancel(e, 1, None, etask::now_ms(), 60_000);
+    for c in [
+        ControlMsg {
+            v: 1,
+            kind: "cancel".into(),
+            execution_id: e,
+            attempt: 1,
+            issued_at: 0,
+            expires_at: 0,
+            sig: None,
+        },
+        ControlMsg {
+            v: 1,
+            kind: "cancel".into(),
+            execution_id: e,
+            attempt: 1,
+            issued_at: forged.issued_at,
+            expires_at: forged.expires_at,
+            sig: forged.sig.clone(),
+        },
+    ] {
+        let body = serde_json::to_vec(&c).unwrap();
+        p.send(BaseRecord::to("etask.control").key("k").payload(&body))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    p.flush(Duration::from_secs(5)).unwrap();
+    let t0 = Instant::now();
+    while !agent_log().contains("cancel ignored: untrusted cancel: signed by unknown key") {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{}", agent_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(agent_log().contains("cancel ignored: untrusted cancel: unsigned"));
+    assert!(pid_alive(pid), "a forged cancel stopped the script");
+    let (code, v) = s.call("POST", &format!("/api/v1/executions/{e}/cancel"), None);
+    assert_eq!(code, 200, "{v}");
+    let t0 = Instant::now();
+    while pid_alive(pid) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "signed cancel ignored\n{}", agent_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // No topic, and no log, holds the secret.
+    let all = read_topics(
+        &broker.addr,
+        &["etask.dispatch.p8", "etask.events", "etask.control", "etask.dead-letter"],
+    );
+    assert!(all.iter().any(|(t, r)| t == "etask.dispatch.p8" && r.contains("etask-sealed:v1:")));
+    for (topic, r) in &all {
+        assert!(!r.contains(secret), "secret on {topic}: {r}");
+    }
+    assert!(!s.log().contains(secret) && !agent_log().contains(secret));
+}
