@@ -213,7 +213,10 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     // Kafka: agents of every pool, reached through their dispatch topics.
     let mut kafka = None;
     if !cfg.kafka.brokers.is_empty() {
-        let k = crate::delivery::kafka::scheduler::KafkaDelivery::start(&cfg.kafka, keys.signer.clone())?;
+        let k = crate::delivery::kafka::scheduler::KafkaDelivery::start(
+            &cfg.kafka,
+            keys.signer.clone(),
+        )?;
         deliveries.push(k.clone());
         kafka = Some(k);
     }

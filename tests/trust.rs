@@ -41,7 +41,11 @@ fn hits_in_files(paths: &[PathBuf], needle: &str) -> usize {
     paths
         .iter()
         .filter_map(|p| std::fs::read(p).ok())
-        .map(|b| b.windows(needle.len()).filter(|w| *w == needle.as_bytes()).count())
+        .map(|b| {
+            b.windows(needle.len())
+                .filter(|w| *w == needle.as_bytes())
+                .count()
+        })
         .sum()
 }
 
@@ -79,12 +83,13 @@ fn mode_all_signs_with_its_own_keys_and_stores_only_sealed_secrets() {
     let keys = dir.join("data/keys");
     let mode = |f: &str| {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(keys.join(f)).unwrap().permissions().mode() & 0o777
+        std::fs::metadata(keys.join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
     };
-    assert_eq!(
-        (mode("dispatch.key"), mode("dispatch.pub")),
-        (0o600, 0o644)
-    );
+    assert_eq!((mode("dispatch.key"), mode("dispatch.pub")), (0o600, 0o644));
     assert_eq!(mode("pool-local.key"), 0o600);
     let secret = "s3cr3t-sqlite-4f1a9";
     let var_secret = "v4r-s3cr3t-77aa";
@@ -120,7 +125,11 @@ fn mode_all_signs_with_its_own_keys_and_stores_only_sealed_secrets() {
         dir.join("server.log"),
     ];
     for needle in [secret, var_secret] {
-        assert_eq!(hits_in_files(&files, needle), 0, "{needle} found in the store or log");
+        assert_eq!(
+            hits_in_files(&files, needle),
+            0,
+            "{needle} found in the store or log"
+        );
     }
     assert!(
         hits_in_files(&[db], "etask-sealed:v1:") > 0,
@@ -143,12 +152,22 @@ fn mariadb_holds_only_sealed_secrets() {
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), secret);
     let db = url.rsplit('/').next().unwrap();
     let dump = Command::new("mariadb-dump")
-        .args(["-h", "127.0.0.1", "-u", "root", "--skip-extended-insert", db])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-u",
+            "root",
+            "--skip-extended-insert",
+            db,
+        ])
         .output()
         .expect("mariadb-dump");
     assert!(dump.status.success(), "{dump:?}");
     let text = String::from_utf8_lossy(&dump.stdout);
-    assert!(text.contains("etask-sealed:v1:"), "dump has the sealed value");
+    assert!(
+        text.contains("etask-sealed:v1:"),
+        "dump has the sealed value"
+    );
     assert!(!text.contains(secret), "secret in the MariaDB dump");
     assert!(!s.log().contains(secret), "secret in the server log");
 }
@@ -181,7 +200,13 @@ impl Executor {
             .args(["server", "--mode", "executor", "--config"])
             .arg(&cfg)
             .args(["--scheduler", scheduler, "--etcd", etcd, "--pool", pool])
-            .args(["--node-id", id, "--grpc-listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "--node-id",
+                id,
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(dir.join("data"))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
@@ -201,7 +226,12 @@ impl Executor {
         Executor {
             _child: support::Proc(child),
             dir: dir.to_owned(),
-            addr: line.trim().rsplit(' ').next().unwrap_or_default().to_owned(),
+            addr: line
+                .trim()
+                .rsplit(' ')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
         }
     }
 
@@ -258,21 +288,35 @@ fn executors_refuse_forged_tampered_expired_misbound_and_replayed_dispatches() {
 
     // The scheduler's own dispatches run, on push and on pull.
     for (path, pool) in [("push", "core"), ("pull", "edge")] {
-        let (_, e) = s.submit(json!({"name": "genuine", "program": {"kind": "shell", "code": "echo ok"},
-            "target": {"path": path, "pool": pool}}));
+        let (_, e) = s.submit(
+            json!({"name": "genuine", "program": {"kind": "shell", "code": "echo ok"},
+            "target": {"path": path, "pool": pool}}),
+        );
         let v = s.wait_final(e, Duration::from_secs(30));
-        assert_eq!(v["status"], "succeeded", "{path}: {v}\n{}\n{}", ex.log(), puller.log());
+        assert_eq!(
+            v["status"],
+            "succeeded",
+            "{path}: {v}\n{}\n{}",
+            ex.log(),
+            puller.log()
+        );
     }
     // A node that does not trust the scheduler refuses, and the execution fails saying why.
-    let (_, e) = s.submit(json!({"name": "distrusted", "program": {"kind": "shell", "code": "true"},
-        "target": {"path": "push", "pool": "wary"}}));
+    let (_, e) = s.submit(
+        json!({"name": "distrusted", "program": {"kind": "shell", "code": "true"},
+        "target": {"path": "push", "pool": "wary"}}),
+    );
     let v = s.wait_final(e, Duration::from_secs(30));
     assert_eq!(v["status"], "failed", "{v}");
     assert!(
         v["error"].as_str().unwrap_or("").contains("unknown key"),
         "{v}"
     );
-    assert!(wary.log().contains("refused: untrusted dispatch"), "{}", wary.log());
+    assert!(
+        wary.log().contains("refused: untrusted dispatch"),
+        "{}",
+        wary.log()
+    );
 
     // Crafted Execute calls straight to the executor (the token is not set: anyone on the
     // network path could make them). Nothing may start.
@@ -282,13 +326,23 @@ fn executors_refuse_forged_tampered_expired_misbound_and_replayed_dispatches() {
     let client = ExecutorClient::new(&rt, &format!("http://{}", ex.addr), "").unwrap();
     let forbidden = dir.join("forbidden");
     let bad = format!("echo ran >> {}", forbidden.display());
-    let mut tampered = signed(dispatch(900_003, "true", "core"), &signer, Some("ex"), 60_000);
+    let mut tampered = signed(
+        dispatch(900_003, "true", "core"),
+        &signer,
+        Some("ex"),
+        60_000,
+    );
     tampered.program = Program::shell(bad.as_str());
     let cases: Vec<(&str, Dispatch)> = vec![
         ("unsigned", dispatch(900_001, &bad, "core")),
         (
             "unknown key",
-            signed(dispatch(900_002, &bad, "core"), &stranger, Some("ex"), 60_000),
+            signed(
+                dispatch(900_002, &bad, "core"),
+                &stranger,
+                Some("ex"),
+                60_000,
+            ),
         ),
         ("bad signature", tampered),
         (
@@ -297,15 +351,30 @@ fn executors_refuse_forged_tampered_expired_misbound_and_replayed_dispatches() {
         ),
         (
             "pool \"other\"",
-            signed(dispatch(900_005, &bad, "other"), &signer, Some("ex"), 60_000),
+            signed(
+                dispatch(900_005, &bad, "other"),
+                &signer,
+                Some("ex"),
+                60_000,
+            ),
         ),
         (
             "node \"ex-2\"",
-            signed(dispatch(900_006, &bad, "core"), &signer, Some("ex-2"), 60_000),
+            signed(
+                dispatch(900_006, &bad, "core"),
+                &signer,
+                Some("ex-2"),
+                60_000,
+            ),
         ),
         (
             "valid for",
-            signed(dispatch(900_007, &bad, "core"), &signer, Some("ex"), 86_400_000),
+            signed(
+                dispatch(900_007, &bad, "core"),
+                &signer,
+                Some("ex"),
+                86_400_000,
+            ),
         ),
     ];
     for (why, d) in cases {
@@ -334,17 +403,18 @@ fn executors_refuse_forged_tampered_expired_misbound_and_replayed_dispatches() {
     let ack = client.execute(msg.clone()).unwrap();
     assert!(ack.accepted, "{ack:?}");
     let ack = client.execute(msg).unwrap();
-    assert!(
-        !ack.accepted && ack.reason.contains("replay"),
-        "{ack:?}"
-    );
+    assert!(!ack.accepted && ack.reason.contains("replay"), "{ack:?}");
     let t0 = Instant::now();
     while !pidfile.exists() {
         assert!(t0.elapsed() < Duration::from_secs(10), "{}", ex.log());
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(200));
-    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     // Unsigned and forged cancels are ignored: the script keeps running.
     let (id, attempt) = (good.execution_id, good.attempt);
     let err = client.cancel(id, attempt).unwrap_err();
@@ -363,12 +433,19 @@ fn executors_refuse_forged_tampered_expired_misbound_and_replayed_dispatches() {
     assert!(client.cancel_stamped(id, attempt, &real).unwrap());
     let t0 = Instant::now();
     while pid_alive(pid) {
-        assert!(t0.elapsed() < Duration::from_secs(10), "signed cancel ignored");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "signed cancel ignored"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
     assert!(!forbidden.exists(), "a refused dispatch ran\n{}", ex.log());
-    assert_eq!(std::fs::read_to_string(&once).unwrap(), "ran\n", "replay ran");
+    assert_eq!(
+        std::fs::read_to_string(&once).unwrap(),
+        "ran\n",
+        "replay ran"
+    );
     let log = ex.log();
     for why in ["unsigned", "unknown key", "bad signature", "replay"] {
         assert!(log.contains(why), "{why} not logged:\n{log}");
@@ -385,7 +462,9 @@ fn start_agent(dir: &Path, id: &str, pool: &str, brokers: &str, config: &str) ->
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_etask"))
-        .args(["server", "--mode", "agent", "--kafka", brokers, "--pool", pool])
+        .args([
+            "server", "--mode", "agent", "--kafka", brokers, "--pool", pool,
+        ])
         .args(["--node-id", id, "--config"])
         .arg(&cfg)
         .arg("--data-dir")
@@ -400,7 +479,10 @@ fn start_agent(dir: &Path, id: &str, pool: &str, brokers: &str, config: &str) ->
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert!(line.starts_with("etask agent "), "agent did not start: {line:?}");
+    assert!(
+        line.starts_with("etask agent "),
+        "agent did not start: {line:?}"
+    );
     support::Proc(child)
 }
 
@@ -421,9 +503,7 @@ fn read_topics(brokers: &str, topics: &[&str]) -> Vec<(String, String)> {
     let mut left = std::collections::HashMap::new();
     for t in topics {
         for p in 0..4 {
-            let (_, high) = c
-                .fetch_watermarks(t, p, Duration::from_secs(10))
-                .unwrap();
+            let (_, high) = c.fetch_watermarks(t, p, Duration::from_secs(10)).unwrap();
             if high > 0 {
                 tpl.add_partition_offset(t, p, Offset::Beginning).unwrap();
                 left.insert((t.to_string(), p), high);
@@ -437,7 +517,10 @@ fn read_topics(brokers: &str, topics: &[&str]) -> Vec<(String, String)> {
     c.assign(&tpl).unwrap();
     let t0 = Instant::now();
     while !left.is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "topics not read to the end: {left:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "topics not read to the end: {left:?}"
+        );
         if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
             let text = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
             out.push((m.topic().to_owned(), text));
@@ -481,9 +564,11 @@ fn agents_refuse_forged_kafka_records_and_no_topic_holds_a_secret() {
     // A genuine task with a secret: sealed to p8's key, opened by the agent.
     let secret = "k4fka-s3cr3t-e91d";
     let seen = dir.join("seen");
-    let (_, e) = s.submit(json!({"name": "sealed", "target": {"path": "agent", "pool": "p8"},
+    let (_, e) = s.submit(
+        json!({"name": "sealed", "target": {"path": "agent", "pool": "p8"},
         "program": {"kind": "shell", "code": format!("printf '%s' \"$PW\" > {}", seen.display()),
-                    "secret_env": {"PW": secret}}}));
+                    "secret_env": {"PW": secret}}}),
+    );
     let v = s.wait_final(e, Duration::from_secs(60));
     assert_eq!(v["status"], "succeeded", "{v}\n{}", agent_log());
     assert_eq!(std::fs::read_to_string(&seen).unwrap(), secret);
@@ -491,9 +576,11 @@ fn agents_refuse_forged_kafka_records_and_no_topic_holds_a_secret() {
     let (code, v) = s.call(
         "POST",
         "/api/v1/tasks",
-        Some(&json!({"name": "nokey", "target": {"path": "agent", "pool": "p9"},
+        Some(
+            &json!({"name": "nokey", "target": {"path": "agent", "pool": "p9"},
             "program": {"kind": "shell", "code": "true", "secret_env": {"PW": "x"}}})
-        .to_string()),
+            .to_string(),
+        ),
     );
     assert_eq!(code, 400, "{v}");
     assert!(v.to_string().contains("security.pool_keys"), "{v}");
@@ -507,8 +594,13 @@ fn agents_refuse_forged_kafka_records_and_no_topic_holds_a_secret() {
         let pool = d.pool.clone().unwrap();
         serde_json::to_string(&DispatchMsg::new(d, &pool, etask::now_ms(), 60_000)).unwrap()
     };
-    let tampered = record(&signed(dispatch(900_103, "true", "p8"), &signer, None, 60_000))
-        .replace("\"code\":\"true\"", &format!("\"code\":{}", json!(bad)));
+    let tampered = record(&signed(
+        dispatch(900_103, "true", "p8"),
+        &signer,
+        None,
+        60_000,
+    ))
+    .replace("\"code\":\"true\"", &format!("\"code\":{}", json!(bad)));
     assert!(tampered.contains("forbidden"));
     let once = dir.join("once");
     let good = record(&signed(
@@ -521,7 +613,12 @@ fn agents_refuse_forged_kafka_records_and_no_topic_holds_a_secret() {
         (900_101, record(&dispatch(900_101, &bad, "p8"))),
         (
             900_102,
-            record(&signed(dispatch(900_102, &bad, "p8"), &stranger, None, 60_000)),
+            record(&signed(
+                dispatch(900_102, &bad, "p8"),
+                &stranger,
+                None,
+                60_000,
+            )),
         ),
         (900_103, tampered),
         (
@@ -530,7 +627,12 @@ fn agents_refuse_forged_kafka_records_and_no_topic_holds_a_secret() {
         ),
         (
             900_105,
-            record(&signed(dispatch(900_105, &bad, "p9"), &signer, None, 60_000)),
+            record(&signed(
+                dispatch(900_105, &bad, "p9"),
+                &signer,
+                None,
+                60_000,
+            )),
         ),
         (900_110, good.clone()),
         (900_110, good),
@@ -542,9 +644,13 @@ fn agents_refuse_forged_kafka_records_and_no_topic_holds_a_secret() {
         .unwrap();
     for (id, r) in &records {
         // One key: one partition, read in this order.
-        p.send(BaseRecord::to("etask.dispatch.p8").key("k").payload(r.as_bytes()))
-            .map_err(|(e, _)| e)
-            .unwrap();
+        p.send(
+            BaseRecord::to("etask.dispatch.p8")
+                .key("k")
+                .payload(r.as_bytes()),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
         let _ = id;
     }
     p.flush(Duration::from_secs(5)).unwrap();
@@ -557,13 +663,21 @@ fn agents_refuse_forged_kafka_records_and_no_topic_holds_a_secret() {
     assert!(!forbidden.exists(), "a refused record ran\n{}", agent_log());
     assert_eq!(std::fs::read_to_string(&once).unwrap(), "ran\n", "replayed");
     let log = agent_log();
-    assert!(log.contains("attempt=1 not started: dispatch expired"), "{log}");
+    assert!(
+        log.contains("attempt=1 not started: dispatch expired"),
+        "{log}"
+    );
     let letters = read_topics(&broker.addr, &["etask.dead-letter"]);
     let reason = |id: i64| -> String {
         letters
             .iter()
             .filter_map(|(_, t)| serde_json::from_str::<serde_json::Value>(t).ok())
-            .filter(|l| l["payload"].as_str().unwrap_or("").contains(&format!("\"execution_id\":{id},")))
+            .filter(|l| {
+                l["payload"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains(&format!("\"execution_id\":{id},"))
+            })
             .map(|l| l["reason"].as_str().unwrap_or("").to_owned())
             .collect::<Vec<_>>()
             .join(" | ")
@@ -586,7 +700,11 @@ fn agents_refuse_forged_kafka_records_and_no_topic_holds_a_secret() {
         v["status"] == "running" && pidfile.exists()
     });
     std::thread::sleep(Duration::from_millis(200));
-    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let forged = stranger.stamp_cancel(e, 1, None, etask::now_ms(), 60_000);
     for c in [
         ControlMsg {
@@ -625,16 +743,27 @@ fn agents_refuse_forged_kafka_records_and_no_topic_holds_a_secret() {
     assert_eq!(code, 200, "{v}");
     let t0 = Instant::now();
     while pid_alive(pid) {
-        assert!(t0.elapsed() < Duration::from_secs(10), "signed cancel ignored\n{}", agent_log());
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "signed cancel ignored\n{}",
+            agent_log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
     // No topic, and no log, holds the secret.
     let all = read_topics(
         &broker.addr,
-        &["etask.dispatch.p8", "etask.events", "etask.control", "etask.dead-letter"],
+        &[
+            "etask.dispatch.p8",
+            "etask.events",
+            "etask.control",
+            "etask.dead-letter",
+        ],
     );
-    assert!(all.iter().any(|(t, r)| t == "etask.dispatch.p8" && r.contains("etask-sealed:v1:")));
+    assert!(all
+        .iter()
+        .any(|(t, r)| t == "etask.dispatch.p8" && r.contains("etask-sealed:v1:")));
     for (topic, r) in &all {
         assert!(!r.contains(secret), "secret on {topic}: {r}");
     }

@@ -419,7 +419,11 @@ fn control_loop(a: &Agent, consumer: &BaseConsumer) {
                         expires_at: c.expires_at,
                     };
                     let now = crate::now_ms();
-                    match a.trust.verifier.check_cancel(&f, c.sig.as_deref(), &a.trust.me, now) {
+                    match a
+                        .trust
+                        .verifier
+                        .check_cancel(&f, c.sig.as_deref(), &a.trust.me, now)
+                    {
                         Ok(()) => a.cancel(RunKey {
                             execution: ExecutionId(c.execution_id),
                             attempt: Attempt(c.attempt),

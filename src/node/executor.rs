@@ -185,8 +185,12 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         .with_max_validity(SPOOL_KEEP.as_millis() as i64);
     // In the data dir the start journal locks for this node: no other process shares it.
     let spool_dir = cfg.server.data_dir.join("executor-spool");
-    let spool = Spool::open(&spool_dir, SPOOL_KEEP)
-        .map_err(|e| format!("cannot open the executor spool {}: {e}", spool_dir.display()))?;
+    let spool = Spool::open(&spool_dir, SPOOL_KEEP).map_err(|e| {
+        format!(
+            "cannot open the executor spool {}: {e}",
+            spool_dir.display()
+        )
+    })?;
     let mut pc = cfg.pool_config();
     pc.journal = Some(journal);
     let pool = Pool::start(pc).map_err(|e| format!("cannot start the process pool: {e}"))?;

@@ -14,7 +14,7 @@ use base64::Engine;
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 
 pub use canonical::{CancelFields, DispatchFields};
-use keys::{Kind, KeyError};
+use keys::{KeyError, Kind};
 
 /// The signature of a dispatch or cancel as the wires carry it:
 /// `v1.<key id>.<base64 of the 64-byte Ed25519 signature>` (key id: `seal::key_id` of the
@@ -64,7 +64,9 @@ pub enum Refusal {
     #[error("untrusted dispatch: for node {got:?}, this is node {want:?}")]
     WrongNode { want: String, got: String },
     /// This node already took this execution attempt.
-    #[error("untrusted dispatch: replay of execution {0} attempt {1}, which this node already took")]
+    #[error(
+        "untrusted dispatch: replay of execution {0} attempt {1}, which this node already took"
+    )]
     Replay(i64, u32),
     /// A sealed secret does not open here.
     #[error("untrusted dispatch: {0}")]
@@ -320,7 +322,10 @@ impl Verifier {
             )));
         }
         let pool = canonical::pool_name(f.pool);
-        if let Some(want) = &me.pool {
+        // Without trusted keys a dispatch that names no pool (a scheduler from before pools
+        // were on the gRPC wire) is not bound to one; a verified dispatch always is.
+        let names_pool = f.pool.is_some_and(|p| !p.is_empty());
+        if let Some(want) = me.pool.as_ref().filter(|_| self.require || names_pool) {
             if want != pool {
                 return Err(Refusal::WrongPool {
                     want: want.clone(),
@@ -554,10 +559,7 @@ mod tests {
 
     fn pair() -> (Signer, Verifier) {
         let (s, p) = generate_signing();
-        (
-            Signer::from_bytes(s),
-            Verifier::trusting(&[p]).unwrap(),
-        )
+        (Signer::from_bytes(s), Verifier::trusting(&[p]).unwrap())
     }
 
     #[test]
@@ -629,16 +631,76 @@ mod tests {
             );
         }
         let scalar: Vec<(&str, DispatchFields<'_>)> = vec![
-            ("execution_id", DispatchFields { execution_id: 43, ..signed }),
-            ("attempt", DispatchFields { attempt: 3, ..signed }),
-            ("task_id", DispatchFields { task_id: 8, ..signed }),
-            ("pool", DispatchFields { pool: Some("edgf"), ..signed }),
-            ("node", DispatchFields { node: None, ..signed }),
-            ("timeout", DispatchFields { timeout_ms: Some(5001), ..signed }),
-            ("shard_index", DispatchFields { shard_index: 0, ..signed }),
-            ("shard_total", DispatchFields { shard_total: 4, ..signed }),
-            ("issued_at", DispatchFields { issued_at: now + 1, ..signed }),
-            ("expires_at", DispatchFields { expires_at: st.expires_at + 1, ..signed }),
+            (
+                "execution_id",
+                DispatchFields {
+                    execution_id: 43,
+                    ..signed
+                },
+            ),
+            (
+                "attempt",
+                DispatchFields {
+                    attempt: 3,
+                    ..signed
+                },
+            ),
+            (
+                "task_id",
+                DispatchFields {
+                    task_id: 8,
+                    ..signed
+                },
+            ),
+            (
+                "pool",
+                DispatchFields {
+                    pool: Some("edgf"),
+                    ..signed
+                },
+            ),
+            (
+                "node",
+                DispatchFields {
+                    node: None,
+                    ..signed
+                },
+            ),
+            (
+                "timeout",
+                DispatchFields {
+                    timeout_ms: Some(5001),
+                    ..signed
+                },
+            ),
+            (
+                "shard_index",
+                DispatchFields {
+                    shard_index: 0,
+                    ..signed
+                },
+            ),
+            (
+                "shard_total",
+                DispatchFields {
+                    shard_total: 4,
+                    ..signed
+                },
+            ),
+            (
+                "issued_at",
+                DispatchFields {
+                    issued_at: now + 1,
+                    ..signed
+                },
+            ),
+            (
+                "expires_at",
+                DispatchFields {
+                    expires_at: st.expires_at + 1,
+                    ..signed
+                },
+            ),
         ];
         for (what, f) in scalar {
             assert_eq!(
@@ -778,7 +840,10 @@ mod tests {
         assert!(files[1].ends_with("pool-edge.pub"));
         assert!(keygen(&dir, Some("../x")).is_err());
         let first = builtin_keys(&dir).unwrap();
-        assert!(builtin_keys(&dir).unwrap() == first, "created once, then read");
+        assert!(
+            builtin_keys(&dir).unwrap() == first,
+            "created once, then read"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -88,7 +88,7 @@ impl SealKey {
 }
 
 /// Overwrites a string's bytes with zeros (best effort: earlier copies may exist).
-fn zero(s: &mut String) {
+fn zero(s: &mut str) {
     // SAFETY: zero bytes are valid UTF-8.
     unsafe { s.as_bytes_mut() }.fill(0);
 }
@@ -209,7 +209,10 @@ mod tests {
         ];
         seal.seal_program(&mut p).unwrap();
         let text = serde_json::to_string(&p).unwrap();
-        assert!(!text.contains("hunter2") && !text.contains("tok-123"), "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("tok-123"),
+            "{text}"
+        );
         assert!(text.contains("visible"));
         assert!(is_sealed(&p.secret_env["PW"]));
         // Sealing twice keeps the sealed value (a client may seal before submitting).
@@ -233,8 +236,7 @@ mod tests {
         assert!(seal
             .seal_program(&mut {
                 let mut q = Program::shell("t");
-                q.secret_env
-                    .insert("X".into(), format!("{PREFIX}00:!!"));
+                q.secret_env.insert("X".into(), format!("{PREFIX}00:!!"));
                 q
             })
             .is_err());

@@ -153,9 +153,13 @@ impl Delivery for Push {
             .remove(&(id, attempt));
         let Some(node) = node else { return };
         if let Some(n) = self.table.nodes().into_iter().find(|n| n.id == node) {
-            let stamp =
-                self.signer
-                    .stamp_cancel(id.0, attempt.0, Some(&node), crate::now_ms(), GRPC_TTL_MS);
+            let stamp = self.signer.stamp_cancel(
+                id.0,
+                attempt.0,
+                Some(&node),
+                crate::now_ms(),
+                GRPC_TTL_MS,
+            );
             if let Err(e) = self
                 .client(&n)
                 .and_then(|c| c.cancel_stamped(id, attempt, &stamp))
