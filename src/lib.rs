@@ -33,11 +33,15 @@ pub mod server;
 
 /// An exclusive advisory lock (`flock`) on `path`, created if missing, held until the returned
 /// file is dropped (or the process dies: a killed process never leaves it held). `what` names
-/// the resource in the error, which also names the process holding it.
+/// the resource in the error, which also names the process holding it; `fix` says what to do.
 ///
 /// # Errors
 /// When the file cannot be opened, or another process holds the lock.
-pub fn lock_exclusive(path: &std::path::Path, what: &str) -> Result<std::fs::File, String> {
+pub fn lock_exclusive(
+    path: &std::path::Path,
+    what: &str,
+    fix: &str,
+) -> Result<std::fs::File, String> {
     use std::io::{Read, Seek, Write};
     use std::os::fd::AsRawFd;
     let mut f = std::fs::OpenOptions::new()
@@ -52,7 +56,7 @@ pub fn lock_exclusive(path: &std::path::Path, what: &str) -> Result<std::fs::Fil
         let mut holder = String::new();
         let _ = f.read_to_string(&mut holder);
         return Err(format!(
-            "{what} is in use by another etask process (pid {}, lock {}): give this one its own",
+            "{what} is in use by another etask process (pid {}, lock {}): stop that one, or {fix}",
             holder.trim(),
             path.display()
         ));

@@ -781,7 +781,8 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
         ));
     }
     if let Some(t) = c.timeout {
-        if !(t > 0.0) {
+        // NaN is refused too.
+        if t.is_nan() || t <= 0.0 {
             return Err(Fail::usage(format!(
                 "--timeout takes a positive number of seconds, got {t}"
             )));

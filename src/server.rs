@@ -95,7 +95,8 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     let _sqlite_lock = match store_url.strip_prefix("sqlite:") {
         Some(db) => Some(crate::lock_exclusive(
             std::path::Path::new(&format!("{db}.lock")),
-            &format!("the store {store_url} (--data-dir / server.store)"),
+            &format!("the store {store_url}"),
+            "give this one its own --data-dir (or server.store)",
         )?),
         None => None,
     };

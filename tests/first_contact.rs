@@ -4,8 +4,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -138,30 +137,9 @@ fn a_relative_data_dir_works_like_an_absolute_one() {
     let cwd = support::temp_dir("fc-relative");
     std::fs::create_dir_all(&cwd).unwrap();
     // No --data-dir, no config: the default `./etask-data` relative to an empty directory.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_etask"))
-        .args([
-            "server",
-            "--mode",
-            "all",
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "",
-        ])
-        .current_dir(&cwd)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("etask listening on ")
-        .unwrap()
-        .to_owned();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etask"));
+    cmd.args(support::server::ALL_NO_GRPC).current_dir(&cwd);
+    let (mut child, url) = support::server::spawn_listening(cmd);
     let r: Value = ureq::post(&format!("{url}/api/v1/tasks"))
         .send_json(json!({"name": "rel", "program": {"kind": "shell", "code": "echo '{\"ok\": 1}' >&3; pwd"}}))
         .unwrap()

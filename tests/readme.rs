@@ -106,7 +106,7 @@ fn help_options(help: &str) -> BTreeSet<String> {
     // The first column of each line: "  --name, -n      description".
     opts.lines()
         .filter_map(|l| l.trim_start().split("  ").next())
-        .flat_map(|names| options(names))
+        .flat_map(options)
         .collect()
 }
 
@@ -262,9 +262,9 @@ fn try_it_runs_as_written() {
         // The README shows the start of each answer ("..." marks where it goes on); fields
         // whose value depends on the machine are compared by name.
         for field in shown
-            .trim_end_matches("...}")
             .trim_matches(|c| c == '{' || c == '}')
             .split(',')
+            .filter(|f| *f != "...")
         {
             let name = field.split(':').next().unwrap_or("");
             let want = if field.contains("disk_free_gb") || field.contains("\"data\"") {
@@ -302,4 +302,65 @@ fn try_it_runs_as_written() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{cmd}\n{err}");
     assert!(err.contains("== result: {\"disk_free_gb\":"), "{err}");
+}
+
+#[test]
+fn the_run_json_example_has_the_fields_etask_run_prints() {
+    let shown: serde_json::Value = serde_json::from_str(&block_after(
+        &readme(),
+        "## Running a script locally: `etask run`",
+        "json",
+    ))
+    .expect("the --json example is JSON");
+    let dir = support::temp_dir("readme-run-json");
+    let script = dir.join("s.sh");
+    std::fs::write(&script, "echo '{\"disk_free_gb\": 41}' >&3\n").unwrap();
+    let printed: serde_json::Value = serde_json::from_str(&etask(&[
+        "run",
+        "--shell",
+        script.to_str().unwrap(),
+        "--json",
+    ]))
+    .expect("etask run --json prints JSON");
+    let names = |v: &serde_json::Value| {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(names(&shown), names(&printed));
+    assert_eq!(shown["result"], printed["result"]);
+}
+
+#[test]
+fn the_second_mode_all_command_starts_next_to_a_first_one() {
+    use std::io::BufRead;
+    let dir = support::temp_dir("readme-second");
+    // The first one, as in "Set-up" (on free ports here).
+    let first = support::server::Server::start(&dir, &[], "");
+    let line = block_after(&readme(), "A second `etask server --mode all` on the same host needs its own data directory (the first one", "sh");
+    let cmd = line
+        .trim()
+        .replacen("etask ", &format!("{} ", env!("CARGO_BIN_EXE_etask")), 1);
+    let mut child = support::Proc(
+        Command::new("bash")
+            .args(["-c", &format!("exec {cmd}")])
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let (mut l1, mut l2) = (String::new(), String::new());
+    out.read_line(&mut l1).unwrap();
+    out.read_line(&mut l2).unwrap();
+    assert!(
+        l1.starts_with("etask listening on http://127.0.0.1:"),
+        "{l1:?} {l2:?}"
+    );
+    assert!(l2.starts_with("etask grpc on http://127.0.0.1:"), "{l2:?}");
+    assert!(
+        !l1.contains(&first.url),
+        "the second took the first one's port"
+    );
 }

@@ -10,7 +10,7 @@ mod support;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -188,6 +188,8 @@ fn a_huge_declared_body_is_refused_and_the_server_lives() {
             break;
         }
     }
+    // The end of the body: the server has read and dropped it, and answers.
+    let _ = c.write_all(b"0\r\n\r\n");
     let mut resp = String::new();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = c.read_to_string(&mut resp);
@@ -262,35 +264,13 @@ fn the_intake_recovers_after_running_out_of_file_descriptors() {
     let dir = support::temp_dir("sec-emfile");
     std::fs::create_dir_all(&dir).unwrap();
     // The server gets a small open-files limit; then the probe takes every descriptor.
-    let mut child = Command::new("prlimit")
-        .args(["--nofile=64:64", "--"])
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=64:64", "--"])
         .arg(env!("CARGO_BIN_EXE_etask"))
-        .args([
-            "server",
-            "--mode",
-            "all",
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "",
-        ])
+        .args(support::server::ALL_NO_GRPC)
         .arg("--data-dir")
-        .arg(dir.join("data"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("etask listening on ")
-        .unwrap()
-        .to_owned();
+        .arg(dir.join("data"));
+    let (mut child, url) = support::server::spawn_listening(cmd);
     let a = url.trim_start_matches("http://").to_owned();
     let mut hog = Vec::new();
     for _ in 0..200 {
@@ -660,36 +640,14 @@ fn scripts_of_the_node_s_own_uid_cannot_read_its_token_or_memory() {
         .arg(&data)
         .status();
     let out_file = dir.join("out");
-    let mut child = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(env!("CARGO_BIN_EXE_etask"))
-        .args([
-            "server",
-            "--mode",
-            "all",
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "",
-        ])
+        .args(support::server::ALL_NO_GRPC)
         .arg("--data-dir")
         .arg(&data)
-        .env("ETASK_TOKEN", TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("etask listening on ")
-        .unwrap()
-        .to_owned();
+        .env("ETASK_TOKEN", TOKEN);
+    let (mut child, url) = support::server::spawn_listening(cmd);
     // The token is gone from the node's environment as the kernel shows it.
     let environ = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap();
     assert!(

@@ -475,7 +475,8 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         .map_err(|e| format!("cannot create the agent spool {}: {e}", spool_dir.display()))?;
     let _spool_lock = crate::lock_exclusive(
         &spool_dir.join("lock"),
-        &format!("the agent spool {} (agent.spool_dir)", spool_dir.display()),
+        &format!("the agent spool {}", spool_dir.display()),
+        "give this agent its own --data-dir (or agent.spool_dir)",
     )?;
     let spool = Spool::open(&spool_dir, keep).map_err(|e| {
         format!(
@@ -535,10 +536,13 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         draining: AtomicBool::new(false),
         stop: AtomicBool::new(false),
     });
-    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(f)
+    // Each loop is restarted if it panics (supervise): no message from the broker can stop
+    // the agent's consuming for good.
+    let health = Arc::new(crate::supervise::Health::default());
+    let spawn = |name: &str, f: Box<dyn Fn() + Send>| {
+        let a = agent.clone();
+        let done = move || a.draining.load(Ordering::SeqCst) || a.stop.load(Ordering::SeqCst);
+        crate::supervise::spawn(&health, name, done, f)
             .map_err(|e| format!("cannot start thread {name}: {e}"))
     };
     let every = Duration::from_millis(cfg.agent.heartbeat_ms);
@@ -555,15 +559,15 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     // The dispatch loop ends the process when the spool fails.
     let (failed_tx, failed_rx) = crossbeam_channel::bounded::<String>(1);
     let a = agent.clone();
+    // The consumer lives in the closure: dropped when the loop ends for good (the thread
+    // ends), which leaves the group so the pool's other agents take over the partitions.
     let dispatch = spawn(
         "agent-dispatch",
         Box::new(move || {
             let res = wait_for_topic(&a, &consumer).and_then(|()| dispatch_loop(&a, &consumer));
             if let Err(e) = res {
-                let _ = failed_tx.send(e);
+                let _ = failed_tx.try_send(e);
             }
-            // Leaves the group now, so the pool's other agents take over the partitions.
-            drop(consumer);
         }),
     )?;
     let registration = if cfg.registry.etcd.is_empty() {

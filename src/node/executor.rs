@@ -115,12 +115,7 @@ impl ExecutorHandler for Handler {
 
 /// Sends pool events to the scheduler in batches; what is not acknowledged is kept and resent
 /// (the scheduler deduplicates by execution id + attempt + log seq).
-fn reporter(
-    client: SchedulerClient,
-    node: String,
-    events: Receiver<RunEvent>,
-    stop: Arc<AtomicBool>,
-) {
+fn reporter(client: &SchedulerClient, node: &str, events: &Receiver<RunEvent>, stop: &AtomicBool) {
     let mut pending: VecDeque<pb::ReportItem> = VecDeque::new();
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -136,7 +131,7 @@ fn reporter(
         }
         let n = pending.len().min(256);
         let batch = pb::ReportBatch {
-            node_id: node.clone(),
+            node_id: node.to_owned(),
             items: pending.iter().take(n).cloned().collect(),
         };
         match client.report(batch) {
@@ -231,10 +226,17 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
             .spawn(move || report_unstarted(&client, &previous, &flag))
             .map_err(|e| e.to_string())?;
     }
-    let reporter = std::thread::Builder::new()
-        .name("executor-report".into())
-        .spawn(move || reporter(client, node, events_rx, flag))
-        .map_err(|e| e.to_string())?;
+    // Restarted if it panics, like every component loop (what was buffered is lost then; the
+    // scheduler's silence handling covers it).
+    let health = Arc::new(crate::supervise::Health::default());
+    let f2 = flag.clone();
+    let reporter = crate::supervise::spawn(
+        &health,
+        "executor-report",
+        move || f2.load(Ordering::SeqCst),
+        move || reporter(&client, &node, &events_rx, &flag),
+    )
+    .map_err(|e| e.to_string())?;
     let info = NodeInfo {
         id: node_id.clone(),
         role: "executor".into(),
@@ -264,12 +266,16 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
             ex.pool.clone(),
             stop_flag.clone(),
         );
-        Some(
-            std::thread::Builder::new()
-                .name("executor-pull".into())
-                .spawn(move || pull_loop(&client, &h, &node, &pool, capacity, &flag))
-                .map_err(|e| e.to_string())?,
-        )
+        Some({
+            let f2 = flag.clone();
+            crate::supervise::spawn(
+                &health,
+                "executor-pull",
+                move || f2.load(Ordering::SeqCst),
+                move || pull_loop(&client, &h, &node, &pool, capacity, &flag),
+            )
+            .map_err(|e| e.to_string())?
+        })
     } else {
         None
     };

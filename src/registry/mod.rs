@@ -286,6 +286,8 @@ fn watch_loop(
                 rev = None;
             }
             Err(EtcdError::Idle) => backoff = Duration::from_millis(200),
+            // Stopping while the watch waited (etcd going away with us is no news).
+            Err(_) if stop.load(Ordering::SeqCst) => {}
             Err(e) => {
                 log::warn!(target: LOG, "node watch broken: {e}; re-watching from revision {}", rev.unwrap_or(0));
                 sleep_unless(stop, backoff);

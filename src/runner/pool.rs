@@ -245,6 +245,9 @@ struct Shared {
 }
 
 /// Handle to the pool; dropping it cancels what is left and joins the reactor.
+/// The reactor thread and the launcher threads of a pool.
+type Threads = (Option<JoinHandle<()>>, Vec<JoinHandle<()>>);
+
 pub struct Pool {
     shared: Arc<Shared>,
     poller: Arc<Poller>,
@@ -254,7 +257,7 @@ pub struct Pool {
     max_concurrent: usize,
     /// The reactor and the launchers, joined by the first `shutdown` (through a shared
     /// reference: a node hands its pool to several components).
-    threads: std::sync::Mutex<(Option<JoinHandle<()>>, Vec<JoinHandle<()>>)>,
+    threads: std::sync::Mutex<Threads>,
 }
 
 impl Pool {

@@ -207,3 +207,36 @@ pub fn pid_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(pid, 0) == 0 }
 }
+
+/// Starts `cmd` (an `etask server` command line, possibly behind a wrapper such as `prlimit`
+/// or `setpriv`) with stdout piped, and returns it with the HTTP URL from its first line.
+/// For tests that need a start `Server::start` cannot express.
+pub fn spawn_listening(mut cmd: Command) -> (Child, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start etask server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("first line");
+    let url = line
+        .trim()
+        .strip_prefix("etask listening on ")
+        .unwrap_or_else(|| panic!("no listen line: {line:?}"))
+        .to_owned();
+    (child, url)
+}
+
+/// `etask server --mode all` on a free HTTP port without gRPC: the arguments `spawn_listening`
+/// callers start from.
+pub const ALL_NO_GRPC: &[&str] = &[
+    "server",
+    "--mode",
+    "all",
+    "--listen",
+    "127.0.0.1:0",
+    "--grpc-listen",
+    "",
+];

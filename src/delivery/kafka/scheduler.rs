@@ -79,10 +79,15 @@ impl KafkaDelivery {
             thread: Mutex::new(None),
         });
         let d2 = d.clone();
-        let t = std::thread::Builder::new()
-            .name("kafka-events".into())
-            .spawn(move || d2.consume(&consumer))
-            .map_err(|e| e.to_string())?;
+        // Restarted if it panics: no event on the topic can stop the scheduler's ingest.
+        let (health, d3) = (Arc::new(crate::supervise::Health::default()), d.clone());
+        let t = crate::supervise::spawn(
+            &health,
+            "kafka-events",
+            move || d3.stop.load(Ordering::SeqCst),
+            move || d2.consume(&consumer),
+        )
+        .map_err(|e| e.to_string())?;
         *d.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
         log::info!(target: LOG, "scheduler on kafka {}: consuming {}", cfg.brokers, cfg.events_topic);
         Ok(d)

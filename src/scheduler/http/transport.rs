@@ -404,21 +404,23 @@ async fn serve(
     if let Err(r) = h.admit(&head) {
         return close(respond(r));
     }
-    // A declared length over the limit is refused before a byte of it is read (or allocated).
-    if body.size_hint().lower() > lim.max_body_bytes as u64 {
+    // A body over the limit is never kept. Up to DRAIN_FACTOR times the limit it is read and
+    // dropped before the 413, so a client still sending gets the answer rather than a reset
+    // connection; a declared length beyond that (`Content-Length: 10000000000000`) is answered
+    // at once, before a byte of it is read or allocated.
+    let too_large = || {
         let msg = format!("request body over the {}-byte limit", lim.max_body_bytes);
-        return close(respond(h.error(413, "payload_too_large", &msg)));
+        close(respond(h.error(413, "payload_too_large", &msg)))
+    };
+    let drain_cap = (lim.max_body_bytes as u64).saturating_mul(DRAIN_FACTOR);
+    let declared = body.size_hint().lower();
+    if declared > drain_cap {
+        return too_large();
     }
-    let limited = http_body_util::Limited::new(body, lim.max_body_bytes);
-    let body = match tokio::time::timeout(lim.body_timeout, limited.collect()).await {
-        Ok(Ok(b)) => b.to_bytes().to_vec(),
-        Ok(Err(e))
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            let msg = format!("request body over the {}-byte limit", lim.max_body_bytes);
-            return close(respond(h.error(413, "payload_too_large", &msg)));
-        }
+    let read = read_body(body, lim.max_body_bytes, drain_cap);
+    let body = match tokio::time::timeout(lim.body_timeout, read).await {
+        Ok(Ok(Some(b))) => b,
+        Ok(Ok(None)) => return too_large(),
         Ok(Err(e)) => {
             let msg = format!("cannot read the request body: {e}");
             return close(respond(h.error(400, "invalid_argument", &msg)));
@@ -469,6 +471,34 @@ async fn serve(
             "the server is stopping",
         ))),
     }
+}
+
+/// How much of a body over the limit is read and dropped before answering 413, as a multiple
+/// of the limit.
+const DRAIN_FACTOR: u64 = 4;
+
+/// Reads a body: `Some(bytes)` within `max` bytes; `None` when it is larger (what follows is
+/// read and dropped up to `drain_cap` bytes in all, so the client finishes sending).
+async fn read_body(
+    mut body: Incoming,
+    max: usize,
+    drain_cap: u64,
+) -> Result<Option<Vec<u8>>, hyper::Error> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut seen: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        seen += data.len() as u64;
+        if seen > drain_cap {
+            return Ok(None);
+        }
+        if seen <= max as u64 {
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok((seen <= max as u64).then_some(buf))
 }
 
 /// Asks the client to close the connection after this answer (its body may be unread).
