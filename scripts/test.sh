@@ -22,6 +22,8 @@ have musl-gcc || need_pkgs+=(musl-tools)
 have etcd || [ -x /usr/bin/etcd ] || need_pkgs+=(etcd-server)
 have protoc || need_pkgs+=(protobuf-compiler)
 have openssl || need_pkgs+=(openssl)
+have stunnel4 || need_pkgs+=(stunnel4)
+have mariadb-dump || need_pkgs+=(mariadb-client)
 
 if [ "${1:-}" != "--quick" ] && [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "test.sh: installing ${need_pkgs[*]}"

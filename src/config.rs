@@ -186,6 +186,11 @@ pub struct RegistryConfig {
     pub etcd: String,
     pub prefix: String,
     pub ttl_seconds: u64,
+    /// For an https:// etcd: the CA its certificate chains to (PEM); empty = web PKI roots.
+    pub ca: String,
+    /// Client certificate and key (PEM) when etcd requires one (`--client-cert-auth`).
+    pub cert: String,
+    pub key: String,
 }
 
 impl Default for RegistryConfig {
@@ -194,6 +199,9 @@ impl Default for RegistryConfig {
             etcd: String::new(),
             prefix: "/etask/".into(),
             ttl_seconds: 10,
+            ca: String::new(),
+            cert: String::new(),
+            key: String::new(),
         }
     }
 }
@@ -223,6 +231,11 @@ pub struct ServerConfig {
     pub max_headers: usize,
     /// Most HTTP connections open at once; more clients wait in the listen backlog.
     pub max_connections: usize,
+    /// Serve the HTTP intake over TLS with this certificate chain (PEM) and `tls_key`.
+    pub tls_cert: String,
+    pub tls_key: String,
+    /// With TLS: clients must present a certificate that chains to this CA (PEM).
+    pub tls_client_ca: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -259,6 +272,8 @@ pub struct CallbackConfig {
     /// except loopback, link-local (cloud metadata), unspecified and multicast addresses;
     /// those are reached only when listed here.
     pub allowed_hosts: Vec<String>,
+    /// CA (PEM) that https:// callback servers must chain to; empty = the web PKI roots.
+    pub ca: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -316,6 +331,9 @@ impl Default for ServerConfig {
             max_header_bytes: 64 << 10,
             max_headers: 100,
             max_connections: 1024,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_client_ca: String::new(),
         }
     }
 }
@@ -344,6 +362,7 @@ impl Default for CallbackConfig {
             max_backoff_ms: 300_000,
             timeout_ms: 10_000,
             allowed_hosts: Vec::new(),
+            ca: String::new(),
         }
     }
 }
@@ -399,6 +418,11 @@ body_timeout_ms = 30000
 max_header_bytes = 65536
 max_headers = 100
 max_connections = 1024
+# HTTPS: serve the intake with this certificate chain and key (PEM files); empty = plain HTTP.
+# tls_client_ca: clients must also present a certificate that chains to this CA.
+tls_cert = ""
+tls_key = ""
+tls_client_ca = ""
 
 [scheduler]
 # Look for due work this often (submissions to this scheduler wake it at once).
@@ -434,6 +458,8 @@ timeout_ms = 10000
 # host except loopback, link-local (e.g. 169.254.169.254 cloud metadata), unspecified and
 # multicast addresses, which are reached only when listed. Redirects are never followed.
 allowed_hosts = []
+# CA (PEM) that https:// callback targets must chain to; empty = the web PKI roots built in.
+ca = ""
 
 [node]
 # The built-in node of --mode all (the process pool).
@@ -461,6 +487,11 @@ run_as_gid = -1
 etcd = ""
 prefix = "/etask/"
 ttl_seconds = 10
+# https:// etcd: the CA of its certificate (empty = web PKI roots), and a client certificate
+# and key when etcd requires one.
+ca = ""
+cert = ""
+key = ""
 
 [executor]
 # --mode executor: a gRPC node. path = "push": the scheduler calls its Execute; "pull": it
@@ -746,6 +777,15 @@ impl Config {
                 self.executor.scheduler
             ));
         }
+        if self.server.tls_cert.is_empty() != self.server.tls_key.is_empty() {
+            return Err("server.tls_cert and server.tls_key must be set together".into());
+        }
+        if !self.server.tls_client_ca.is_empty() && self.server.tls_cert.is_empty() {
+            return Err("server.tls_client_ca needs server.tls_cert and tls_key".into());
+        }
+        if self.registry.cert.is_empty() != self.registry.key.is_empty() {
+            return Err("registry.cert and registry.key must be set together".into());
+        }
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {
             return Err("tls.cert and tls.key must be set together".into());
         }
@@ -840,6 +880,13 @@ impl Config {
         abs_str(&mut self.tls.cert);
         abs_str(&mut self.tls.key);
         abs_str(&mut self.tls.ca);
+        abs_str(&mut self.server.tls_cert);
+        abs_str(&mut self.server.tls_key);
+        abs_str(&mut self.server.tls_client_ca);
+        abs_str(&mut self.callbacks.ca);
+        abs_str(&mut self.registry.ca);
+        abs_str(&mut self.registry.cert);
+        abs_str(&mut self.registry.key);
         let key_path = |s: &mut String| {
             // A key line stays as it is; anything else is a path.
             if !s.contains(':') || s.starts_with('.') || s.starts_with('/') {
@@ -853,6 +900,19 @@ impl Config {
             .iter_mut()
             .for_each(key_path);
         self.security.pool_keys.values_mut().for_each(key_path);
+    }
+
+    /// The etcd client of `[registry]`, with TLS for an https:// URL.
+    ///
+    /// # Errors
+    /// The CA or client certificate files cannot be used.
+    pub fn etcd(&self) -> Result<crate::registry::etcd::Etcd, String> {
+        let r = &self.registry;
+        if !r.etcd.starts_with("https://") {
+            return Ok(crate::registry::etcd::Etcd::new(&r.etcd));
+        }
+        let tls = crate::trust::tls::client_config(&r.ca, &r.cert, &r.key, "registry.ca/cert/key")?;
+        Ok(crate::registry::etcd::Etcd::with_tls(&r.etcd, Some(tls)))
     }
 
     /// What a node checks before it runs a dispatch: the trusted keys, who it is, its pool

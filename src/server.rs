@@ -8,7 +8,6 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::delivery::local::Local;
 use crate::delivery::Delivery;
-use crate::registry::etcd::Etcd;
 use crate::registry::{NodeTable, Registration};
 use crate::runner::Pool;
 use crate::scheduler::Scheduler;
@@ -152,7 +151,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     let mut table = None;
     let mut registration = None;
     if !reg.etcd.is_empty() {
-        let etcd = Etcd::new(&reg.etcd);
+        let etcd = cfg.etcd()?;
         let t = NodeTable::start(etcd.clone(), reg.prefix.clone())
             .map_err(|e| format!("cannot start the node watcher: {e}"))?;
         table = Some(Arc::new(t));
@@ -225,6 +224,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     // every pulled run longer than node_silent_after_ms would be declared lost.
     let pull_enabled = grpc_server.is_some() && table.is_some();
     let tls_on = !cfg.tls.cert.is_empty();
+    let https = !cfg.server.tls_cert.is_empty();
     let sched = Scheduler::start(
         Arc::new(store),
         cfg,
@@ -249,7 +249,10 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     }
     if let Some(addr) = sched.http_addr() {
         // One line on stdout so scripts and tests can find the port (`--listen 127.0.0.1:0`).
-        println!("etask listening on http://{addr}");
+        println!(
+            "etask listening on {}://{addr}",
+            if https { "https" } else { "http" }
+        );
     }
     match &grpc_server {
         Some(g) => println!(

@@ -769,3 +769,153 @@ fn agents_refuse_forged_kafka_records_and_no_topic_holds_a_secret() {
     }
     assert!(!s.log().contains(secret) && !agent_log().contains(secret));
 }
+
+/// A test CA and certificates it signed, made with openssl: `server` for 127.0.0.1 and
+/// `client` (for mutual TLS). Returns the directory with ca.pem, server.pem/server.key,
+/// client.pem/client.key.
+fn test_pki(dir: &Path) -> PathBuf {
+    let d = dir.join("pki");
+    std::fs::create_dir_all(&d).unwrap();
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&d)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}: {out:?}");
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=etask-test-ca 2>/dev/null");
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+        ),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        std::fs::write(d.join(format!("{name}.ext")), ext).unwrap();
+        sh(&format!(
+            "openssl req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name} 2>/dev/null && \
+             openssl x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {name}.pem -days 2 -extfile {name}.ext 2>/dev/null"
+        ));
+    }
+    d
+}
+
+fn tls_agent(pki: &Path, client_cert: bool) -> ureq::Agent {
+    let p = |f: &str| pki.join(f).display().to_string();
+    let (cert, key) = if client_cert {
+        (p("client.pem"), p("client.key"))
+    } else {
+        (String::new(), String::new())
+    };
+    let tls = etask::trust::tls::client_config(&p("ca.pem"), &cert, &key, "test").unwrap();
+    ureq::AgentBuilder::new()
+        .tls_config(tls)
+        .timeout(Duration::from_secs(10))
+        .build()
+}
+
+#[test]
+fn https_intake_and_https_callbacks_work_with_a_test_ca_and_plaintext_is_refused() {
+    let dir = support::temp_dir("trust-tls");
+    let pki = test_pki(&dir);
+    let p = |f: &str| pki.join(f).display().to_string();
+    // The callback receiver: plain tiny_http behind stunnel4 (a TLS terminator).
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let cb = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let plain_port = cb.server_addr().to_ip().unwrap().port();
+    std::thread::spawn(move || {
+        for mut req in cb.incoming_requests() {
+            let mut b = String::new();
+            let _ = std::io::Read::read_to_string(req.as_reader(), &mut b);
+            let _ = tx.send(b);
+            let _ = req.respond(tiny_http::Response::from_string("ok"));
+        }
+    });
+    let tls_port = support::free_port();
+    let conf = dir.join("stunnel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "foreground = yes\npid =\n[cb]\naccept = 127.0.0.1:{tls_port}\nconnect = 127.0.0.1:{plain_port}\ncert = {}\nkey = {}\n",
+            p("server.pem"),
+            p("server.key")
+        ),
+    )
+    .unwrap();
+    let _stunnel = support::Proc(
+        Command::new("stunnel4")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("stunnel.log")).unwrap(),
+            ))
+            .spawn()
+            .expect("stunnel4 (Debian package stunnel4) is needed"),
+    );
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "stunnel did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let s = Server::start(
+        &dir.join("srv"),
+        &[],
+        &format!(
+            "[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n[callbacks]\nca = \"{}\"\n",
+            p("server.pem"),
+            p("server.key"),
+            p("ca.pem")
+        ),
+    );
+    assert!(s.url.starts_with("https://127.0.0.1:"), "{}", s.url);
+    let agent = tls_agent(&pki, false);
+    let body = json!({"name": "tls", "program": {"kind": "shell", "code": "echo '{\"ok\":1}' >&3"},
+                      "callback_url": format!("https://127.0.0.1:{tls_port}/hook")});
+    let v: serde_json::Value = agent
+        .post(&format!("{}/api/v1/tasks", s.url))
+        .send_json(body)
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let e = v["execution_id"].as_i64().unwrap();
+    let cb_body = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("no https callback\n{}", s.log()));
+    assert!(cb_body.contains(&format!("\"id\":{e}")), "{cb_body}");
+    assert!(cb_body.contains("succeeded"), "{cb_body}");
+    // Plain HTTP to the TLS port is refused (no HTTP answer at all).
+    let plain = s.url.replacen("https://", "http://", 1);
+    assert!(ureq::get(&format!("{plain}/healthz"))
+        .timeout(Duration::from_secs(5))
+        .call()
+        .is_err());
+    // A client that does not know the CA refuses the server.
+    assert!(ureq::get(&format!("{}/healthz", s.url)).call().is_err());
+
+    // Mutual TLS: without a client certificate, refused; with one, served.
+    let m = Server::start(
+        &dir.join("mtls"),
+        &[],
+        &format!(
+            "[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\n",
+            p("server.pem"),
+            p("server.key"),
+            p("ca.pem")
+        ),
+    );
+    assert!(tls_agent(&pki, false)
+        .get(&format!("{}/healthz", m.url))
+        .call()
+        .is_err());
+    let r = tls_agent(&pki, true)
+        .get(&format!("{}/healthz", m.url))
+        .call()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

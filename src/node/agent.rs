@@ -22,7 +22,6 @@ use crate::delivery::kafka::wire::{self, ControlMsg, DispatchMsg, EventBody, Eve
 use crate::delivery::kafka::{dead_letter, existing_topics, poll, send, Producer_};
 use crate::model::{Attempt, ExecutionId};
 use crate::node::spool::{Spool, Taken};
-use crate::registry::etcd::Etcd;
 use crate::registry::{NodeInfo, Registration};
 use crate::runner::{Ending, Outcome, Pool, RunEvent, RunKey, SubmitError};
 use crate::trust::{NodeTrust, Refusal};
@@ -588,7 +587,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         let a = agent.clone();
         Some(
             Registration::start(
-                Etcd::new(&cfg.registry.etcd),
+                cfg.etcd()?,
                 cfg.registry.prefix.clone(),
                 info,
                 cfg.registry.ttl_seconds,

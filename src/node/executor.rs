@@ -14,7 +14,6 @@ use crate::delivery::grpc::{self, pb, ExecutorHandler, SchedulerClient};
 use crate::delivery::Dispatch;
 use crate::model::{Attempt, ExecutionId};
 use crate::node::spool::{Spool, Taken};
-use crate::registry::etcd::Etcd;
 use crate::registry::{NodeInfo, Registration};
 use crate::runner::{Pool, RunEvent, RunKey};
 use crate::trust::{NodeTrust, Refusal};
@@ -251,7 +250,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     };
     let h2 = handler.clone();
     let registration = Registration::start(
-        Etcd::new(&cfg.registry.etcd),
+        cfg.etcd()?,
         cfg.registry.prefix.clone(),
         info,
         cfg.registry.ttl_seconds,

@@ -7,6 +7,7 @@
 pub mod canonical;
 pub mod keys;
 pub mod seal;
+pub mod tls;
 
 use std::path::Path;
 
