@@ -79,6 +79,19 @@ pub struct KafkaConfig {
     /// requests to the brokers.
     pub fetch_wait_max_ms: u64,
     pub linger_ms: u64,
+    /// librdkafka `security.protocol`: "" (= plaintext), "plaintext", "ssl", "sasl_plaintext"
+    /// or "sasl_ssl".
+    pub security_protocol: String,
+    /// `sasl.mechanism`: "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512" (with a sasl_ protocol).
+    pub sasl_mechanism: String,
+    pub sasl_username: String,
+    /// The SASL password; `$ETASK_KAFKA_SASL_PASSWORD` overrides it (keep it out of the file).
+    pub sasl_password: String,
+    /// CA (PEM) the brokers' certificates chain to; empty = the system's default locations.
+    pub ssl_ca: String,
+    /// Client certificate and key (PEM) when the brokers require one.
+    pub ssl_cert: String,
+    pub ssl_key: String,
     /// Extra librdkafka properties for every client (e.g. "api.version.request"); they win
     /// over the settings ETask chooses.
     pub client_options: std::collections::BTreeMap<String, String>,
@@ -100,6 +113,13 @@ impl Default for KafkaConfig {
             agent_silent_after_ms: 15_000,
             fetch_wait_max_ms: 5,
             linger_ms: 1,
+            security_protocol: String::new(),
+            sasl_mechanism: String::new(),
+            sasl_username: String::new(),
+            sasl_password: String::new(),
+            ssl_ca: String::new(),
+            ssl_cert: String::new(),
+            ssl_key: String::new(),
             client_options: Default::default(),
         }
     }
@@ -533,6 +553,17 @@ agent_silent_after_ms = 15000
 # Consumer fetch.wait.max.ms and producer linger.ms: lower = less latency, more requests.
 fetch_wait_max_ms = 5
 linger_ms = 1
+# Security: security_protocol "" (plaintext), "ssl", "sasl_plaintext" or "sasl_ssl";
+# sasl_mechanism "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512" with sasl_username/sasl_password
+# ($ETASK_KAFKA_SASL_PASSWORD overrides the password); ssl_ca: the brokers' CA (PEM); ssl_cert
+# and ssl_key: a client certificate when the brokers require one.
+security_protocol = ""
+sasl_mechanism = ""
+sasl_username = ""
+sasl_password = ""
+ssl_ca = ""
+ssl_cert = ""
+ssl_key = ""
 
 [kafka.client_options]
 # Extra librdkafka properties for every Kafka client of this process, as "name" = "value";
@@ -783,6 +814,7 @@ impl Config {
         if !self.server.tls_client_ca.is_empty() && self.server.tls_cert.is_empty() {
             return Err("server.tls_client_ca needs server.tls_cert and tls_key".into());
         }
+        self.kafka.check_security()?;
         if self.registry.cert.is_empty() != self.registry.key.is_empty() {
             return Err("registry.cert and registry.key must be set together".into());
         }
@@ -887,6 +919,9 @@ impl Config {
         abs_str(&mut self.registry.ca);
         abs_str(&mut self.registry.cert);
         abs_str(&mut self.registry.key);
+        abs_str(&mut self.kafka.ssl_ca);
+        abs_str(&mut self.kafka.ssl_cert);
+        abs_str(&mut self.kafka.ssl_key);
         let key_path = |s: &mut String| {
             // A key line stays as it is; anything else is a path.
             if !s.contains(':') || s.starts_with('.') || s.starts_with('/') {
