@@ -162,6 +162,9 @@ pub struct TlsConfig {
     pub key: String,
     /// CA that peers' certificates must chain to; clients then dial https://.
     pub ca: String,
+    /// Mutual TLS: gRPC servers require clients to present a certificate chaining to `ca`,
+    /// and this process's clients present `cert`/`key`.
+    pub client_auth: bool,
 }
 
 /// The `--mode executor` node.
@@ -590,6 +593,8 @@ drain_seconds = 30
 cert = ""
 key = ""
 ca = ""
+# Mutual TLS: servers require client certificates chaining to ca; clients present cert/key.
+client_auth = false
 
 [security]
 # Signed dispatches (Ed25519) and sealed secrets; keys are made by `etask keygen` (a key value
@@ -1028,7 +1033,15 @@ impl Config {
 
     /// The TLS material for the gRPC runtime.
     pub fn grpc_tls(&self) -> Result<crate::delivery::grpc::Tls, String> {
-        crate::delivery::grpc::Tls::from_files(&self.tls.cert, &self.tls.key, &self.tls.ca)
+        let mut t =
+            crate::delivery::grpc::Tls::from_files(&self.tls.cert, &self.tls.key, &self.tls.ca)?;
+        if self.tls.client_auth {
+            if t.ca.is_none() || t.identity.is_none() {
+                return Err("tls.client_auth needs tls.ca, tls.cert and tls.key".into());
+            }
+            t.client_auth = true;
+        }
+        Ok(t)
     }
 
     pub fn pool_config(&self) -> PoolConfig {

@@ -919,3 +919,46 @@ fn https_intake_and_https_callbacks_work_with_a_test_ca_and_plaintext_is_refused
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[test]
+fn grpc_mutual_tls_refuses_a_client_without_a_valid_certificate() {
+    use etask::delivery::grpc::{Runtime, TasksClient, Tls};
+    let dir = support::temp_dir("trust-mtls");
+    let pki = test_pki(&dir);
+    // A second CA: a certificate it signed is not valid for this scheduler.
+    let other = test_pki(&dir.join("other"));
+    let p = |d: &Path, f: &str| d.join(f).display().to_string();
+    let s = Server::start(
+        &dir.join("srv"),
+        &[],
+        &format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\nclient_auth = true\n",
+            p(&pki, "server.pem"),
+            p(&pki, "server.key"),
+            p(&pki, "ca.pem")
+        ),
+    );
+    let grpc = s.grpc.clone().expect("gRPC address");
+    assert!(grpc.starts_with("https://"), "{grpc}");
+    let read = |d: &Path, f: &str| std::fs::read(d.join(f)).unwrap();
+    let client = |identity: Option<(Vec<u8>, Vec<u8>)>| {
+        let rt = Runtime::with_tls(Tls {
+            identity,
+            ca: Some(read(&pki, "ca.pem")),
+            client_auth: true,
+        })
+        .unwrap();
+        let c = TasksClient::new(&rt, &grpc, "").unwrap();
+        c.submit(r#"{"name": "mtls", "program": {"kind": "shell", "code": "true"}}"#)
+    };
+    let err = client(None).unwrap_err();
+    assert!(!err.message().is_empty(), "no certificate: {err:?}");
+    let err = client(Some((
+        read(&other, "client.pem"),
+        read(&other, "client.key"),
+    )))
+    .unwrap_err();
+    assert!(!err.message().is_empty(), "foreign certificate: {err:?}");
+    let ok = client(Some((read(&pki, "client.pem"), read(&pki, "client.key"))));
+    assert!(ok.is_ok(), "{ok:?}");
+}

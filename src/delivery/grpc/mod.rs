@@ -37,6 +37,9 @@ pub struct Tls {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
     /// CA that peers' certificates must chain to (clients dialing https:// URLs).
     pub ca: Option<Vec<u8>>,
+    /// Mutual TLS: servers require a client certificate chaining to `ca`; clients present
+    /// `identity`.
+    pub client_auth: bool,
 }
 
 impl Tls {
@@ -49,7 +52,11 @@ impl Tls {
             _ => return Err("tls.cert and tls.key must be set together".into()),
         };
         let ca = if ca.is_empty() { None } else { Some(read(ca)?) };
-        Ok(Tls { identity, ca })
+        Ok(Tls {
+            identity,
+            ca,
+            client_auth: false,
+        })
     }
 }
 
@@ -162,8 +169,13 @@ fn serve(
     let mut builder = tonic::transport::Server::builder();
     if let Some((cert, key)) = &rt.tls.identity {
         let id = tonic::transport::Identity::from_pem(cert, key);
+        let mut cfg = tonic::transport::ServerTlsConfig::new().identity(id);
+        if let (true, Some(ca)) = (rt.tls.client_auth, &rt.tls.ca) {
+            // Mutual TLS: a peer without a certificate from `ca` fails the handshake.
+            cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
         builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(id))
+            .tls_config(cfg)
             .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
     }
     let done = rt.rt.spawn(async move {
@@ -723,6 +735,9 @@ fn channel(rt: &Runtime, url: &str) -> Result<tonic::transport::Channel, String>
         .timeout(Duration::from_secs(10));
     if url.starts_with("https://") {
         let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let (true, Some((cert, key))) = (rt.tls.client_auth, &rt.tls.identity) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
         match &rt.tls.ca {
             Some(ca) => tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
             None => {
