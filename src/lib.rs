@@ -11,6 +11,14 @@ pub mod store;
 pub mod supervise;
 pub mod trust;
 
+/// "0.1.0 (abc1234)": the crate version and the git commit it was built from (build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("ETASK_GIT_COMMIT"),
+    ")"
+);
+
 /// Milliseconds since the Unix epoch: the time unit of the store and the API.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -29,6 +37,7 @@ pub mod delivery;
 pub mod node;
 pub mod registry;
 pub mod scheduler;
+pub mod sd_notify;
 pub mod server;
 
 /// An exclusive advisory lock (`flock`) on `path`, created if missing, held until the returned

@@ -271,8 +271,13 @@ pub fn next_fire(schedule: &cron::Schedule, after_ms: i64) -> Option<i64> {
 impl TaskSpec {
     /// Parses and validates a request body; `paths` are the target paths this scheduler serves.
     pub fn parse(body: &[u8], paths: &[&str]) -> Result<TaskSpec, ApiError> {
-        let spec: TaskSpec = serde_json::from_slice(body)
-            .map_err(|e| ApiError::invalid(format!("invalid task: {e}")))?;
+        let spec: TaskSpec = serde_json::from_slice(body).map_err(|e| {
+            if e.is_syntax() || e.is_eof() {
+                ApiError::invalid(format!("invalid task: the body is not valid JSON ({e})"))
+            } else {
+                ApiError::invalid(format!("invalid task: {e}"))
+            }
+        })?;
         spec.validate(paths)?;
         Ok(spec)
     }

@@ -577,18 +577,24 @@ impl crate::delivery::PullSource for Core {
         self.requeue(id, attempt, &format!("by {node}: {why}"), Some(node));
     }
 
-    fn held(&self, node: &str, keys: &[(ExecutionId, Attempt)]) -> Vec<bool> {
+    fn held(&self, node: &str, keys: &[(ExecutionId, Attempt)]) -> Vec<crate::delivery::Held> {
+        use crate::delivery::Held;
         let mut seen: HashMap<ExecutionId, Option<crate::store::ExecutionRow>> = HashMap::new();
         keys.iter()
             .map(|(id, attempt)| {
                 let row = seen
                     .entry(*id)
                     .or_insert_with(|| self.store.get_execution(*id).ok().flatten());
-                row.as_ref().is_some_and(|e| {
-                    e.attempt == *attempt
-                        && e.node.as_deref() == Some(node)
-                        && !e.status.is_terminal()
-                })
+                match row {
+                    Some(e) if e.attempt == *attempt && e.node.as_deref() == Some(node) => {
+                        if e.status.is_terminal() {
+                            Held::Finished
+                        } else {
+                            Held::Running
+                        }
+                    }
+                    _ => Held::Not,
+                }
             })
             .collect()
     }
@@ -602,7 +608,9 @@ impl crate::delivery::PullSource for Core {
                 .iter()
                 .any(|n| n.id == node && n.pool == pool && n.path == "pull");
             if !known {
-                log::warn!(target: LOG, "node={node:?} pool={pool:?} pull refused: not a live pull node of that pool in the registry");
+                // INFO, not WARN: a node that just left the registry (a clean stop) makes one
+                // last call; a stranger's calls are refused the same way.
+                log::info!(target: LOG, "node={node:?} pool={pool:?} pull refused: not a live pull node of that pool in the registry");
                 std::thread::sleep(wait.min(Duration::from_secs(1)));
                 return Vec::new();
             }

@@ -665,11 +665,18 @@ impl pb::scheduler_server::Scheduler for SchedulerSvc {
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         let mut n = 0;
-        let mut dropped = 0;
-        for (item, ok) in batch.items.into_iter().zip(held) {
-            if !ok {
-                dropped += 1;
-                continue;
+        let (mut late, mut foreign) = (0, 0);
+        for (item, h) in batch.items.into_iter().zip(held) {
+            match h {
+                crate::delivery::Held::Running => {}
+                crate::delivery::Held::Finished => {
+                    late += 1;
+                    continue;
+                }
+                crate::delivery::Held::Not => {
+                    foreign += 1;
+                    continue;
+                }
             }
             if let Some(pb::report_item::Kind::NotStarted(why)) = &item.kind {
                 let (src, node, why) = (src.clone(), batch.node_id.clone(), why.clone());
@@ -687,11 +694,14 @@ impl pb::scheduler_server::Scheduler for SchedulerSvc {
             }
             n += 1;
         }
-        if dropped > 0 {
-            log::warn!(target: "etask::grpc", "node={:?} report: {dropped} item(s) dropped (not an attempt this node holds, or already finished)", batch.node_id);
+        if late > 0 {
+            log::debug!(target: "etask::grpc", "node={:?} report: {late} item(s) for attempts that have ended, dropped", batch.node_id);
+        }
+        if foreign > 0 {
+            log::warn!(target: "etask::grpc", "node={:?} report: {foreign} item(s) dropped: not attempts this node holds", batch.node_id);
         }
         Ok(Response::new(pb::ReportAck {
-            accepted: n + dropped,
+            accepted: n + late + foreign,
         }))
     }
 }
