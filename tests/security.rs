@@ -349,7 +349,7 @@ fn callback_urls_to_internal_or_unlisted_hosts_are_refused() {
         "http://localhost:8765/api/v1/tasks",
         "http://[::1]:22/",
         "http://10.1.2.3/hook",
-        "https://127.0.0.1/hook",
+        "https://169.254.169.254/hook",
         "file:///etc/passwd",
         "http://user:pw@127.0.0.1/x",
     ] {
