@@ -25,6 +25,24 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// `wanted`, or a quarter of the process's open-files limit if that is smaller: what one
+/// listener may hold, so that connections alone can never take the descriptors scripts,
+/// pipes and the store need (a listener's cap above the limit let a flood of idle
+/// connections make every run fail to start).
+pub fn connection_budget(wanted: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur as usize
+    } else {
+        1024
+    };
+    wanted.min((soft / 4).max(16))
+}
+
 /// "<hostname>-<pid>": what names this process to brokers, registries and logs by default.
 pub fn host_pid() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();

@@ -38,10 +38,20 @@ impl Log for StderrLogger {
 
 /// Installs the logger once; later calls are ignored. `default` applies when ETASK_LOG is unset.
 pub fn init(default: LevelFilter) {
-    let level = std::env::var("ETASK_LOG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
+    let asked = std::env::var("ETASK_LOG").ok();
+    let level = match asked.as_deref().map(str::parse::<LevelFilter>) {
+        Some(Ok(l)) => l,
+        Some(Err(_)) => {
+            // Said once, on stderr, before the logger exists: a typo must not pass unnoticed.
+            eprintln!(
+                "etask: ETASK_LOG={:?} is not a level (error, warn, info, debug, trace); using {}",
+                asked.unwrap_or_default(),
+                default.as_str().to_ascii_lowercase()
+            );
+            default
+        }
+        None => default,
+    };
     let journal = stderr_is_journal();
     if log::set_boxed_logger(Box::new(StderrLogger { level, journal })).is_ok() {
         log::set_max_level(level);

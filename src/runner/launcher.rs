@@ -191,7 +191,7 @@ fn prepare_workspace(cfg: &PoolConfig, req: &RunRequest, ws: &Path) -> Result<La
 
 fn child_env(cfg: &PoolConfig, req: &RunRequest, ws: &Path, token: &str) -> Vec<(String, String)> {
     let ws_s = ws.display().to_string();
-    let mut env: Vec<(String, String)> = vec![
+    let env: Vec<(String, String)> = vec![
         ("PATH".into(), cfg.path_env.clone()),
         ("LANG".into(), cfg.lang.clone()),
         ("HOME".into(), ws_s.clone()),
@@ -210,16 +210,16 @@ fn child_env(cfg: &PoolConfig, req: &RunRequest, ws: &Path, token: &str) -> Vec<
         // reference ETask sets it too; shell scripts that start python benefit the same way.
         ("PYTHONUNBUFFERED".into(), "1".into()),
     ];
-    // Request env may override PATH/LANG/HOME/TMPDIR (validation refuses any ETASK_* name).
+    // Request env may override PATH/LANG/HOME/TMPDIR (validation refuses any ETASK_* name);
+    // then the reference's variables, each under its own name (validation keeps them apart
+    // from env, secret_env and ETASK_* names). A map, so a large environment costs its size
+    // once (a remove-then-push per entry was quadratic and stalled the launchers).
+    let mut by_name: std::collections::BTreeMap<String, String> = env.into_iter().collect();
     for (k, v) in req.program.env.iter().chain(req.program.secret_env.iter()) {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.clone(), v.clone()));
+        by_name.insert(k.clone(), v.clone());
     }
-    // The reference's variables, each under its own name (validation keeps them apart from
-    // env, secret_env and ETASK_* names).
     for (k, v) in req.program.variable_env() {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.to_owned(), v.to_owned()));
+        by_name.insert(k.to_owned(), v.to_owned());
     }
-    env
+    by_name.into_iter().collect()
 }

@@ -5,6 +5,7 @@
 pub mod journal;
 mod launcher;
 pub mod logs;
+pub mod mask;
 pub mod pool;
 pub mod program;
 pub mod result;
