@@ -20,6 +20,7 @@ fn node(id: &str) -> NodeInfo {
         running: 0,
         version: "test".into(),
         started_at: 1,
+        containment: Some("hybrid".into()),
     }
 }
 

@@ -12,11 +12,25 @@ use etask::runner::{
 };
 use serde_json::json;
 
+/// `ETASK_TEST_CGROUP=off` runs every case in the fallback (no cgroups, runs found by their
+/// environment token); the default contains runs in cgroups where the host allows.
+/// `ETASK_TEST_CLONE=vfork` spawns with clone(CLONE_VM|CLONE_VFORK) instead of clone3.
 fn cfg() -> PoolConfig {
+    if std::env::var("ETASK_TEST_CLONE").as_deref() == Ok("vfork") {
+        etask::runner::spawn::disable_clone3();
+    }
     let root = std::env::temp_dir().join(format!("etask-test-ws-{}", std::process::id()));
+    let want = std::env::var("ETASK_TEST_CGROUP")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_default();
     PoolConfig {
         workspace_root: root,
         kill_grace: Duration::from_millis(500),
+        cgroup: etask::runner::CgroupConfig {
+            want,
+            ..Default::default()
+        },
         ..PoolConfig::default()
     }
 }

@@ -32,6 +32,10 @@ pub struct NodeInfo {
     pub running: u32,
     pub version: String,
     pub started_at: i64,
+    /// How the node contains its runs: "cgroup2", "hybrid", "cgroup1" or "none" (older nodes
+    /// do not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containment: Option<String>,
 }
 
 impl NodeInfo {

@@ -1,7 +1,9 @@
 //! The process pool: a bounded queue in front of at most `max_concurrent` runs, all driven by one
 //! reactor thread that multiplexes every pipe with epoll (via `polling`), reaps children on
-//! SIGCHLD and enforces timeouts, cancels and clean-up. Callers submit a `RunRequest` with a
-//! channel and get `Started`, `Log` and `Finished` events on it. Knows nothing of transports.
+//! SIGCHLD and enforces timeouts, cancels and clean-up. Each run lives in its own cgroup where
+//! the host allows it (`cgroup`), else it is tracked by its environment token (`tree`). Callers
+//! submit a `RunRequest` with a channel and get `Started`, `Log` and `Finished` events on it.
+//! Knows nothing of transports.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -14,14 +16,16 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use polling::{Event, Events, PollMode, Poller};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::launcher::{self, Job, SpawnDone, SpawnJob};
+use super::cgroup::{CgroupConfig, Containment, Mode, RunCgroup};
+use super::launcher::{self, Job, Jobs, SpawnDone, SpawnJob};
 use super::logs::{LogCapture, LogChunk, LogLimits, Stream};
-use super::program::{Interpreters, Program, ProgramError};
+use super::program::{Interpreters, Limits, Program, ProgramError};
 use super::result::ResultSink;
 use super::spawn::{Rlimits, RunAs};
-use super::tree::{self, WaitStatus};
+use super::tree::{self, Exit, ProcUsage, WaitStatus};
 use crate::model::{Attempt, ExecutionId, Status, TaskId};
 
 const LOG: &str = "etask::runner";
@@ -48,6 +52,10 @@ pub struct PoolConfig {
     /// Where the node records taken and started attempts (see `journal`); `None` = nowhere
     /// (`etask run`, tests).
     pub journal: Option<Arc<super::journal::StartJournal>>,
+    /// Where runs are contained (cgroups, or the environment-token fallback).
+    pub cgroup: CgroupConfig,
+    /// The node's default limits of a run; a request's `program.limits` override them.
+    pub run_limits: Limits,
 }
 
 impl Default for PoolConfig {
@@ -67,6 +75,8 @@ impl Default for PoolConfig {
             lang: "C.UTF-8".into(),
             interpreters: Interpreters::default(),
             journal: None,
+            cgroup: CgroupConfig::default(),
+            run_limits: Limits::default(),
         }
     }
 }
@@ -133,6 +143,37 @@ impl std::fmt::Display for Ending {
     }
 }
 
+/// What a run used, what bounded it and whether a limit ended it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    /// How the run was contained: "cgroup2", "hybrid", "cgroup1" or "none".
+    #[serde(default)]
+    pub containment: String,
+    /// The limits that applied (the request's, else the node's).
+    #[serde(default)]
+    pub limits: Limits,
+    /// Limits asked for that this node cannot enforce, each with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unenforced: Vec<String>,
+    /// The kernel's OOM killer ended a process of the run at the run's memory limit.
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// A fork of the run failed because the run had reached its process limit.
+    #[serde(default)]
+    pub pids_exhausted: bool,
+    /// CPU time of the whole run (its cgroup); without one, of the main process and the
+    /// children it waited for.
+    #[serde(default)]
+    pub cpu_user_ms: Option<u64>,
+    #[serde(default)]
+    pub cpu_system_ms: Option<u64>,
+    /// Peak memory of the whole run (its memory cgroup); null when it had none. (wait4's
+    /// maxrss is no substitute: a child created without copying the node reports the node's
+    /// resident set until its exec.)
+    #[serde(default)]
+    pub memory_peak_bytes: Option<u64>,
+}
+
 /// Everything known about a finished run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
@@ -146,6 +187,9 @@ pub struct Outcome {
     pub log_bytes: u64,
     pub log_truncated: bool,
     pub duration: Duration,
+    /// What the run used and what bounded it; None for a run that never started. (Boxed:
+    /// `RunEvent`s of every kind are as large as the largest.)
+    pub resources: Option<Box<Resources>>,
 }
 
 impl Outcome {
@@ -159,16 +203,38 @@ impl Outcome {
         }
     }
 
-    /// A human-readable reason when the run did not succeed.
+    /// A human-readable reason when the run did not succeed; names the limit that ended it.
     pub fn error(&self) -> Option<String> {
-        match &self.ending {
-            Ending::Exited(0) => None,
-            Ending::Exited(c) => Some(format!("exited with code {c}")),
-            Ending::Signaled(s) => Some(format!("killed by signal {s}")),
-            Ending::TimedOut => Some("timed out".into()),
-            Ending::Cancelled => Some("cancelled".into()),
-            Ending::SpawnFailed(r) => Some(format!("spawn failed: {r}")),
+        let r = self.resources.as_ref();
+        let oom = r.is_some_and(|r| r.oom_killed);
+        let mem = r
+            .and_then(|r| r.limits.memory_bytes)
+            .map_or(String::new(), |m| format!(" of {m} bytes"));
+        let mut e = match &self.ending {
+            Ending::Exited(0) => return None,
+            Ending::Signaled(libc::SIGKILL) if oom => {
+                format!("killed by the OOM killer: the run reached its memory limit{mem}")
+            }
+            Ending::Exited(c) => format!("exited with code {c}"),
+            Ending::Signaled(s) => format!("killed by signal {s}"),
+            Ending::TimedOut => "timed out".into(),
+            Ending::Cancelled => "cancelled".into(),
+            Ending::SpawnFailed(r) => return Some(format!("spawn failed: {r}")),
+        };
+        if oom && !matches!(self.ending, Ending::Signaled(libc::SIGKILL)) {
+            e.push_str(&format!(
+                "; the OOM killer ended a process of the run at its memory limit{mem}"
+            ));
         }
+        if r.is_some_and(|r| r.pids_exhausted) {
+            let n = r
+                .and_then(|r| r.limits.pids)
+                .map_or(String::new(), |p| format!(" of {p}"));
+            e.push_str(&format!(
+                "; the run reached its process limit{n} (forks failed)"
+            ));
+        }
+        Some(e)
     }
 
     /// The JSON shape printed by `etask run --json` and stored by the scheduler.
@@ -183,6 +249,7 @@ impl Outcome {
             "log_bytes": self.log_bytes,
             "truncated": self.log_truncated || self.result_truncated,
             "error": self.error(),
+            "resources": self.resources,
         })
     }
 
@@ -198,6 +265,7 @@ impl Outcome {
             log_bytes: 0,
             log_truncated: false,
             duration: Duration::ZERO,
+            resources: None,
         }
     }
 }
@@ -255,15 +323,26 @@ pub struct Pool {
     capacity: usize,
     journal: Option<Arc<super::journal::StartJournal>>,
     max_concurrent: usize,
+    containment: Arc<Containment>,
     /// The reactor and the launchers, joined by the first `shutdown` (through a shared
     /// reference: a node hands its pool to several components).
     threads: std::sync::Mutex<Threads>,
+    /// A named node's hold on its workspace root (see `lock_workspace`).
+    _workspace_lock: Option<std::fs::File>,
 }
 
 impl Pool {
     /// Starts the reactor thread. Makes this process a child subreaper and installs a SIGCHLD
     /// handler: from now on the pool reaps every child of the process (see docs/design.md,
     /// "Reaping"), so nothing else in the process may wait on children of its own.
+    ///
+    /// Before it returns (so before the node takes any work) it finds where runs are
+    /// contained and, for a named node (`cgroup.name`), kills and removes what a previous
+    /// incarnation left: its run cgroups, or in the fallback its runs' token-carrying processes.
+    ///
+    /// # Errors
+    /// The workspace root cannot be created, `cgroup.want` asks for a hierarchy the host does
+    /// not offer, or another live node uses the same cgroup subtree or workspace root.
     pub fn start(mut cfg: PoolConfig) -> io::Result<Pool> {
         // Scripts run inside their workspace: a relative root (a relative `$TMPDIR`, a relative
         // data dir) would name a path that does not exist from there.
@@ -281,6 +360,24 @@ impl Pool {
             use std::os::unix::fs::PermissionsExt;
             // Runs dropped to another uid must be able to reach their own workspace.
             std::fs::set_permissions(&cfg.workspace_root, std::fs::Permissions::from_mode(0o711))?;
+        }
+        let workspace_lock = match &cfg.cgroup.name {
+            Some(_) => Some(lock_workspace(&cfg.workspace_root)?),
+            None => None,
+        };
+        let containment = Arc::new(Containment::start(&cfg.cgroup)?);
+        if containment.mode() == Mode::Off {
+            if let Some(name) = &cfg.cgroup.name {
+                let n = tree::kill_by_token_prefix(&format!("{name}."), Duration::from_secs(10));
+                if n > 0 {
+                    log::warn!(target: LOG, "killed {n} processes left by a previous incarnation of node {name} (found by their run token)");
+                }
+            }
+        }
+        let unenforced = containment.unenforceable(&cfg.run_limits);
+        log::info!(target: LOG, "runs contained: {}; spawn: {}; default limits: {}", containment.summary(), super::spawn::spawn_path(), describe_limits(&cfg.run_limits));
+        if !unenforced.is_empty() {
+            log::warn!(target: LOG, "node limits not enforceable here: {}", unenforced.join("; "));
         }
         tree::become_subreaper()?;
         tree::raise_nofile_limit();
@@ -300,12 +397,13 @@ impl Pool {
         let journal = cfg.journal.clone();
         let cfg = Arc::new(cfg);
         let pool_id = tree::register_pool(poller.clone());
-        // Bounded by what can be in flight: one job per run plus one workspace removal per run.
-        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(2 * capacity);
+        // Bounded by what can be in flight: one spawn and one clean-up per run.
+        let (jobs_tx, jobs_rx) = launcher::queues(capacity);
         let (spawned_tx, spawned_rx) = crossbeam_channel::bounded(capacity);
         let launchers = launcher::start(
             cfg.launchers,
             cfg.clone(),
+            containment.clone(),
             pool_id,
             jobs_rx,
             spawned_tx,
@@ -313,6 +411,7 @@ impl Pool {
         )?;
         let mut reactor = Reactor::new(
             cfg,
+            containment.clone(),
             poller.clone(),
             cmd_rx,
             shared.clone(),
@@ -331,8 +430,21 @@ impl Pool {
             capacity,
             journal,
             max_concurrent,
+            containment,
             threads: std::sync::Mutex::new((Some(thread), launchers)),
+            _workspace_lock: workspace_lock,
         })
+    }
+
+    /// How this pool contains its runs: "cgroup2", "hybrid", "cgroup1" or "none".
+    pub fn containment(&self) -> &'static str {
+        self.containment.mode().as_str()
+    }
+
+    /// The containment in one line: where, how runs are killed, which limits hold, and why
+    /// anything is missing.
+    pub fn containment_summary(&self) -> &str {
+        self.containment.summary()
     }
 
     /// Queues a run. Events for it arrive on `events`; the last one is always `Finished`.
@@ -415,6 +527,47 @@ impl Drop for Pool {
     }
 }
 
+fn describe_limits(l: &Limits) -> String {
+    if l.is_empty() {
+        return "none".into();
+    }
+    let mut parts = Vec::new();
+    if let Some(m) = l.memory_bytes {
+        parts.push(format!("memory_bytes={m}"));
+    }
+    if let Some(p) = l.pids {
+        parts.push(format!("pids={p}"));
+    }
+    if let Some(c) = l.cpu_millicores {
+        parts.push(format!("cpu_millicores={c}"));
+    }
+    parts.join(" ")
+}
+
+/// A named node holds an exclusive lock on its workspace root for its life: the leftovers it
+/// finds and removes at start are then provably not another live node's.
+fn lock_workspace(root: &std::path::Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = root.join(".etask-node.lock");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(io::Error::other(format!(
+            "workspace root {} is in use by another running node",
+            root.display()
+        )));
+    }
+    Ok(f)
+}
+
 // polling reserves usize::MAX for its own notifier.
 const SIGCHLD_KEY: usize = usize::MAX - 1;
 const FDS: usize = 4; // stdout, stderr, result, stdin
@@ -468,16 +621,58 @@ struct Run {
     ending: Option<Ending>,
     kill: Kill,
     workspace: PathBuf,
+    /// The run's cgroup; None in the fallback, where `token` finds its processes.
+    cgroup: Option<RunCgroup>,
+    /// Limits and containment, completed with the usage when the run finishes.
+    resources: Resources,
+    /// What the main process (and the children it waited for) used, from wait4.
+    usage: Option<ProcUsage>,
 }
 
 impl Run {
     fn outputs_open(&self) -> bool {
         self.fds[..STDIN].iter().any(Option::is_some)
     }
+
+    /// Sends `sig` to every process of the run (and the main process's group); returns how
+    /// many processes the run has besides an already reaped main process.
+    fn signal_all(&self, sig: i32, is_root: &dyn Fn(i32) -> bool) -> usize {
+        match &self.cgroup {
+            Some(cg) => {
+                if let Some(p) = self.pid {
+                    // SAFETY: kill(2) on the process group the main process made with setsid.
+                    unsafe { libc::kill(-p, sig) };
+                }
+                cg.signal(sig)
+            }
+            None => tree::signal_run(self.pid, &self.token, is_root, sig),
+        }
+    }
+
+    /// Kills every process of the run for good: `cgroup.kill` or freeze-kill-thaw, so that
+    /// nothing forks away meanwhile (in the fallback: SIGKILL to each process found).
+    fn kill_all(&self, is_root: &dyn Fn(i32) -> bool) -> usize {
+        match &self.cgroup {
+            Some(cg) => cg.kill(),
+            None => tree::signal_run(self.pid, &self.token, is_root, libc::SIGKILL),
+        }
+    }
+
+    /// No process of the run is left (the main one reaped, nothing else in its cgroup).
+    fn all_gone(&self, is_root: &dyn Fn(i32) -> bool) -> bool {
+        self.wait.is_some()
+            && match &self.cgroup {
+                Some(cg) => cg.is_empty(),
+                None => tree::run_members(None, &self.token, is_root).is_empty(),
+            }
+            // Killed orphans are our children: reaped before the run is reported over.
+            && !tree::adopted_zombie()
+    }
 }
 
 struct Reactor {
     cfg: Arc<PoolConfig>,
+    containment: Arc<Containment>,
     poller: Arc<Poller>,
     cmd_rx: Receiver<Cmd>,
     shared: Arc<Shared>,
@@ -490,8 +685,8 @@ struct Reactor {
     queue: VecDeque<(Box<RunRequest>, Sender<RunEvent>)>,
     /// Runs handed to a launcher, with whether a cancel arrived meanwhile.
     starting: HashMap<RunKey, bool>,
-    early_exits: HashMap<i32, WaitStatus>,
-    jobs: Sender<Job>,
+    early_exits: HashMap<i32, Exit>,
+    jobs: Jobs,
     spawned_rx: Receiver<SpawnDone>,
     next_seq: u64,
     /// `<pid>-<random>`, fixed for this pool: with `next_seq` it makes every per-run name (the
@@ -506,16 +701,18 @@ impl Reactor {
     #[allow(clippy::too_many_arguments)]
     fn new(
         cfg: Arc<PoolConfig>,
+        containment: Arc<Containment>,
         poller: Arc<Poller>,
         cmd_rx: Receiver<Cmd>,
         shared: Arc<Shared>,
         sigchld: i32,
         pool_id: usize,
-        jobs: Sender<Job>,
+        jobs: Jobs,
         spawned_rx: Receiver<SpawnDone>,
     ) -> Self {
         Reactor {
             cfg,
+            containment,
             poller,
             cmd_rx,
             shared,
@@ -643,11 +840,31 @@ impl Reactor {
     /// Hands a queued run to a launcher thread; it counts against `max_concurrent` from now.
     fn begin(&mut self, req: Box<RunRequest>, events: Sender<RunEvent>) {
         self.next_seq += 1;
-        let token = format!("{}-{}", self.instance, self.next_seq);
-        let workspace = self
-            .cfg
-            .workspace_root
-            .join(format!("run-{}-{}-{token}", req.execution_id, req.attempt));
+        // The node's name first: a restarted node finds its predecessor's runs by it; the
+        // instance keeps names apart from those its predecessor left.
+        let token = format!(
+            "{}.{}-{}",
+            self.containment.name(),
+            self.instance,
+            self.next_seq
+        );
+        // One name for the workspace and the cgroup: run-<execution>-<attempt>-<n>.
+        let name = format!(
+            "run-{}-{}-{}-{}",
+            req.execution_id, req.attempt, self.instance, self.next_seq
+        );
+        let workspace = self.cfg.workspace_root.join(&name);
+        let limits = req
+            .program
+            .limits
+            .unwrap_or_default()
+            .or(self.cfg.run_limits);
+        let resources = Resources {
+            containment: self.containment.mode().as_str().into(),
+            limits,
+            unenforced: self.containment.unenforceable(&limits),
+            ..Resources::default()
+        };
         self.starting.insert(req.key(), false);
         if let Err(crossbeam_channel::SendError(Job::Spawn(job))) =
             self.jobs.send(Job::Spawn(SpawnJob {
@@ -655,6 +872,8 @@ impl Reactor {
                 events,
                 token,
                 workspace,
+                cgroup: name,
+                resources,
             }))
         {
             // Launchers are gone only while the pool stops.
@@ -684,8 +903,8 @@ impl Reactor {
         } = done;
         let key = job.req.key();
         let cancel = self.starting.remove(&key).unwrap_or(false);
-        let sp = match result {
-            Ok(sp) => sp,
+        let (sp, cgroup) = match result {
+            Ok(ok) => ok,
             Err(reason) => {
                 log::warn!(target: LOG, "execution={} attempt={} spawn failed: {reason}", key.execution, key.attempt);
                 let mut outcome = Outcome::not_started(Ending::SpawnFailed(reason));
@@ -735,12 +954,15 @@ impl Reactor {
             ending: None,
             kill: Kill::None,
             workspace: job.workspace,
+            cgroup,
+            resources: job.resources,
+            usage: None,
         });
         self.by_key.insert(key, slot);
         self.by_pid.insert(sp.pid, slot);
         self.shared.running.fetch_add(1, Ordering::SeqCst);
-        if let Some(ws) = self.early_exits.remove(&sp.pid) {
-            self.on_exit(sp.pid, ws);
+        if let Some(exit) = self.early_exits.remove(&sp.pid) {
+            self.on_exit(exit);
         }
         if cancel {
             self.stop_run(key, Ending::Cancelled);
@@ -825,18 +1047,18 @@ impl Reactor {
     }
 
     fn reap(&mut self) {
-        for (pid, ws) in tree::collect_exits(self.pool_id) {
-            if self.by_pid.contains_key(&pid) {
-                self.on_exit(pid, ws);
+        for exit in tree::collect_exits(self.pool_id) {
+            if self.by_pid.contains_key(&exit.pid) {
+                self.on_exit(exit);
             } else {
                 // Reaped before its launcher reported the spawn; applied in `started`.
-                self.early_exits.insert(pid, ws);
+                self.early_exits.insert(exit.pid, exit);
             }
         }
     }
 
-    fn on_exit(&mut self, pid: i32, ws: WaitStatus) {
-        let Some(slot) = self.by_pid.remove(&pid) else {
+    fn on_exit(&mut self, exit: Exit) {
+        let Some(slot) = self.by_pid.remove(&exit.pid) else {
             return;
         };
         let grace = self.cfg.kill_grace;
@@ -844,18 +1066,15 @@ impl Reactor {
             return;
         };
         run.pid = None;
-        run.wait = Some(ws);
+        run.wait = Some(exit.status);
+        run.usage = Some(exit.usage);
         Self::close_fd(&self.poller, run, STDIN);
         let now = Instant::now();
         if matches!(run.kill, Kill::None) {
             // The main process is gone; whatever it left behind is stopped too, since the
             // run (and its workspace) ends here.
-            let left = tree::signal_run(
-                None,
-                &run.token,
-                &|p| self.by_pid.contains_key(&p),
-                libc::SIGTERM,
-            );
+            let by_pid = &self.by_pid;
+            let left = run.signal_all(libc::SIGTERM, &|p| by_pid.contains_key(&p));
             run.kill = if left > 0 {
                 log::info!(target: LOG, "execution={} attempt={} left {left} processes behind; terminating them", run.key.execution, run.key.attempt);
                 Kill::term(now, grace)
@@ -891,12 +1110,10 @@ impl Reactor {
         }
         log::info!(target: LOG, "execution={} attempt={} stopping: {why}", key.execution, key.attempt);
         run.ending = Some(why);
-        tree::signal_run(
-            run.pid,
-            &run.token,
-            &|p| by_pid.contains_key(&p) && Some(p) != run.pid,
-            libc::SIGTERM,
-        );
+        let main = run.pid;
+        run.signal_all(libc::SIGTERM, &|p| {
+            by_pid.contains_key(&p) && Some(p) != main
+        });
         run.kill = Kill::term(Instant::now(), grace);
     }
 
@@ -909,11 +1126,12 @@ impl Reactor {
             {
                 timed_out.push(run.key);
             }
-            let is_root = |p: i32| self.by_pid.contains_key(&p) && Some(p) != run.pid;
+            let main = run.pid;
+            let by_pid = &self.by_pid;
+            let is_root = |p: i32| by_pid.contains_key(&p) && Some(p) != main;
             match run.kill {
                 Kill::Term { again, until } if now >= again && now < until => {
-                    let gone = run.wait.is_some()
-                        && tree::run_members(None, &run.token, &is_root).is_empty();
+                    let gone = run.all_gone(&is_root);
                     run.kill = if gone {
                         Kill::Draining {
                             until: now + Duration::from_secs(2),
@@ -926,14 +1144,14 @@ impl Reactor {
                     };
                 }
                 Kill::Term { until, .. } if now >= until => {
-                    tree::signal_run(run.pid, &run.token, &is_root, libc::SIGKILL);
+                    run.kill_all(&is_root);
                     run.kill = Kill::Killed {
                         again: now + Duration::from_millis(100),
                         until: now + Duration::from_secs(5),
                     };
                 }
                 Kill::Killed { again, until } if now >= again => {
-                    let left = tree::signal_run(run.pid, &run.token, &is_root, libc::SIGKILL);
+                    let left = run.kill_all(&is_root);
                     if left == 0 && run.wait.is_some() && !run.outputs_open() {
                         done.push(slot);
                     } else if now >= until {
@@ -1007,6 +1225,12 @@ impl Reactor {
             run.logs.mask_result(r);
         }
         parsed.error = parsed.error.map(|e| run.logs.mask_text(&e));
+        let mut resources = std::mem::take(&mut run.resources);
+        if let Some(u) = run.usage {
+            // The cgroup's figures (whole run) replace these when the launcher reads them.
+            resources.cpu_user_ms = Some(u.user_ms);
+            resources.cpu_system_ms = Some(u.system_ms);
+        }
         let outcome = Outcome {
             ending,
             exit_code,
@@ -1017,6 +1241,7 @@ impl Reactor {
             log_bytes: run.logs.total_bytes,
             log_truncated: run.logs.truncated,
             duration: now - run.started,
+            resources: Some(Box::new(resources)),
         };
         let keep = self.cfg.keep_failed_workspaces && outcome.status() != Status::Succeeded;
         if keep {
@@ -1029,6 +1254,7 @@ impl Reactor {
         self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         let job = Job::Finish {
             workspace: (!keep).then_some(run.workspace),
+            cgroup: run.cgroup,
             events: run.events,
             finished: RunEvent::Finished {
                 key: run.key,
@@ -1037,11 +1263,12 @@ impl Reactor {
         };
         if let Err(crossbeam_channel::SendError(Job::Finish {
             workspace,
+            cgroup,
             events,
             finished,
         })) = self.jobs.send(job)
         {
-            launcher::finish(workspace, &events, finished);
+            launcher::finish(workspace, cgroup, &events, finished);
         }
     }
 }

@@ -90,6 +90,64 @@ pub struct Program {
     pub variables: Vec<Variable>,
     #[serde(default, skip_serializing_if = "ArgvStyle::is_files")]
     pub argv_style: ArgvStyle,
+    /// Memory, process and CPU limits of the run (its cgroup); unset ones take the node's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// Resource limits of one run, enforced through its cgroup (runner/cgroup.rs). A field left
+/// unset takes the node's default (`[node] limit_*`). A limit the node cannot enforce is
+/// listed in the outcome's `resources.unenforced`, never silently dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Memory of the whole run (all its processes, page cache included), bytes; no swap
+    /// beyond it. Past it the kernel's OOM killer ends a process of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Processes and threads of the run at once; a fork past it fails. Binds root too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// CPU per wall-clock time in thousandths of a CPU (500 = half a CPU, 2000 = two CPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millicores: Option<u64>,
+}
+
+impl Limits {
+    /// These limits, with each unset one taken from `defaults`.
+    pub fn or(self, defaults: Limits) -> Limits {
+        Limits {
+            memory_bytes: self.memory_bytes.or(defaults.memory_bytes),
+            pids: self.pids.or(defaults.pids),
+            cpu_millicores: self.cpu_millicores.or(defaults.cpu_millicores),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Limits::default()
+    }
+
+    /// # Errors
+    /// A limit too small for any script to start under it.
+    pub fn validate(&self) -> Result<(), ProgramError> {
+        if self.memory_bytes.is_some_and(|m| m < 1 << 20) {
+            return Err(ProgramError::new(
+                "limits.memory_bytes must be at least 1048576 (1 MiB)",
+            ));
+        }
+        if self.pids == Some(0) {
+            return Err(ProgramError::new("limits.pids must be at least 1"));
+        }
+        if self
+            .cpu_millicores
+            .is_some_and(|c| !(10..=1_000_000).contains(&c))
+        {
+            return Err(ProgramError::new(
+                "limits.cpu_millicores must be between 10 (1 % of a CPU) and 1000000",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Program {
@@ -116,6 +174,7 @@ impl Program {
             params: None,
             variables: Vec::new(),
             argv_style: ArgvStyle::Files,
+            limits: None,
         }
     }
 
@@ -193,6 +252,9 @@ impl Program {
         }
         if let Some(w) = &self.workdir {
             relative_inside(w)?;
+        }
+        if let Some(l) = &self.limits {
+            l.validate()?;
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! Process-tree control for the pool: makes this process a child subreaper, turns SIGCHLD into
-//! a readable pipe for the reactor, finds every process that belongs to a run (its descendants,
-//! plus orphans re-parented to us that carry the run's token in their environment) and kills them.
+//! a readable pipe for the reactor, reaps children (with what they used), and — for the
+//! fallback without cgroups — finds every process that belongs to a run (its descendants, plus
+//! orphans re-parented to us that carry the run's token in their environment) and kills them.
 //! Linux only; reads /proc. Owns no run state.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -119,14 +120,37 @@ pub enum WaitStatus {
     Signaled(i32),
 }
 
+/// What a reaped process and the children it waited for used (wait4's rusage).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcUsage {
+    pub user_ms: u64,
+    pub system_ms: u64,
+}
+
+/// One reaped root of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    pub pid: i32,
+    pub status: WaitStatus,
+    pub usage: ProcUsage,
+}
+
 /// Every child of the process is reaped here, whichever pool wakes first: run roots are filed
 /// for the pool that owns them (and that pool's poller is woken), adopted orphans are dropped.
-/// Spawning happens under the same lock, so a root is registered before anyone can reap it.
+///
+/// A spawn does not hold the lock: with CLONE_VFORK the spawning thread waits until the child
+/// has exec'd, and holding the lock that long would serialize every launcher and the reaping.
+/// So a root can be reaped before its spawner registers it: while spawns are in flight, an
+/// exit of an unknown pid is kept (`unclaimed`) for the spawner to claim. Pids are handed out
+/// cyclically, so a kept exit cannot be mistaken for a later child of the same pid: entries go
+/// when no spawn is in flight, or after a second.
 struct Reaper {
     roots: HashMap<i32, usize>,
-    exits: HashMap<usize, Vec<(i32, WaitStatus)>>,
+    exits: HashMap<usize, Vec<Exit>>,
     pollers: HashMap<usize, Arc<Poller>>,
     next_pool: usize,
+    spawning: usize,
+    unclaimed: HashMap<i32, (Exit, std::time::Instant)>,
 }
 
 static REAPER: LazyLock<Mutex<Reaper>> = LazyLock::new(|| {
@@ -135,6 +159,8 @@ static REAPER: LazyLock<Mutex<Reaper>> = LazyLock::new(|| {
         exits: HashMap::new(),
         pollers: HashMap::new(),
         next_pool: 0,
+        spawning: 0,
+        unclaimed: HashMap::new(),
     })
 });
 
@@ -159,30 +185,66 @@ pub fn unregister_pool(id: usize) {
     r.roots.retain(|_, owner| *owner != id);
 }
 
-/// Runs `spawn` under the reaper lock and records the new root for `pool`.
+/// Runs `spawn` and records the new root for `pool` (or files its exit, when the reaper was
+/// quicker).
 pub fn spawn_root<T>(
     pool: usize,
     spawn: impl FnOnce() -> io::Result<(i32, T)>,
 ) -> io::Result<(i32, T)> {
+    reaper().spawning += 1;
+    let res = spawn();
     let mut r = reaper();
-    let (pid, t) = spawn()?;
-    r.roots.insert(pid, pool);
-    Ok((pid, t))
+    r.spawning -= 1;
+    let claimed = match &res {
+        Ok((pid, _)) => match r.unclaimed.remove(pid) {
+            Some((exit, _)) => {
+                r.exits.entry(pool).or_default().push(exit);
+                true
+            }
+            None => {
+                r.roots.insert(*pid, pool);
+                false
+            }
+        },
+        Err(_) => false,
+    };
+    if r.spawning == 0 {
+        r.unclaimed.clear();
+    }
+    if claimed {
+        if let Some(p) = r.pollers.get(&pool) {
+            let _ = p.notify();
+        }
+    }
+    res
 }
 
 /// Reaps what has ended and returns the exits of `pool`'s roots.
-pub fn collect_exits(pool: usize) -> Vec<(i32, WaitStatus)> {
+pub fn collect_exits(pool: usize) -> Vec<Exit> {
     let mut r = reaper();
     let mut wake = Vec::new();
-    reap_all(|pid, ws| match r.roots.remove(&pid) {
+    reap_all(|exit| match r.roots.remove(&exit.pid) {
         Some(owner) => {
-            r.exits.entry(owner).or_default().push((pid, ws));
+            r.exits.entry(owner).or_default().push(exit);
             if owner != pool {
                 wake.push(owner);
             }
         }
-        None => log::debug!(target: "etask::runner", "reaped adopted orphan pid={pid} {ws:?}"),
+        // Perhaps a root whose spawner has not registered it yet (see `Reaper`).
+        None if r.spawning > 0 => {
+            r.unclaimed
+                .insert(exit.pid, (exit, std::time::Instant::now()));
+        }
+        None => {
+            log::debug!(target: "etask::runner", "reaped adopted orphan pid={} {:?}", exit.pid, exit.status)
+        }
     });
+    if !r.unclaimed.is_empty() {
+        if let Some(old) = std::time::Instant::now().checked_sub(std::time::Duration::from_secs(1))
+        {
+            r.unclaimed.retain(|_, (_, at)| *at > old);
+        }
+    }
     for owner in wake {
         if let Some(p) = r.pollers.get(&owner) {
             let _ = p.notify();
@@ -192,14 +254,21 @@ pub fn collect_exits(pool: usize) -> Vec<(i32, WaitStatus)> {
 }
 
 /// Reaps every child that has ended, without blocking.
-fn reap_all(mut each: impl FnMut(i32, WaitStatus)) {
+fn reap_all(mut each: impl FnMut(Exit)) {
     loop {
         let mut status = 0;
-        // SAFETY: waitpid with a valid out pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        // SAFETY: a zeroed rusage is a valid value of the plain C struct.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 with valid out pointers.
+        let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut ru) };
         if pid <= 0 {
             return;
         }
+        let ms = |t: libc::timeval| t.tv_sec.max(0) as u64 * 1000 + t.tv_usec.max(0) as u64 / 1000;
+        let usage = ProcUsage {
+            user_ms: ms(ru.ru_utime),
+            system_ms: ms(ru.ru_stime),
+        };
         let ws = if libc::WIFEXITED(status) {
             WaitStatus::Exited(libc::WEXITSTATUS(status))
         } else if libc::WIFSIGNALED(status) {
@@ -207,7 +276,11 @@ fn reap_all(mut each: impl FnMut(i32, WaitStatus)) {
         } else {
             continue;
         };
-        each(pid, ws);
+        each(Exit {
+            pid,
+            status: ws,
+            usage,
+        });
     }
 }
 
@@ -248,13 +321,53 @@ fn adopted() -> Vec<i32> {
     }
 }
 
+/// True while an orphan adopted by this process has exited and is not reaped yet. A run that
+/// had processes killed waits for this, so that by its `Finished` they are gone for good (a
+/// pool stopped right after would otherwise leave them as zombies).
+pub fn adopted_zombie() -> bool {
+    adopted().into_iter().any(|p| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false)
+    })
+}
+
 /// The run token in a process's environment, if it has one.
 pub fn token_of(pid: i32) -> Option<String> {
-    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let mut env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    // Empty is a real empty environment, or a process caught in execve: its old memory already
+    // gone, or its new memory without the environment laid out yet (then `mid_exec`). Look
+    // again rather than miss a process of the run: twice in any case, longer while mid-exec.
+    let mut tries = 0;
+    while env.is_empty() && tries < 20 && (tries < 2 || mid_exec(pid)) {
+        std::thread::sleep(std::time::Duration::from_micros(500));
+        env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        tries += 1;
+    }
     let prefix = format!("{TOKEN_VAR}=");
     env.split(|&b| b == 0)
         .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
         .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// True while `pid` runs execve between installing its new memory and laying out its
+/// environment there (`env_end`, field 51 of /proc/<pid>/stat, is still 0).
+fn mid_exec(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return false;
+    };
+    // rest starts at field 3 (state); env_end is field 51.
+    let mut f = rest.split_whitespace();
+    let state = f.next();
+    state != Some("Z") && f.nth(47).and_then(|v| v.parse::<u64>().ok()) == Some(0)
 }
 
 /// Every live process of a run: the root's descendants and the orphans (children of this
@@ -299,6 +412,35 @@ pub fn signal_run(
         unsafe { libc::kill(p, sig) };
     }
     members.len()
+}
+
+/// SIGKILLs every process whose run token starts with `prefix` (the runs of a previous
+/// incarnation of this node, in the fallback mode), until none is left or `within` passed.
+/// Returns how many were killed. Scans all of /proc, so it runs once, at node start.
+pub fn kill_by_token_prefix(prefix: &str, within: std::time::Duration) -> usize {
+    let end = std::time::Instant::now() + within;
+    let mut killed = HashSet::new();
+    loop {
+        let mut found = 0;
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return killed.len();
+        };
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            if token_of(pid).is_some_and(|t| t.starts_with(prefix)) {
+                found += 1;
+                killed.insert(pid);
+                // SAFETY: kill(2); ESRCH for a pid that just went is fine.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if found == 0 || std::time::Instant::now() >= end {
+            return killed.len();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// True while a process with this pid exists (zombies count until reaped).

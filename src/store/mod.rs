@@ -116,6 +116,7 @@ pub fn migrations(dir: &str) -> Vec<(u32, &'static str)> {
             (3, include_str!("../../sql/sqlite/0003_target_pool.sql")),
             (4, include_str!("../../sql/sqlite/0004_broadcast.sql")),
             (5, include_str!("../../sql/sqlite/0005_cron_overlap.sql")),
+            (6, include_str!("../../sql/sqlite/0006_run_resources.sql")),
         ],
         _ => vec![
             (1, include_str!("../../sql/mysql/0001_init.sql")),
@@ -123,6 +124,7 @@ pub fn migrations(dir: &str) -> Vec<(u32, &'static str)> {
             (3, include_str!("../../sql/mysql/0003_target_pool.sql")),
             (4, include_str!("../../sql/mysql/0004_broadcast.sql")),
             (5, include_str!("../../sql/mysql/0005_cron_overlap.sql")),
+            (6, include_str!("../../sql/mysql/0006_run_resources.sql")),
         ],
     }
 }
@@ -179,6 +181,33 @@ pub fn create_database(url: &str) -> Result<bool> {
     } else {
         Ok(false)
     }
+}
+
+/// A task spec with sealed secret values blanked, for the idempotency comparison.
+fn comparable(spec: &Value) -> Value {
+    let mut v = spec.clone();
+    let blank = |x: &mut Value| {
+        if x.as_str().is_some_and(crate::trust::seal::is_sealed) {
+            *x = Value::from("sealed");
+        }
+    };
+    if let Some(m) = v
+        .pointer_mut("/program/secret_env")
+        .and_then(Value::as_object_mut)
+    {
+        m.values_mut().for_each(blank);
+    }
+    if let Some(a) = v
+        .pointer_mut("/program/variables")
+        .and_then(Value::as_array_mut)
+    {
+        for var in a {
+            if let Some(x) = var.get_mut("value") {
+                blank(x);
+            }
+        }
+    }
+    v
 }
 
 pub fn open(url: &str) -> Result<SqlStore> {
@@ -293,6 +322,8 @@ pub struct ExecutionRow {
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
     pub attempts: Vec<AttemptRow>,
+    /// What the last finished attempt used and what bounded it (the runner's `Resources`).
+    pub resources: Option<Value>,
 }
 
 impl ExecutionRow {
@@ -303,7 +334,7 @@ impl ExecutionRow {
             "node": self.node, "exit_code": self.exit_code, "signal": self.signal,
             "result": self.result, "result_error": self.result_error, "created_at": self.created_at,
             "started_at": self.started_at, "finished_at": self.finished_at, "error": self.error,
-            "attempts": self.attempts,
+            "attempts": self.attempts, "resources": self.resources,
         })
     }
 }
@@ -392,6 +423,8 @@ pub struct Finish {
     pub result: Option<Map<String, Value>>,
     pub result_error: Option<String>,
     pub error: Option<String>,
+    /// What the attempt used and what bounded it (JSON object), when its node said.
+    pub resources: Option<Value>,
     /// Set when the attempt failed and the retry policy allows another: the next attempt is due
     /// then (the execution waits in `retry_wait`).
     pub retry_at: Option<i64>,
@@ -600,7 +633,7 @@ pub struct SqlStore {
 
 const EXEC_COLS: &str =
     "id, task_id, attempt, status, node, due_at, deadline_at, exit_code, `signal`, result, \
-                         result_error, error, created_at, started_at, finished_at";
+                         result_error, error, created_at, started_at, finished_at, resources";
 const TASK_COLS: &str =
     "id, name, request_id, spec, cron_expr, next_fire_at, paused, deleted, created_at, skipped_fires";
 
@@ -670,6 +703,10 @@ fn exec_row(r: &[V]) -> Result<ExecutionRow> {
         started_at: r[13].i(),
         finished_at: r[14].i(),
         attempts: Vec::new(),
+        resources: r
+            .get(15)
+            .and_then(V::s)
+            .and_then(|s| serde_json::from_str(&s).ok()),
     })
 }
 
@@ -855,11 +892,12 @@ impl SqlStore {
             .result
             .as_ref()
             .map(|m| Value::Object(m.clone()).to_string());
+        let resources = fin.resources.as_ref().map(Value::to_string);
         let n = c.exec(
                 "UPDATE executions SET status = ?, exit_code = ?, `signal` = ?, result = ?, result_error = ?, error = ?, \
-                 finished_at = ?, due_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND status = ?",
+                 resources = ?, finished_at = ?, due_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND status = ?",
                 &[new.as_str().into(), fin.exit_code.into(), fin.signal.into(), result.into(), fin.result_error.clone().into(),
-                  fin.error.clone().into(), if new.is_terminal() { Some(now) } else { None }.into(),
+                  fin.error.clone().into(), resources.into(), if new.is_terminal() { Some(now) } else { None }.into(),
                   retry.unwrap_or(now).into(), now.into(), id.0.into(), i64::from(attempt.0).into(), cur.as_str().into()],
             )?;
         if n != 1 {
@@ -949,7 +987,9 @@ impl Store for SqlStore {
                     let first: Option<Value> = r[1].s().and_then(|s| serde_json::from_str(&s).ok());
                     let ex = c.query(&format!("SELECT MIN(id) FROM executions WHERE task_id = ?{lock}"), &[task_id.0.into()])?;
                     let execution_id = ex.first().and_then(|r| r[0].i()).map(ExecutionId);
-                    let differs = first.as_ref() != Some(&t.spec);
+                    // Sealed secrets differ on every sealing (a fresh ephemeral key): compared
+                    // by name, not by value.
+                    let differs = first.as_ref().map(comparable) != Some(comparable(&t.spec));
                     return Ok(Created { task_id, execution_id, existed: true, differs });
                 }
                 (Err(e), _) => return Err(e),
@@ -1412,7 +1452,7 @@ impl Store for SqlStore {
         self.tx(|c| {
             c.exec(
                 "UPDATE executions SET status = 'pending', attempt = attempt + 1, node = NULL, exit_code = NULL, `signal` = NULL, \
-                 result = NULL, result_error = NULL, started_at = NULL, updated_at = ? WHERE status = 'retry_wait' AND due_at <= ?",
+                 result = NULL, result_error = NULL, resources = NULL, started_at = NULL, updated_at = ? WHERE status = 'retry_wait' AND due_at <= ?",
                 &[now.into(), now.into()],
             )
         })
