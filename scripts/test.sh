@@ -22,6 +22,10 @@ have musl-gcc || need_pkgs+=(musl-tools)
 have etcd || [ -x /usr/bin/etcd ] || need_pkgs+=(etcd-server)
 have protoc || need_pkgs+=(protobuf-compiler)
 have openssl || need_pkgs+=(openssl)
+# The packaging test: builds a Debian rootfs, boots it, installs the .deb and the .rpm.
+have mmdebstrap || need_pkgs+=(mmdebstrap)
+have systemd-nspawn || need_pkgs+=(systemd-container)
+have rpm || need_pkgs+=(rpm)
 
 if [ "${1:-}" != "--quick" ] && [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "test.sh: installing ${need_pkgs[*]}"
@@ -107,3 +111,7 @@ out=$("$bin" submit --server "$url" --shell examples/disk.sh --wait 2>&1)
 echo "$out" | grep -q '== result: {"disk_free_gb":' \
     || { echo "$out" >&2; echo "test.sh: static binary smoke test failed" >&2; exit 1; }
 echo "test.sh: static musl binary OK ($(du -h "$bin" | cut -f1)), smoke task succeeded"
+
+# The packages: scripts/package.sh builds the .deb and .rpm from this binary; the test compares
+# them and installs, runs, upgrades and removes them in a booted Debian 12 (systemd-nspawn).
+cargo test --locked --test packaging -- --ignored --nocapture --test-threads=1

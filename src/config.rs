@@ -585,6 +585,8 @@ pub struct Overrides {
     /// `agent.node_id` for an agent, `executor.node_id` otherwise.
     pub node_id: Option<String>,
     pub max_concurrent: Option<usize>,
+    /// `node.workspace_root` (the packaged units put workspaces on tmpfs under /run/etask).
+    pub workspace_root: Option<String>,
 }
 
 impl Overrides {
@@ -619,6 +621,7 @@ impl Overrides {
         if let Some(v) = self.max_concurrent {
             cfg.node.max_concurrent = v;
         }
+        set(&mut cfg.node.workspace_root, &self.workspace_root);
     }
 }
 

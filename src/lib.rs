@@ -10,11 +10,37 @@ pub mod signals;
 pub mod store;
 pub mod supervise;
 
+/// "0.1.0 (abc1234)": the crate version and the git commit it was built from (build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("ETASK_GIT_COMMIT"),
+    ")"
+);
+
 /// Milliseconds since the Unix epoch: the time unit of the store and the API.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `wanted`, or a quarter of the process's open-files limit if that is smaller: what one
+/// listener may hold, so that connections alone can never take the descriptors scripts,
+/// pipes and the store need (a listener's cap above the limit let a flood of idle
+/// connections make every run fail to start).
+pub fn connection_budget(wanted: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur as usize
+    } else {
+        1024
+    };
+    wanted.min((soft / 4).max(16))
 }
 
 /// "<hostname>-<pid>": what names this process to brokers, registries and logs by default.
@@ -28,6 +54,7 @@ pub mod delivery;
 pub mod node;
 pub mod registry;
 pub mod scheduler;
+pub mod sd_notify;
 pub mod server;
 
 /// An exclusive advisory lock (`flock`) on `path`, created if missing, held until the returned

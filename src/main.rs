@@ -60,6 +60,7 @@ macro_rules! command {
 command! {
 #[derive(FromArgs)]
 /// ETask: distributed execution of ops scripts (scheduler, executors, agents, local runs).
+/// `etask --version` prints the version and the git commit it was built from.
 #[argh(
     note = "Exit status 0 is success. run and submit --wait exit like the script: its own code,",
     note = "124 timed out, 127 could not start, 128+N killed by signal N, 130 cancelled or",
@@ -144,6 +145,10 @@ struct ServerCmd {
     /// scripts run at once on this node (default 64)
     #[argh(option)]
     max_concurrent: Option<usize>,
+    /// where nodes create the scripts' private workspaces (default <data-dir>/work); the
+    /// packaged units put them on tmpfs under /run/etask
+    #[argh(option)]
+    workspace_root: Option<String>,
 }
 }
 
@@ -219,7 +224,14 @@ struct SubmitCmd {
     /// idempotency key: the same key returns the first submission's ids
     #[argh(option)]
     request_id: Option<String>,
-    /// print logs live and the final result; exit status mirrors the outcome
+    /// where it runs: local (the built-in node of --mode all, the default), push, pull or agent
+    #[argh(option)]
+    path: Option<String>,
+    /// the node pool of --path push, pull or agent (default "default")
+    #[argh(option)]
+    pool: Option<String>,
+    /// print logs live and the final result; exit status mirrors the outcome; Ctrl-C cancels
+    /// the execution
     #[argh(switch)]
     wait: bool,
     /// scheduler URL (default $ETASK_SERVER or http://127.0.0.1:8765)
@@ -339,6 +351,11 @@ struct RunCmd {
 }
 
 fn main() -> ExitCode {
+    // argh has no version flag of its own; `etask --version` is answered before parsing.
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("etask {}", etask::VERSION);
+        return ExitCode::SUCCESS;
+    }
     let cli = match parse_args() {
         Ok(cli) => cli,
         Err(code) => return code,
@@ -350,6 +367,29 @@ fn main() -> ExitCode {
         log::LevelFilter::Warn
     };
     etask::logging::init(level);
+    // Client commands end quietly when their reader goes away (`etask tasks | head`), like
+    // every Unix filter, instead of panicking in println!. Not `server` and `run`: they write
+    // to sockets and to scripts' pipes, where a closed reader is an error to handle.
+    if !matches!(cli.cmd, Cmd::Server(_) | Cmd::Run(_)) {
+        // SAFETY: resetting a signal disposition before any thread of ours runs.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        // Output that cannot be written (a full disk, `>/dev/full`) is the OS's failure
+        // (exit 71), said in one line, not a panic with a backtrace (exit 101).
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if msg.starts_with("failed printing to std") {
+                eprintln!("etask: cannot write the output: {msg}");
+                std::process::exit(i32::from(exit::OSERR));
+            }
+            default_hook(info);
+        }));
+    }
     let res = match cli.cmd {
         Cmd::Run(c) => cmd_run(c),
         Cmd::Server(c) => cmd_server(c),
@@ -669,6 +709,7 @@ fn cmd_server(c: ServerCmd) -> CmdResult {
         path: c.path,
         node_id: c.node_id,
         max_concurrent: c.max_concurrent,
+        workspace_root: c.workspace_root,
     };
     let cfg = server_config(Some(c.mode), c.config.as_deref(), &flags)?;
     // Nothing of the node for scripts to read: the token leaves the environment (still single-
@@ -761,6 +802,15 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
     if c.max_attempts == Some(0) {
         return Err(Fail::usage("--max-attempts must be at least 1"));
     }
+    let path = c.path.as_deref().unwrap_or("local");
+    if !matches!(path, "local" | "push" | "pull" | "agent") {
+        return Err(Fail::usage(format!(
+            "--path takes local, push, pull or agent, not {path:?}"
+        )));
+    }
+    if path == "local" && c.pool.is_some() {
+        return Err(Fail::usage("--pool goes with --path push, pull or agent"));
+    }
     let name = c.name.clone().unwrap_or_else(|| {
         file.file_name()
             .map_or("task".into(), |n| n.to_string_lossy().into_owned())
@@ -793,6 +843,18 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
     if let Some(r) = &c.request_id {
         body["request_id"] = json!(r);
     }
+    if path != "local" {
+        body["target"] = json!({"path": path, "pool": c.pool.as_deref().unwrap_or("default")});
+    }
+    // Signals are blocked before any thread starts: Ctrl-C during --wait cancels the execution.
+    let signals =
+        if c.wait {
+            Some(etask::signals::termination().map_err(|e| {
+                Fail::new(exit::OSERR, format!("cannot set up signal handling: {e}"))
+            })?)
+        } else {
+            None
+        };
     let cl = client(&c.server);
     let created = cl.post("/api/v1/tasks", &body)?;
     if !c.wait {
@@ -809,7 +871,7 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
             )
         })?;
     eprintln!("== execution {exec}");
-    cl.logs(exec, 0, true, print_log_line)?;
+    follow_cancelling_on_signal(&c.server, exec, signals)?;
     let e = cl.get(&format!("/api/v1/executions/{exec}"))?;
     let status = e
         .get("status")
@@ -825,6 +887,9 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
     );
     if let Some(r) = e.get("result").filter(|r| !r.is_null()) {
         eprintln!("== result: {r}");
+    }
+    if let Some(r) = e.get("result_error").and_then(serde_json::Value::as_str) {
+        eprintln!("== result_error: {r}");
     }
     let num = |k: &str| e.get(k).and_then(serde_json::Value::as_i64);
     let spawn_failed = e
@@ -846,8 +911,41 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
 }
 
 fn cmd_logs(c: LogsCmd) -> CmdResult {
-    client(&c.server).logs(c.id, 0, c.follow, print_log_line)?;
+    client(&c.server).logs(c.id, 0, c.follow, log_printer())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Follows an execution's logs until it ends. The first termination signal cancels the
+/// execution (the follow then ends with it); a second one stops waiting at once.
+fn follow_cancelling_on_signal(
+    server: &Option<String>,
+    exec: i64,
+    signals: Option<crossbeam_channel::Receiver<i32>>,
+) -> Result<(), Fail> {
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    let follower = client(server);
+    std::thread::Builder::new()
+        .name("follow".into())
+        .spawn(move || {
+            let _ = done_tx.send(follower.logs(exec, 0, true, log_printer()));
+        })
+        .map_err(|e| Fail::new(exit::OSERR, format!("cannot start a thread: {e}")))?;
+    let never = crossbeam_channel::never();
+    let signals = signals.unwrap_or_else(crossbeam_channel::never);
+    let mut cancelled = false;
+    loop {
+        crossbeam_channel::select! {
+            recv(done_rx) -> r => return r.unwrap_or(Ok(())).map_err(Fail::from),
+            recv(if cancelled { &never } else { &signals }) -> _ => {
+                eprintln!("== interrupted: cancelling execution {exec} (again to stop waiting)");
+                client(server).post(&format!("/api/v1/executions/{exec}/cancel"), &serde_json::json!({}))?;
+                cancelled = true;
+            }
+            recv(if cancelled { &signals } else { &never }) -> _ => {
+                return Err(Fail::new(CANCELLED, format!("stopped waiting; execution {exec} was asked to cancel")));
+            }
+        }
+    }
 }
 
 fn cmd_tasks(c: TasksCmd) -> CmdResult {
@@ -868,6 +966,8 @@ fn cmd_tasks(c: TasksCmd) -> CmdResult {
                 "active"
             };
             // The next fire in the task's own zone, as the server computed it.
+            // The next fire in the task's own zone, as the server computed it (a paused task's
+            // STATE says it will not fire then).
             let next = match (t["next_fire_local"].as_str(), t["timezone"].as_str()) {
                 (Some(at), Some(zone)) => format!("{at} {zone}"),
                 _ => "-".to_owned(),
@@ -979,6 +1079,22 @@ fn query_escape(v: &str) -> String {
 }
 
 /// Prints one log line of the API (`{"stream", "data", ...}`) like `etask run` prints chunks.
+/// Prints log lines as they come, with a `== attempt N` line where a new attempt begins (a
+/// retried execution's logs would read as one run otherwise).
+fn log_printer() -> impl FnMut(&serde_json::Value) {
+    let mut last_attempt = None;
+    move |l| {
+        let attempt = l.get("attempt").and_then(serde_json::Value::as_i64);
+        if attempt.is_some() && last_attempt.is_some() && attempt != last_attempt {
+            eprintln!("== attempt {}", attempt.unwrap_or_default());
+        }
+        if attempt.is_some() {
+            last_attempt = attempt;
+        }
+        print_log_line(l);
+    }
+}
+
 fn print_log_line(l: &serde_json::Value) {
     let data = l
         .get("data")

@@ -228,8 +228,13 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         None => println!("etask grpc off"),
     }
     log::info!(target: "etask::server", "started mode={mode} store={}", sched.core.store.describe());
+    crate::sd_notify::ready(&format!(
+        "mode {mode}, HTTP on {}",
+        sched.http_addr().map_or("-".into(), |a| a.to_string())
+    ));
     let sig = stop.recv().unwrap_or(libc::SIGTERM);
     log::info!(target: "etask::server", "{}: stopping", crate::signals::name(sig));
+    crate::sd_notify::stopping("stopping");
     if let Some(g) = grpc_server {
         g.stop();
     }

@@ -40,6 +40,20 @@ impl Health {
         c.values().all(|c| c.running)
     }
 
+    /// `{"<name>": {"running", "restarts"}}`: what may be shown to anyone.
+    pub fn to_json_public(&self) -> Value {
+        let c = self.comps.lock().unwrap_or_else(|p| p.into_inner());
+        c.iter()
+            .map(|(n, c)| {
+                (
+                    n.clone(),
+                    json!({"running": c.running, "restarts": c.restarts}),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
     /// `{"<name>": {"running", "restarts", "last_panic"}}`.
     pub fn to_json(&self) -> Value {
         let c = self.comps.lock().unwrap_or_else(|p| p.into_inner());

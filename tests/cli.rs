@@ -483,3 +483,151 @@ fn tasks_and_nodes_print_aligned_columns_under_a_header() {
     let path_at = lines[1][..lines[1].rfind("local").unwrap()].chars().count();
     assert_eq!(column(lines[0], "PATH"), path_at, "{out}");
 }
+
+#[test]
+fn submit_wait_shows_result_errors_and_attempts_and_ctrl_c_cancels() {
+    let dir = temp_dir("cli-wait");
+    let s = support::server::Server::start(&dir, &[], "");
+    let bad = dir.join("bad.sh");
+    std::fs::write(&bad, "echo '{bad' >&3\n").unwrap();
+    let o = etask(
+        &dir,
+        &[
+            "submit",
+            "--server",
+            &s.url,
+            "--shell",
+            bad.to_str().unwrap(),
+            "--wait",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("== result_error: invalid JSON"),
+        "{}",
+        text(&o)
+    );
+    // A retried execution's logs say where each attempt begins.
+    let flaky = dir.join("flaky.sh");
+    std::fs::write(&flaky, "echo try $ETASK_ATTEMPT; exit 3\n").unwrap();
+    let o = etask(
+        &dir,
+        &[
+            "submit",
+            "--server",
+            &s.url,
+            "--shell",
+            flaky.to_str().unwrap(),
+            "--max-attempts",
+            "2",
+            "--wait",
+        ],
+    );
+    assert_eq!(code(&o), 3, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("== attempt 2"),
+        "{}",
+        text(&o)
+    );
+    // --path/--pool reach the task's target (no push node here: refused, naming the pool).
+    let o = etask(
+        &dir,
+        &[
+            "submit",
+            "--server",
+            &s.url,
+            "--shell",
+            bad.to_str().unwrap(),
+            "--path",
+            "push",
+            "--pool",
+            "core",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("push"),
+        "{}",
+        text(&o)
+    );
+    let o = etask(
+        &dir,
+        &[
+            "submit",
+            "--server",
+            &s.url,
+            "--shell",
+            bad.to_str().unwrap(),
+            "--pool",
+            "core",
+        ],
+    );
+    assert_eq!(
+        code(&o),
+        64,
+        "--pool without --path is a usage error: {}",
+        text(&o)
+    );
+    // Ctrl-C while waiting cancels the execution on the server.
+    let long = dir.join("long.sh");
+    std::fs::write(&long, "sleep 30\n").unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args([
+            "submit",
+            "--server",
+            &s.url,
+            "--shell",
+            long.to_str().unwrap(),
+            "--wait",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let (_, v) = s.call("GET", "/api/v1/executions?status=running", None);
+        if !v["items"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "never running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, v) = s.call("GET", "/api/v1/executions?status=cancelled", None);
+    assert_eq!(v["items"].as_array().unwrap().len(), 1, "{v}");
+}
+
+#[test]
+fn a_closed_output_ends_client_commands_quietly() {
+    let dir = temp_dir("cli-pipe");
+    let s = support::server::Server::start(&dir, &[], "");
+    for i in 0..40 {
+        s.submit(support::server::shell(&format!("t{i}"), "true"));
+    }
+    for _ in 0..20 {
+        let out = Command::new("bash")
+            .args([
+                "-c",
+                &format!(
+                    "{} tasks --server {} | head -c1 >/dev/null",
+                    env!("CARGO_BIN_EXE_etask"),
+                    s.url
+                ),
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{err}"
+        );
+    }
+}

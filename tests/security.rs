@@ -687,3 +687,64 @@ fn scripts_of_the_node_s_own_uid_cannot_read_its_token_or_memory() {
         "a script read the node's /proc files: {logs}"
     );
 }
+
+#[test]
+fn one_request_cannot_tie_up_the_node_and_numbers_are_masked_too() {
+    let s = Server::start(&support::temp_dir("sec-bombs"), &[], "");
+    // An environment of 5,000 entries, and a time far outside any calendar, are refused.
+    let env: serde_json::Map<String, Value> =
+        (0..5000).map(|i| (format!("V{i}"), json!("x"))).collect();
+    let t = json!({"name": "envbomb", "program": {"kind": "shell", "code": "true", "env": env}});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&t.to_string()));
+    assert_eq!(code, 400, "{v}");
+    let t = json!({"name": "far", "schedule": {"kind": "once", "at": i64::MIN}, "program": {"kind": "shell", "code": "true"}});
+    let (code, v) = s.call("POST", "/api/v1/tasks", Some(&t.to_string()));
+    assert_eq!(code, 400, "{v}");
+    // A secret written as a JSON number is masked in the result.
+    let t = json!({"name": "pin", "program": {"kind": "shell", "code": "echo \"{\\\"x\\\": $PW}\" >&3", "secret_env": {"PW": "12345678"}}});
+    let (_, e) = s.submit(t);
+    let v = s.wait_final(e, Duration::from_secs(10));
+    assert_eq!(v["result"]["x"], "******", "{v}");
+    // Many secrets over a lot of output: masked in one pass, other work is not held up.
+    let secrets: serde_json::Map<String, Value> = (0..1000)
+        .map(|i| (format!("S{i}"), json!(format!("s3cr3t-{i:05}-x"))))
+        .collect();
+    let t = json!({"name": "many", "program": {"kind": "shell", "code": "head -c 2000000 /dev/urandom | base64; echo s3cr3t-00042-x", "secret_env": secrets}});
+    let (_, many) = s.submit(t);
+    let (_, victim) = s.submit(shell("victim", "echo ok"));
+    let v = s.wait_final(victim, Duration::from_secs(20));
+    assert_eq!(v["status"], "succeeded", "{v}");
+    let v = s.wait_final(many, Duration::from_secs(60));
+    assert_eq!(v["status"], "succeeded", "{v}");
+}
+
+#[test]
+fn idle_grpc_connections_cannot_take_the_node_s_descriptors() {
+    let dir = support::temp_dir("sec-grpcflood");
+    let s = Server::start(&dir, &[], "");
+    let grpc = s
+        .grpc
+        .as_ref()
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_owned();
+    // More idle connections than the gRPC cap; each sends only the HTTP/2 preface.
+    let mut held = Vec::new();
+    for _ in 0..700 {
+        if let Ok(mut c) =
+            TcpStream::connect_timeout(&grpc.parse().unwrap(), Duration::from_millis(200))
+        {
+            let _ = c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+            held.push(c);
+        }
+    }
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", s.child.id()))
+        .unwrap()
+        .count();
+    assert!(fds < 700, "{fds} descriptors open in the server");
+    assert!(healthy(&s));
+    let (_, e) = s.submit(shell("still", "echo fine"));
+    let v = s.wait_final(e, Duration::from_secs(20));
+    assert_eq!(v["status"], "succeeded", "{v}");
+    drop(held);
+}

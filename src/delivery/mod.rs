@@ -79,12 +79,24 @@ pub trait TaskApi: Send + Sync {
 pub trait PullSource: Send + Sync {
     /// Up to `free` dispatches of `pool` for `node`, waiting at most `wait` for some.
     fn pull(&self, node: &str, pool: &str, free: u32, wait: std::time::Duration) -> Vec<Dispatch>;
-    /// For each (execution, attempt): does `node` hold it, unfinished? Reports for anything
-    /// else (unknown ids, other nodes' attempts, finished executions) are dropped.
-    fn held(&self, node: &str, keys: &[(ExecutionId, Attempt)]) -> Vec<bool>;
+    /// For each (execution, attempt): does `node` hold it? Reports are applied only for
+    /// `Held::Running`; the others are dropped (`Finished` is the normal tail of a cancel or a
+    /// timeout, `Not` an unknown id or another node's attempt).
+    fn held(&self, node: &str, keys: &[(ExecutionId, Attempt)]) -> Vec<Held>;
     /// `node` took the attempt and never started it (its start journal says so after a
     /// crash): dispatch it again, free of the retry budget, if `node` still holds it.
     fn unstarted(&self, node: &str, id: ExecutionId, attempt: Attempt, why: &str);
+}
+
+/// Whether a node holds an attempt it reports on (see `PullSource::held`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// The node holds it and it has not ended: its reports apply.
+    Running,
+    /// The node held it and it has ended (cancelled, timed out, lost): late reports.
+    Finished,
+    /// Unknown execution, another attempt, or another node's.
+    Not,
 }
 
 /// Where transports that acknowledge what they received (Kafka offsets) hand node reports:

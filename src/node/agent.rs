@@ -555,6 +555,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         k.brokers
     );
     log::info!(target: LOG, "started agent={id} pool={pool_name} brokers={}", k.brokers);
+    crate::sd_notify::ready(&format!("agent {id} pool {pool_name} consuming {topic}"));
     let result = crossbeam_channel::select! {
         recv(stop) -> sig => {
             log::info!(target: LOG, "{}: stopping", crate::signals::name(sig.unwrap_or(libc::SIGTERM)));
@@ -566,6 +567,11 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     // runs finish and be reported — heartbeats and cancels go on meanwhile — up to
     // agent.drain_seconds; a second signal stops at once.
     agent.draining.store(true, Ordering::SeqCst);
+    crate::sd_notify::stopping(&format!(
+        "draining {} runs for up to {} s",
+        agent.pool.in_flight(),
+        cfg.agent.drain_seconds
+    ));
     let _ = dispatch.join();
     let deadline = Instant::now() + Duration::from_secs(cfg.agent.drain_seconds);
     while result.is_ok() && agent.pool.in_flight() > 0 && Instant::now() < deadline {

@@ -223,8 +223,13 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         println!("etask executor {node_id} pulling from {}", ex.scheduler);
     }
     log::info!(target: LOG, "started node={node_id} pool={} path={} scheduler={}", ex.pool, ex.path, ex.scheduler);
+    crate::sd_notify::ready(&format!(
+        "executor {node_id} pool {} ({}) on {advertise}",
+        ex.pool, ex.path
+    ));
     let sig = stop.recv().unwrap_or(libc::SIGTERM);
     log::info!(target: LOG, "{}: stopping", crate::signals::name(sig));
+    crate::sd_notify::stopping("stopping");
     registration.stop();
     if let Some(srv) = server {
         srv.stop();

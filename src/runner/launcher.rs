@@ -307,7 +307,7 @@ fn child_env(
     token: Option<&str>,
 ) -> Vec<(String, String)> {
     let ws_s = ws.display().to_string();
-    let mut env: Vec<(String, String)> = vec![
+    let env: Vec<(String, String)> = vec![
         ("PATH".into(), cfg.path_env.clone()),
         ("LANG".into(), cfg.lang.clone()),
         ("HOME".into(), ws_s.clone()),
@@ -325,19 +325,19 @@ fn child_env(
         // reference ETask sets it too; shell scripts that start python benefit the same way.
         ("PYTHONUNBUFFERED".into(), "1".into()),
     ];
+    // Request env may override PATH/LANG/HOME/TMPDIR (validation refuses any ETASK_* name);
+    // then the reference's variables, each under its own name (validation keeps them apart
+    // from env, secret_env and ETASK_* names). A map, so a large environment costs its size
+    // once (a remove-then-push per entry was quadratic and stalled the launchers).
+    let mut by_name: std::collections::BTreeMap<String, String> = env.into_iter().collect();
     if let Some(t) = token {
-        env.push((tree::TOKEN_VAR.into(), t.into()));
+        by_name.insert(tree::TOKEN_VAR.into(), t.into());
     }
-    // Request env may override PATH/LANG/HOME/TMPDIR (validation refuses any ETASK_* name).
     for (k, v) in req.program.env.iter().chain(req.program.secret_env.iter()) {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.clone(), v.clone()));
+        by_name.insert(k.clone(), v.clone());
     }
-    // The reference's variables, each under its own name (validation keeps them apart from
-    // env, secret_env and ETASK_* names).
     for (k, v) in req.program.variable_env() {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.to_owned(), v.to_owned()));
+        by_name.insert(k.to_owned(), v.to_owned());
     }
-    env
+    by_name.into_iter().collect()
 }

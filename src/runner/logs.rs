@@ -49,13 +49,13 @@ impl Default for LogLimits {
     }
 }
 
-pub const MASK: &[u8] = b"******";
+pub use super::mask::MASK;
 
 #[derive(Debug, Default)]
 struct StreamBuf {
-    /// Raw bytes held back because they may be the start of a secret whose rest has not
-    /// arrived yet (never more than the longest secret minus one byte).
-    held: Vec<u8>,
+    /// Bytes held back because they may be the start of a secret whose rest has not arrived
+    /// yet (never more than the longest secret minus one byte).
+    held: super::mask::MaskState,
     /// Bytes of the current, not yet terminated line.
     partial: Vec<u8>,
     /// The current line went over the cap: drop bytes until its newline.
@@ -70,7 +70,7 @@ struct StreamBuf {
 #[derive(Debug)]
 pub struct LogCapture {
     limits: LogLimits,
-    secrets: Vec<Vec<u8>>,
+    secrets: super::mask::Masker,
     streams: [StreamBuf; 2],
     next_seq: u64,
     /// Bytes the child wrote on stdout+stderr, including discarded ones.
@@ -105,10 +105,7 @@ impl LogCapture {
             }
             all.push(s.into_bytes());
         }
-        let mut secrets = all;
-        // Longest first, so a secret that contains another is masked whole.
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        secrets.dedup();
+        let secrets = super::mask::Masker::new(all.iter().map(Vec::as_slice));
         LogCapture {
             limits,
             secrets,
@@ -132,9 +129,8 @@ impl LogCapture {
         if self.secrets.is_empty() {
             return self.split_lines(stream, bytes, now);
         }
-        let mut raw = std::mem::take(&mut self.streams[idx(stream)].held);
-        raw.extend_from_slice(bytes);
-        let (masked, held) = mask_stream(&self.secrets, &raw, false);
+        let mut held = std::mem::take(&mut self.streams[idx(stream)].held);
+        let masked = self.secrets.feed(&mut held, bytes, false);
         self.streams[idx(stream)].held = held;
         self.split_lines(stream, &masked, now);
     }
@@ -156,6 +152,10 @@ impl LogCapture {
         use serde_json::Value;
         match v {
             Value::String(s) => *s = self.mask_text(s),
+            // A secret that is a number (a PIN) written as a JSON number.
+            Value::Number(n) if self.mask_text(&n.to_string()) != n.to_string() => {
+                *v = Value::String(self.mask_text(&n.to_string()));
+            }
             Value::Array(a) => a.iter_mut().for_each(|v| self.mask_value(v)),
             Value::Object(m) => self.mask_result(m),
             _ => {}
@@ -167,7 +167,7 @@ impl LogCapture {
         if self.secrets.is_empty() {
             return text.to_owned();
         }
-        let (masked, _) = mask_stream(&self.secrets, text.as_bytes(), true);
+        let masked = self.secrets.mask_all(text.as_bytes());
         // Whole secrets are replaced by ASCII, so valid UTF-8 stays valid.
         String::from_utf8(masked)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
@@ -176,9 +176,9 @@ impl LogCapture {
     /// Releases what a stream held back for masking: at the end of the run nothing more can
     /// complete a secret.
     fn release_held(&mut self, stream: Stream, now: Instant) {
-        let raw = std::mem::take(&mut self.streams[idx(stream)].held);
-        if !raw.is_empty() {
-            let (masked, _) = mask_stream(&self.secrets, &raw, true);
+        let mut held = std::mem::take(&mut self.streams[idx(stream)].held);
+        let masked = self.secrets.feed(&mut held, b"", true);
+        if !masked.is_empty() {
             self.split_lines(stream, &masked, now);
         }
     }
@@ -320,36 +320,6 @@ impl LogCapture {
         });
         self.next_seq += 1;
     }
-}
-
-/// Replaces every secret in `raw` by [`MASK`] (`secrets` longest first). Unless `last`, a
-/// tail of `raw` that is the beginning of a secret is not released but returned as the bytes
-/// to hold: (released, held).
-fn mask_stream(secrets: &[Vec<u8>], raw: &[u8], last: bool) -> (Vec<u8>, Vec<u8>) {
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    'scan: while i < raw.len() {
-        let rest = &raw[i..];
-        // Wait while a secret may still complete here: the longest match wins (a multi-line
-        // value is masked whole, not line by line).
-        if !last
-            && secrets
-                .iter()
-                .any(|s| s.len() > rest.len() && s.starts_with(rest))
-        {
-            return (out, rest.to_vec());
-        }
-        for secret in secrets {
-            if rest.starts_with(secret) {
-                out.extend_from_slice(MASK);
-                i += secret.len();
-                continue 'scan;
-            }
-        }
-        out.push(raw[i]);
-        i += 1;
-    }
-    (out, Vec::new())
 }
 
 /// How many bytes at the end of `b` begin a UTF-8 character that is not complete yet (0–3).

@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod journal;
 mod launcher;
 pub mod logs;
+pub mod mask;
 pub mod pool;
 pub mod program;
 pub mod result;

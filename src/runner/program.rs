@@ -201,6 +201,27 @@ impl Program {
                 "\"shell\" applies to program kind shell only",
             ));
         }
+        // The kernel refuses an exec whose environment is over ~2 MiB anyway; far fewer and
+        // smaller entries are every real script's need, and the bound keeps a node's launchers
+        // from being tied up by one request.
+        let entries = self.env.len() + self.secret_env.len() + self.variables.len();
+        if entries > MAX_ENV_ENTRIES {
+            return Err(ProgramError::new(format!(
+                "at most {MAX_ENV_ENTRIES} env, secret_env and variables entries in all, not {entries}"
+            )));
+        }
+        let bytes: usize = self
+            .env
+            .iter()
+            .chain(self.secret_env.iter())
+            .map(|(k, v)| k.len() + v.len())
+            .chain(self.variables.iter().map(|v| v.key.len() + v.value.len()))
+            .sum();
+        if bytes > MAX_ENV_BYTES {
+            return Err(ProgramError::new(format!(
+                "env, secret_env and variables hold {bytes} bytes; at most {MAX_ENV_BYTES}"
+            )));
+        }
         for (k, v) in self.env.iter().chain(self.secret_env.iter()) {
             validate_env(k, v)?;
         }
@@ -241,7 +262,14 @@ impl Program {
     /// Values that must never appear in logs: `secret_env` and secret variables.
     pub fn secret_values(&self) -> impl Iterator<Item = String> + '_ {
         let vars = self.variables.iter().filter(|v| v.secret).map(|v| &v.value);
-        self.secret_env.values().chain(vars).cloned()
+        // A value with a quote is also written quoted into ETASK_SHELL_ENV_FILE: a script that
+        // prints that file must not show it in that form either.
+        let quoted = self
+            .variables
+            .iter()
+            .filter(|v| v.secret && v.value.contains('\''))
+            .map(|v| v.value.replace('\'', "'\\''"));
+        self.secret_env.values().chain(vars).cloned().chain(quoted)
     }
 
     /// A copy safe to show or store in plain view: secret values replaced by the mask.
@@ -259,13 +287,21 @@ impl Program {
     /// The variables as the environment gets them: the last of one name wins, as in the
     /// reference.
     pub fn variable_env(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.variables
+        // The last of one name wins (as in the reference): one pass with a map, not a search
+        // of the rest of the list per variable.
+        let last: std::collections::BTreeMap<&str, &str> = self
+            .variables
             .iter()
-            .enumerate()
-            .filter(|(i, v)| !self.variables[i + 1..].iter().any(|w| w.key == v.key))
-            .map(|(_, v)| (v.key.as_str(), v.value.as_str()))
+            .map(|v| (v.key.as_str(), v.value.as_str()))
+            .collect();
+        last.into_iter()
     }
 }
+
+/// Most env, secret_env and variables entries of one program, in all.
+pub const MAX_ENV_ENTRIES: usize = 1024;
+/// Most bytes of names and values of env, secret_env and variables, in all (1 MiB).
+pub const MAX_ENV_BYTES: usize = 1 << 20;
 
 /// A user error in a program definition; the message says what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

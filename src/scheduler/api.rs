@@ -209,6 +209,8 @@ pub const MAX_LABELS: usize = 64;
 pub const MAX_LABEL_NAME_CHARS: usize = 64;
 pub const MAX_LABEL_VALUE_CHARS: usize = 1024;
 pub const MAX_URL_CHARS: usize = 2048;
+/// The latest time a task may name: 9999-12-31T23:59:59.999Z, in unix milliseconds.
+pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
 /// Longest retry backoff: 7 days, in milliseconds (larger values would overflow a time).
 pub const MAX_BACKOFF_MS: u64 = 7 * 86_400_000;
 
@@ -271,8 +273,13 @@ pub fn next_fire(schedule: &cron::Schedule, after_ms: i64) -> Option<i64> {
 impl TaskSpec {
     /// Parses and validates a request body; `paths` are the target paths this scheduler serves.
     pub fn parse(body: &[u8], paths: &[&str]) -> Result<TaskSpec, ApiError> {
-        let spec: TaskSpec = serde_json::from_slice(body)
-            .map_err(|e| ApiError::invalid(format!("invalid task: {e}")))?;
+        let spec: TaskSpec = serde_json::from_slice(body).map_err(|e| {
+            if e.is_syntax() || e.is_eof() {
+                ApiError::invalid(format!("invalid task: the body is not valid JSON ({e})"))
+            } else {
+                ApiError::invalid(format!("invalid task: {e}"))
+            }
+        })?;
         spec.validate(paths)?;
         Ok(spec)
     }
@@ -371,6 +378,15 @@ impl TaskSpec {
                     )))
                 }
                 Some(_) => {}
+            }
+        }
+        if let Schedule::Once { at: Some(at) } = &self.schedule {
+            // Unix milliseconds from 1970 to the year 9999: anything else is a mistake (and an
+            // extreme value would overflow the time arithmetic downstream).
+            if !(0..=MAX_TIME_MS).contains(at) {
+                return Err(ApiError::invalid(format!(
+                    "schedule.at must be unix milliseconds between 0 and {MAX_TIME_MS}, not {at}"
+                )));
             }
         }
         if let Some(t) = self.timeout_seconds {

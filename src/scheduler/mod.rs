@@ -125,7 +125,9 @@ impl Core {
         let body = serde_json::json!({
             "status": if ok { "ok" } else if !store_ok { "store unavailable" } else { "degraded" },
             "store": if store_ok { "ok" } else { "unavailable" },
-            "components": self.health.to_json(),
+            // Open to anyone: whether each component runs and how often it restarted, not
+            // its panic messages (those are in the log).
+            "components": self.health.to_json_public(),
         });
         (ok, body)
     }
@@ -468,12 +470,29 @@ impl Core {
         // An outcome must not be dropped on a transient store error: the execution would stay
         // `running` under a live node. Retry with backoff for a while (a failed transaction
         // applied nothing, and reapplying is a no-op for what did apply).
+        // While the store is away (a full disk, a MySQL failover) the outcomes wait here for
+        // as long as it takes: dropped, they would leave the executions `running` for good.
+        // Other errors get ten tries.
         let mut res = self.store.finish(&items, now);
-        for i in 0..10 {
+        let mut tries = 0u32;
+        let mut last_log = std::time::Instant::now() - Duration::from_secs(60);
+        loop {
             match &res {
                 Err(e) if !self.stopping() => {
-                    log::warn!(target: LOG, "{} outcomes not stored yet: {e}; retrying", items.len());
-                    std::thread::sleep(Duration::from_millis((100 << i).min(2_000)));
+                    let transient = matches!(
+                        e,
+                        crate::store::StoreError::Unavailable(_)
+                            | crate::store::StoreError::Retry(_)
+                    );
+                    if !transient && tries >= 10 {
+                        break;
+                    }
+                    if last_log.elapsed() >= Duration::from_secs(30) {
+                        log::warn!(target: LOG, "{} outcomes not stored yet: {e}; retrying", items.len());
+                        last_log = std::time::Instant::now();
+                    }
+                    std::thread::sleep(Duration::from_millis((100u64 << tries.min(5)).min(2_000)));
+                    tries += 1;
                     res = self.store.finish(&items, now_ms());
                 }
                 _ => break,
@@ -555,18 +574,24 @@ impl crate::delivery::PullSource for Core {
         self.requeue(id, attempt, &format!("by {node}: {why}"), Some(node));
     }
 
-    fn held(&self, node: &str, keys: &[(ExecutionId, Attempt)]) -> Vec<bool> {
+    fn held(&self, node: &str, keys: &[(ExecutionId, Attempt)]) -> Vec<crate::delivery::Held> {
+        use crate::delivery::Held;
         let mut seen: HashMap<ExecutionId, Option<crate::store::ExecutionRow>> = HashMap::new();
         keys.iter()
             .map(|(id, attempt)| {
                 let row = seen
                     .entry(*id)
                     .or_insert_with(|| self.store.get_execution(*id).ok().flatten());
-                row.as_ref().is_some_and(|e| {
-                    e.attempt == *attempt
-                        && e.node.as_deref() == Some(node)
-                        && !e.status.is_terminal()
-                })
+                match row {
+                    Some(e) if e.attempt == *attempt && e.node.as_deref() == Some(node) => {
+                        if e.status.is_terminal() {
+                            Held::Finished
+                        } else {
+                            Held::Running
+                        }
+                    }
+                    _ => Held::Not,
+                }
             })
             .collect()
     }
@@ -580,7 +605,9 @@ impl crate::delivery::PullSource for Core {
                 .iter()
                 .any(|n| n.id == node && n.pool == pool && n.path == "pull");
             if !known {
-                log::warn!(target: LOG, "node={node:?} pool={pool:?} pull refused: not a live pull node of that pool in the registry");
+                // INFO, not WARN: a node that just left the registry (a clean stop) makes one
+                // last call; a stranger's calls are refused the same way.
+                log::info!(target: LOG, "node={node:?} pool={pool:?} pull refused: not a live pull node of that pool in the registry");
                 std::thread::sleep(wait.min(Duration::from_secs(1)));
                 return Vec::new();
             }
@@ -599,7 +626,7 @@ impl crate::delivery::PullSource for Core {
                         claimed.iter().filter_map(|c| prepare(self, c)).collect();
                     for c in &claimed {
                         self.metrics
-                            .observe_dispatch((now_ms() - c.due_at).max(0) as u64);
+                            .observe_dispatch(now_ms().saturating_sub(c.due_at).max(0) as u64);
                     }
                     if !out.is_empty() {
                         return out;
@@ -725,7 +752,7 @@ impl Core {
             .ok()
             .flatten()
             .map(|e| e.due_at);
-        if wait > 0 && due.is_some_and(|d| now - d > wait) {
+        if wait > 0 && due.is_some_and(|d| now.saturating_sub(d) > wait) {
             let fin = Finish {
                 status: Some(Status::Failed),
                 error: Some(format!(
@@ -904,7 +931,16 @@ fn dispatcher(core: &Core, wake: &Receiver<()>) {
             };
             busy |= claimed.len() == free;
             for c in claimed {
-                dispatch_one(core, d.as_ref(), c);
+                // One execution that trips a bug must not strand the rest of the batch (they
+                // are claimed already): it is put back, the others go on.
+                let (id, attempt) = (c.id, c.attempt);
+                let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    dispatch_one(core, d.as_ref(), c)
+                }));
+                if ok.is_err() {
+                    log::error!(target: LOG, "execution={id} attempt={attempt} dispatch panicked; put back in the queue");
+                    let _ = core.store.unclaim(id, attempt, now_ms() + 5_000);
+                }
             }
         }
         if busy {
@@ -979,7 +1015,7 @@ fn dispatch_one(core: &Core, d: &dyn Delivery, c: crate::store::Claimed) {
     match d.dispatch(dispatch, &placed) {
         Ok(()) => {
             core.metrics
-                .observe_dispatch((now - c.due_at).max(0) as u64);
+                .observe_dispatch(now.saturating_sub(c.due_at).max(0) as u64);
             log::debug!(target: LOG, "execution={} attempt={} dispatched path={}", c.id, c.attempt, d.path());
         }
         Err(Refused::Busy(why)) => {

@@ -28,7 +28,12 @@ pub mod pb {
 pub struct Runtime {
     rt: tokio::runtime::Runtime,
     tls: Tls,
+    /// Most connections each server of this runtime keeps open at once.
+    max_connections: usize,
 }
+
+/// Most connections a gRPC server keeps open at once unless set (`with_max_connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
 /// Optional TLS for every gRPC server and client of the process (PEM contents).
 #[derive(Clone, Default)]
@@ -64,7 +69,11 @@ impl Runtime {
             .thread_name("grpc")
             .enable_all()
             .build()?;
-        Ok(Arc::new(Runtime { rt, tls }))
+        Ok(Arc::new(Runtime {
+            rt,
+            tls,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }))
     }
 
     /// The URL scheme clients use: https when a CA is configured.
@@ -150,6 +159,91 @@ fn authed<T>(msg: T, token: &Option<String>) -> Request<T> {
     r
 }
 
+/// A connection that holds one of the server's connection slots until it closes.
+struct CappedConn {
+    io: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for CappedConn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for CappedConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Accepts at most `max` connections at once (more wait in the listen backlog), and survives
+/// accept errors (EMFILE: a pause, then on): a flood of idle connections, which needs no token
+/// to open, can then neither take every file descriptor of the node nor stop the listener.
+fn capped_incoming(
+    rt: &tokio::runtime::Runtime,
+    listener: tokio::net::TcpListener,
+    max: usize,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<CappedConn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+    rt.spawn(async move {
+        let mut last_log: Option<std::time::Instant> = None;
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let conn = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => return,
+            };
+            match conn {
+                Ok((io, _)) => {
+                    let _ = io.set_nodelay(true);
+                    if tx.send(Ok(CappedConn { io, _slot: slot })).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    if last_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        log::error!(target: "etask::grpc", "accept failed: {e}; retrying");
+                        last_log = Some(std::time::Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 fn serve(
     rt: &Arc<Runtime>,
     addr: SocketAddr,
@@ -158,8 +252,17 @@ fn serve(
     let listener = rt.rt.block_on(tokio::net::TcpListener::bind(addr))?;
     let addr = listener.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    let mut builder = tonic::transport::Server::builder();
+    let incoming = capped_incoming(
+        &rt.rt,
+        listener,
+        crate::connection_budget(rt.max_connections),
+    );
+    // Dead peers are found by pings; a connection's requests are bounded per connection.
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .concurrency_limit_per_connection(256);
     if let Some((cert, key)) = &rt.tls.identity {
         let id = tonic::transport::Identity::from_pem(cert, key);
         builder = builder
@@ -635,11 +738,18 @@ impl pb::scheduler_server::Scheduler for SchedulerSvc {
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         let mut n = 0;
-        let mut dropped = 0;
-        for (item, ok) in batch.items.into_iter().zip(held) {
-            if !ok {
-                dropped += 1;
-                continue;
+        let (mut late, mut foreign) = (0, 0);
+        for (item, h) in batch.items.into_iter().zip(held) {
+            match h {
+                crate::delivery::Held::Running => {}
+                crate::delivery::Held::Finished => {
+                    late += 1;
+                    continue;
+                }
+                crate::delivery::Held::Not => {
+                    foreign += 1;
+                    continue;
+                }
             }
             if let Some(pb::report_item::Kind::NotStarted(why)) = &item.kind {
                 let (src, node, why) = (src.clone(), batch.node_id.clone(), why.clone());
@@ -657,11 +767,14 @@ impl pb::scheduler_server::Scheduler for SchedulerSvc {
             }
             n += 1;
         }
-        if dropped > 0 {
-            log::warn!(target: "etask::grpc", "node={:?} report: {dropped} item(s) dropped (not an attempt this node holds, or already finished)", batch.node_id);
+        if late > 0 {
+            log::debug!(target: "etask::grpc", "node={:?} report: {late} item(s) for attempts that have ended, dropped", batch.node_id);
+        }
+        if foreign > 0 {
+            log::warn!(target: "etask::grpc", "node={:?} report: {foreign} item(s) dropped: not attempts this node holds", batch.node_id);
         }
         Ok(Response::new(pb::ReportAck {
-            accepted: n + dropped,
+            accepted: n + late + foreign,
         }))
     }
 }

@@ -42,7 +42,7 @@ impl HttpServer {
             max_head_bytes: s.max_header_bytes,
             max_headers: s.max_headers,
             max_body_bytes: s.max_body_bytes,
-            max_connections: s.max_connections,
+            max_connections: crate::connection_budget(s.max_connections),
             workers: s.http_threads,
             queue: s.http_threads * 64,
         };
@@ -207,6 +207,12 @@ fn handle(core: &Arc<Core>, head: &Head, body: &[u8]) -> Response {
     };
     let method = head.method.as_str();
     if segs == ["healthz"] {
+        if method != "GET" && method != "HEAD" {
+            return err_response(&ApiError {
+                code: "method_not_allowed",
+                message: format!("{method} is not allowed on /healthz; use GET"),
+            });
+        }
         let (ok, body) = core.health();
         return json_response(if ok { 200 } else { 503 }, &body);
     }
@@ -230,7 +236,8 @@ fn handle(core: &Arc<Core>, head: &Head, body: &[u8]) -> Response {
     match res {
         Ok((status, body)) => json_response(status, &body),
         Err(e) => {
-            if e.status() >= 500 {
+            // 503 is an answer about the state of things (no node, store away), not a fault.
+            if e.status() >= 500 && e.status() != 503 {
                 log::warn!(target: LOG, "{method} {} -> {} {}", head.path, e.status(), e.message);
             }
             err_response(&e)
@@ -304,7 +311,10 @@ fn route(
                     Ok((200, t.to_json()))
                 }
                 "DELETE" => {
-                    if core.store.delete_task(id, crate::now_ms())? {
+                    // Idempotent like cancel: deleting a deleted task answers as the first time.
+                    let known = core.store.delete_task(id, crate::now_ms())?
+                        || core.store.get_task(id)?.is_some_and(|t| t.deleted);
+                    if known {
                         Ok((200, json!({"id": id, "deleted": true})))
                     } else {
                         Err(ApiError::not_found(format!("task {id} not found")))
@@ -351,7 +361,15 @@ fn route(
                 .flatten();
             Ok((
                 200,
-                json!({"items": rows.iter().map(|e| e.to_json()).collect::<Vec<_>>(), "next_cursor": next}),
+                // The list carries no attempts (they are not read for it): an empty list
+                // there would claim there were none. `GET /executions/{id}` has them.
+                json!({"items": rows.iter().map(|e| {
+                    let mut v = e.to_json();
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("attempts");
+                    }
+                    v
+                }).collect::<Vec<_>>(), "next_cursor": next}),
             ))
         }
         ("executions", [id]) if method == "GET" => {
