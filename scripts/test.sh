@@ -22,6 +22,9 @@ have musl-gcc || need_pkgs+=(musl-tools)
 have etcd || [ -x /usr/bin/etcd ] || need_pkgs+=(etcd-server)
 have protoc || need_pkgs+=(protobuf-compiler)
 have openssl || need_pkgs+=(openssl)
+# tests/trust.rs: a TLS terminator in front of test servers, and a MariaDB dump.
+have stunnel4 || need_pkgs+=(stunnel4)
+have mariadb-dump || need_pkgs+=(mariadb-client)
 # The packaging test: builds a Debian rootfs, boots it, installs the .deb and the .rpm.
 have mmdebstrap || need_pkgs+=(mmdebstrap)
 have systemd-nspawn || need_pkgs+=(systemd-container)

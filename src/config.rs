@@ -21,6 +21,31 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub agent: AgentConfig,
     pub tls: TlsConfig,
+    pub security: SecurityConfig,
+}
+
+/// Signed dispatches and sealed secrets (`crate::trust`, docs/security.md). Key values are
+/// paths of files written by `etask keygen`, or the key line itself.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Scheduler: the Ed25519 private key every dispatch and cancel is signed with. Empty =
+    /// unsigned (`--mode all` then signs with `<data_dir>/keys/dispatch.key`).
+    pub signing_key: String,
+    /// Nodes: the public keys whose signatures they accept (several during a rollover).
+    /// Empty = unsigned dispatches run (unless `require_signed`).
+    pub trusted_keys: Vec<String>,
+    /// Nodes: refuse to start without `trusted_keys` (packages set it).
+    pub require_signed: bool,
+    /// Nodes: the pool's X25519 private keys that open sealed secrets (several during a
+    /// rotation).
+    pub pool_private_keys: Vec<String>,
+    /// Scheduler: refuse a task with secrets for a pool that has no key in `pool_keys`
+    /// (instead of storing them in clear).
+    pub require_sealed_secrets: bool,
+    /// Scheduler: pool name → the pool's X25519 public key; secrets of tasks for that pool are
+    /// sealed to it at intake.
+    pub pool_keys: std::collections::BTreeMap<String, String>,
 }
 
 /// The Kafka path: the scheduler's producer/consumer and the agents' (`--mode agent`).
@@ -54,6 +79,19 @@ pub struct KafkaConfig {
     /// requests to the brokers.
     pub fetch_wait_max_ms: u64,
     pub linger_ms: u64,
+    /// librdkafka `security.protocol`: "" (= plaintext), "plaintext", "ssl", "sasl_plaintext"
+    /// or "sasl_ssl".
+    pub security_protocol: String,
+    /// `sasl.mechanism`: "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512" (with a sasl_ protocol).
+    pub sasl_mechanism: String,
+    pub sasl_username: String,
+    /// The SASL password; `$ETASK_KAFKA_SASL_PASSWORD` overrides it (keep it out of the file).
+    pub sasl_password: String,
+    /// CA (PEM) the brokers' certificates chain to; empty = the system's default locations.
+    pub ssl_ca: String,
+    /// Client certificate and key (PEM) when the brokers require one.
+    pub ssl_cert: String,
+    pub ssl_key: String,
     /// Extra librdkafka properties for every client (e.g. "api.version.request"); they win
     /// over the settings ETask chooses.
     pub client_options: std::collections::BTreeMap<String, String>,
@@ -75,6 +113,13 @@ impl Default for KafkaConfig {
             agent_silent_after_ms: 15_000,
             fetch_wait_max_ms: 5,
             linger_ms: 1,
+            security_protocol: String::new(),
+            sasl_mechanism: String::new(),
+            sasl_username: String::new(),
+            sasl_password: String::new(),
+            ssl_ca: String::new(),
+            ssl_cert: String::new(),
+            ssl_key: String::new(),
             client_options: Default::default(),
         }
     }
@@ -117,6 +162,9 @@ pub struct TlsConfig {
     pub key: String,
     /// CA that peers' certificates must chain to; clients then dial https://.
     pub ca: String,
+    /// Mutual TLS: gRPC servers require clients to present a certificate chaining to `ca`,
+    /// and this process's clients present `cert`/`key`.
+    pub client_auth: bool,
 }
 
 /// The `--mode executor` node.
@@ -161,6 +209,11 @@ pub struct RegistryConfig {
     pub etcd: String,
     pub prefix: String,
     pub ttl_seconds: u64,
+    /// For an https:// etcd: the CA its certificate chains to (PEM); empty = web PKI roots.
+    pub ca: String,
+    /// Client certificate and key (PEM) when etcd requires one (`--client-cert-auth`).
+    pub cert: String,
+    pub key: String,
 }
 
 impl Default for RegistryConfig {
@@ -169,6 +222,9 @@ impl Default for RegistryConfig {
             etcd: String::new(),
             prefix: "/etask/".into(),
             ttl_seconds: 10,
+            ca: String::new(),
+            cert: String::new(),
+            key: String::new(),
         }
     }
 }
@@ -198,6 +254,11 @@ pub struct ServerConfig {
     pub max_headers: usize,
     /// Most HTTP connections open at once; more clients wait in the listen backlog.
     pub max_connections: usize,
+    /// Serve the HTTP intake over TLS with this certificate chain (PEM) and `tls_key`.
+    pub tls_cert: String,
+    pub tls_key: String,
+    /// With TLS: clients must present a certificate that chains to this CA (PEM).
+    pub tls_client_ca: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -234,6 +295,8 @@ pub struct CallbackConfig {
     /// except loopback, link-local (cloud metadata), unspecified and multicast addresses;
     /// those are reached only when listed here.
     pub allowed_hosts: Vec<String>,
+    /// CA (PEM) that https:// callback servers must chain to; empty = the web PKI roots.
+    pub ca: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -286,6 +349,7 @@ impl Default for Config {
             kafka: KafkaConfig::default(),
             agent: AgentConfig::default(),
             tls: TlsConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -306,6 +370,9 @@ impl Default for ServerConfig {
             max_header_bytes: 64 << 10,
             max_headers: 100,
             max_connections: 1024,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_client_ca: String::new(),
         }
     }
 }
@@ -334,6 +401,7 @@ impl Default for CallbackConfig {
             max_backoff_ms: 300_000,
             timeout_ms: 10_000,
             allowed_hosts: Vec::new(),
+            ca: String::new(),
         }
     }
 }
@@ -395,6 +463,11 @@ body_timeout_ms = 30000
 max_header_bytes = 65536
 max_headers = 100
 max_connections = 1024
+# HTTPS: serve the intake with this certificate chain and key (PEM files); empty = plain HTTP.
+# tls_client_ca: clients must also present a certificate that chains to this CA.
+tls_cert = ""
+tls_key = ""
+tls_client_ca = ""
 
 [scheduler]
 # Look for due work this often (submissions to this scheduler wake it at once).
@@ -430,6 +503,8 @@ timeout_ms = 10000
 # host except loopback, link-local (e.g. 169.254.169.254 cloud metadata), unspecified and
 # multicast addresses, which are reached only when listed. Redirects are never followed.
 allowed_hosts = []
+# CA (PEM) that https:// callback targets must chain to; empty = the web PKI roots built in.
+ca = ""
 
 [node]
 # The built-in node of --mode all (the process pool).
@@ -477,6 +552,11 @@ limit_cpu_millicores = 0
 etcd = ""
 prefix = "/etask/"
 ttl_seconds = 10
+# https:// etcd: the CA of its certificate (empty = web PKI roots), and a client certificate
+# and key when etcd requires one.
+ca = ""
+cert = ""
+key = ""
 
 [executor]
 # --mode executor: a gRPC node. path = "push": the scheduler calls its Execute; "pull": it
@@ -518,6 +598,17 @@ agent_silent_after_ms = 15000
 # Consumer fetch.wait.max.ms and producer linger.ms: lower = less latency, more requests.
 fetch_wait_max_ms = 5
 linger_ms = 1
+# Security: security_protocol "" (plaintext), "ssl", "sasl_plaintext" or "sasl_ssl";
+# sasl_mechanism "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512" with sasl_username/sasl_password
+# ($ETASK_KAFKA_SASL_PASSWORD overrides the password); ssl_ca: the brokers' CA (PEM); ssl_cert
+# and ssl_key: a client certificate when the brokers require one.
+security_protocol = ""
+sasl_mechanism = ""
+sasl_username = ""
+sasl_password = ""
+ssl_ca = ""
+ssl_cert = ""
+ssl_key = ""
 
 [kafka.client_options]
 # Extra librdkafka properties for every Kafka client of this process, as "name" = "value";
@@ -544,6 +635,28 @@ drain_seconds = 30
 cert = ""
 key = ""
 ca = ""
+# Mutual TLS: servers require client certificates chaining to ca; clients present cert/key.
+client_auth = false
+
+[security]
+# Signed dispatches (Ed25519) and sealed secrets; keys are made by `etask keygen` (a key value
+# is a file path, or the key line itself). Scheduler: signs every dispatch and cancel with
+# signing_key; empty = unsigned (--mode all signs with <data_dir>/keys/dispatch.key and its
+# built-in node verifies).
+signing_key = ""
+# Nodes: public keys whose signatures they accept (old and new during a rollover). A node with
+# trusted keys refuses unsigned, forged, tampered, expired, misbound and replayed dispatches.
+trusted_keys = []
+# Nodes: refuse to start without trusted_keys.
+require_signed = false
+# Nodes: the pool's private keys (`etask keygen --pool NAME`) that open sealed secrets.
+pool_private_keys = []
+# Scheduler: refuse tasks with secrets for a pool without a key in pool_keys (else stored clear).
+require_sealed_secrets = false
+
+[security.pool_keys]
+# Scheduler: pool name = its public key; secret_env values and secret variables of tasks for
+# that pool are sealed to it at intake, e.g. edge = "/etc/etask/keys/pool-edge.pub".
 "#;
 
 /// Why a config file could not be loaded.
@@ -745,6 +858,16 @@ impl Config {
                 self.executor.scheduler
             ));
         }
+        if self.server.tls_cert.is_empty() != self.server.tls_key.is_empty() {
+            return Err("server.tls_cert and server.tls_key must be set together".into());
+        }
+        if !self.server.tls_client_ca.is_empty() && self.server.tls_cert.is_empty() {
+            return Err("server.tls_client_ca needs server.tls_cert and tls_key".into());
+        }
+        self.kafka.check_security()?;
+        if self.registry.cert.is_empty() != self.registry.key.is_empty() {
+            return Err("registry.cert and registry.key must be set together".into());
+        }
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {
             return Err("tls.cert and tls.key must be set together".into());
         }
@@ -849,6 +972,110 @@ impl Config {
         abs_str(&mut self.tls.cert);
         abs_str(&mut self.tls.key);
         abs_str(&mut self.tls.ca);
+        abs_str(&mut self.server.tls_cert);
+        abs_str(&mut self.server.tls_key);
+        abs_str(&mut self.server.tls_client_ca);
+        abs_str(&mut self.callbacks.ca);
+        abs_str(&mut self.registry.ca);
+        abs_str(&mut self.registry.cert);
+        abs_str(&mut self.registry.key);
+        abs_str(&mut self.kafka.ssl_ca);
+        abs_str(&mut self.kafka.ssl_cert);
+        abs_str(&mut self.kafka.ssl_key);
+        let key_path = |s: &mut String| {
+            // A key line stays as it is; anything else is a path.
+            if !s.contains(':') || s.starts_with('.') || s.starts_with('/') {
+                abs_str(s)
+            }
+        };
+        key_path(&mut self.security.signing_key);
+        self.security.trusted_keys.iter_mut().for_each(key_path);
+        self.security
+            .pool_private_keys
+            .iter_mut()
+            .for_each(key_path);
+        self.security.pool_keys.values_mut().for_each(key_path);
+    }
+
+    /// The etcd client of `[registry]`, with TLS for an https:// URL.
+    ///
+    /// # Errors
+    /// The CA or client certificate files cannot be used.
+    pub fn etcd(&self) -> Result<crate::registry::etcd::Etcd, String> {
+        let r = &self.registry;
+        if !r.etcd.starts_with("https://") {
+            return Ok(crate::registry::etcd::Etcd::new(&r.etcd));
+        }
+        let tls = crate::trust::tls::client_config(&r.ca, &r.cert, &r.key, "registry.ca/cert/key")?;
+        Ok(crate::registry::etcd::Etcd::with_tls(&r.etcd, Some(tls)))
+    }
+
+    /// What a node checks before it runs a dispatch: the trusted keys, who it is, its pool
+    /// keys. `pool` None = any pool (the built-in node).
+    ///
+    /// # Errors
+    /// A key cannot be read, or `require_signed` without `trusted_keys`.
+    pub fn node_trust(
+        &self,
+        pool: Option<&str>,
+        node: &str,
+    ) -> Result<crate::trust::NodeTrust, String> {
+        let sec = &self.security;
+        if sec.require_signed && sec.trusted_keys.is_empty() {
+            return Err(
+                "security.require_signed is set but security.trusted_keys is empty: \
+                 list the scheduler's public key (etask keygen writes dispatch.pub)"
+                    .into(),
+            );
+        }
+        let verifier = crate::trust::Verifier::load(&sec.trusted_keys)
+            .map_err(|e| format!("security.trusted_keys: {e}"))?;
+        let private = sec
+            .pool_private_keys
+            .iter()
+            .map(|k| crate::trust::keys::load(crate::trust::keys::Kind::PoolPrivate, k))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("security.pool_private_keys: {e}"))?;
+        if !verifier.verifies() {
+            log::info!(target: "etask::trust", "no security.trusted_keys: dispatches are run without checking who signed them");
+        }
+        Ok(crate::trust::NodeTrust {
+            verifier,
+            me: crate::trust::NodeIdentity {
+                pool: pool.map(str::to_owned),
+                node: node.to_owned(),
+            },
+            open: crate::trust::seal::OpenKeys::new(&private),
+        })
+    }
+
+    /// What the scheduler signs and seals with. `builtin`: the keys of `--mode all`'s
+    /// built-in node (signing key when none is configured, and its pool key for `local`).
+    ///
+    /// # Errors
+    /// A key cannot be read.
+    pub fn scheduler_keys(
+        &self,
+        builtin: Option<&crate::trust::BuiltinKeys>,
+    ) -> Result<crate::trust::SchedulerKeys, String> {
+        let sec = &self.security;
+        let signer = match (sec.signing_key.is_empty(), builtin) {
+            (true, Some(b)) => crate::trust::Signer::from_bytes(b.signing_private),
+            _ => crate::trust::Signer::load(&sec.signing_key)
+                .map_err(|e| format!("security.signing_key: {e}"))?,
+        };
+        let mut pools = std::collections::HashMap::new();
+        for (pool, k) in &sec.pool_keys {
+            let b = crate::trust::keys::load(crate::trust::keys::Kind::PoolPublic, k)
+                .map_err(|e| format!("security.pool_keys.{pool}: {e}"))?;
+            pools.insert(pool.clone(), crate::trust::seal::SealKey::from_bytes(b));
+        }
+        Ok(crate::trust::SchedulerKeys {
+            signer: std::sync::Arc::new(signer),
+            pools,
+            local: builtin.map(|b| crate::trust::seal::SealKey::from_bytes(b.pool_public)),
+            require_sealed: sec.require_sealed_secrets,
+        })
     }
 
     pub fn store_url(&self) -> String {
@@ -861,7 +1088,15 @@ impl Config {
 
     /// The TLS material for the gRPC runtime.
     pub fn grpc_tls(&self) -> Result<crate::delivery::grpc::Tls, String> {
-        crate::delivery::grpc::Tls::from_files(&self.tls.cert, &self.tls.key, &self.tls.ca)
+        let mut t =
+            crate::delivery::grpc::Tls::from_files(&self.tls.cert, &self.tls.key, &self.tls.ca)?;
+        if self.tls.client_auth {
+            if t.ca.is_none() || t.identity.is_none() {
+                return Err("tls.client_auth needs tls.ca, tls.cert and tls.key".into());
+            }
+            t.client_auth = true;
+        }
+        Ok(t)
     }
 
     pub fn pool_config(&self) -> PoolConfig {

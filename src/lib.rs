@@ -9,6 +9,7 @@ pub mod runner;
 pub mod signals;
 pub mod store;
 pub mod supervise;
+pub mod trust;
 
 /// "0.1.0 (abc1234)": the crate version and the git commit it was built from (build.rs).
 pub const VERSION: &str = concat!(

@@ -86,6 +86,23 @@ enum Cmd {
     Cancel(CancelCmd),
     Tasks(TasksCmd),
     Nodes(NodesCmd),
+    Keygen(KeygenCmd),
+}
+
+command! {
+#[derive(FromArgs)]
+#[argh(subcommand, name = "keygen")]
+/// make a key pair: the scheduler's dispatch signing pair (dispatch.key 0600, dispatch.pub
+/// 0644; Ed25519), or with --pool a pool's sealing pair (pool-NAME.key, pool-NAME.pub; X25519).
+/// Existing files are never overwritten.
+struct KeygenCmd {
+    /// directory to write the two files to (created if missing)
+    #[argh(option)]
+    out: PathBuf,
+    /// make the sealing key pair of this pool instead
+    #[argh(option)]
+    pool: Option<String>,
+}
 }
 
 command! {
@@ -410,6 +427,7 @@ fn main() -> ExitCode {
             .map_err(Fail::from),
         Cmd::Tasks(c) => cmd_tasks(c),
         Cmd::Nodes(c) => cmd_nodes(c),
+        Cmd::Keygen(c) => cmd_keygen(c),
     };
     match res {
         Ok(code) => code,
@@ -751,6 +769,18 @@ fn cmd_migrate(c: MigrateCmd) -> CmdResult {
             store.describe(),
             list.join(", ")
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_keygen(c: KeygenCmd) -> CmdResult {
+    use etask::trust::keys::KeyError;
+    let files = etask::trust::keygen(&c.out, c.pool.as_deref()).map_err(|e| match e {
+        KeyError::Format(m) => Fail::usage(m),
+        e => Fail::new(exit::NOINPUT, e.to_string()),
+    })?;
+    for f in files {
+        println!("{}", f.display());
     }
     Ok(ExitCode::SUCCESS)
 }

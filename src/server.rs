@@ -8,7 +8,6 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::delivery::local::Local;
 use crate::delivery::Delivery;
-use crate::registry::etcd::Etcd;
 use crate::registry::{NodeTable, Registration};
 use crate::runner::Pool;
 use crate::scheduler::Scheduler;
@@ -109,14 +108,41 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     let mut local = None;
     let mut deliveries: Vec<Arc<dyn Delivery>> = Vec::new();
     let mut previous = None;
-    if mode == Mode::All {
+    // --mode all signs and verifies always, with keys of its own in the data dir when none are
+    // configured, so the trust path is exercised even on a try-out.
+    let builtin = if mode == Mode::All {
+        Some(
+            crate::trust::builtin_keys(&cfg.server.data_dir)
+                .map_err(|e| format!("built-in keys: {e}"))?,
+        )
+    } else {
+        None
+    };
+    let keys = cfg.scheduler_keys(builtin.as_ref())?;
+    if !keys.signer.signs() {
+        log::warn!(target: "etask::server", "no security.signing_key: dispatches and cancels go out unsigned (nodes with trusted_keys refuse them)");
+    }
+    if let Some(b) = &builtin {
         let node = node_id();
         let (journal, prev) = open_journal(&cfg, &node)?;
         previous = Some(prev);
+        let mut trust = cfg.node_trust(None, &node)?;
+        let signer_public = keys.signer.public().unwrap_or(b.signing_public);
+        trust.verifier = trust
+            .verifier
+            .also_trusting(signer_public)
+            .map_err(|e| format!("built-in keys: {e}"))?;
+        trust.open = trust.open.with(b.pool_private);
         let mut pc = cfg.pool_config();
         pc.journal = Some(journal);
         let pool = Pool::start(pc).map_err(|e| format!("cannot start the process pool: {e}"))?;
-        let l = Arc::new(Local::new(pool, node, reports_tx));
+        let l = Arc::new(Local::new(
+            pool,
+            node,
+            reports_tx,
+            keys.signer.clone(),
+            trust,
+        ));
         deliveries.push(l.clone());
         local = Some(l);
     }
@@ -125,7 +151,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     let mut table = None;
     let mut registration = None;
     if !reg.etcd.is_empty() {
-        let etcd = Etcd::new(&reg.etcd);
+        let etcd = cfg.etcd()?;
         let t = NodeTable::start(etcd.clone(), reg.prefix.clone())
             .map_err(|e| format!("cannot start the node watcher: {e}"))?;
         table = Some(Arc::new(t));
@@ -179,6 +205,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
                 rt.clone(),
                 t.clone(),
                 cfg.server.token.clone(),
+                keys.signer.clone(),
             )));
         }
         grpc_server = Some(srv);
@@ -186,7 +213,10 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     // Kafka: agents of every pool, reached through their dispatch topics.
     let mut kafka = None;
     if !cfg.kafka.brokers.is_empty() {
-        let k = crate::delivery::kafka::scheduler::KafkaDelivery::start(&cfg.kafka)?;
+        let k = crate::delivery::kafka::scheduler::KafkaDelivery::start(
+            &cfg.kafka,
+            keys.signer.clone(),
+        )?;
         deliveries.push(k.clone());
         kafka = Some(k);
     }
@@ -194,6 +224,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     // every pulled run longer than node_silent_after_ms would be declared lost.
     let pull_enabled = grpc_server.is_some() && table.is_some();
     let tls_on = !cfg.tls.cert.is_empty();
+    let https = !cfg.server.tls_cert.is_empty();
     let sched = Scheduler::start(
         Arc::new(store),
         cfg,
@@ -201,6 +232,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         reports_rx,
         table,
         pull_enabled,
+        keys,
     )?;
     if let Some(prev) = previous.filter(|p| !p.node.is_empty()) {
         let list: Vec<_> = prev
@@ -217,7 +249,10 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     }
     if let Some(addr) = sched.http_addr() {
         // One line on stdout so scripts and tests can find the port (`--listen 127.0.0.1:0`).
-        println!("etask listening on http://{addr}");
+        println!(
+            "etask listening on {}://{addr}",
+            if https { "https" } else { "http" }
+        );
     }
     match &grpc_server {
         Some(g) => println!(

@@ -904,6 +904,7 @@ fn push_cancel_before_and_during_execute_and_tokens() {
         shard_total: 1,
         pool: None,
         route: Default::default(),
+        stamp: Default::default(),
     };
     assert!(good.cancel(d.execution_id, d.attempt).unwrap());
     let ack = good.execute(dispatch_to_pb(&d, etask::now_ms())).unwrap();

@@ -1,24 +1,43 @@
 //! The in-process path: dispatches go straight into this process's pool and its events go
-//! straight to the scheduler's report channel.
+//! straight to the scheduler's report channel. Each dispatch is still signed by the scheduler
+//! and checked (signature, expiry, binding, replay; sealed secrets opened) like on a remote
+//! node, so `--mode all` exercises the whole trust path.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::Sender;
 
 use super::{Delivery, Dispatch, Refused};
 use crate::model::{Attempt, ExecutionId};
 use crate::runner::{Pool, RunEvent, RunKey, SubmitError};
+use crate::trust::{NodeTrust, Refusal, Signer, GRPC_TTL_MS};
 
 pub struct Local {
     pool: Pool,
     node: String,
     reports: Sender<RunEvent>,
+    signer: Arc<Signer>,
+    trust: NodeTrust,
+    /// Attempts taken, until their dispatch expires (the replay defence of this node).
+    taken: Mutex<HashMap<(ExecutionId, Attempt), i64>>,
 }
 
 impl Local {
-    pub fn new(pool: Pool, node: String, reports: Sender<RunEvent>) -> Local {
+    pub fn new(
+        pool: Pool,
+        node: String,
+        reports: Sender<RunEvent>,
+        signer: Arc<Signer>,
+        trust: NodeTrust,
+    ) -> Local {
         Local {
             pool,
             node,
             reports,
+            signer,
+            trust,
+            taken: Mutex::new(HashMap::new()),
         }
     }
 
@@ -51,8 +70,24 @@ impl Delivery for Local {
         )
     }
 
-    fn dispatch(&self, d: Dispatch, _placed: &dyn Fn(&str)) -> Result<(), Refused> {
-        let req = d.into_run_request();
+    fn dispatch(&self, mut d: Dispatch, _placed: &dyn Fn(&str)) -> Result<(), Refused> {
+        d.sign(&self.signer, Some(&self.node), GRPC_TTL_MS);
+        let refuse = |r: Refusal| {
+            log::warn!(target: "etask::trust", "execution={} attempt={} refused: {r}", d.execution_id, d.attempt);
+            Refused::Rejected(r.to_string())
+        };
+        let mut checked = d.clone();
+        checked
+            .verify_and_open(&self.trust.verifier, &self.trust.me, &self.trust.open)
+            .map_err(refuse)?;
+        let key = (d.execution_id, d.attempt);
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let now = crate::now_ms();
+        taken.retain(|_, exp| *exp >= now);
+        if taken.contains_key(&key) {
+            return Err(refuse(Refusal::Replay(key.0 .0, key.1 .0)));
+        }
+        let req = checked.into_run_request();
         self.pool
             .submit(req, self.reports.clone())
             .map_err(|e| match e {
@@ -60,7 +95,9 @@ impl Delivery for Local {
                 e @ (SubmitError::Full { .. }
                 | SubmitError::Stopped
                 | SubmitError::Unrecorded(_)) => Refused::Busy(e.to_string()),
-            })
+            })?;
+        taken.insert(key, d.stamp.expires_at);
+        Ok(())
     }
 
     fn cancel(&self, execution: ExecutionId, attempt: Attempt) {

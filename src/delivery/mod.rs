@@ -28,9 +28,77 @@ pub struct Dispatch {
     pub pool: Option<String>,
     /// How to pick the node: `target.strategy`, `target.node` (pinned), `target.key`.
     pub route: Route,
+    /// Node binding, validity and signature (`crate::trust`); default = unsigned.
+    pub stamp: crate::trust::Stamp,
 }
 
 impl Dispatch {
+    /// What a signature covers, with this dispatch's stamp (node, issued_at, expires_at).
+    pub fn fields(&self) -> crate::trust::DispatchFields<'_> {
+        crate::trust::DispatchFields {
+            execution_id: self.execution_id.0,
+            attempt: self.attempt.0,
+            task_id: self.task_id.0,
+            pool: self.pool.as_deref(),
+            node: self.stamp.node.as_deref(),
+            program: &self.program,
+            timeout_ms: self.timeout.map(|t| t.as_millis() as u64),
+            shard_index: self.shard_index,
+            shard_total: self.shard_total,
+            issued_at: self.stamp.issued_at,
+            expires_at: self.stamp.expires_at,
+        }
+    }
+
+    /// Stamps (and signs, when `signer` has a key) this dispatch for `node` (None = any node
+    /// of its pool), valid for `ttl_ms` from now.
+    pub fn sign(&mut self, signer: &crate::trust::Signer, node: Option<&str>, ttl_ms: i64) {
+        self.stamp = signer.stamp(self.fields(), node, crate::now_ms(), ttl_ms);
+    }
+
+    /// The node-side checks before anything starts: signature, expiry, binding (`trust`),
+    /// then the sealed secrets are opened with the node's pool keys.
+    ///
+    /// # Errors
+    /// The refusal, to be reported (and dead-lettered on Kafka) with its reason.
+    pub fn verify_and_open(
+        &mut self,
+        verifier: &crate::trust::Verifier,
+        me: &crate::trust::NodeIdentity,
+        open: &crate::trust::seal::OpenKeys,
+    ) -> Result<(), crate::trust::Refusal> {
+        verifier.check_dispatch(
+            &self.fields(),
+            self.stamp.sig.as_deref(),
+            me,
+            crate::now_ms(),
+        )?;
+        if open.is_empty() {
+            if let Some(k) = self
+                .program
+                .secret_env
+                .iter()
+                .find(|(_, v)| crate::trust::seal::is_sealed(v))
+                .map(|(k, _)| k.clone())
+                .or_else(|| {
+                    self.program
+                        .variables
+                        .iter()
+                        .find(|v| crate::trust::seal::is_sealed(&v.value))
+                        .map(|v| v.key.clone())
+                })
+            {
+                return Err(crate::trust::Refusal::Sealed(format!(
+                    "secret {k} is sealed and this node has no pool key \
+                     (security.pool_private_keys)"
+                )));
+            }
+            return Ok(());
+        }
+        open.open_program(&mut self.program)
+            .map_err(crate::trust::Refusal::Sealed)
+    }
+
     /// The run the process pool executes for this dispatch.
     pub fn into_run_request(self) -> crate::runner::RunRequest {
         crate::runner::RunRequest {

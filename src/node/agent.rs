@@ -22,9 +22,9 @@ use crate::delivery::kafka::wire::{self, ControlMsg, DispatchMsg, EventBody, Eve
 use crate::delivery::kafka::{dead_letter, existing_topics, poll, send, Producer_};
 use crate::model::{Attempt, ExecutionId};
 use crate::node::spool::{Spool, Taken};
-use crate::registry::etcd::Etcd;
 use crate::registry::{NodeInfo, Registration};
 use crate::runner::{Ending, Outcome, Pool, RunEvent, RunKey, SubmitError};
+use crate::trust::{NodeTrust, Refusal};
 
 const LOG: &str = "etask::agent";
 
@@ -40,6 +40,8 @@ struct Agent {
     /// Cancels of attempts this agent has not seen yet: a later dispatch of them is not run.
     tombstones: Mutex<HashMap<RunKey, Instant>>,
     spool: Mutex<Spool>,
+    /// Whom dispatches and cancels must come from, who this agent is, its pool keys.
+    trust: NodeTrust,
     /// Set on SIGTERM: take no more dispatches (running ones finish and are reported).
     draining: AtomicBool,
     /// Set when everything ends.
@@ -114,6 +116,22 @@ impl Agent {
                 return Ok(());
             }
         };
+        let key = RunKey {
+            execution: ExecutionId(d.execution_id),
+            attempt: Attempt(d.attempt),
+        };
+        let mut dispatch = d.clone().into_dispatch();
+        // Before anything else (and before the spool: a forged copy must not make the real
+        // dispatch look like a replay). An authentic dispatch that expired is handled below.
+        match dispatch.verify_and_open(&self.trust.verifier, &self.trust.me, &self.trust.open) {
+            Ok(()) | Err(Refusal::Expired(_)) => {}
+            Err(r) => {
+                log::warn!(target: LOG, "execution={} attempt={} refused: {r}", key.execution, key.attempt);
+                dead_letter(&self.producer, &self.cfg, &self.id, m, &r.to_string());
+                self.not_started(key, r.to_string());
+                return Ok(());
+            }
+        }
         if d.pool != self.pool_name {
             let why = format!(
                 "dispatch for pool {:?} on the topic of pool {:?}",
@@ -122,14 +140,16 @@ impl Agent {
             dead_letter(&self.producer, &self.cfg, &self.id, m, &why);
             return Ok(());
         }
-        let key = RunKey {
-            execution: ExecutionId(d.execution_id),
-            attempt: Attempt(d.attempt),
-        };
         let mut spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = spool.get(key.execution, key.attempt) {
             log::info!(target: LOG, "execution={} attempt={} delivered again ({} here before): not run twice", key.execution, key.attempt,
                 match t { Taken::Started => "started", Taken::Finished => "finished" });
+            if self.trust.verifier.verifies() {
+                // A redelivery (rebalance) or a replayed record: not reported (the attempt is
+                // this agent's), but kept where an operator looks for refused messages.
+                let r = Refusal::Replay(d.execution_id, d.attempt);
+                dead_letter(&self.producer, &self.cfg, &self.id, m, &r.to_string());
+            }
             return Ok(());
         }
         let now = crate::now_ms();
@@ -163,7 +183,7 @@ impl Agent {
         log::info!(target: LOG, "execution={} attempt={} taken", key.execution, key.attempt);
         match self
             .pool
-            .submit(d.into_dispatch().into_run_request(), self.events.clone())
+            .submit(dispatch.into_run_request(), self.events.clone())
         {
             Ok(()) => {}
             Err(SubmitError::Invalid(e)) => {
@@ -389,10 +409,33 @@ fn control_loop(a: &Agent, consumer: &BaseConsumer) {
                 continue;
             }
             match wire::parse::<ControlMsg>(m.payload()) {
-                Ok(c) if c.kind == "cancel" => a.cancel(RunKey {
-                    execution: ExecutionId(c.execution_id),
-                    attempt: Attempt(c.attempt),
-                }),
+                Ok(c) if c.kind == "cancel" => {
+                    let f = crate::trust::CancelFields {
+                        execution_id: c.execution_id,
+                        attempt: c.attempt,
+                        node: None,
+                        issued_at: c.issued_at,
+                        expires_at: c.expires_at,
+                    };
+                    let now = crate::now_ms();
+                    match a
+                        .trust
+                        .verifier
+                        .check_cancel(&f, c.sig.as_deref(), &a.trust.me, now)
+                    {
+                        Ok(()) => a.cancel(RunKey {
+                            execution: ExecutionId(c.execution_id),
+                            attempt: Attempt(c.attempt),
+                        }),
+                        Err(r) => {
+                            // Ignored, tombstone included: a forged cancel must not keep a
+                            // real dispatch from running.
+                            let why = r.to_string().replacen("dispatch", "cancel", 1);
+                            log::warn!(target: LOG, "execution={} attempt={} cancel ignored: {why}", c.execution_id, c.attempt);
+                            dead_letter(&a.producer, &a.cfg, &a.id, &m, &why);
+                        }
+                    }
+                }
                 Ok(c) => dead_letter(
                     &a.producer,
                     &a.cfg,
@@ -440,6 +483,9 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
             spool_dir.display()
         )
     })?;
+    let mut trust = cfg.node_trust(Some(&pool_name), &id)?;
+    // A dispatch valid for longer than the spool remembers could be replayed after it forgot.
+    trust.verifier = trust.verifier.with_max_validity(keep.as_millis() as i64);
     let pool = Pool::start(cfg.pool_config())
         .map_err(|e| format!("cannot start the process pool: {e}"))?;
     // Events wait for the brokers as long as it takes (message.timeout.ms = 0).
@@ -485,6 +531,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         held: Mutex::new(HashSet::new()),
         tombstones: Mutex::new(HashMap::new()),
         spool: Mutex::new(spool),
+        trust,
         draining: AtomicBool::new(false),
         stop: AtomicBool::new(false),
     });
@@ -541,7 +588,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         let a = agent.clone();
         Some(
             Registration::start(
-                Etcd::new(&cfg.registry.etcd),
+                cfg.etcd()?,
                 cfg.registry.prefix.clone(),
                 info,
                 cfg.registry.ttl_seconds,

@@ -13,9 +13,10 @@ use crate::config::Config;
 use crate::delivery::grpc::{self, pb, ExecutorHandler, SchedulerClient};
 use crate::delivery::Dispatch;
 use crate::model::{Attempt, ExecutionId};
-use crate::registry::etcd::Etcd;
+use crate::node::spool::{Spool, Taken};
 use crate::registry::{NodeInfo, Registration};
 use crate::runner::{Pool, RunEvent, RunKey};
+use crate::trust::{NodeTrust, Refusal};
 
 const LOG: &str = "etask::executor";
 
@@ -24,32 +25,80 @@ struct Handler {
     events: Sender<RunEvent>,
     /// Attempts cancelled before their Execute arrived: a late Execute is refused.
     tombstones: Mutex<HashMap<(ExecutionId, Attempt), Instant>>,
+    /// Whom dispatches must come from, who this node is, what opens sealed secrets.
+    trust: NodeTrust,
+    /// The attempts this node took (kept across restarts): a replayed dispatch is refused.
+    spool: Mutex<Spool>,
 }
+
+/// How long the executor remembers the attempts it took: far longer than a gRPC dispatch
+/// lives, so a replay is either remembered or expired.
+const SPOOL_KEEP: Duration = Duration::from_secs(3_600);
 
 /// How long a cancel waits for its (possibly late) Execute.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 
 impl ExecutorHandler for Handler {
-    fn execute(&self, d: Dispatch, expires_at: i64) -> Result<(), String> {
-        if expires_at > 0 && expires_at < crate::now_ms() {
-            return Err("dispatch expired".into());
+    fn execute(&self, mut d: Dispatch) -> Result<(), String> {
+        let (id, attempt) = (d.execution_id, d.attempt);
+        let refuse = |r: Refusal| {
+            log::warn!(target: LOG, "execution={id} attempt={attempt} refused: {r}");
+            r.to_string()
+        };
+        // Before anything else: nothing of a dispatch that does not check out is acted on.
+        match d.verify_and_open(&self.trust.verifier, &self.trust.me, &self.trust.open) {
+            Ok(()) => {}
+            Err(Refusal::Expired(_)) => return Err("dispatch expired".into()),
+            Err(r) => return Err(refuse(r)),
         }
         if self
             .tombstones
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&(d.execution_id, d.attempt))
+            .contains_key(&(id, attempt))
         {
             return Err("cancelled before it arrived".into());
         }
-        log::info!(target: LOG, "execution={} attempt={} accepted", d.execution_id, d.attempt);
+        // Held across the submit: two copies of one dispatch arriving together run once.
+        let mut spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
+        if spool.get(id, attempt).is_some() {
+            return Err(refuse(Refusal::Replay(id.0, attempt.0)));
+        }
+        log::info!(target: LOG, "execution={id} attempt={attempt} accepted");
         let req = d.into_run_request();
         self.pool
             .submit(req, self.events.clone())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if let Err(e) = spool.record(id, attempt, Taken::Started) {
+            log::warn!(target: LOG, "execution={id} attempt={attempt}: {e}");
+        }
+        Ok(())
     }
 
-    fn cancel(&self, id: ExecutionId, attempt: Attempt) -> bool {
+    fn cancel(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        stamp: &crate::trust::Stamp,
+    ) -> Result<bool, String> {
+        let f = crate::trust::CancelFields {
+            execution_id: id.0,
+            attempt: attempt.0,
+            node: stamp.node.as_deref(),
+            issued_at: stamp.issued_at,
+            expires_at: stamp.expires_at,
+        };
+        if let Err(r) = self.trust.verifier.check_cancel(
+            &f,
+            stamp.sig.as_deref(),
+            &self.trust.me,
+            crate::now_ms(),
+        ) {
+            // Not even a tombstone: a forged cancel must not keep a real dispatch from running.
+            let why = r.to_string().replacen("dispatch", "cancel", 1);
+            log::warn!(target: LOG, "execution={id} attempt={attempt} cancel ignored: {why}");
+            return Err(why);
+        }
         let mut t = self.tombstones.lock().unwrap_or_else(|p| p.into_inner());
         t.retain(|_, at| at.elapsed() < TOMBSTONE_TTL);
         t.insert((id, attempt), Instant::now());
@@ -59,7 +108,7 @@ impl ExecutorHandler for Handler {
             attempt,
         });
         log::info!(target: LOG, "execution={id} attempt={attempt} cancel");
-        true
+        Ok(true)
     }
 }
 
@@ -124,6 +173,18 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         .map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
     crate::config::prepare_state_dir(&cfg.server.data_dir, cfg.node.run_as_uid >= 0)?;
     let (journal, previous) = crate::server::open_journal(&cfg, &node_id)?;
+    let mut trust = cfg.node_trust(Some(&ex.pool), &node_id)?;
+    trust.verifier = trust
+        .verifier
+        .with_max_validity(SPOOL_KEEP.as_millis() as i64);
+    // In the data dir the start journal locks for this node: no other process shares it.
+    let spool_dir = cfg.server.data_dir.join("executor-spool");
+    let spool = Spool::open(&spool_dir, SPOOL_KEEP).map_err(|e| {
+        format!(
+            "cannot open the executor spool {}: {e}",
+            spool_dir.display()
+        )
+    })?;
     let mut pc = cfg.pool_config();
     pc.journal = Some(journal);
     let pool = Pool::start(pc).map_err(|e| format!("cannot start the process pool: {e}"))?;
@@ -134,6 +195,8 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         pool,
         events: events_tx,
         tombstones: Mutex::new(HashMap::new()),
+        trust,
+        spool: Mutex::new(spool),
     });
     // PUSH serves Execute/Cancel; PULL opens no port at all and asks the scheduler instead.
     let mut server = None;
@@ -188,7 +251,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     };
     let h2 = handler.clone();
     let registration = Registration::start(
-        Etcd::new(&cfg.registry.etcd),
+        cfg.etcd()?,
         cfg.registry.prefix.clone(),
         info,
         cfg.registry.ttl_seconds,
@@ -305,10 +368,9 @@ fn pull_loop(
             Ok(list) => {
                 backoff = Duration::from_millis(200);
                 for d in list {
-                    let expires = d.expires_at;
                     let id = d.execution_id;
                     let attempt = Attempt(d.attempt);
-                    let res = grpc::dispatch_from_pb(d).and_then(|d| h.execute(d, expires));
+                    let res = grpc::dispatch_from_pb(d).and_then(|d| h.execute(d));
                     if let Err(e) = res {
                         // Claimed but not runnable here: report it failed rather than lose it.
                         log::warn!(target: LOG, "execution={id} pulled but refused: {e}");

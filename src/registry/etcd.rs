@@ -82,12 +82,20 @@ fn kv(v: &Value) -> Option<Kv> {
 
 impl Etcd {
     pub fn new(endpoint: &str) -> Etcd {
+        Etcd::with_tls(endpoint, None)
+    }
+
+    /// An etcd client; `tls` is used for an https:// endpoint (CA, optional client cert).
+    pub fn with_tls(endpoint: &str, tls: Option<std::sync::Arc<rustls::ClientConfig>>) -> Etcd {
         // The read timeout also bounds an idle watch: it then ends and is re-opened from the
         // last revision, which lets the watcher notice a stop request.
-        let agent = ureq::AgentBuilder::new()
+        let mut b = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(3))
-            .timeout_read(Duration::from_secs(5))
-            .build();
+            .timeout_read(Duration::from_secs(5));
+        if let Some(t) = tls {
+            b = b.tls_config(t);
+        }
+        let agent = b.build();
         Etcd {
             endpoint: endpoint.trim_end_matches('/').to_owned(),
             agent,

@@ -325,14 +325,16 @@ fn child_env(
         // reference ETask sets it too; shell scripts that start python benefit the same way.
         ("PYTHONUNBUFFERED".into(), "1".into()),
     ];
+    // The run token only where runs are found by it (the fallback without cgroups).
+    let mut env = env;
+    if let Some(t) = token {
+        env.push((tree::TOKEN_VAR.into(), t.into()));
+    }
     // Request env may override PATH/LANG/HOME/TMPDIR (validation refuses any ETASK_* name);
     // then the reference's variables, each under its own name (validation keeps them apart
     // from env, secret_env and ETASK_* names). A map, so a large environment costs its size
     // once (a remove-then-push per entry was quadratic and stalled the launchers).
     let mut by_name: std::collections::BTreeMap<String, String> = env.into_iter().collect();
-    if let Some(t) = token {
-        by_name.insert(tree::TOKEN_VAR.into(), t.into());
-    }
     for (k, v) in req.program.env.iter().chain(req.program.secret_env.iter()) {
         by_name.insert(k.clone(), v.clone());
     }

@@ -119,15 +119,12 @@ impl Policy {
         let u =
             url::Url::parse(raw).map_err(|e| format!("callback_url {raw:?} is not a URL: {e}"))?;
         match u.scheme() {
-            "http" => {}
-            "https" => {
-                return Err(
-                    "callback_url: https:// callbacks cannot be delivered by this build \
-                            (no TLS client is linked); use http:// inside a trusted network"
-                        .into(),
-                )
+            "http" | "https" => {}
+            s => {
+                return Err(format!(
+                    "callback_url must be an http:// or https:// URL, not {s}://"
+                ))
             }
-            s => return Err(format!("callback_url must be an http:// URL, not {s}://")),
         }
         if !u.username().is_empty() || u.password().is_some() {
             return Err("callback_url must not carry credentials".into());
@@ -184,11 +181,16 @@ pub(super) fn run(core: &Core, wake: &Receiver<()>) {
     let cfg = core.cfg.callbacks.clone();
     // Config validation parsed the same entries; an error here cannot happen after it.
     let policy = Arc::new(Policy::new(&cfg.allowed_hosts).unwrap_or_default());
-    let agent = ureq::AgentBuilder::new()
+    // https:// targets: the web PKI roots, or callbacks.ca (checked at config validation).
+    let mut builder = ureq::AgentBuilder::new()
         .timeout(Duration::from_millis(cfg.timeout_ms.max(100)))
         .redirects(0)
-        .resolver(Resolver(policy))
-        .build();
+        .resolver(Resolver(policy));
+    match crate::trust::tls::client_config(&cfg.ca, "", "", "callbacks.ca") {
+        Ok(tls) => builder = builder.tls_config(tls),
+        Err(e) => log::error!(target: LOG, "{e}: https:// callbacks will fail"),
+    }
+    let agent = builder.build();
     while !core.stopping() {
         let now = now_ms();
         let due = match core.store.outbox_due(now, 32) {
@@ -294,7 +296,7 @@ mod tests {
             "http://[fe80::1]/",
             "http://[::ffff:127.0.0.1]/",
             "http://0.0.0.0/",
-            "https://ecmdb.example/hook",
+            "https://127.0.0.1/hook",
             "ftp://ecmdb.example/hook",
             "http://u:p@ecmdb.example/hook",
         ] {
@@ -302,6 +304,7 @@ mod tests {
         }
         for good in [
             "http://ecmdb.example/hook",
+            "https://ecmdb.example/hook",
             "http://10.1.2.3:8080/hook",
             "http://[2001:db8::1]/",
         ] {

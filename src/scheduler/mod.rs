@@ -72,6 +72,8 @@ pub struct Core {
     policies: Mutex<HashMap<(ExecutionId, Attempt), Policy>>,
     /// Bumped (and waiters notified) whenever work may have become due for Pull.
     pull_gen: (Mutex<u64>, std::sync::Condvar),
+    /// Signs pulled dispatches; seals secrets at intake.
+    keys: crate::trust::SchedulerKeys,
 }
 
 #[derive(Clone)]
@@ -174,6 +176,7 @@ impl Core {
                 .and_then(|p| p.check_url(u))
                 .map_err(ApiError::invalid)?;
         }
+        self.seal_secrets(&mut spec)?;
         let now = now_ms();
         let target = spec.target.clone();
         let broadcast = spec.is_broadcast();
@@ -274,6 +277,26 @@ impl Core {
             self.wake_dispatch();
         }
         Ok((created, all))
+    }
+
+    /// Seals the task's secrets to its pool's key (`security.pool_keys`; the built-in node's
+    /// own key for `local`), so that from here on the scheduler, the store and every wire
+    /// hold only sealed values.
+    fn seal_secrets(&self, spec: &mut TaskSpec) -> Result<(), ApiError> {
+        let p = &spec.program;
+        if p.secret_env.is_empty() && !p.variables.iter().any(|v| v.secret) {
+            return Ok(());
+        }
+        match self.keys.seal_key(spec.path(), spec.pool()) {
+            Some(k) => k.seal_program(&mut spec.program).map_err(ApiError::invalid),
+            None if self.keys.require_sealed => Err(ApiError::invalid(format!(
+                "pool {:?} has no public key to seal secrets to (security.pool_keys) and \
+                 security.require_sealed_secrets is set: add the pool's key (etask keygen \
+                 --pool NAME), or pass the values some other way",
+                spec.pool()
+            ))),
+            None => Ok(()),
+        }
     }
 
     pub fn run_now(&self, task: TaskId) -> Result<ExecutionId, ApiError> {
@@ -622,8 +645,15 @@ impl crate::delivery::PullSource for Core {
                 .claim_due_in(now_ms(), free.max(1), node, "pull", Some(pool))
             {
                 Ok(claimed) if !claimed.is_empty() => {
-                    let out: Vec<Dispatch> =
-                        claimed.iter().filter_map(|c| prepare(self, c)).collect();
+                    // Signed for this node: another node cannot run a copy.
+                    let out: Vec<Dispatch> = claimed
+                        .iter()
+                        .filter_map(|c| prepare(self, c))
+                        .map(|mut d| {
+                            d.sign(&self.keys.signer, Some(node), crate::trust::GRPC_TTL_MS);
+                            d
+                        })
+                        .collect();
                     for c in &claimed {
                         self.metrics
                             .observe_dispatch(now_ms().saturating_sub(c.due_at).max(0) as u64);
@@ -811,6 +841,18 @@ impl crate::delivery::ReportSink for Core {
     }
 
     fn not_started(&self, node: &str, id: ExecutionId, attempt: Attempt, why: &str) {
+        if crate::trust::Refusal::is_refusal_text(why) {
+            // The node did not trust the dispatch: trying it again unchanged would be refused
+            // again, so the attempt fails (and is retried per the task's policy) with why.
+            log::warn!(target: LOG, "execution={id} attempt={attempt} refused by {node}: {why}");
+            let fin = Finish {
+                status: Some(Status::Failed),
+                error: Some(format!("refused by {node}: {why}")),
+                ..Finish::default()
+            };
+            self.finish(id, attempt, fin);
+            return;
+        }
         self.requeue(id, attempt, &format!("by {node}: {why}"), None);
     }
 }
@@ -831,6 +873,7 @@ impl Scheduler {
         reports: Receiver<RunEvent>,
         node_table: Option<Arc<NodeTable>>,
         pull_enabled: bool,
+        keys: crate::trust::SchedulerKeys,
     ) -> Result<Scheduler, String> {
         std::sync::LazyLock::force(&PROCESS_START);
         let applied = store
@@ -859,6 +902,7 @@ impl Scheduler {
             pull_enabled,
             policies: Mutex::new(HashMap::new()),
             pull_gen: (Mutex::new(0), std::sync::Condvar::new()),
+            keys,
         });
         let http = http::HttpServer::start(core.clone())?;
         // Each loop is restarted if it panics (supervise), so no input can stop it for good.
@@ -988,6 +1032,7 @@ fn prepare(core: &Core, c: &crate::store::Claimed) -> Option<Dispatch> {
         program: spec.program,
         shard_index: c.shard_index,
         shard_total: c.shard_total,
+        stamp: Default::default(),
     })
     .map(|mut d| {
         if let Some(n) = &c.pin_node {

@@ -183,6 +183,33 @@ pub fn create_database(url: &str) -> Result<bool> {
     }
 }
 
+/// A task spec with sealed secret values blanked, for the idempotency comparison.
+fn comparable(spec: &Value) -> Value {
+    let mut v = spec.clone();
+    let blank = |x: &mut Value| {
+        if x.as_str().is_some_and(crate::trust::seal::is_sealed) {
+            *x = Value::from("sealed");
+        }
+    };
+    if let Some(m) = v
+        .pointer_mut("/program/secret_env")
+        .and_then(Value::as_object_mut)
+    {
+        m.values_mut().for_each(blank);
+    }
+    if let Some(a) = v
+        .pointer_mut("/program/variables")
+        .and_then(Value::as_array_mut)
+    {
+        for var in a {
+            if let Some(x) = var.get_mut("value") {
+                blank(x);
+            }
+        }
+    }
+    v
+}
+
 pub fn open(url: &str) -> Result<SqlStore> {
     let backend: Box<dyn Backend> = if let Some(path) = url.strip_prefix("sqlite:") {
         Box::new(Sqlite::open(path.trim_start_matches("//"))?)
@@ -960,7 +987,9 @@ impl Store for SqlStore {
                     let first: Option<Value> = r[1].s().and_then(|s| serde_json::from_str(&s).ok());
                     let ex = c.query(&format!("SELECT MIN(id) FROM executions WHERE task_id = ?{lock}"), &[task_id.0.into()])?;
                     let execution_id = ex.first().and_then(|r| r[0].i()).map(ExecutionId);
-                    let differs = first.as_ref() != Some(&t.spec);
+                    // Sealed secrets differ on every sealing (a fresh ephemeral key): compared
+                    // by name, not by value.
+                    let differs = first.as_ref().map(comparable) != Some(comparable(&t.spec));
                     return Ok(Created { task_id, execution_id, existed: true, differs });
                 }
                 (Err(e), _) => return Err(e),

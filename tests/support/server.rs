@@ -43,6 +43,18 @@ impl Server {
         let extra_config = extra_config
             .strip_prefix("[node]\n")
             .unwrap_or(extra_config);
+        // A [callbacks] section of extra_config adds its keys to the test's own.
+        let (callbacks, extra_config) = match extra_config.find("[callbacks]\n") {
+            Some(i) => {
+                let body = &extra_config[i + "[callbacks]\n".len()..];
+                let end = body.find("\n[").map_or(body.len(), |j| j + 1);
+                (
+                    body[..end].to_owned(),
+                    format!("{}{}", &extra_config[..i], &body[end..]),
+                )
+            }
+            None => (String::new(), extra_config.to_owned()),
+        };
         let poll = if sched.contains("poll_interval_ms") {
             String::new()
         } else {
@@ -50,7 +62,7 @@ impl Server {
         };
         let text = format!(
             "[scheduler]\n{poll}{sched}\nheartbeat_interval_ms = 300\nnode_silent_after_ms = 2000\n\
-             [callbacks]\ninitial_backoff_ms = 200\nmax_backoff_ms = 500\ntimeout_ms = 2000\nallowed_hosts = [\"127.0.0.1\"]\n\
+             [callbacks]\ninitial_backoff_ms = 200\nmax_backoff_ms = 500\ntimeout_ms = 2000\nallowed_hosts = [\"127.0.0.1\"]\n{callbacks}\
              [node]\nkill_grace_seconds = 1\n{extra_config}"
         );
         std::fs::write(&cfg, text).unwrap();

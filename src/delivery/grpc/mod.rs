@@ -42,6 +42,9 @@ pub struct Tls {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
     /// CA that peers' certificates must chain to (clients dialing https:// URLs).
     pub ca: Option<Vec<u8>>,
+    /// Mutual TLS: servers require a client certificate chaining to `ca`; clients present
+    /// `identity`.
+    pub client_auth: bool,
 }
 
 impl Tls {
@@ -54,7 +57,11 @@ impl Tls {
             _ => return Err("tls.cert and tls.key must be set together".into()),
         };
         let ca = if ca.is_empty() { None } else { Some(read(ca)?) };
-        Ok(Tls { identity, ca })
+        Ok(Tls {
+            identity,
+            ca,
+            client_auth: false,
+        })
     }
 }
 
@@ -265,8 +272,13 @@ fn serve(
         .concurrency_limit_per_connection(256);
     if let Some((cert, key)) = &rt.tls.identity {
         let id = tonic::transport::Identity::from_pem(cert, key);
+        let mut cfg = tonic::transport::ServerTlsConfig::new().identity(id);
+        if let (true, Some(ca)) = (rt.tls.client_auth, &rt.tls.ca) {
+            // Mutual TLS: a peer without a certificate from `ca` fails the handshake.
+            cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
         builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(id))
+            .tls_config(cfg)
             .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
     }
     let done = rt.rt.spawn(async move {
@@ -383,7 +395,14 @@ pub fn program_from_pb(p: pb::Program) -> Result<Program, String> {
     Ok(prog)
 }
 
+/// A dispatch as the gRPC wire carries it. An unstamped dispatch (tests, tools) is given
+/// `now` and the gRPC TTL; a stamped one keeps its stamp, which its signature covers.
 pub fn dispatch_to_pb(d: &Dispatch, now: i64) -> pb::Dispatch {
+    let (issued_at, expires_at) = if d.stamp.issued_at > 0 {
+        (d.stamp.issued_at, d.stamp.expires_at)
+    } else {
+        (now, now + crate::trust::GRPC_TTL_MS)
+    };
     pb::Dispatch {
         execution_id: d.execution_id.0,
         attempt: d.attempt.0,
@@ -392,12 +411,18 @@ pub fn dispatch_to_pb(d: &Dispatch, now: i64) -> pb::Dispatch {
         timeout_ms: d.timeout.map_or(0, |t| t.as_millis() as u64),
         shard_index: d.shard_index,
         shard_total: d.shard_total,
-        issued_at: now,
-        expires_at: now + 60_000,
-        signature: Vec::new(),
+        issued_at,
+        expires_at,
+        signature: d.stamp.sig.clone().unwrap_or_default().into_bytes(),
+        pool: d.pool.clone().unwrap_or_default(),
+        node: d.stamp.node.clone().unwrap_or_default(),
     }
 }
 
+/// A dispatch from the gRPC wire, with its stamp (unverified: the node checks it).
+///
+/// # Errors
+/// No program, or a program that does not validate.
 pub fn dispatch_from_pb(d: pb::Dispatch) -> Result<Dispatch, String> {
     let program = program_from_pb(d.program.ok_or("dispatch without a program")?)?;
     Ok(Dispatch {
@@ -408,8 +433,15 @@ pub fn dispatch_from_pb(d: pb::Dispatch) -> Result<Dispatch, String> {
         timeout: (d.timeout_ms > 0).then(|| Duration::from_millis(d.timeout_ms)),
         shard_index: d.shard_index,
         shard_total: d.shard_total.max(1),
-        pool: None,
+        pool: (!d.pool.is_empty()).then_some(d.pool),
         route: Default::default(),
+        stamp: crate::trust::Stamp {
+            node: (!d.node.is_empty()).then_some(d.node),
+            issued_at: d.issued_at,
+            expires_at: d.expires_at,
+            sig: (!d.signature.is_empty())
+                .then(|| String::from_utf8_lossy(&d.signature).into_owned()),
+        },
     })
 }
 
@@ -499,8 +531,16 @@ pub fn event_from_pb(item: pb::ReportItem) -> Option<RunEvent> {
 
 /// What an executor does with what the scheduler sends it (implemented by the node role).
 pub trait ExecutorHandler: Send + Sync + 'static {
-    fn execute(&self, d: Dispatch, expires_at: i64) -> Result<(), String>;
-    fn cancel(&self, id: ExecutionId, attempt: Attempt) -> bool;
+    /// Checks (signature, expiry, binding, replay) and runs a dispatch; Err = the reason it
+    /// was refused.
+    fn execute(&self, d: Dispatch) -> Result<(), String>;
+    /// Cancels an attempt if the cancel's stamp checks out; Err = why it was ignored.
+    fn cancel(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        stamp: &crate::trust::Stamp,
+    ) -> Result<bool, String>;
 }
 
 struct ExecutorSvc {
@@ -511,9 +551,8 @@ struct ExecutorSvc {
 impl pb::executor_server::Executor for ExecutorSvc {
     async fn execute(&self, req: Request<pb::Dispatch>) -> Result<Response<pb::Ack>, Status> {
         let d = req.into_inner();
-        let expires = d.expires_at;
         let ack = match dispatch_from_pb(d) {
-            Ok(d) => match self.handler.execute(d, expires) {
+            Ok(d) => match self.handler.execute(d) {
                 Ok(()) => pb::Ack {
                     accepted: true,
                     reason: String::new(),
@@ -536,9 +575,16 @@ impl pb::executor_server::Executor for ExecutorSvc {
         req: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelReply>, Status> {
         let c = req.into_inner();
+        let stamp = crate::trust::Stamp {
+            node: (!c.node.is_empty()).then_some(c.node),
+            issued_at: c.issued_at,
+            expires_at: c.expires_at,
+            sig: (!c.signature.is_empty()).then_some(c.signature),
+        };
         let known = self
             .handler
-            .cancel(ExecutionId(c.execution_id), Attempt(c.attempt));
+            .cancel(ExecutionId(c.execution_id), Attempt(c.attempt), &stamp)
+            .map_err(Status::permission_denied)?;
         Ok(Response::new(pb::CancelReply { known }))
     }
 }
@@ -818,6 +864,9 @@ fn channel(rt: &Runtime, url: &str) -> Result<tonic::transport::Channel, String>
         .timeout(Duration::from_secs(10));
     if url.starts_with("https://") {
         let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let (true, Some((cert, key))) = (rt.tls.client_auth, &rt.tls.identity) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
         match &rt.tls.ca {
             Some(ca) => tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
             None => {
@@ -857,11 +906,32 @@ impl ExecutorClient {
             .map(Response::into_inner)
             .map_err(|s| format!("{}: {}", s.code(), s.message()))
     }
+    /// An unsigned cancel (accepted only by executors that trust no key).
+    ///
+    /// # Errors
+    /// The call failed or the executor refused it.
     pub fn cancel(&self, id: ExecutionId, attempt: Attempt) -> Result<bool, String> {
+        self.cancel_stamped(id, attempt, &crate::trust::Stamp::default())
+    }
+
+    /// A cancel with its stamp (signature, validity, node).
+    ///
+    /// # Errors
+    /// The call failed or the executor refused it (the message says why).
+    pub fn cancel_stamped(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        stamp: &crate::trust::Stamp,
+    ) -> Result<bool, String> {
         let mut c = self.inner.clone();
         let req = pb::CancelRequest {
             execution_id: id.0,
             attempt: attempt.0,
+            issued_at: stamp.issued_at,
+            expires_at: stamp.expires_at,
+            signature: stamp.sig.clone().unwrap_or_default(),
+            node: stamp.node.clone().unwrap_or_default(),
         };
         self.rt
             .rt

@@ -10,6 +10,7 @@ use super::{dispatch_to_pb, ExecutorClient, Runtime};
 use crate::delivery::{Delivery, Dispatch, Refused};
 use crate::model::{Attempt, ExecutionId};
 use crate::registry::{NodeInfo, NodeTable};
+use crate::trust::{Refusal, Signer, GRPC_TTL_MS};
 
 pub struct Push {
     rt: Arc<Runtime>,
@@ -20,14 +21,22 @@ pub struct Push {
     token: String,
     /// Where each dispatched attempt went, for Cancel.
     placed: Mutex<HashMap<(ExecutionId, Attempt), String>>,
+    /// Signs each dispatch for the executor it is sent to, and each cancel.
+    signer: Arc<Signer>,
 }
 
 impl Push {
-    pub fn new(rt: Arc<Runtime>, table: Arc<NodeTable>, token: String) -> Push {
+    pub fn new(
+        rt: Arc<Runtime>,
+        table: Arc<NodeTable>,
+        token: String,
+        signer: Arc<Signer>,
+    ) -> Push {
         Push {
             rt,
             table,
             token,
+            signer,
             next: AtomicUsize::new(0),
             clients: Mutex::new(HashMap::new()),
             placed: Mutex::new(HashMap::new()),
@@ -105,11 +114,15 @@ impl Delivery for Push {
                 d.route.node
             )));
         }
-        let msg = dispatch_to_pb(&d, crate::now_ms());
         let mut why = Vec::new();
+        let mut untrusted = false;
         for n in &nodes {
             placed(&n.id);
-            match self.client(n).and_then(|c| c.execute(msg.clone())) {
+            // Signed for this executor only: a copy sent elsewhere is refused there.
+            let mut signed = d.clone();
+            signed.sign(&self.signer, Some(&n.id), GRPC_TTL_MS);
+            let msg = dispatch_to_pb(&signed, crate::now_ms());
+            match self.client(n).and_then(|c| c.execute(msg)) {
                 Ok(ack) if ack.accepted => {
                     self.placed
                         .lock()
@@ -117,9 +130,17 @@ impl Delivery for Push {
                         .insert((d.execution_id, d.attempt), n.id.clone());
                     return Ok(());
                 }
-                Ok(ack) => why.push(format!("{}: {}", n.id, ack.reason)),
+                Ok(ack) => {
+                    untrusted |= Refusal::is_refusal_text(&ack.reason);
+                    why.push(format!("{}: {}", n.id, ack.reason))
+                }
                 Err(e) => why.push(format!("{}: {e}", n.id)),
             }
+        }
+        if untrusted {
+            // Not a busy node: a dispatch nodes do not trust fails (and is retried per the
+            // task's policy) with the reason, instead of going round the queue for ever.
+            return Err(Refused::Rejected(why.join("; ")));
         }
         Err(Refused::Busy(why.join("; ")))
     }
@@ -132,7 +153,17 @@ impl Delivery for Push {
             .remove(&(id, attempt));
         let Some(node) = node else { return };
         if let Some(n) = self.table.nodes().into_iter().find(|n| n.id == node) {
-            if let Err(e) = self.client(&n).and_then(|c| c.cancel(id, attempt)) {
+            let stamp = self.signer.stamp_cancel(
+                id.0,
+                attempt.0,
+                Some(&node),
+                crate::now_ms(),
+                GRPC_TTL_MS,
+            );
+            if let Err(e) = self
+                .client(&n)
+                .and_then(|c| c.cancel_stamped(id, attempt, &stamp))
+            {
                 log::warn!(target: "etask::grpc", "execution={id} attempt={attempt} cancel on {node} failed: {e}");
             }
         }

@@ -37,6 +37,8 @@ pub struct KafkaDelivery {
     /// re-dispatches those).
     queued: Mutex<HashMap<(ExecutionId, Attempt), Instant>>,
     sink: OnceLock<Arc<dyn ReportSink>>,
+    /// Signs dispatches (for any agent of the pool) and cancels.
+    signer: Arc<crate::trust::Signer>,
     stop: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -44,7 +46,10 @@ pub struct KafkaDelivery {
 impl KafkaDelivery {
     /// Connects, checks (or creates) the topics and starts consuming events; reports are held
     /// until `attach` names where they go.
-    pub fn start(cfg: &KafkaConfig) -> Result<Arc<KafkaDelivery>, String> {
+    pub fn start(
+        cfg: &KafkaConfig,
+        signer: Arc<crate::trust::Signer>,
+    ) -> Result<Arc<KafkaDelivery>, String> {
         let id = format!("etask-scheduler-{}", crate::host_pid());
         let producer = cfg.producer(&id, Duration::from_secs(cfg.dispatch_ttl_seconds))?;
         let mut topics = vec![
@@ -69,6 +74,7 @@ impl KafkaDelivery {
             topic_waits: Mutex::new(HashMap::new()),
             queued: Mutex::new(HashMap::new()),
             sink: OnceLock::new(),
+            signer,
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
         });
@@ -294,10 +300,13 @@ impl Delivery for KafkaDelivery {
         (self.lock_queued().len() as u32, self.cfg.max_queued as u32)
     }
 
-    fn dispatch(&self, d: Dispatch, _placed: &dyn Fn(&str)) -> Result<(), Refused> {
+    fn dispatch(&self, mut d: Dispatch, _placed: &dyn Fn(&str)) -> Result<(), Refused> {
         let pool = d.pool.clone().unwrap_or_else(|| "default".into());
         let topic = self.topic_for(&pool)?;
-        let msg = wire::DispatchMsg::new(&d, &pool, crate::now_ms(), self.ttl().as_millis() as i64);
+        let ttl = self.ttl().as_millis() as i64;
+        // Any agent of the pool may take it (the consumer group picks): bound to the pool only.
+        d.sign(&self.signer, None, ttl);
+        let msg = wire::DispatchMsg::new(&d, &pool, crate::now_ms(), ttl);
         let body = serde_json::to_vec(&msg).map_err(|e| Refused::Rejected(e.to_string()))?;
         send(&self.producer, &topic, &d.execution_id.to_string(), &body).map_err(Refused::Busy)?;
         self.lock_queued()
@@ -307,11 +316,18 @@ impl Delivery for KafkaDelivery {
 
     fn cancel(&self, id: ExecutionId, attempt: Attempt) {
         // Every agent reads the control topic and ignores attempts it does not hold.
+        let ttl = (self.cfg.dispatch_ttl_seconds as i64 + 5) * 1000;
+        let st = self
+            .signer
+            .stamp_cancel(id.0, attempt.0, None, crate::now_ms(), ttl);
         let msg = wire::ControlMsg {
             v: wire::VERSION,
             kind: "cancel".into(),
             execution_id: id.0,
             attempt: attempt.0,
+            issued_at: st.issued_at,
+            expires_at: st.expires_at,
+            sig: st.sig,
         };
         let body = serde_json::to_vec(&msg).unwrap_or_default();
         if let Err(e) = send(

@@ -2,10 +2,10 @@
 //! version, or one that does not parse, is dead-lettered by whoever reads it, with the reason.
 //!
 //! - dispatch topic (`<prefix><pool>`), key = execution id: `DispatchMsg`, the same content as
-//!   the gRPC `Dispatch`; `sig` is reserved for Ed25519 signing (null until then).
+//!   the gRPC `Dispatch`; `sig` is the scheduler's Ed25519 signature (`crate::trust`).
 //! - events topic, key = execution id: `EventMsg` — started, log batch (with seq), finished,
 //!   not_started, and the agents' heartbeats (key = agent id).
-//! - control topic, key = execution id: `ControlMsg` (cancel).
+//! - control topic, key = execution id: `ControlMsg` (cancel), signed like dispatches.
 //! - dead-letter topic: `DeadLetter`, what could not be read and why.
 
 use serde::de::DeserializeOwned;
@@ -34,12 +34,22 @@ pub struct DispatchMsg {
     pub issued_at: i64,
     /// Unix ms; an agent does not start the dispatch after it.
     pub expires_at: i64,
-    /// Reserved for the scheduler's signature; always null in version 1.
+    /// The scheduler's signature (`crate::trust`), null when it signs nothing.
     pub sig: Option<String>,
+    /// The node it is for; absent = any agent of the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl DispatchMsg {
+    /// The envelope of `d`; an unstamped dispatch is given `now` and `ttl_ms`, a stamped one
+    /// keeps its stamp (which its signature covers).
     pub fn new(d: &Dispatch, pool: &str, now: i64, ttl_ms: i64) -> DispatchMsg {
+        let (issued_at, expires_at) = if d.stamp.issued_at > 0 {
+            (d.stamp.issued_at, d.stamp.expires_at)
+        } else {
+            (now, now + ttl_ms)
+        };
         DispatchMsg {
             v: VERSION,
             execution_id: d.execution_id.0,
@@ -50,9 +60,10 @@ impl DispatchMsg {
             timeout_ms: d.timeout.map(|t| t.as_millis() as u64),
             shard_index: d.shard_index,
             shard_total: d.shard_total,
-            issued_at: now,
-            expires_at: now + ttl_ms,
-            sig: None,
+            issued_at,
+            expires_at,
+            sig: d.stamp.sig.clone(),
+            node: d.stamp.node.clone(),
         }
     }
 
@@ -67,6 +78,12 @@ impl DispatchMsg {
             shard_total: self.shard_total.max(1),
             pool: Some(self.pool),
             route: Default::default(),
+            stamp: crate::trust::Stamp {
+                node: self.node,
+                issued_at: self.issued_at,
+                expires_at: self.expires_at,
+                sig: self.sig,
+            },
         }
     }
 }
@@ -166,6 +183,14 @@ pub struct ControlMsg {
     pub kind: String,
     pub execution_id: i64,
     pub attempt: u32,
+    /// Unix ms (0 in envelopes of schedulers that sign nothing).
+    #[serde(default)]
+    pub issued_at: i64,
+    #[serde(default)]
+    pub expires_at: i64,
+    /// The scheduler's signature over the cancel (`crate::trust`); null = unsigned.
+    #[serde(default)]
+    pub sig: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,6 +246,7 @@ mod tests {
             shard_total: 2,
             pool: Some("edge".into()),
             route: Default::default(),
+            stamp: Default::default(),
         };
         let m = DispatchMsg::new(&d, "edge", 1_000, 60_000);
         let text = serde_json::to_string(&m).unwrap();

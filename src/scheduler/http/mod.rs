@@ -36,6 +36,7 @@ impl HttpServer {
     pub fn start(core: Arc<Core>) -> Result<HttpServer, String> {
         let addr = check_listen(&core.cfg)?;
         let s = &core.cfg.server;
+        let https = !s.tls_cert.is_empty();
         let limits = Limits {
             head_timeout: Duration::from_millis(s.header_timeout_ms.max(100)),
             body_timeout: Duration::from_millis(s.body_timeout_ms.max(100)),
@@ -45,11 +46,20 @@ impl HttpServer {
             max_connections: crate::connection_budget(s.max_connections),
             workers: s.http_threads,
             queue: s.http_threads * 64,
+            tls: if s.tls_cert.is_empty() {
+                None
+            } else {
+                Some(crate::trust::tls::server_config(
+                    &s.tls_cert,
+                    &s.tls_key,
+                    &s.tls_client_ca,
+                )?)
+            },
         };
         let server = transport::Server::start(addr, limits, Arc::new(Api { core }))
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let addr = server.addr;
-        log::info!(target: LOG, "http intake listening on {addr}");
+        log::info!(target: LOG, "http intake listening on {addr}{}", if https { " (https)" } else { "" });
         Ok(HttpServer { server, addr })
     }
 

@@ -52,6 +52,8 @@ pub struct Limits {
     pub workers: usize,
     /// Requests waiting for a worker; more are answered 503 at once.
     pub queue: usize,
+    /// Serve HTTPS with this (`crate::trust::tls::server_config`); None = plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// The head of a request, as the handler sees it before any body is read.
@@ -336,27 +338,57 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        let mut stop = stop.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(shared.limits.head_timeout)
-                .max_buf_size(shared.limits.max_head_bytes.max(8192))
-                .max_headers(shared.limits.max_headers)
-                .keep_alive(true);
-            let svc = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(serve(shared, req, peer).await) }
-            });
-            let conn = b.serve_connection(io, svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.changed() => {}
+            match shared.limits.tls.clone() {
+                None => serve_conn(hyper_util::rt::TokioIo::new(stream), shared, peer, stop).await,
+                Some(cfg) => {
+                    // The handshake is bounded like a request head: a client that connects
+                    // and says nothing (or speaks plain HTTP) holds its slot no longer.
+                    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                    let hs =
+                        tokio::time::timeout(shared.limits.head_timeout, acceptor.accept(stream))
+                            .await;
+                    match hs {
+                        Ok(Ok(tls)) => {
+                            serve_conn(hyper_util::rt::TokioIo::new(tls), shared, peer, stop).await
+                        }
+                        Ok(Err(e)) => {
+                            log::debug!(target: LOG, "peer={peer} TLS handshake failed: {e}")
+                        }
+                        Err(_) => log::debug!(target: LOG, "peer={peer} TLS handshake timed out"),
+                    }
+                }
             }
         });
+    }
+}
+
+/// Serves one connection (plain or TLS) until it closes or the server stops.
+async fn serve_conn<I>(
+    io: I,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(shared.limits.head_timeout)
+        .max_buf_size(shared.limits.max_head_bytes.max(8192))
+        .max_headers(shared.limits.max_headers)
+        .keep_alive(true);
+    let svc = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(serve(shared, req, peer).await) }
+    });
+    let conn = b.serve_connection(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.changed() => {}
     }
 }
 

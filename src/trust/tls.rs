@@ -1,0 +1,106 @@
+//! TLS configurations from PEM files (rustls, ring provider): the HTTP intake's server side
+//! (optionally requiring client certificates) and the clients of callbacks and etcd (system-
+//! independent web PKI roots, or a configured CA; optionally a client certificate). Sync code;
+//! the tokio side of the intake lives in `scheduler/http/transport.rs`.
+
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certs(path: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let list = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{what} {path}: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what} {path}: {e}"))?;
+    if list.is_empty() {
+        return Err(format!("{what} {path}: no PEM certificate in it"));
+    }
+    Ok(list)
+}
+
+fn key(path: &str, what: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{what} {path}: {e}"))
+}
+
+fn roots(ca: &str, what: &str) -> Result<rustls::RootCertStore, String> {
+    let mut r = rustls::RootCertStore::empty();
+    for c in certs(ca, what)? {
+        r.add(c).map_err(|e| format!("{what} {ca}: {e}"))?;
+    }
+    Ok(r)
+}
+
+/// The intake's TLS: `cert` chain and `key`; with `client_ca`, every client must present a
+/// certificate that chains to it (mutual TLS).
+///
+/// # Errors
+/// A file cannot be read or holds no usable certificate or key; they do not match.
+pub fn server_config(
+    cert: &str,
+    key_file: &str,
+    client_ca: &str,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let b = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let b = if client_ca.is_empty() {
+        b.with_no_client_auth()
+    } else {
+        let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots(client_ca, "server.tls_client_ca")?),
+            provider(),
+        )
+        .build()
+        .map_err(|e| format!("server.tls_client_ca {client_ca}: {e}"))?;
+        b.with_client_cert_verifier(v)
+    };
+    let mut c = b
+        .with_single_cert(
+            certs(cert, "server.tls_cert")?,
+            key(key_file, "server.tls_key")?,
+        )
+        .map_err(|e| format!("server.tls_cert/tls_key: {e}"))?;
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(c))
+}
+
+/// A client config: roots from `ca` (empty = the web PKI roots built in), and a client
+/// certificate when `cert` and `key` are given. `what` names the config keys in errors.
+///
+/// # Errors
+/// A file cannot be read or holds nothing usable.
+pub fn client_config(
+    ca: &str,
+    cert: &str,
+    key_file: &str,
+    what: &str,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let roots = if ca.is_empty() {
+        rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        }
+    } else {
+        roots(ca, what)?
+    };
+    let b = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots);
+    let c = match (cert.is_empty(), key_file.is_empty()) {
+        (true, true) => b.with_no_client_auth(),
+        (false, false) => b
+            .with_client_auth_cert(certs(cert, what)?, key(key_file, what)?)
+            .map_err(|e| format!("{what}: {e}"))?,
+        _ => {
+            return Err(format!(
+                "{what}: a client certificate needs both cert and key"
+            ))
+        }
+    };
+    Ok(Arc::new(c))
+}
