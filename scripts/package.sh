@@ -38,21 +38,22 @@ install_tool cargo-generate-rpm "$CARGO_GENERATE_RPM_VERSION"
 target=x86_64-unknown-linux-musl
 rustup target list --installed 2>/dev/null | grep -q "$target" || rustup target add "$target"
 export CC_x86_64_unknown_linux_musl=musl-gcc
-cargo build --release --locked --target "$target" --bin etask
-bin="$CARGO_TARGET_DIR/$target/release/etask"
+# The dist profile (Cargo.toml): release with whole-program LTO, for size.
+cargo build --profile dist --locked --target "$target" --bin etask
+bin="$CARGO_TARGET_DIR/$target/dist/etask"
 if readelf -d "$bin" | grep -q NEEDED; then
     echo "package.sh: $bin links shared libraries; the packages ship a static binary" >&2
     exit 1
 fi
 size=$(stat -c %s "$bin")
-max=$((15 * 1024 * 1024))
+max=15000000
 if [ "$size" -gt "$max" ]; then
-    echo "package.sh: $bin is $size bytes, over the 15 MiB budget" >&2
+    echo "package.sh: $bin is $size bytes, over the 15 MB budget" >&2
     exit 1
 fi
 
-cargo deb --no-build --quiet --target "$target" --deb-revision "$revision" --output "$out"
-cargo generate-rpm --target "$target" --output "$out" --set-metadata "release = \"$revision\""
+cargo deb --no-build --quiet --profile dist --target "$target" --deb-revision "$revision" --output "$out"
+cargo generate-rpm --profile dist --target "$target" --output "$out" --set-metadata "release = \"$revision\""
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 deb="$out/etask_${version}-${revision}_amd64.deb"
 rpm="$out/etask-${version}-${revision}.x86_64.rpm"

@@ -102,8 +102,9 @@ done
 rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl \
     || rustup target add x86_64-unknown-linux-musl
 export CC_x86_64_unknown_linux_musl=musl-gcc
-cargo build --release --locked --target x86_64-unknown-linux-musl --bin etask
-bin="$CARGO_TARGET_DIR/x86_64-unknown-linux-musl/release/etask"
+# The dist profile (release with whole-program LTO) is what the packages ship.
+cargo build --profile dist --locked --target x86_64-unknown-linux-musl --bin etask
+bin="$CARGO_TARGET_DIR/x86_64-unknown-linux-musl/dist/etask"
 if readelf -d "$bin" | grep -q NEEDED; then
     echo "test.sh: $bin is not statically linked" >&2
     exit 1
