@@ -235,10 +235,14 @@ fn deb_and_rpm_ship_the_same_static_binary_units_and_scripts() {
     assert!(!dynamic.contains("NEEDED"), "not static:\n{dynamic}");
     let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(u64::MAX);
     eprintln!(
-        "packaging: /usr/bin/etask {:.1} MB, static",
-        size as f64 / 1e6
+        "packaging: /usr/bin/etask {} bytes ({:.2} MiB), static",
+        size,
+        size as f64 / 1048576.0
     );
-    assert!(size <= 15_000_000, "binary is {size} bytes, over 15 MB");
+    assert!(
+        size <= 15 * 1024 * 1024,
+        "binary is {size} bytes, over 15 MiB"
+    );
     let version = ok(Command::new(&bin).arg("--version"));
     assert!(
         version.starts_with(&format!("etask {VERSION} (")) && !version.contains("(unknown)"),

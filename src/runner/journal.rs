@@ -111,12 +111,18 @@ impl StartJournal {
             .truncate(false)
             .mode(0o600)
             .open(path)?;
+        // A node that was just killed may hold the lock for a moment through a child it was
+        // creating (closed on that child's exec or death): try for up to 5 s.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(io::Error::other(format!(
-                "{} is in use by another running node (one node per data dir)",
-                path.display()
-            )));
+        while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if std::time::Instant::now() >= deadline {
+                return Err(io::Error::other(format!(
+                    "{} is in use by another running node (one node per data dir)",
+                    path.display()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         let mut text = String::new();
         file.read_to_string(&mut text)?;
