@@ -407,3 +407,53 @@ fn two_hundred_concurrent_runs_each_get_and_lose_their_own_cgroup() {
     }
     assert!(checked >= 200, "checked {checked} cgroup paths");
 }
+
+/// The node's own cgroup v2 directory (where pools make their subtrees by default).
+fn own_v2_dir() -> Option<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(mount_of(true, "")?.join(path.trim_start_matches('/')))
+}
+
+#[test]
+fn subtrees_of_nodes_that_are_gone_are_removed_and_live_ones_kept() {
+    let Some(base) = own_v2_dir() else {
+        println!("skipped: no cgroup v2 here");
+        return;
+    };
+    // Two default-named node subtrees with a run cgroup each: one whose node is gone, one
+    // whose node holds its lock (as a live node does).
+    let tag = format!("{:08x}", std::process::id().wrapping_mul(2_654_435_761));
+    let gone = base.join(format!("etask-{}", &tag[..8]));
+    let live = base.join(format!("etask-{:08x}", !std::process::id()));
+    for d in [&gone, &live] {
+        if std::fs::create_dir_all(d.join("run-1-1-x")).is_err() {
+            println!("skipped: cannot create cgroups under {}", base.display());
+            return;
+        }
+    }
+    let held = std::fs::File::open(&live).unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(
+        unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&held),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        },
+        0
+    );
+    let pool = contained_pool(cfg());
+    let gone_left = gone.exists();
+    let live_kept = live.join("run-1-1-x").exists();
+    drop(held);
+    let _ = std::fs::remove_dir(live.join("run-1-1-x"));
+    let _ = std::fs::remove_dir(&live);
+    if pool.is_none() {
+        let _ = std::fs::remove_dir(gone.join("run-1-1-x"));
+        let _ = std::fs::remove_dir(&gone);
+        return;
+    }
+    assert!(!gone_left, "{} was left behind", gone.display());
+    assert!(live_kept, "a live node's subtree was removed");
+}

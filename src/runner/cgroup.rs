@@ -139,9 +139,10 @@ pub struct Containment {
     kill: KillHow,
     name: String,
     ephemeral: bool,
-    /// Held for the life of the pool: a second live node on this subtree is refused, and a
-    /// restarted node knows what it finds there was left by a dead one.
-    _lock: Option<File>,
+    /// Held for the life of the pool, one per hierarchy: a second live node on this subtree is
+    /// refused, a restarted node knows what it finds there was left by a dead one, and other
+    /// nodes leave it alone.
+    _locks: Vec<File>,
     summary: String,
 }
 
@@ -155,7 +156,7 @@ impl Containment {
             kill: KillHow::Loop,
             name,
             ephemeral: true,
-            _lock: None,
+            _locks: Vec::new(),
             summary: format!("none ({why}): runs are tracked by their environment token; a run that clears its environment and daemonizes escapes, limits are per-process rlimits only"),
         }
     }
@@ -269,16 +270,22 @@ impl Containment {
                 .position(|h| h.ctls.contains(&Ctl::Freezer))
                 .map_or(KillHow::Loop, KillHow::Freezer1),
         };
-        let primary = v2
-            .as_ref()
-            .map(|(d, _)| d.clone())
-            .or_else(|| v1.first().map(|h| h.dir.clone()))
-            .ok_or_else(|| io::Error::other("no cgroup directory"))?;
-        let lock = if ephemeral {
-            None
-        } else {
-            Some(lock_dir(&primary)?)
-        };
+        let mut locks = Vec::new();
+        if !ephemeral {
+            let dirs = v2.iter().map(|(d, _)| d).chain(v1.iter().map(|h| &h.dir));
+            for d in dirs {
+                locks.push(lock_node_dir(d)?);
+            }
+            // Another node may have removed a directory as stale before it was locked here
+            // (`lock_node_dir` made it again): pass the controllers on once more.
+            if let Some((d, ctls)) = &v2 {
+                for c in ctls {
+                    if let Err(e) = enable(d, *c) {
+                        log::warn!(target: LOG, "{}: cannot enable {}: {e}", d.display(), c.name());
+                    }
+                }
+            }
+        }
         let mut c = Containment {
             mode,
             v2,
@@ -286,7 +293,7 @@ impl Containment {
             kill,
             name,
             ephemeral,
-            _lock: lock,
+            _locks: locks,
             summary: String::new(),
         };
         c.summary = c.describe(&notes);
@@ -507,23 +514,54 @@ impl Containment {
                 }
             }
         }
-        // Subtrees of `etask run` and test pools that crashed: their pid is in the name.
-        for d in &dirs {
-            let Some(parent) = d.parent() else { continue };
-            for sib in subdirs(parent) {
-                let Some(pid) = sib
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_prefix(EPHEMERAL_PREFIX))
-                    .and_then(|r| r.split('-').next())
-                    .and_then(|p| p.parse::<i32>().ok())
-                else {
+        // Subtrees of other nodes that are gone: `etask run` and test pools (their pid is in
+        // the name), and nodes of a default name (`etask-<8 hex>`) that no live process holds
+        // locked — crashed, and perhaps never started again (a data dir that was removed).
+        let mut stale = 0;
+        let bases: Vec<&Path> = dirs.iter().filter_map(|d| d.parent()).collect();
+        let mut named = BTreeSet::new();
+        for base in &bases {
+            for sib in subdirs(base) {
+                let Some(name) = sib.file_name().and_then(|n| n.to_str()) else {
                     continue;
                 };
-                if !super::tree::alive(pid) {
-                    let _ = remove_tree(&sib, Duration::from_secs(10));
+                if name == self.name {
+                    continue;
+                }
+                if let Some(rest) = name.strip_prefix(EPHEMERAL_PREFIX) {
+                    let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
+                    if pid.is_some_and(|p| !super::tree::alive(p)) {
+                        stale += 1;
+                        let _ = remove_tree(&sib, Duration::from_secs(10));
+                    }
+                } else if is_default_name(name) {
+                    named.insert(name.to_owned());
                 }
             }
+        }
+        // A named subtree is stale only if none of its directories is locked (a live node
+        // holds them all); the locks are kept while removing, so its node cannot start on it
+        // meanwhile (it would make its directories again).
+        'names: for name in named {
+            let paths: Vec<PathBuf> = bases
+                .iter()
+                .map(|b| b.join(&name))
+                .filter(|p| p.is_dir())
+                .collect();
+            let mut held = Vec::new();
+            for p in &paths {
+                match try_lock(p) {
+                    Ok(Some(f)) => held.push(f),
+                    _ => continue 'names,
+                }
+            }
+            stale += 1;
+            for p in &paths {
+                let _ = remove_tree(p, Duration::from_secs(10));
+            }
+        }
+        if stale > 0 {
+            log::info!(target: LOG, "removed {stale} cgroup subtrees of nodes that are gone");
         }
         if left > 0 {
             log::warn!(target: LOG, "removed {left} run cgroups left by a previous incarnation of node cgroup {} (their processes were killed)", self.name);
@@ -532,8 +570,10 @@ impl Containment {
 }
 
 impl Drop for Containment {
+    /// A pool that stops cleanly leaves no cgroup behind (its runs are over); after a crash
+    /// the next start of the node (or any node's sweep) removes what is left.
     fn drop(&mut self) {
-        if self.ephemeral && self.mode != Mode::Off {
+        if self.mode != Mode::Off {
             if let Some((d, _)) = &self.v2 {
                 let _ = remove_tree(d, Duration::from_secs(5));
             }
@@ -545,6 +585,12 @@ impl Drop for Containment {
 }
 
 const EPHEMERAL_PREFIX: &str = "etask-tmp-";
+
+/// `etask-` and 8 hex digits: the name a node derives from its data dir (config.rs).
+fn is_default_name(name: &str) -> bool {
+    name.strip_prefix("etask-")
+        .is_some_and(|h| h.len() == 8 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
@@ -864,21 +910,62 @@ fn read_kv(p: &Path, key: &str) -> Option<u64> {
     })
 }
 
-/// Takes an exclusive flock on the node's subtree for the life of the process.
-fn lock_dir(dir: &Path) -> io::Result<File> {
+/// Takes an exclusive flock on `dir` without waiting: Ok(None) when another process holds it.
+fn try_lock(dir: &Path) -> io::Result<Option<File>> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
         .open(dir)?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(io::Error::other(format!(
-            "cgroup {} is in use by another running node (one node per data dir; set \
-             node.cgroup_name to run several)",
-            dir.display()
-        )));
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(None)
+        } else {
+            Err(e)
+        };
     }
-    Ok(f)
+    Ok(Some(f))
+}
+
+/// Locks the node's directory `dir` for the life of the process, making it again should
+/// another node have removed it as stale between its creation and this lock. A lock held
+/// elsewhere for over a second is another live node on the same subtree.
+fn lock_node_dir(dir: &Path) -> io::Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    let end = Instant::now() + Duration::from_secs(1);
+    loop {
+        match std::fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("mkdir {}: {e}", dir.display()),
+                ))
+            }
+        }
+        match try_lock(dir) {
+            Ok(Some(f)) => {
+                // Still the directory at that path (not one removed before the lock)?
+                let (held, now) = (f.metadata()?, std::fs::metadata(dir));
+                if now.is_ok_and(|m| m.ino() == held.ino() && m.dev() == held.dev()) {
+                    return Ok(f);
+                }
+            }
+            Ok(None) if Instant::now() >= end => {
+                return Err(io::Error::other(format!(
+                    "cgroup {} is in use by another running node (one node per data dir; set \
+                     node.cgroup_name to run several)",
+                    dir.display()
+                )))
+            }
+            Ok(None) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A cgroup mount: its fs type ("cgroup2" or "cgroup"), root within the hierarchy, mount
