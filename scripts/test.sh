@@ -92,6 +92,11 @@ fi
 
 cargo build --all-targets --locked
 cargo test --locked -- --test-threads="${ETASK_TEST_THREADS:-4}"
+# The pool's suites once more: without cgroups (the environment-token fallback), on cgroup v1
+# only, and spawning with clone(CLONE_VM|CLONE_VFORK) as on kernels without clone3.
+for variant in ETASK_TEST_CGROUP=off ETASK_TEST_CGROUP=v1 ETASK_TEST_CLONE=vfork; do
+    env "$variant" cargo test --locked --test runner --test cgroup -- --test-threads="${ETASK_TEST_THREADS:-4}"
+done
 
 # The shipped artifact is a static musl binary: build it and run one task through it end to end.
 rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl \

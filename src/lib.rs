@@ -78,15 +78,26 @@ pub fn lock_exclusive(
         .truncate(false)
         .open(path)
         .map_err(|e| format!("cannot open lock file {}: {e}", path.display()))?;
-    // SAFETY: flock on a file descriptor this function owns.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    // A process that was just killed may keep its lock for a moment through a child it was
+    // creating (the descriptor closes on that child's exec or death): while the recorded
+    // holder is gone, wait up to 5 s; a live holder is refused at once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // SAFETY (both calls): flock on a file descriptor this function owns; kill with signal 0
+    // only asks whether the process exists.
+    while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let mut holder = String::new();
+        let _ = f.rewind();
         let _ = f.read_to_string(&mut holder);
-        return Err(format!(
-            "{what} is in use by another etask process (pid {}, lock {}): stop that one, or {fix}",
-            holder.trim(),
-            path.display()
-        ));
+        let pid: i32 = holder.trim().parse().unwrap_or(0);
+        let holder_alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+        if holder_alive || std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{what} is in use by another etask process (pid {}, lock {}): stop that one, or {fix}",
+                holder.trim(),
+                path.display()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
     // Who holds it, for the error above; best effort.
     let _ = f.set_len(0);

@@ -72,6 +72,28 @@ pub fn open_journal(
     Ok((Arc::new(j), prev))
 }
 
+/// The built-in node of a crashed `--mode all` started nothing without writing its `S` line
+/// first, so every execution still `dispatched` to it (claimed, perhaps queued, perhaps not
+/// even handed to its pool yet) whose attempt has no `S` line provably never ran: dispatched
+/// again, free of the retry budget. After a reboot the journal proves nothing (see journal.rs).
+fn recover_local(core: &crate::scheduler::Core, prev: &crate::runner::Previous) {
+    let Some(started) = &prev.started else {
+        return;
+    };
+    let held = match core.store.unstarted("local", &prev.node, i64::MAX, 100_000) {
+        Ok(h) => h,
+        Err(e) => {
+            log::warn!(target: "etask::server", "cannot look for the crashed node's unstarted work: {e}");
+            return;
+        }
+    };
+    let list: Vec<_> = held
+        .into_iter()
+        .filter(|(e, a)| !started.contains(&(e.0, a.0)))
+        .collect();
+    core.recover_unstarted(&prev.node, &list);
+}
+
 /// Runs until `stop` yields (SIGTERM/SIGINT in the CLI), then shuts down in order.
 pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> Result<(), String> {
     match mode {
@@ -235,12 +257,7 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
         keys,
     )?;
     if let Some(prev) = previous.filter(|p| !p.node.is_empty()) {
-        let list: Vec<_> = prev
-            .unstarted
-            .iter()
-            .map(|(e, a)| (crate::model::ExecutionId(*e), crate::model::Attempt(*a)))
-            .collect();
-        sched.core.recover_unstarted(&prev.node, &list);
+        recover_local(&sched.core, &prev);
     }
     let _ = pull_slot.set(sched.core.clone());
     let _ = tasks_slot.set(sched.core.clone());

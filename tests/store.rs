@@ -18,7 +18,7 @@ fn backends(tag: &str) -> Vec<Arc<dyn Store>> {
     for s in &all {
         assert_eq!(
             s.migrate().expect("migrate"),
-            vec![1, 2, 3, 4, 5],
+            vec![1, 2, 3, 4, 5, 6],
             "{}",
             s.describe()
         );
@@ -591,7 +591,7 @@ fn two_stores_on_one_mysql_never_claim_the_same_execution() {
     applied.sort();
     assert_eq!(
         applied,
-        vec![1, 2, 3, 4, 5],
+        vec![1, 2, 3, 4, 5, 6],
         "each migration ran exactly once"
     );
     for i in 0..200 {
@@ -968,5 +968,35 @@ fn only_attempts_recorded_not_started_are_free_of_the_retry_budget() {
         };
         finish1(s.as_ref(), e, Attempt(2), &fin, 4_000);
         assert_eq!(s.unstarted_attempts(e).unwrap(), 1, "{}", s.describe());
+    }
+}
+
+#[test]
+fn resources_of_an_attempt_are_stored_shown_and_cleared_for_its_retry() {
+    for s in backends("resources") {
+        let c = s.create_task(&once("t", None), 1_000).unwrap();
+        let e = c.execution_id.unwrap();
+        s.claim_due(1_000, 10, "n1", "local").unwrap();
+        s.mark_running(&[(e, Attempt(1))], None, 1_100, 1_100)
+            .unwrap();
+        let used = json!({"containment": "hybrid", "oom_killed": true, "cpu_user_ms": 12,
+                          "limits": {"memory_bytes": 67108864}});
+        let fin = Finish {
+            status: Some(Status::Failed),
+            signal: Some(9),
+            resources: Some(used.clone()),
+            retry_at: Some(2_000),
+            ..Finish::default()
+        };
+        assert_eq!(
+            finish1(&*s, e, Attempt(1), &fin, 1_200),
+            Some(Status::RetryWait)
+        );
+        let row = s.get_execution(e).unwrap().unwrap();
+        assert_eq!(row.resources, Some(used.clone()), "{}", s.describe());
+        assert_eq!(row.to_json()["resources"], used);
+        // The retry starts without the old attempt's figures.
+        assert_eq!(s.promote_retries(2_000).unwrap(), 1);
+        assert_eq!(s.get_execution(e).unwrap().unwrap().resources, None);
     }
 }

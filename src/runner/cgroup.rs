@@ -772,11 +772,10 @@ fn freeze_kill_thaw(
 /// Kills everything in `dir` and its sub-cgroups and removes them, deepest first, retrying
 /// for up to `within` while the kernel finishes the kills.
 fn remove_tree(dir: &Path, within: Duration) -> io::Result<()> {
-    for child in subdirs(dir) {
-        let _ = remove_tree(&child, within);
-    }
     let end = Instant::now() + within;
     loop {
+        // The common case first: an empty leaf goes with one rmdir (listing a cgroup
+        // directory costs as much again, on every run).
         match std::fs::remove_dir(dir) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -786,6 +785,10 @@ fn remove_tree(dir: &Path, within: Duration) -> io::Result<()> {
                     return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display())));
                 }
             }
+        }
+        // Sub-cgroups a script made (a root script may), deepest first.
+        for child in subdirs(dir) {
+            let _ = remove_tree(&child, within);
         }
         let kill = dir.join("cgroup.kill");
         if kill.exists() {

@@ -26,6 +26,9 @@ pub struct Previous {
     pub node: String,
     /// Attempts it took and never started: (execution id, attempt). Empty after a reboot.
     pub unstarted: Vec<(i64, u32)>,
+    /// Attempts it started (created a process for). `None` after a reboot, when the journal
+    /// may have lost lines: then nothing may be called unstarted.
+    pub started: Option<HashSet<(i64, u32)>>,
 }
 
 pub struct StartJournal {
@@ -53,8 +56,8 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Parses a journal: (node, boot, taken-but-not-started).
-fn parse(text: &str) -> (String, String, Vec<(i64, u32)>) {
+/// Parses a journal: (node, boot, taken-but-not-started, started).
+fn parse(text: &str) -> (String, String, Vec<(i64, u32)>, HashSet<(i64, u32)>) {
     let mut lines = text.lines();
     let mut node = String::new();
     let mut boot = String::new();
@@ -89,7 +92,7 @@ fn parse(text: &str) -> (String, String, Vec<(i64, u32)>) {
     }
     taken.retain(|k| !started.contains(k));
     taken.dedup();
-    (node, boot, taken)
+    (node, boot, taken, started)
 }
 
 impl StartJournal {
@@ -108,20 +111,27 @@ impl StartJournal {
             .truncate(false)
             .mode(0o600)
             .open(path)?;
+        // A node that was just killed may hold the lock for a moment through a child it was
+        // creating (closed on that child's exec or death): try for up to 5 s.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(io::Error::other(format!(
-                "{} is in use by another running node (one node per data dir)",
-                path.display()
-            )));
+        while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if std::time::Instant::now() >= deadline {
+                return Err(io::Error::other(format!(
+                    "{} is in use by another running node (one node per data dir)",
+                    path.display()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         let mut text = String::new();
         file.read_to_string(&mut text)?;
-        let (old_node, old_boot, unstarted) = parse(&text);
+        let (old_node, old_boot, unstarted, started) = parse(&text);
         let same_boot = !old_boot.is_empty() && old_boot == boot_id();
         let previous = Previous {
             node: old_node,
             unstarted: if same_boot { unstarted } else { Vec::new() },
+            started: same_boot.then_some(started),
         };
         let header = format!("etask-start-journal v1 node={node} boot={}\n", boot_id());
         file.set_len(0)?;
@@ -218,6 +228,10 @@ mod tests {
         let (_j, prev) = StartJournal::open(&p, "node-b").unwrap();
         assert_eq!(prev.node, "node-a");
         assert_eq!(prev.unstarted, vec![(2, 1)]);
+        let started = prev.started.expect("same boot");
+        assert!(
+            started.contains(&(1, 1)) && started.contains(&(3, 2)) && !started.contains(&(2, 1))
+        );
         // A torn last line counts as nothing.
         let (k, _) = (
             parse("etask-start-journal v1 node=n boot=b\nT 5 1\nT 6 1\nS 6"),
@@ -237,6 +251,10 @@ mod tests {
         let (_j, prev) = StartJournal::open(&p, "m").unwrap();
         assert_eq!(prev.node, "n");
         assert!(prev.unstarted.is_empty());
+        assert!(
+            prev.started.is_none(),
+            "after a reboot nothing is known started or not"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

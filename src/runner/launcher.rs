@@ -40,13 +40,13 @@ pub(super) struct Jobs {
 }
 
 impl Jobs {
-    /// # Errors
-    /// The launchers are gone (the pool stops); the job comes back.
-    pub fn send(&self, job: Job) -> Result<(), crossbeam_channel::SendError<Job>> {
-        match job {
+    /// Queues `job`; gives it back when the launchers are gone (the pool stops).
+    pub fn send(&self, job: Job) -> Option<Job> {
+        let sent = match job {
             Job::Spawn(_) => self.spawn.send(job),
             Job::Finish { .. } => self.finish.send(job),
-        }
+        };
+        sent.err().map(|e| e.0)
     }
 }
 

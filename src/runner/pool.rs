@@ -866,16 +866,14 @@ impl Reactor {
             ..Resources::default()
         };
         self.starting.insert(req.key(), false);
-        if let Err(crossbeam_channel::SendError(Job::Spawn(job))) =
-            self.jobs.send(Job::Spawn(SpawnJob {
-                req,
-                events,
-                token,
-                workspace,
-                cgroup: name,
-                resources,
-            }))
-        {
+        if let Some(Job::Spawn(job)) = self.jobs.send(Job::Spawn(SpawnJob {
+            req,
+            events,
+            token,
+            workspace,
+            cgroup: name,
+            resources,
+        })) {
             // Launchers are gone only while the pool stops.
             self.starting.remove(&job.req.key());
             self.refuse(
@@ -1261,12 +1259,12 @@ impl Reactor {
                 outcome,
             },
         };
-        if let Err(crossbeam_channel::SendError(Job::Finish {
+        if let Some(Job::Finish {
             workspace,
             cgroup,
             events,
             finished,
-        })) = self.jobs.send(job)
+        }) = self.jobs.send(job)
         {
             launcher::finish(workspace, cgroup, &events, finished);
         }

@@ -220,13 +220,17 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         .map(|a| cstr(OsStr::new(a), "an argument"))
         .collect::<io::Result<_>>()?;
     // One entry per name, the last one given winning (as with std's Command::envs).
-    let env_c: Vec<CString> = spec
-        .env
-        .iter()
-        .enumerate()
-        .filter(|(i, (k, _))| !spec.env[i + 1..].iter().any(|(later, _)| later == k))
-        .map(|(_, (k, v))| cstr(OsStr::new(&format!("{k}={v}")), "an environment variable"))
-        .collect::<io::Result<_>>()?;
+    let mut seen = std::collections::HashSet::new();
+    let mut env_c: Vec<CString> = Vec::with_capacity(spec.env.len());
+    for (k, v) in spec.env.iter().rev() {
+        if seen.insert(k.as_str()) {
+            env_c.push(cstr(
+                OsStr::new(&format!("{k}={v}")),
+                "an environment variable",
+            )?);
+        }
+    }
+    env_c.reverse();
     let path_env = spec
         .env
         .iter()

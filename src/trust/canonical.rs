@@ -124,6 +124,12 @@ fn program(w: &mut Writer, p: &Program) {
         ArgvStyle::Files => "files",
         ArgvStyle::Legacy => "legacy",
     });
+    // The run's cgroup limits: changed in transit they would lift what bounds a run.
+    w.opt(p.limits, |w, l| {
+        w.opt(l.memory_bytes, |w, v| w.u64(v));
+        w.opt(l.pids, |w, v| w.u64(v));
+        w.opt(l.cpu_millicores, |w, v| w.u64(v));
+    });
 }
 
 struct Writer(Vec<u8>);

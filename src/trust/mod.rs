@@ -616,6 +616,15 @@ mod tests {
         q.argv_style = crate::runner::ArgvStyle::Legacy;
         programs.push(("argv_style", q));
         let mut q = program();
+        q.limits = Some(crate::runner::Limits::default());
+        programs.push(("limits present", q));
+        let mut q = program();
+        q.limits = Some(crate::runner::Limits {
+            pids: Some(100),
+            ..Default::default()
+        });
+        programs.push(("limits.pids", q));
+        let mut q = program();
         q.kind = crate::runner::ProgramKind::Exec;
         q.code = None;
         q.argv = Some(vec!["/bin/true".into()]);

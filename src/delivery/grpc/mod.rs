@@ -991,4 +991,36 @@ mod tests {
         let plain = Program::shell("true");
         assert_eq!(program_from_pb(program_to_pb(&plain)).unwrap(), plain);
     }
+
+    #[test]
+    fn limits_and_resources_survive_the_wire() {
+        let mut p = Program::shell("true");
+        p.limits = Some(crate::runner::Limits {
+            memory_bytes: Some(64 << 20),
+            pids: Some(50),
+            cpu_millicores: None,
+        });
+        assert_eq!(program_from_pb(program_to_pb(&p)).unwrap(), p);
+        let key = RunKey {
+            execution: ExecutionId(3),
+            attempt: Attempt(2),
+        };
+        let mut outcome = crate::runner::Outcome::not_started(crate::runner::Ending::Signaled(9));
+        outcome.signal = Some(9);
+        outcome.resources = Some(Box::new(crate::runner::Resources {
+            containment: "hybrid".into(),
+            oom_killed: true,
+            limits: p.limits.unwrap_or_default(),
+            ..Default::default()
+        }));
+        let back = event_from_pb(event_to_pb(&RunEvent::Finished {
+            key,
+            outcome: outcome.clone(),
+        }));
+        let Some(RunEvent::Finished { outcome: b, .. }) = back else {
+            panic!("not a Finished event: {back:?}");
+        };
+        assert_eq!(b.resources, outcome.resources);
+        assert!(b.error().unwrap_or_default().contains("OOM killer"));
+    }
 }
