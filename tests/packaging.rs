@@ -749,6 +749,15 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
         "no clear journal line:\n{journal}"
     );
     c.sh("systemctl reset-failed etask-scheduler");
+    c.sh("printf '[server]\\ndata_dir = \"/var/lib/etask\"\\n' > /etc/etask/etask.toml");
+    let (started, _) = c.try_sh("systemctl start etask-agent@dmz");
+    assert!(!started, "an agent started without Kafka configured");
+    let journal = c.sh("journalctl -u etask-agent@dmz --no-pager -o cat");
+    assert!(
+        journal.to_lowercase().contains("kafka"),
+        "no clear journal line:\n{journal}"
+    );
+    c.sh("systemctl reset-failed etask-agent@dmz");
 
     // The three roles as their units.
     write_config(&c);
@@ -787,6 +796,9 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
             .any(|l| l.starts_with("20") || l.starts_with('<')),
         "timestamp or priority prefix left in the message:\n{info}"
     );
+    let contained =
+        c.sh("journalctl -u etask-agent@dmz --no-pager -o cat | grep -m1 'runs contained' || true");
+    eprintln!("packaging: etask-agent@dmz: {}", contained.trim());
     let status = c.sh("systemctl status etask-agent@dmz --no-pager || true");
     assert!(status.contains("pool dmz"), "no READY status:\n{status}");
 
