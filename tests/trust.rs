@@ -667,7 +667,18 @@ fn agents_refuse_forged_kafka_records_and_no_topic_holds_a_secret() {
         log.contains("attempt=1 not started: dispatch expired"),
         "{log}"
     );
-    let letters = read_topics(&broker.addr, &["etask.dead-letter"]);
+    // Dead letters are produced after the agent logs the refusal: read until the last one is
+    // there (or 15 s pass).
+    let t0 = Instant::now();
+    let mut letters = read_topics(&broker.addr, &["etask.dead-letter"]);
+    while !letters
+        .iter()
+        .any(|(_, t)| t.contains("\"execution_id\":900110,") && t.contains("replay"))
+        && t0.elapsed() < Duration::from_secs(15)
+    {
+        std::thread::sleep(Duration::from_millis(300));
+        letters = read_topics(&broker.addr, &["etask.dead-letter"]);
+    }
     let reason = |id: i64| -> String {
         letters
             .iter()
