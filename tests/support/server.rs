@@ -231,7 +231,7 @@ pub fn pid_alive(pid: i32) -> bool {
 pub fn spawn_listening(mut cmd: Command) -> (Child, String) {
     let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::inherit())
         .spawn()
         .expect("start etask server");
     let mut line = String::new();
