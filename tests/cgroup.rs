@@ -417,6 +417,14 @@ fn own_v2_dir() -> Option<PathBuf> {
 
 #[test]
 fn subtrees_of_nodes_that_are_gone_are_removed_and_live_ones_kept() {
+    // The sweep of v2 node subtrees runs when the node contains runs in v2 (auto or v2).
+    if matches!(
+        std::env::var("ETASK_TEST_CGROUP").as_deref(),
+        Ok("off" | "v1")
+    ) {
+        println!("skipped: ETASK_TEST_CGROUP pins a mode without v2 placement");
+        return;
+    }
     let Some(base) = own_v2_dir() else {
         println!("skipped: no cgroup v2 here");
         return;
