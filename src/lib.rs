@@ -45,6 +45,19 @@ pub fn connection_budget(wanted: usize) -> usize {
 }
 
 /// "<hostname>-<pid>": what names this process to brokers, registries and logs by default.
+/// Writes one start-up line (`etask listening on …`) to stdout for scripts and supervisors.
+///
+/// A daemon must outlive its stdout: when the reader is gone (`etask server | head -1`, a
+/// test that read the port and dropped the pipe) or the disk is full, the line is lost and a
+/// warning logged, where `println!` would panic and take every running script with it.
+pub fn announce(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        log::warn!(target: "etask::server", "cannot write start-up line to stdout ({e}): {line}");
+    }
+}
+
 pub fn host_pid() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     format!("{}-{}", host.trim(), std::process::id())

@@ -43,7 +43,8 @@ pub fn init(default: LevelFilter) {
         Some(Ok(l)) => l,
         Some(Err(_)) => {
             // Said once, on stderr, before the logger exists: a typo must not pass unnoticed.
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "etask: ETASK_LOG={:?} is not a level (error, warn, info, debug, trace); using {}",
                 asked.unwrap_or_default(),
                 default.as_str().to_ascii_lowercase()

@@ -432,7 +432,9 @@ fn main() -> ExitCode {
     match res {
         Ok(code) => code,
         Err(f) => {
-            eprintln!("etask: {}", f.msg);
+            // The exit status carries the failure even when stderr is gone.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "etask: {}", f.msg);
             ExitCode::from(f.code)
         }
     }
@@ -620,8 +622,11 @@ fn cmd_run(c: RunCmd) -> CmdResult {
         }
     };
     pool.shutdown();
+    // A reader that went away must not turn the script's exit code into a panic (101):
+    // `run` keeps SIGPIPE ignored (it writes to scripts' pipes), so write errors are dropped.
     if c.json {
-        println!("{}", outcome.to_json());
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "{}", outcome.to_json());
     } else {
         print_summary(&outcome);
     }
@@ -654,8 +659,11 @@ fn print_chunk(stream: Stream, data: &str) {
 }
 
 fn print_summary(o: &Outcome) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
     let how = &o.ending;
-    eprintln!(
+    let _ = writeln!(
+        err,
         "== {} ({how}) in {} ms, {} log bytes{}",
         o.status(),
         o.duration.as_millis(),
@@ -663,10 +671,10 @@ fn print_summary(o: &Outcome) {
         if o.log_truncated { " (truncated)" } else { "" }
     );
     if let Some(r) = &o.result {
-        eprintln!("== result: {}", serde_json::Value::Object(r.clone()));
+        let _ = writeln!(err, "== result: {}", serde_json::Value::Object(r.clone()));
     }
     if let Some(e) = &o.result_error {
-        eprintln!("== result_error: {e}");
+        let _ = writeln!(err, "== result_error: {e}");
     }
 }
 

@@ -266,18 +266,18 @@ pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> R
     }
     if let Some(addr) = sched.http_addr() {
         // One line on stdout so scripts and tests can find the port (`--listen 127.0.0.1:0`).
-        println!(
+        crate::announce(&format!(
             "etask listening on {}://{addr}",
             if https { "https" } else { "http" }
-        );
+        ));
     }
     match &grpc_server {
-        Some(g) => println!(
+        Some(g) => crate::announce(&format!(
             "etask grpc on {}://{}",
             if tls_on { "https" } else { "http" },
             g.addr
-        ),
-        None => println!("etask grpc off"),
+        )),
+        None => crate::announce("etask grpc off"),
     }
     log::info!(target: "etask::server", "started mode={mode} store={}", sched.core.store.describe());
     crate::sd_notify::ready(&format!(

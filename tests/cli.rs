@@ -631,3 +631,58 @@ fn a_closed_output_ends_client_commands_quietly() {
         );
     }
 }
+
+/// Daemons must outlive their stdout: every role writes its start-up lines to a pipe whose
+/// reader is already gone (a supervisor that closed it, `etask server | head -1`) and keeps
+/// serving. Before, the second `println!` panicked the main thread and the server died.
+#[test]
+fn a_daemon_whose_stdout_reader_is_gone_keeps_serving() {
+    let dir = temp_dir("cli-daemon-pipe");
+    let port = support::free_port();
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader); // every write to stdout now fails with EPIPE
+    let mut child = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["server", "--mode", "all", "--grpc-listen", ""])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env_remove("ETASK_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start server");
+    let url = format!("http://127.0.0.1:{port}");
+    let t0 = Instant::now();
+    while ureq::get(&format!("{url}/healthz")).call().is_err() {
+        if let Some(st) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "server exited ({st}) with its stdout closed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Past the start-up lines: still alive, and a script runs to its end.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "server died after start");
+    let script = dir.join("hi.sh");
+    std::fs::write(&script, "echo hi\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["submit", "--server", &url, "--wait", "--shell"])
+        .arg(&script)
+        .env_remove("ETASK_TOKEN")
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let out_err = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out_err.stderr);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        log.contains("cannot write start-up line to stdout"),
+        "the lost line is logged: {log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}

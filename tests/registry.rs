@@ -52,7 +52,7 @@ fn ids(t: &NodeTable) -> Vec<String> {
 fn registered_node_appears_updates_and_leaves_on_stop() {
     let etcd = support::EtcdServer::start("reg");
     let table = NodeTable::start(Etcd::new(&etcd.url), "/etask/".into()).unwrap();
-    wait_until("table synced", Duration::from_secs(5), || table.synced());
+    wait_until("table synced", Duration::from_secs(15), || table.synced());
     let running = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let r = running.clone();
     let reg = Registration::start(

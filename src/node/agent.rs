@@ -597,10 +597,10 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
             .map_err(|e| format!("cannot start the registry heartbeat: {e}"))?,
         )
     };
-    println!(
+    crate::announce(&format!(
         "etask agent {id} pool {pool_name} consuming {topic} on {}",
         k.brokers
-    );
+    ));
     log::info!(target: LOG, "started agent={id} pool={pool_name} brokers={}", k.brokers);
     crate::sd_notify::ready(&format!("agent {id} pool {pool_name} consuming {topic}"));
     let result = crossbeam_channel::select! {

@@ -281,9 +281,9 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     };
     // One line on stdout, like the scheduler's, so scripts and tests know it is up.
     if server.is_some() {
-        println!("etask executor {node_id} serving on {advertise}");
+        crate::announce(&format!("etask executor {node_id} serving on {advertise}"));
     } else {
-        println!("etask executor {node_id} pulling from {}", ex.scheduler);
+        crate::announce(&format!("etask executor {node_id} pulling from {}", ex.scheduler));
     }
     log::info!(target: LOG, "started node={node_id} pool={} path={} scheduler={}", ex.pool, ex.path, ex.scheduler);
     crate::sd_notify::ready(&format!(

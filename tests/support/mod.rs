@@ -150,7 +150,13 @@ impl EtcdServer {
         self.child = Some(child);
         let t0 = std::time::Instant::now();
         while t0.elapsed() < std::time::Duration::from_secs(20) {
-            if ureq::get(&format!("{}/version", self.url)).call().is_ok() {
+            // `/version` answers before the member has elected itself leader; a v3 read
+            // only succeeds once it serves (under load that can take seconds).
+            let served = ureq::post(&format!("{}/v3/kv/range", self.url))
+                .timeout(std::time::Duration::from_secs(2))
+                .send_json(serde_json::json!({"key": "AA=="}))
+                .is_ok();
+            if served {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
