@@ -949,8 +949,57 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
 }
 
 fn cmd_logs(c: LogsCmd) -> CmdResult {
-    client(&c.server).logs(c.id, 0, c.follow, log_printer())?;
-    Ok(ExitCode::SUCCESS)
+    if !c.follow {
+        client(&c.server).logs(c.id, 0, false, log_printer())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Following: the stream may stay quiet for hours, so a gone reader (`logs -f | head`) is
+    // noticed by watching stdout, not only at the next write.
+    let done = spawn_follow(&c.server, c.id)?;
+    loop {
+        match done.recv_timeout(READER_CHECK) {
+            Ok(r) => return r.map(|()| ExitCode::SUCCESS).map_err(Fail::from),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(ExitCode::SUCCESS),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => end_if_stdout_reader_gone(),
+        }
+    }
+}
+
+/// How often a follow checks that someone still reads its stdout.
+const READER_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Follows an execution's logs on a thread of its own; its result arrives on the channel.
+fn spawn_follow(
+    server: &Option<String>,
+    exec: i64,
+) -> Result<crossbeam_channel::Receiver<Result<(), etask::client::ClientError>>, Fail> {
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    let follower = client(server);
+    std::thread::Builder::new()
+        .name("follow".into())
+        .spawn(move || {
+            let _ = done_tx.send(follower.logs(exec, 0, true, log_printer()));
+        })
+        .map_err(|e| Fail::new(exit::OSERR, format!("cannot start a thread: {e}")))?;
+    Ok(done_rx)
+}
+
+/// Ends the process the way a write would (SIGPIPE, default disposition for client commands)
+/// when stdout is a pipe whose reader has gone: `poll` reports POLLERR on such a pipe.
+fn end_if_stdout_reader_gone() {
+    let mut fd = libc::pollfd {
+        fd: 1,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd, no timeout.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    if n == 1 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+        // SAFETY: raising a signal at ourselves; SIGPIPE is SIG_DFL for client commands, so
+        // this ends the process like `head`'s other writers; exit(141) if it were not.
+        unsafe { libc::raise(libc::SIGPIPE) };
+        std::process::exit(128 + libc::SIGPIPE);
+    }
 }
 
 /// Follows an execution's logs until it ends. The first termination signal cancels the
@@ -960,14 +1009,7 @@ fn follow_cancelling_on_signal(
     exec: i64,
     signals: Option<crossbeam_channel::Receiver<i32>>,
 ) -> Result<(), Fail> {
-    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-    let follower = client(server);
-    std::thread::Builder::new()
-        .name("follow".into())
-        .spawn(move || {
-            let _ = done_tx.send(follower.logs(exec, 0, true, log_printer()));
-        })
-        .map_err(|e| Fail::new(exit::OSERR, format!("cannot start a thread: {e}")))?;
+    let done_rx = spawn_follow(server, exec)?;
     let never = crossbeam_channel::never();
     let signals = signals.unwrap_or_else(crossbeam_channel::never);
     let mut cancelled = false;
@@ -982,16 +1024,18 @@ fn follow_cancelling_on_signal(
             recv(if cancelled { &signals } else { &never }) -> _ => {
                 return Err(Fail::new(CANCELLED, format!("stopped waiting; execution {exec} was asked to cancel")));
             }
+            default(READER_CHECK) => end_if_stdout_reader_gone(),
         }
     }
 }
 
 fn cmd_tasks(c: TasksCmd) -> CmdResult {
-    let mut path = format!("/api/v1/tasks?limit={}", c.limit);
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair("limit", &c.limit.to_string());
     if let Some(n) = &c.name {
-        path.push_str(&format!("&name={}", query_escape(n)));
+        query.append_pair("name", n);
     }
-    let v = client(&c.server).get(&path)?;
+    let v = client(&c.server).get(&format!("/api/v1/tasks?{}", query.finish()))?;
     let rows = items(&v)
         .map(|t| {
             let sched = t
@@ -1102,18 +1146,6 @@ fn print_table(header: &[&str], right: &[bool], rows: Vec<Vec<String>>) {
     for r in &rows {
         line(r.iter().map(String::as_str).collect());
     }
-}
-
-/// Percent-encodes a query parameter value (everything but RFC 3986's unreserved bytes).
-fn query_escape(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            b => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Prints one log line of the API (`{"stream", "data", ...}`) like `etask run` prints chunks.

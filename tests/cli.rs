@@ -686,3 +686,55 @@ fn a_daemon_whose_stdout_reader_is_gone_keeps_serving() {
     );
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// `etask logs -f ID | head -n1` ends once `head` has its line, even while the execution stays
+/// quiet for a long time (before, it ran on until the next log line or the execution's end).
+#[test]
+fn a_follow_ends_when_its_reader_goes_away_not_at_the_next_line() {
+    let dir = temp_dir("cli-follow-pipe");
+    let s = support::server::Server::start(&dir, &[], "");
+    let (_, exec) = s.submit(support::server::shell("quiet", "echo first; sleep 60"));
+    s.wait_for(exec, Duration::from_secs(10), |e| e["status"] == "running");
+    let t0 = Instant::now();
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "{} logs -f {exec} --server {} | head -n1",
+                env!("CARGO_BIN_EXE_etask"),
+                s.url
+            ),
+        ])
+        .env_remove("ETASK_TOKEN")
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "first\n");
+    // The pipeline ends with the follow, long before the script's 60 s of silence end.
+    assert!(took < Duration::from_secs(30), "follow ran on for {took:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(s.execution(exec)["status"], "running", "the execution goes on");
+}
+
+/// A task name with the characters a hand-made query gets wrong reaches the filter intact.
+#[test]
+fn task_names_with_query_characters_are_filtered_exactly() {
+    let dir = temp_dir("cli-query");
+    let s = support::server::Server::start(&dir, &[], "");
+    for name in ["a+b", "a b", "x#y", "k=v&z"] {
+        s.submit(support::server::shell(name, "true"));
+    }
+    for name in ["a+b", "a b", "x#y", "k=v&z"] {
+        let out = etask(
+            &dir,
+            &["tasks", "--server", &s.url, "--name", name],
+        );
+        let t = text(&out);
+        assert_eq!(code(&out), 0, "{t}");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let rows: Vec<&str> = stdout.lines().skip(1).collect();
+        assert_eq!(rows.len(), 1, "--name {name:?}: {t}");
+        assert!(rows[0].contains(name), "--name {name:?}: {t}");
+    }
+}
