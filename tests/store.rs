@@ -533,10 +533,10 @@ fn concurrent_creates_with_one_name_each_get_their_own_task() {
 #[test]
 fn concurrent_creates_with_one_request_id_make_one_task_and_one_execution() {
     for s in backends("samerid") {
-        for round in 0..5 {
+        for round in 0..8 {
             let rid = format!("rid-{round}");
             let got: Vec<store::Created> = std::thread::scope(|sc| {
-                let hs: Vec<_> = (0..12)
+                let hs: Vec<_> = (0..24)
                     .map(|_| {
                         let (s, rid) = (s.clone(), rid.clone());
                         sc.spawn(move || {

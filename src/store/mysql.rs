@@ -243,7 +243,8 @@ impl Backend for Mysql {
     }
 
     fn locking_read(&self) -> &'static str {
-        " FOR UPDATE"
+        // MariaDB has no `FOR SHARE`; MySQL 8 still accepts this spelling.
+        " LOCK IN SHARE MODE"
     }
 
     fn describe(&self) -> String {
