@@ -826,3 +826,49 @@ fn input_files_default_to_empty_json_and_variables_are_environment() {
     ];
     assert_eq!(run(p).result(), json!({"v": "second"}));
 }
+
+/// Uploaded executables written and exec'd by several launcher threads at once, next to
+/// shell runs being spawned: every one starts. Before, a clone by one launcher could hand the
+/// write fd of another run's executable to its child, whose `execve` then failed ETXTBSY.
+#[test]
+fn uploaded_executables_spawned_concurrently_all_start() {
+    let pool = Pool::start(PoolConfig {
+        max_concurrent: 64,
+        launchers: 4,
+        ..cfg()
+    })
+    .unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let n = 400i64;
+    for i in 0..n {
+        let p = if i % 4 == 3 {
+            Program::shell("true\n")
+        } else {
+            let mut p = Program {
+                // Large enough that writing it takes a moment.
+                code: Some(format!("#!/bin/sh\n#{}\necho ok-{i}\n", "x".repeat(64 * 1024))),
+                ..Program::exec(vec![])
+            };
+            p.argv = None;
+            p
+        };
+        pool.submit(RunRequest::new(ExecutionId(50_000 + i), p), tx.clone())
+            .unwrap();
+    }
+    let mut done = 0;
+    while done < n {
+        if let RunEvent::Finished { key, outcome } = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("all runs finish")
+        {
+            assert_eq!(
+                outcome.status(),
+                Status::Succeeded,
+                "run {}: {:?}",
+                key.execution.0 - 50_000,
+                outcome
+            );
+            done += 1;
+        }
+    }
+}

@@ -270,6 +270,8 @@ fn prepare_workspace(cfg: &PoolConfig, req: &RunRequest, ws: &Path) -> Result<La
         owned.push(launch.cwd.clone());
     }
     if let Some((path, bytes, mode)) = &launch.script {
+        // Open for writing only while no clone is in flight (ETXTBSY, see spawn::EXEC_FILES).
+        let _writing = super::spawn::writing_executable();
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

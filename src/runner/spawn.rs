@@ -179,6 +179,24 @@ struct ChildArgs {
     errno: i32,
 }
 
+/// Files a run will `execve` (uploaded executables) are open for writing only while no clone
+/// is in flight, and the other way round: writers hold it shared, `spawn` exclusively from the
+/// clone until the child has exec'd (`CLONE_VFORK`).
+///
+/// Why: a child inherits every fd of the node until its `execve` closes the `O_CLOEXEC` ones.
+/// A clone made by one launcher thread while another has its run's executable open for
+/// writing hands that write fd to the child for a moment, and the other run's `execve` then
+/// fails with `ETXTBSY` ("Text file busy"; a CI run saw an uploaded executable fail so while
+/// other tests' pools were spawning). The lock makes that interleaving impossible instead of
+/// retrying it.
+static EXEC_FILES: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Held while a file that a run will `execve` is open for writing (see `EXEC_FILES`); drop it
+/// once the file is closed.
+pub fn writing_executable() -> std::sync::RwLockReadGuard<'static, ()> {
+    EXEC_FILES.read().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Starts the child described by `spec`.
 ///
 /// # Errors
@@ -318,6 +336,9 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     };
 
     let stack = STACK.with(|s| s.top())?;
+    // No executable of another run is open for writing while this child holds copies of the
+    // node's fds (until its exec); released once the clone has returned.
+    let no_open_executables = EXEC_FILES.write().unwrap_or_else(|p| p.into_inner());
     let mut pid = -1;
     let mut clone_errno = 0;
     if use_clone3 {
@@ -347,6 +368,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
             Err(e) => clone_errno = e,
         }
     }
+    drop(no_open_executables);
     drop(late_procs);
     if pid < 0 {
         return Err(io::Error::from_raw_os_error(clone_errno));
