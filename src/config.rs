@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::runner::{CgroupConfig, CgroupWant, Limits, LogLimits, PoolConfig, Rlimits, RunAs};
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -337,22 +337,6 @@ pub struct NodeConfig {
     pub limit_cpu_millicores: u64,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            scheduler: SchedulerConfig::default(),
-            callbacks: CallbackConfig::default(),
-            node: NodeConfig::default(),
-            registry: RegistryConfig::default(),
-            executor: ExecutorConfig::default(),
-            kafka: KafkaConfig::default(),
-            agent: AgentConfig::default(),
-            tls: TlsConfig::default(),
-            security: SecurityConfig::default(),
-        }
-    }
-}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -1124,7 +1108,7 @@ impl Config {
                 open_files: opt(n.rlimit_open_files),
                 processes: opt(n.rlimit_processes),
             },
-            run_as: (n.run_as_uid >= 0).then(|| RunAs {
+            run_as: (n.run_as_uid >= 0).then_some(RunAs {
                 uid: n.run_as_uid as u32,
                 gid: n.run_as_gid as u32,
             }),

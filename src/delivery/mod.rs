@@ -131,14 +131,22 @@ pub enum Refused {
     Rejected(String),
 }
 
+/// What a task submission created (or found, for a repeated `request_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    pub task_id: TaskId,
+    /// The first execution (none for a cron task).
+    pub execution_id: Option<ExecutionId>,
+    /// The request id was seen before: these are the first call's ids.
+    pub existed: bool,
+    /// Every execution created (several for a broadcast).
+    pub executions: Vec<ExecutionId>,
+}
+
 /// The task API as transports other than HTTP expose it (implemented by the scheduler core).
 /// Errors are `(code, message)` with the HTTP API's codes.
 pub trait TaskApi: Send + Sync {
-    /// Returns (task id, first execution id, existed, all execution ids).
-    fn submit_json(
-        &self,
-        body: &[u8],
-    ) -> Result<(i64, Option<i64>, bool, Vec<i64>), (&'static str, String)>;
+    fn submit_json(&self, body: &[u8]) -> Result<Submitted, (&'static str, String)>;
     fn execution_json(&self, id: i64) -> Result<String, (&'static str, String)>;
     fn cancel_json(&self, id: i64) -> Result<String, (&'static str, String)>;
 }

@@ -228,13 +228,17 @@ pub(super) fn run(core: &Core, wake: &Receiver<()>) {
                     .set("Content-Type", "application/json")
                     .set("User-Agent", concat!("etask/", env!("CARGO_PKG_VERSION")))
                     .send_string(&body.to_string())
+                    // Boxed: ureq's error is large, and this Result travels through catch_unwind.
+                    .map_err(Box::new)
             }));
             let sent: Result<(), String> = match sent {
                 Ok(Ok(r)) if (200..300).contains(&r.status()) => Ok(()),
                 // 3xx included: redirects are not followed (they could lead anywhere).
                 Ok(Ok(r)) => Err(format!("HTTP {}", r.status())),
-                Ok(Err(ureq::Error::Status(code, _))) => Err(format!("HTTP {code}")),
-                Ok(Err(ureq::Error::Transport(t))) => Err(t.to_string()),
+                Ok(Err(e)) => match *e {
+                    ureq::Error::Status(code, _) => Err(format!("HTTP {code}")),
+                    ureq::Error::Transport(t) => Err(t.to_string()),
+                },
                 Err(_) => {
                     log::error!(target: LOG, "execution={} callback: the HTTP client panicked", row.execution_id);
                     Err("internal error of the HTTP client".into())

@@ -550,10 +550,7 @@ impl Core {
     }
 }
 impl crate::delivery::TaskApi for Core {
-    fn submit_json(
-        &self,
-        body: &[u8],
-    ) -> Result<(i64, Option<i64>, bool, Vec<i64>), (&'static str, String)> {
+    fn submit_json(&self, body: &[u8]) -> Result<crate::delivery::Submitted, (&'static str, String)> {
         let limit = self.cfg.server.max_body_bytes;
         if body.len() > limit {
             return Err((
@@ -563,12 +560,12 @@ impl crate::delivery::TaskApi for Core {
         }
         let spec = TaskSpec::parse(body, &self.paths()).map_err(|e| (e.code, e.message))?;
         let (c, all) = self.submit(spec).map_err(|e| (e.code, e.message))?;
-        Ok((
-            c.task_id.0,
-            c.execution_id.map(|e| e.0),
-            c.existed,
-            all.into_iter().map(|e| e.0).collect(),
-        ))
+        Ok(crate::delivery::Submitted {
+            task_id: c.task_id,
+            execution_id: c.execution_id,
+            existed: c.existed,
+            executions: all,
+        })
     }
 
     fn execution_json(&self, id: i64) -> Result<String, (&'static str, String)> {

@@ -710,6 +710,16 @@ fn exec_row(r: &[V]) -> Result<ExecutionRow> {
     })
 }
 
+/// How one attempt ended, as its `attempts` row records it.
+struct AttemptEnd<'a> {
+    status: Status,
+    /// The node that held it.
+    node: Option<String>,
+    /// Exit code, signal and error of the attempt.
+    fin: &'a Finish,
+    started: Option<i64>,
+}
+
 impl SqlStore {
     pub fn new(b: Box<dyn Backend>) -> SqlStore {
         SqlStore { b }
@@ -774,12 +784,10 @@ impl SqlStore {
         c: &mut dyn Conn,
         id: ExecutionId,
         attempt: Attempt,
-        st: Status,
-        node: Option<String>,
-        fin: &Finish,
-        started: Option<i64>,
+        end: AttemptEnd<'_>,
         now: i64,
     ) -> Result<()> {
+        let AttemptEnd { status: st, node, fin, started } = end;
         c.exec(
             "DELETE FROM attempts WHERE execution_id = ? AND attempt = ?",
             &[id.0.into(), i64::from(attempt.0).into()],
@@ -831,16 +839,13 @@ impl SqlStore {
                 error: Some(why.into()),
                 ..Finish::default()
             };
-            Self::record_attempt(
-                c,
-                id,
-                attempt,
-                Status::Cancelled,
-                node.clone(),
-                &fin,
-                r[3].i(),
-                now,
-            )?;
+            let end = AttemptEnd {
+                status: Status::Cancelled,
+                node: node.clone(),
+                fin: &fin,
+                started: r[3].i(),
+            };
+            Self::record_attempt(c, id, attempt, end, now)?;
         }
         Ok(CancelOutcome::Cancelled {
             was: cur,
@@ -903,7 +908,8 @@ impl SqlStore {
         if n != 1 {
             return Ok(None);
         }
-        Self::record_attempt(c, id, attempt, reported, node, fin, started, now)?;
+        let end = AttemptEnd { status: reported, node, fin, started };
+        Self::record_attempt(c, id, attempt, end, now)?;
         if new.is_terminal() {
             if let Some(url) = &fin.callback_url {
                 c.insert(
@@ -944,7 +950,8 @@ impl SqlStore {
                 return Ok(false);
             }
             let fin = Finish { error: Some(error.to_owned()), ..Finish::default() };
-            Self::record_attempt(c, id, attempt, Status::Lost, r[0].s(), &fin, None, now)?;
+            let end = AttemptEnd { status: Status::Lost, node: r[0].s(), fin: &fin, started: None };
+            Self::record_attempt(c, id, attempt, end, now)?;
             Ok(true)
         })
     }

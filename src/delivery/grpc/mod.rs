@@ -641,16 +641,15 @@ impl pb::tasks_server::Tasks for TasksSvc {
     ) -> Result<Response<pb::SubmitTaskReply>, Status> {
         let api = self.api()?;
         let body = req.into_inner().task_json;
-        let (task_id, execution_id, existed, all) =
-            tokio::task::spawn_blocking(move || api.submit_json(body.as_bytes()))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(api_status)?;
+        let s = tokio::task::spawn_blocking(move || api.submit_json(body.as_bytes()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(api_status)?;
         Ok(Response::new(pb::SubmitTaskReply {
-            task_id,
-            execution_id,
-            existed,
-            execution_ids: all,
+            task_id: s.task_id.0,
+            execution_id: s.execution_id.map(|e| e.0),
+            existed: s.existed,
+            execution_ids: s.executions.into_iter().map(|e| e.0).collect(),
         }))
     }
 
