@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::model::{CronMissed, DeliveryPath};
 use crate::runner::{CgroupConfig, CgroupWant, Limits, LogLimits, PoolConfig, Rlimits, RunAs};
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -174,7 +175,8 @@ pub struct ExecutorConfig {
     /// The scheduler's gRPC URL, e.g. "http://10.0.0.5:9090".
     pub scheduler: String,
     pub pool: String,
-    /// "push" (the scheduler calls this node) or "pull" (it long-polls the scheduler).
+    /// push (the scheduler calls this node) or pull (it long-polls the scheduler): a
+    /// `DeliveryPath` name, read through `delivery_path`.
     pub path: String,
     /// Where the executor serves Execute/Cancel (push).
     pub grpc_listen: String,
@@ -187,12 +189,20 @@ pub struct ExecutorConfig {
     pub token: String,
 }
 
+impl ExecutorConfig {
+    /// `path` as a delivery path: push or pull, `None` for anything else (which
+    /// `Config::check_values` refuses).
+    pub fn delivery_path(&self) -> Option<DeliveryPath> {
+        DeliveryPath::from_name(&self.path).filter(|p| p.is_grpc())
+    }
+}
+
 impl Default for ExecutorConfig {
     fn default() -> Self {
         ExecutorConfig {
             scheduler: "http://127.0.0.1:9090".into(),
             pool: "default".into(),
-            path: "push".into(),
+            path: DeliveryPath::Push.as_str().into(),
             grpc_listen: "127.0.0.1:9091".into(),
             advertise: String::new(),
             node_id: String::new(),
@@ -337,7 +347,6 @@ pub struct NodeConfig {
     pub limit_cpu_millicores: u64,
 }
 
-
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -361,6 +370,13 @@ impl Default for ServerConfig {
     }
 }
 
+impl SchedulerConfig {
+    /// `cron_missed` as the model's policy (`once` for a name `Config::check_values` refuses).
+    pub fn missed_fires(&self) -> CronMissed {
+        CronMissed::from_name(&self.cron_missed).unwrap_or(CronMissed::Once)
+    }
+}
+
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
@@ -369,7 +385,7 @@ impl Default for SchedulerConfig {
             node_silent_after_ms: 3_000,
             default_timeout_seconds: 3_600,
             default_max_attempts: 1,
-            cron_missed: "once".into(),
+            cron_missed: CronMissed::Once.as_str().into(),
             retention_days: 30,
             no_node_timeout_seconds: 300,
             timezone: "UTC".into(),
@@ -789,7 +805,9 @@ impl Config {
                 )?;
             }
         }
-        if matches!(mode, None | Some(Mode::Executor)) && self.executor.path == "push" {
+        if matches!(mode, None | Some(Mode::Executor))
+            && self.executor.delivery_path() == Some(DeliveryPath::Push)
+        {
             check_listener(
                 "executor.grpc_listen",
                 &self.executor.grpc_listen,
@@ -825,9 +843,11 @@ impl Config {
             crate::store::check_url(&self.server.store)
                 .map_err(|e| format!("server.store: {e}"))?;
         }
-        if !matches!(self.executor.path.as_str(), "push" | "pull") {
+        if self.executor.delivery_path().is_none() {
             return Err(format!(
-                "executor.path must be \"push\" or \"pull\", not {:?}",
+                "executor.path must be {:?} or {:?}, not {:?}",
+                DeliveryPath::Push.as_str(),
+                DeliveryPath::Pull.as_str(),
                 self.executor.path
             ));
         }
@@ -862,7 +882,7 @@ impl Config {
                 self.kafka.brokers
             ));
         }
-        if !matches!(self.scheduler.cron_missed.as_str(), "once" | "skip") {
+        if CronMissed::from_name(&self.scheduler.cron_missed).is_none() {
             return Err(format!(
                 "scheduler.cron_missed must be \"once\" or \"skip\", not {:?}",
                 self.scheduler.cron_missed

@@ -8,43 +8,13 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::delivery::local::Local;
 use crate::delivery::Delivery;
+use crate::model::DeliveryPath;
 use crate::registry::{NodeTable, Registration};
 use crate::runner::Pool;
 use crate::scheduler::Scheduler;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Scheduler,
-    Agent,
-    Executor,
-    All,
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Mode::Scheduler => "scheduler",
-            Mode::Agent => "agent",
-            Mode::Executor => "executor",
-            Mode::All => "all",
-        })
-    }
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Mode, String> {
-        match s {
-            "scheduler" => Ok(Mode::Scheduler),
-            "agent" => Ok(Mode::Agent),
-            "executor" => Ok(Mode::Executor),
-            "all" => Ok(Mode::All),
-            _ => Err(format!(
-                "unknown mode {s:?}: use scheduler, agent, executor or all"
-            )),
-        }
-    }
-}
+/// The roles `etask server --mode` runs (the names live in the model).
+pub use crate::model::Mode;
 
 /// A unique id for this process's built-in node: executions it held before a crash are then
 /// recognised as silent (and recovered) rather than mistaken for live ones after a restart.
@@ -80,7 +50,10 @@ fn recover_local(core: &crate::scheduler::Core, prev: &crate::runner::Previous) 
     let Some(started) = &prev.started else {
         return;
     };
-    let held = match core.store.unstarted("local", &prev.node, i64::MAX, 100_000) {
+    let held = match core
+        .store
+        .unstarted(DeliveryPath::Local, &prev.node, i64::MAX, 100_000)
+    {
         Ok(h) => h,
         Err(e) => {
             log::warn!(target: "etask::server", "cannot look for the crashed node's unstarted work: {e}");

@@ -1,5 +1,5 @@
-//! How a claimed execution reaches a node: one `Delivery` implementation per path — `local`
-//! (the built-in node of `--mode all`), gRPC `push` (and the `pull` source), Kafka `agent`.
+//! How a claimed execution reaches a node: one `Delivery` implementation per `DeliveryPath` —
+//! local (the built-in node of `--mode all`), gRPC push (and the pull source), Kafka agent.
 //! Nodes report back as `RunEvent`s.
 
 pub mod grpc;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::model::{Attempt, ExecutionId, TaskId};
+use crate::model::{Attempt, DeliveryPath, ExecutionId, Strategy, TaskId};
 use crate::runner::{Ending, Outcome, Program, Resources, RunEvent};
 
 /// One attempt of an execution, as handed to a node.
@@ -115,7 +115,7 @@ impl Dispatch {
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Route {
-    pub strategy: Option<String>,
+    pub strategy: Option<Strategy>,
     pub node: Option<String>,
     pub key: Option<String>,
 }
@@ -248,7 +248,7 @@ impl OutcomeWire {
 
 pub trait Delivery: Send + Sync {
     /// The `target.path` this delivery serves.
-    fn path(&self) -> &'static str;
+    fn path(&self) -> DeliveryPath;
     /// The node id executions are recorded under.
     fn node(&self) -> &str;
     /// How many more dispatches it would accept now.

@@ -574,10 +574,10 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     } else {
         let info = NodeInfo {
             id: id.clone(),
-            role: "agent".into(),
+            role: crate::model::NodeRole::Agent,
             pool: pool_name.clone(),
             address: None,
-            path: "agent".into(),
+            path: crate::model::DeliveryPath::Agent,
             handlers: vec!["shell".into(), "python".into(), "exec".into()],
             capacity: agent.pool.max_concurrent() as u32,
             running: 0,

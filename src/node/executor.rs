@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::config::Config;
 use crate::delivery::grpc::{self, pb, ExecutorHandler, SchedulerClient};
 use crate::delivery::Dispatch;
-use crate::model::{Attempt, ExecutionId};
+use crate::model::{Attempt, DeliveryPath, ExecutionId, NodeRole};
 use crate::node::spool::{Spool, Taken};
 use crate::registry::{NodeInfo, Registration};
 use crate::runner::{Pool, RunEvent, RunKey};
@@ -153,12 +153,14 @@ fn reporter(client: &SchedulerClient, node: &str, events: &Receiver<RunEvent>, s
 
 pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let ex = cfg.executor.clone();
-    if ex.path != "push" && ex.path != "pull" {
+    let Some(path) = ex.delivery_path() else {
         return Err(format!(
-            "executor.path must be \"push\" or \"pull\", not {:?}",
+            "executor.path must be {:?} or {:?}, not {:?}",
+            DeliveryPath::Push.as_str(),
+            DeliveryPath::Pull.as_str(),
             ex.path
         ));
-    }
+    };
     if cfg.registry.etcd.is_empty() {
         return Err(
             "an executor needs [registry] etcd (or --etcd URL) so schedulers can find it".into(),
@@ -201,7 +203,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     // PUSH serves Execute/Cancel; PULL opens no port at all and asks the scheduler instead.
     let mut server = None;
     let mut advertise = String::new();
-    if ex.path == "push" {
+    if path == DeliveryPath::Push {
         // Execute runs scripts: reachable from the network only with the token.
         let addr =
             crate::config::check_listener("executor.grpc_listen", &ex.grpc_listen, &ex.token)?;
@@ -238,10 +240,10 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let info = NodeInfo {
         id: node_id.clone(),
-        role: "executor".into(),
+        role: NodeRole::Executor,
         pool: ex.pool.clone(),
         address: server.as_ref().map(|_| advertise.clone()),
-        path: ex.path.clone(),
+        path,
         handlers: vec!["shell".into(), "python".into(), "exec".into()],
         capacity,
         running: 0,
@@ -258,7 +260,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         Box::new(move || h2.pool.running() as u32),
     )
     .map_err(|e| format!("cannot start the registry heartbeat: {e}"))?;
-    let puller = if ex.path == "pull" {
+    let puller = if path == DeliveryPath::Pull {
         let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token)?;
         let (h, node, pool, flag) = (
             handler.clone(),
@@ -283,7 +285,10 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     if server.is_some() {
         crate::announce(&format!("etask executor {node_id} serving on {advertise}"));
     } else {
-        crate::announce(&format!("etask executor {node_id} pulling from {}", ex.scheduler));
+        crate::announce(&format!(
+            "etask executor {node_id} pulling from {}",
+            ex.scheduler
+        ));
     }
     log::info!(target: LOG, "started node={node_id} pool={} path={} scheduler={}", ex.pool, ex.path, ex.scheduler);
     crate::sd_notify::ready(&format!(

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::{DeliveryPath, NodeRole};
 use etcd::{Etcd, EtcdError, WatchEvent};
 
 const LOG: &str = "etask::registry";
@@ -21,11 +22,11 @@ const LOG: &str = "etask::registry";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeInfo {
     pub id: String,
-    pub role: String,
+    pub role: NodeRole,
     pub pool: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
-    pub path: String,
+    pub path: DeliveryPath,
     #[serde(default)]
     pub handlers: Vec<String>,
     pub capacity: u32,

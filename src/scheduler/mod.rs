@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::delivery::{Delivery, Dispatch, Refused};
-use crate::model::{Attempt, ExecutionId, Status, TaskId};
+use crate::model::{
+    Attempt, CronMissed, DeliveryPath, ExecutionId, NodeRole, Status, Strategy, TaskId,
+};
 use crate::now_ms;
 use crate::runner::{Outcome, RunEvent};
 use crate::store::{CancelOutcome, Created, Finish, Fire, NewTask, Store};
@@ -33,10 +35,10 @@ pub fn builtin_node_info(d: &dyn Delivery) -> NodeInfo {
     let (running, capacity) = d.load();
     NodeInfo {
         id: d.node().to_owned(),
-        role: "executor".into(),
-        pool: d.path().to_owned(),
+        role: NodeRole::Executor,
+        pool: d.path().as_str().to_owned(),
         address: None,
-        path: d.path().to_owned(),
+        path: d.path(),
         handlers: vec!["shell".into(), "python".into(), "exec".into()],
         capacity,
         running,
@@ -88,10 +90,11 @@ fn kick(tx: &Sender<()>) {
 }
 
 impl Core {
-    pub fn paths(&self) -> Vec<&'static str> {
-        let mut p: Vec<&'static str> = self.deliveries.iter().map(|d| d.path()).collect();
+    /// The delivery paths this scheduler serves.
+    pub fn paths(&self) -> Vec<DeliveryPath> {
+        let mut p: Vec<DeliveryPath> = self.deliveries.iter().map(|d| d.path()).collect();
         if self.pull_enabled {
-            p.push("pull");
+            p.push(DeliveryPath::Pull);
         }
         p
     }
@@ -103,7 +106,7 @@ impl Core {
         }
         self.deliveries
             .iter()
-            .filter(|d| d.path() == "local")
+            .filter(|d| d.path() == DeliveryPath::Local)
             .map(|d| builtin_node_info(d.as_ref()))
             .collect()
     }
@@ -202,7 +205,7 @@ impl Core {
         // instead of waiting no_node_timeout_seconds; work due later, or a cron task, waits
         // for a node to come.
         let runs_now = matches!(spec.schedule, Schedule::Once { at: None });
-        if runs_now && !broadcast && matches!(spec.path(), "push" | "pull") {
+        if runs_now && !broadcast && spec.path().is_grpc() {
             let synced = self.node_table.as_ref().is_some_and(|t| t.synced());
             if synced && self.broadcast_nodes(&spec).is_empty() {
                 return Err(ApiError::unavailable(format!(
@@ -234,7 +237,7 @@ impl Core {
             spec: serde_json::to_value(&spec).map_err(|e| ApiError::internal(e.to_string()))?,
             cron,
             first_due_at: if broadcast { None } else { first_due_at },
-            path: spec.path().to_owned(),
+            path: spec.path(),
             pool: spec
                 .target
                 .as_ref()
@@ -550,7 +553,10 @@ impl Core {
     }
 }
 impl crate::delivery::TaskApi for Core {
-    fn submit_json(&self, body: &[u8]) -> Result<crate::delivery::Submitted, (&'static str, String)> {
+    fn submit_json(
+        &self,
+        body: &[u8],
+    ) -> Result<crate::delivery::Submitted, (&'static str, String)> {
         let limit = self.cfg.server.max_body_bytes;
         if body.len() > limit {
             return Err((
@@ -623,7 +629,7 @@ impl crate::delivery::PullSource for Core {
             let known = t
                 .nodes()
                 .iter()
-                .any(|n| n.id == node && n.pool == pool && n.path == "pull");
+                .any(|n| n.id == node && n.pool == pool && n.path == DeliveryPath::Pull);
             if !known {
                 // INFO, not WARN: a node that just left the registry (a clean stop) makes one
                 // last call; a stranger's calls are refused the same way.
@@ -637,10 +643,13 @@ impl crate::delivery::PullSource for Core {
         loop {
             let seen = *self.pull_gen.0.lock().unwrap_or_else(|p| p.into_inner());
             let _ = self.store.promote_retries(now_ms());
-            match self
-                .store
-                .claim_due_in(now_ms(), free.max(1), node, "pull", Some(pool))
-            {
+            match self.store.claim_due_in(
+                now_ms(),
+                free.max(1),
+                node,
+                DeliveryPath::Pull,
+                Some(pool),
+            ) {
                 Ok(claimed) if !claimed.is_empty() => {
                     // Signed for this node: another node cannot run a copy.
                     let out: Vec<Dispatch> = claimed
@@ -1021,7 +1030,7 @@ fn prepare(core: &Core, c: &crate::store::Claimed) -> Option<Dispatch> {
             .target
             .as_ref()
             .map(|t| crate::delivery::Route {
-                strategy: t.strategy.clone(),
+                strategy: t.strategy,
                 node: t.node.clone(),
                 key: t.key.clone(),
             })
@@ -1035,7 +1044,7 @@ fn prepare(core: &Core, c: &crate::store::Claimed) -> Option<Dispatch> {
         if let Some(n) = &c.pin_node {
             // A broadcast shard runs on its node or not at all.
             d.route = crate::delivery::Route {
-                strategy: Some("pinned".into()),
+                strategy: Some(Strategy::Pinned),
                 node: Some(n.clone()),
                 key: None,
             };
@@ -1167,16 +1176,14 @@ fn fire_one(core: &Core, t: &crate::store::TaskRow, now: i64, late_after: i64) {
     };
     let deadline = spec.as_ref().map(|s| core.timeout_ms(s));
     let missed = now - expected > late_after;
-    if missed && core.cfg.scheduler.cron_missed == "skip" {
+    if missed && core.cfg.scheduler.missed_fires() == CronMissed::Skip {
         // Only move the fire time on; a CAS like the fire itself.
         let _ = core.store.skip_cron(t.id, expected, next);
         log::info!(target: LOG, "task={} missed fire at {expected} skipped", t.id);
         return;
     }
     // Broadcast: one execution per node alive now, the policy applied per node.
-    let broadcast = spec
-        .as_ref()
-        .filter(|s| s.target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast"));
+    let broadcast = spec.as_ref().filter(|s| s.is_broadcast());
     let nodes = broadcast.map(|s| core.broadcast_nodes(s));
     if nodes.as_ref().is_some_and(Vec::is_empty) {
         log::warn!(target: LOG, "task={} broadcast fire: no live node in the pool; skipped", t.id);
@@ -1236,7 +1243,7 @@ fn sweeper(core: &Core) {
             alive.extend(
                 t.nodes()
                     .into_iter()
-                    .filter(|n| n.role != "agent")
+                    .filter(|n| n.role != NodeRole::Agent)
                     .map(|n| n.id),
             );
         }
@@ -1269,7 +1276,7 @@ fn sweeper(core: &Core) {
         // Work that waited too long for a node to take it fails with a clear error.
         let wait = core.cfg.scheduler.no_node_timeout_seconds as i64 * 1000;
         if wait > 0 {
-            for path in ["push", "pull"] {
+            for path in [DeliveryPath::Push, DeliveryPath::Pull] {
                 let why = format!("no live {path} node took it within {} s", wait / 1000);
                 match core.store.fail_unplaced(path, now - wait, &why, now, 100) {
                     Ok(ids) => {

@@ -9,7 +9,7 @@ mod sqlite;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::model::{Attempt, ExecutionId, Overlap, Status, TaskId};
+use crate::model::{Attempt, DeliveryPath, ExecutionId, Overlap, Status, TaskId};
 
 pub use self::mysql::Mysql;
 pub use self::sqlite::Sqlite;
@@ -361,7 +361,7 @@ pub struct NewTask {
     pub first_due_at: Option<i64>,
     pub deadline_ms: Option<i64>,
     /// The delivery path (`target.path`) of its executions.
-    pub path: String,
+    pub path: DeliveryPath,
     /// The target pool (`target.pool`, "" for none).
     pub pool: String,
 }
@@ -514,7 +514,13 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<ExecutionRow>>;
     /// Claims up to `limit` pending executions due by `now` for `node` (compare-and-set: two
     /// schedulers never claim the same attempt).
-    fn claim_due(&self, now: i64, limit: u32, node: &str, path: &str) -> Result<Vec<Claimed>> {
+    fn claim_due(
+        &self,
+        now: i64,
+        limit: u32,
+        node: &str,
+        path: DeliveryPath,
+    ) -> Result<Vec<Claimed>> {
         self.claim_due_in(now, limit, node, path, None)
     }
     /// `claim_due` limited to one target pool (pulling executors claim their pool's work).
@@ -523,7 +529,7 @@ pub trait Store: Send + Sync {
         now: i64,
         limit: u32,
         node: &str,
-        path: &str,
+        path: DeliveryPath,
         pool: Option<&str>,
     ) -> Result<Vec<Claimed>>;
     /// Records which node an attempt was actually handed to (paths that choose per dispatch).
@@ -549,7 +555,7 @@ pub trait Store: Send + Sync {
     /// them) that were claimed before `claimed_before`.
     fn unstarted(
         &self,
-        path: &str,
+        path: DeliveryPath,
         node: &str,
         claimed_before: i64,
         limit: u32,
@@ -602,7 +608,7 @@ pub trait Store: Send + Sync {
     /// (bounded wait for a node), queueing their callbacks; returns them.
     fn fail_unplaced(
         &self,
-        path: &str,
+        path: DeliveryPath,
         due_before: i64,
         error: &str,
         now: i64,
@@ -787,7 +793,12 @@ impl SqlStore {
         end: AttemptEnd<'_>,
         now: i64,
     ) -> Result<()> {
-        let AttemptEnd { status: st, node, fin, started } = end;
+        let AttemptEnd {
+            status: st,
+            node,
+            fin,
+            started,
+        } = end;
         c.exec(
             "DELETE FROM attempts WHERE execution_id = ? AND attempt = ?",
             &[id.0.into(), i64::from(attempt.0).into()],
@@ -908,7 +919,12 @@ impl SqlStore {
         if n != 1 {
             return Ok(None);
         }
-        let end = AttemptEnd { status: reported, node, fin, started };
+        let end = AttemptEnd {
+            status: reported,
+            node,
+            fin,
+            started,
+        };
         Self::record_attempt(c, id, attempt, end, now)?;
         if new.is_terminal() {
             if let Some(url) = &fin.callback_url {
@@ -1245,7 +1261,7 @@ impl Store for SqlStore {
         now: i64,
         limit: u32,
         node: &str,
-        path: &str,
+        path: DeliveryPath,
         pool: Option<&str>,
     ) -> Result<Vec<Claimed>> {
         // A pulling node (pool given) takes unpinned work and work pinned to itself.
@@ -1256,7 +1272,7 @@ impl Store for SqlStore {
                  FROM executions e JOIN tasks t ON t.id = e.task_id \
                  WHERE e.path = ? AND (? IS NULL OR e.pool = ?) AND (? IS NULL OR e.pin_node IS NULL OR e.pin_node = ?) \
                  AND e.status = 'pending' AND e.due_at <= ? AND {WAITS_FOR_NONE} ORDER BY e.due_at, e.id LIMIT ?"),
-                &[path.into(), pool.into(), pool.into(), pin.into(), pin.into(), now.into(), i64::from(limit).into()],
+                &[path.as_str().into(), pool.into(), pool.into(), pin.into(), pin.into(), now.into(), i64::from(limit).into()],
             )?;
             let mut out = Vec::new();
             for r in candidates {
@@ -1332,7 +1348,7 @@ impl Store for SqlStore {
 
     fn unstarted(
         &self,
-        path: &str,
+        path: DeliveryPath,
         node: &str,
         claimed_before: i64,
         limit: u32,
@@ -1341,7 +1357,7 @@ impl Store for SqlStore {
             let rows = c.query(
                 "SELECT id, attempt FROM executions WHERE path = ? AND status = 'dispatched' AND node = ? \
                  AND updated_at < ? ORDER BY id LIMIT ?",
-                &[path.into(), node.into(), claimed_before.into(), i64::from(limit).into()],
+                &[path.as_str().into(), node.into(), claimed_before.into(), i64::from(limit).into()],
             )?;
             rows.iter()
                 .map(|r| {
@@ -1489,7 +1505,7 @@ impl Store for SqlStore {
 
     fn fail_unplaced(
         &self,
-        path: &str,
+        path: DeliveryPath,
         due_before: i64,
         error: &str,
         now: i64,
@@ -1499,7 +1515,7 @@ impl Store for SqlStore {
             let rows = c.query(
                 &format!("SELECT e.id, e.attempt, t.spec FROM executions e JOIN tasks t ON t.id = e.task_id \
                  WHERE e.path = ? AND e.status = 'pending' AND e.due_at < ? AND {WAITS_FOR_NONE} ORDER BY e.id LIMIT ?"),
-                &[path.into(), due_before.into(), i64::from(limit).into()],
+                &[path.as_str().into(), due_before.into(), i64::from(limit).into()],
             )?;
             let mut out = Vec::new();
             for r in rows {

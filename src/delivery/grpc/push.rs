@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{dispatch_to_pb, ExecutorClient, Runtime};
 use crate::delivery::{Delivery, Dispatch, Refused};
-use crate::model::{Attempt, ExecutionId};
+use crate::model::{Attempt, DeliveryPath, ExecutionId, Strategy};
 use crate::registry::{NodeInfo, NodeTable};
 use crate::trust::{Refusal, Signer, GRPC_TTL_MS};
 
@@ -66,20 +66,20 @@ impl Push {
         self.table
             .nodes()
             .into_iter()
-            .filter(|n| n.path == "push" && pool.is_none_or(|p| n.pool == p))
+            .filter(|n| n.path == DeliveryPath::Push && pool.is_none_or(|p| n.pool == p))
             .collect()
     }
 }
 
 impl Delivery for Push {
-    fn path(&self) -> &'static str {
-        "push"
+    fn path(&self) -> DeliveryPath {
+        DeliveryPath::Push
     }
 
     fn node(&self) -> &str {
         // Claims are recorded under the path; the executor actually chosen is reported back
         // with the dispatch (see `placed`).
-        "push"
+        DeliveryPath::Push.as_str()
     }
 
     fn free_slots(&self) -> usize {
@@ -186,9 +186,9 @@ fn fnv(parts: &[&str]) -> u64 {
 /// the rest are failover candidates.
 pub fn order(mut nodes: Vec<NodeInfo>, route: &crate::delivery::Route, rr: usize) -> Vec<NodeInfo> {
     nodes.sort_by(|a, b| a.id.cmp(&b.id));
-    match route.strategy.as_deref().unwrap_or("round_robin") {
-        "pinned" => nodes.retain(|n| Some(&n.id) == route.node.as_ref()),
-        "random" => {
+    match route.strategy.unwrap_or(Strategy::RoundRobin) {
+        Strategy::Pinned => nodes.retain(|n| Some(&n.id) == route.node.as_ref()),
+        Strategy::Random => {
             let k = if nodes.is_empty() {
                 0
             } else {
@@ -196,13 +196,13 @@ pub fn order(mut nodes: Vec<NodeInfo>, route: &crate::delivery::Route, rr: usize
             };
             nodes.rotate_left(k);
         }
-        "least_busy" => nodes.sort_by(|a, b| {
+        Strategy::LeastBusy => nodes.sort_by(|a, b| {
             // Lowest load first (running / capacity), compared without floats.
             (u64::from(a.running) * u64::from(b.capacity.max(1)))
                 .cmp(&(u64::from(b.running) * u64::from(a.capacity.max(1))))
                 .then(a.id.cmp(&b.id))
         }),
-        "consistent_hash" => {
+        Strategy::ConsistentHash => {
             // Rendezvous hashing: a node's death moves only the keys it held.
             let key = route.key.as_deref().unwrap_or("");
             nodes.sort_by_key(|n| std::cmp::Reverse(fnv(&[key, &n.id])));
@@ -221,14 +221,15 @@ pub fn order(mut nodes: Vec<NodeInfo>, route: &crate::delivery::Route, rr: usize
 mod tests {
     use super::*;
     use crate::delivery::Route;
+    use crate::model::NodeRole;
 
     fn n(id: &str, running: u32, capacity: u32) -> NodeInfo {
         NodeInfo {
             id: id.into(),
-            role: "executor".into(),
+            role: NodeRole::Executor,
             pool: "p".into(),
             address: None,
-            path: "push".into(),
+            path: DeliveryPath::Push,
             handlers: vec![],
             capacity,
             running,
@@ -242,9 +243,9 @@ mod tests {
         v.into_iter().map(|n| n.id).collect()
     }
 
-    fn route(strategy: &str, node: Option<&str>, key: Option<&str>) -> Route {
+    fn route(strategy: Strategy, node: Option<&str>, key: Option<&str>) -> Route {
         Route {
-            strategy: Some(strategy.into()),
+            strategy: Some(strategy),
             node: node.map(Into::into),
             key: key.map(Into::into),
         }
@@ -264,16 +265,24 @@ mod tests {
     fn pinned_least_busy_and_consistent_hash() {
         let nodes = vec![n("a", 3, 4), n("b", 1, 4), n("c", 2, 8)];
         assert_eq!(
-            ids(order(nodes.clone(), &route("pinned", Some("c"), None), 0)),
+            ids(order(
+                nodes.clone(),
+                &route(Strategy::Pinned, Some("c"), None),
+                0
+            )),
             ["c"]
         );
-        assert!(order(nodes.clone(), &route("pinned", Some("zz"), None), 0).is_empty());
+        assert!(order(nodes.clone(), &route(Strategy::Pinned, Some("zz"), None), 0).is_empty());
         assert_eq!(
-            ids(order(nodes.clone(), &route("least_busy", None, None), 0)),
+            ids(order(
+                nodes.clone(),
+                &route(Strategy::LeastBusy, None, None),
+                0
+            )),
             ["b", "c", "a"]
         );
         let first = |ns: Vec<NodeInfo>, k: &str| {
-            order(ns, &route("consistent_hash", None, Some(k)), 0)[0]
+            order(ns, &route(Strategy::ConsistentHash, None, Some(k)), 0)[0]
                 .id
                 .clone()
         };
