@@ -1,7 +1,7 @@
 //! The task and execution model: identifiers, statuses and the legal transitions between them,
 //! and the closed sets of names every layer shares (delivery paths, routing strategies, node
 //! roles, server modes, cron policies), each spelled once here. Pure data and rules, no I/O: the
-//! store enforces the transitions with compare-and-set (`store::sql::cas_status`), built from
+//! store enforces the transitions with compare-and-set (`store::sql::Cas`), built from
 //! `Status::can_move_to`.
 
 use serde::{Deserialize, Serialize};

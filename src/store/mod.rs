@@ -4,12 +4,14 @@
 //! runs statements. Every state change is a compare-and-set on (status, attempt).
 
 mod mysql;
+mod sql;
 mod sqlite;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::model::{Attempt, DeliveryPath, ExecutionId, Overlap, Status, TaskId};
+use sql::{status_in, status_is, Cas, EXEC_COLS, HELD, TASK_COLS};
 
 pub use self::mysql::Mysql;
 pub use self::sqlite::Sqlite;
@@ -637,19 +639,6 @@ pub struct SqlStore {
     b: Box<dyn Backend>,
 }
 
-const EXEC_COLS: &str =
-    "id, task_id, attempt, status, node, due_at, deadline_at, exit_code, `signal`, result, \
-                         result_error, error, created_at, started_at, finished_at, resources";
-const TASK_COLS: &str =
-    "id, name, request_id, spec, cron_expr, next_fire_at, paused, deleted, created_at, skipped_fires";
-
-/// A pending execution `e` that may be claimed: not a `queue` execution (serial) still waiting
-/// for an earlier execution of its task (of its node, for a broadcast shard) to end.
-const WAITS_FOR_NONE: &str =
-    "(e.serial = 0 OR NOT EXISTS (SELECT 1 FROM executions p WHERE p.task_id = e.task_id \
-     AND p.id < e.id AND p.status IN ('pending', 'dispatched', 'running', 'retry_wait') \
-     AND (e.pin_node IS NULL OR p.pin_node = e.pin_node)))";
-
 fn bad(what: &str) -> StoreError {
     StoreError::Internal(format!("unexpected row shape: {what}"))
 }
@@ -750,8 +739,9 @@ impl SqlStore {
         // The deadline itself is set when an attempt is claimed (claim time + timeout), so
         // every attempt gets the full timeout.
         c.insert(
-            "INSERT INTO executions (task_id, attempt, status, due_at, timeout_ms, created_at, updated_at, path, pool) \
-             VALUES (?, 1, 'pending', ?, ?, ?, ?, (SELECT t.path FROM tasks t WHERE t.id = ?), (SELECT t.pool FROM tasks t WHERE t.id = ?))",
+            &format!("INSERT INTO executions (task_id, attempt, status, due_at, timeout_ms, created_at, updated_at, path, pool) \
+             VALUES (?, 1, '{}', ?, ?, ?, ?, (SELECT t.path FROM tasks t WHERE t.id = ?), (SELECT t.pool FROM tasks t WHERE t.id = ?))",
+             Status::Pending.as_str()),
             &[task.0.into(), due_at.into(), deadline_ms.into(), now.into(), now.into(), task.0.into(), task.0.into()],
         )
         .map(ExecutionId)
@@ -836,10 +826,14 @@ impl SqlStore {
         if cur.is_terminal() {
             return Ok(CancelOutcome::AlreadyFinal(cur));
         }
+        let cas = Cas {
+            from: &[cur],
+            to: Status::Cancelled,
+        };
         let n = c.exec(
-                "UPDATE executions SET status = 'cancelled', error = ?, finished_at = ?, updated_at = ? WHERE id = ? AND status = ?",
-                &[why.into(), now.into(), now.into(), id.0.into(), cur.as_str().into()],
-            )?;
+            &cas.update("error = ?, finished_at = ?, updated_at = ?", "id = ?")?,
+            &[why.into(), now.into(), now.into(), id.0.into()],
+        )?;
         if n != 1 {
             return Err(StoreError::Unavailable(
                 "execution changed while cancelling; retry".into(),
@@ -909,13 +903,30 @@ impl SqlStore {
             .as_ref()
             .map(|m| Value::Object(m.clone()).to_string());
         let resources = fin.resources.as_ref().map(Value::to_string);
+        let cas = Cas {
+            from: &[cur],
+            to: new,
+        };
         let n = c.exec(
-                "UPDATE executions SET status = ?, exit_code = ?, `signal` = ?, result = ?, result_error = ?, error = ?, \
-                 resources = ?, finished_at = ?, due_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND status = ?",
-                &[new.as_str().into(), fin.exit_code.into(), fin.signal.into(), result.into(), fin.result_error.clone().into(),
-                  fin.error.clone().into(), resources.into(), if new.is_terminal() { Some(now) } else { None }.into(),
-                  retry.unwrap_or(now).into(), now.into(), id.0.into(), i64::from(attempt.0).into(), cur.as_str().into()],
-            )?;
+            &cas.update(
+                "exit_code = ?, `signal` = ?, result = ?, result_error = ?, error = ?, \
+                 resources = ?, finished_at = ?, due_at = ?, updated_at = ?",
+                "id = ? AND attempt = ?",
+            )?,
+            &[
+                fin.exit_code.into(),
+                fin.signal.into(),
+                result.into(),
+                fin.result_error.clone().into(),
+                fin.error.clone().into(),
+                resources.into(),
+                if new.is_terminal() { Some(now) } else { None }.into(),
+                retry.unwrap_or(now).into(),
+                now.into(),
+                id.0.into(),
+                i64::from(attempt.0).into(),
+            ],
+        )?;
         if n != 1 {
             return Ok(None);
         }
@@ -950,23 +961,38 @@ impl SqlStore {
     ) -> Result<bool> {
         self.tx(|c| {
             let rows = c.query(
-                "SELECT node FROM executions WHERE id = ? AND attempt = ? AND status = 'dispatched'",
+                &format!(
+                    "SELECT node FROM executions WHERE id = ? AND attempt = ? AND {}",
+                    status_is("", Status::Dispatched)
+                ),
                 &[id.0.into(), i64::from(attempt.0).into()],
             )?;
-            let Some(r) = rows.first() else { return Ok(false) };
+            let Some(r) = rows.first() else {
+                return Ok(false);
+            };
             if holder.is_some_and(|h| r[0].s().as_deref() != Some(h)) {
                 return Ok(false);
             }
             let n = c.exec(
-                "UPDATE executions SET status = 'pending', attempt = attempt + 1, node = NULL, heartbeat_at = NULL, \
-                 updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
+                &sql::REQUEUE.update(
+                    "attempt = attempt + 1, node = NULL, heartbeat_at = NULL, updated_at = ?",
+                    "id = ? AND attempt = ?",
+                )?,
                 &[now.into(), id.0.into(), i64::from(attempt.0).into()],
             )?;
             if n != 1 {
                 return Ok(false);
             }
-            let fin = Finish { error: Some(error.to_owned()), ..Finish::default() };
-            let end = AttemptEnd { status: Status::Lost, node: r[0].s(), fin: &fin, started: None };
+            let fin = Finish {
+                error: Some(error.to_owned()),
+                ..Finish::default()
+            };
+            let end = AttemptEnd {
+                status: Status::Lost,
+                node: r[0].s(),
+                fin: &fin,
+                started: None,
+            };
             Self::record_attempt(c, id, attempt, end, now)?;
             Ok(true)
         })
@@ -1069,11 +1095,16 @@ impl Store for SqlStore {
 
     fn delete_task(&self, id: TaskId, now: i64) -> Result<bool> {
         self.tx(|c| {
-            let n = c.exec("UPDATE tasks SET deleted = 1, next_fire_at = NULL WHERE id = ? AND deleted = 0", &[id.0.into()])?;
+            let n = c.exec(
+                "UPDATE tasks SET deleted = 1, next_fire_at = NULL WHERE id = ? AND deleted = 0",
+                &[id.0.into()],
+            )?;
             if n > 0 {
                 c.exec(
-                    "UPDATE executions SET status = 'cancelled', error = 'task deleted', finished_at = ?, updated_at = ? \
-                     WHERE task_id = ? AND status IN ('pending', 'retry_wait')",
+                    &sql::CANCEL_UNSTARTED.update(
+                        "error = 'task deleted', finished_at = ?, updated_at = ?",
+                        "task_id = ?",
+                    )?,
                     &[now.into(), now.into(), id.0.into()],
                 )?;
             }
@@ -1142,9 +1173,8 @@ impl Store for SqlStore {
             let total = shards.len() as i64;
             for (i, node) in shards.into_iter().enumerate() {
                 let live = c.query(
-                    "SELECT id, status FROM executions WHERE task_id = ? \
-                     AND status IN ('pending', 'dispatched', 'running', 'retry_wait') \
-                     AND (? IS NULL OR pin_node = ?) ORDER BY id",
+                    &format!("SELECT id, status FROM executions WHERE task_id = ? AND {} \
+                     AND (? IS NULL OR pin_node = ?) ORDER BY id", status_in("", &sql::live())),
                     &[f.task.0.into(), node.into(), node.into()],
                 )?;
                 let serial = match f.overlap {
@@ -1157,7 +1187,7 @@ impl Store for SqlStore {
                     }
                     Overlap::Queue => {
                         // At most one waits: one not started yet is already waiting.
-                        if live.iter().any(|r| r[1].s().as_deref() == Some("pending")) {
+                        if live.iter().any(|r| status_of(&r[1]).ok() == Some(Status::Pending)) {
                             fired.skipped += 1;
                             continue;
                         }
@@ -1249,7 +1279,10 @@ impl Store for SqlStore {
     fn set_node(&self, id: ExecutionId, attempt: Attempt, node: &str) -> Result<()> {
         self.tx(|c| {
             c.exec(
-                "UPDATE executions SET node = ? WHERE id = ? AND attempt = ? AND status IN ('dispatched', 'running')",
+                &format!(
+                    "UPDATE executions SET node = ? WHERE id = ? AND attempt = ? AND {}",
+                    status_in("", HELD)
+                ),
                 &[node.into(), id.0.into(), i64::from(attempt.0).into()],
             )
             .map(|_| ())
@@ -1266,12 +1299,16 @@ impl Store for SqlStore {
     ) -> Result<Vec<Claimed>> {
         // A pulling node (pool given) takes unpinned work and work pinned to itself.
         let pin = pool.map(|_| node);
+        let claim = sql::CLAIM.update(
+            "node = ?, heartbeat_at = ?, updated_at = ?, deadline_at = ? + timeout_ms",
+            "id = ? AND attempt = ?",
+        )?;
         self.tx(|c| {
             let candidates = c.query(
                 &format!("SELECT e.id, e.task_id, e.attempt, e.due_at, t.spec, e.pin_node, e.shard_index, e.shard_total \
                  FROM executions e JOIN tasks t ON t.id = e.task_id \
                  WHERE e.path = ? AND (? IS NULL OR e.pool = ?) AND (? IS NULL OR e.pin_node IS NULL OR e.pin_node = ?) \
-                 AND e.status = 'pending' AND e.due_at <= ? AND {WAITS_FOR_NONE} ORDER BY e.due_at, e.id LIMIT ?"),
+                 AND {} AND e.due_at <= ? AND {} ORDER BY e.due_at, e.id LIMIT ?", status_is("e", Status::Pending), sql::waits_for_none()),
                 &[path.as_str().into(), pool.into(), pool.into(), pin.into(), pin.into(), now.into(), i64::from(limit).into()],
             )?;
             let mut out = Vec::new();
@@ -1281,8 +1318,7 @@ impl Store for SqlStore {
                 // UPDATE re-reads the row under its lock, so a row another scheduler claimed
                 // since our SELECT no longer matches.
                 let won = c.exec(
-                    "UPDATE executions SET status = 'dispatched', node = ?, heartbeat_at = ?, updated_at = ?, \
-                     deadline_at = ? + timeout_ms WHERE id = ? AND attempt = ? AND status = 'pending'",
+                    &claim,
                     &[node.into(), now.into(), now.into(), now.into(), id.into(), attempt.into()],
                 )?;
                 if won == 1 {
@@ -1306,7 +1342,7 @@ impl Store for SqlStore {
     fn unclaim(&self, id: ExecutionId, attempt: Attempt, now: i64) -> Result<bool> {
         self.tx(|c| {
             c.exec(
-                "UPDATE executions SET status = 'pending', node = NULL, updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
+                &sql::UNCLAIM.update("node = NULL, updated_at = ?", "id = ? AND attempt = ?")?,
                 &[now.into(), id.0.into(), i64::from(attempt.0).into()],
             )
             .map(|n| n == 1)
@@ -1320,13 +1356,23 @@ impl Store for SqlStore {
         now: i64,
         heartbeat_at: i64,
     ) -> Result<u64> {
+        let start = sql::START.update(
+            "node = COALESCE(?, node), started_at = COALESCE(started_at, ?), heartbeat_at = ?, updated_at = ?",
+            "id = ? AND attempt = ?",
+        )?;
         self.tx(|c| {
             let mut n = 0;
             for (id, attempt) in items {
                 n += c.exec(
-                    "UPDATE executions SET status = 'running', node = COALESCE(?, node), started_at = COALESCE(started_at, ?), \
-                     heartbeat_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND status = 'dispatched'",
-                    &[node.into(), now.into(), heartbeat_at.into(), now.into(), id.0.into(), i64::from(attempt.0).into()],
+                    &start,
+                    &[
+                        node.into(),
+                        now.into(),
+                        heartbeat_at.into(),
+                        now.into(),
+                        id.0.into(),
+                        i64::from(attempt.0).into(),
+                    ],
                 )?;
             }
             Ok(n)
@@ -1338,7 +1384,7 @@ impl Store for SqlStore {
             let mut n = 0;
             for (id, attempt) in items {
                 n += c.exec(
-                    "UPDATE executions SET heartbeat_at = ? WHERE id = ? AND attempt = ? AND status IN ('dispatched', 'running')",
+                    &format!("UPDATE executions SET heartbeat_at = ? WHERE id = ? AND attempt = ? AND {}", status_in("", HELD)),
                     &[at.into(), id.0.into(), i64::from(attempt.0).into()],
                 )?;
             }
@@ -1355,9 +1401,17 @@ impl Store for SqlStore {
     ) -> Result<Vec<(ExecutionId, Attempt)>> {
         self.tx(|c| {
             let rows = c.query(
-                "SELECT id, attempt FROM executions WHERE path = ? AND status = 'dispatched' AND node = ? \
+                &format!(
+                    "SELECT id, attempt FROM executions WHERE path = ? AND {} AND node = ? \
                  AND updated_at < ? ORDER BY id LIMIT ?",
-                &[path.as_str().into(), node.into(), claimed_before.into(), i64::from(limit).into()],
+                    status_is("", Status::Dispatched)
+                ),
+                &[
+                    path.as_str().into(),
+                    node.into(),
+                    claimed_before.into(),
+                    i64::from(limit).into(),
+                ],
             )?;
             rows.iter()
                 .map(|r| {
@@ -1388,7 +1442,7 @@ impl Store for SqlStore {
     fn unstarted_attempts(&self, id: ExecutionId) -> Result<u32> {
         self.tx(|c| {
             let rows = c.query(
-                "SELECT COUNT(*) FROM attempts WHERE execution_id = ? AND status = 'lost' AND started_at IS NULL AND error LIKE ?",
+                &format!("SELECT COUNT(*) FROM attempts WHERE execution_id = ? AND {} AND started_at IS NULL AND error LIKE ?", status_is("", Status::Lost)),
                 &[id.0.into(), format!("{NOT_STARTED}%").into()],
             )?;
             Ok(rows.first().and_then(|r| r[0].i()).unwrap_or(0) as u32)
@@ -1398,7 +1452,10 @@ impl Store for SqlStore {
     fn heartbeat(&self, node: &str, now: i64) -> Result<u64> {
         self.tx(|c| {
             c.exec(
-                "UPDATE executions SET heartbeat_at = ? WHERE node = ? AND status IN ('dispatched', 'running')",
+                &format!(
+                    "UPDATE executions SET heartbeat_at = ? WHERE node = ? AND {}",
+                    status_in("", HELD)
+                ),
                 &[now.into(), node.into()],
             )
         })
@@ -1474,8 +1531,8 @@ impl Store for SqlStore {
     fn promote_retries(&self, now: i64) -> Result<u64> {
         self.tx(|c| {
             c.exec(
-                "UPDATE executions SET status = 'pending', attempt = attempt + 1, node = NULL, exit_code = NULL, `signal` = NULL, \
-                 result = NULL, result_error = NULL, resources = NULL, started_at = NULL, updated_at = ? WHERE status = 'retry_wait' AND due_at <= ?",
+                &sql::PROMOTE.update("attempt = attempt + 1, node = NULL, exit_code = NULL, `signal` = NULL, \
+                 result = NULL, result_error = NULL, resources = NULL, started_at = NULL, updated_at = ?", "due_at <= ?")?,
                 &[now.into(), now.into()],
             )
         })
@@ -1484,8 +1541,8 @@ impl Store for SqlStore {
     fn silent(&self, silent_before: i64, now: i64, limit: u32) -> Result<Vec<Silent>> {
         self.tx(|c| {
             let rows = c.query(
-                "SELECT id, task_id, attempt, status, deadline_at, node FROM executions WHERE status IN ('dispatched', 'running') \
-                 AND (heartbeat_at IS NULL OR heartbeat_at < ?) ORDER BY id LIMIT ?",
+                &format!("SELECT id, task_id, attempt, status, deadline_at, node FROM executions WHERE {} \
+                 AND (heartbeat_at IS NULL OR heartbeat_at < ?) ORDER BY id LIMIT ?", status_in("", HELD)),
                 &[silent_before.into(), i64::from(limit).into()],
             )?;
             rows.iter()
@@ -1511,18 +1568,21 @@ impl Store for SqlStore {
         now: i64,
         limit: u32,
     ) -> Result<Vec<ExecutionId>> {
+        let fail = sql::FAIL_UNPLACED.update(
+            "error = ?, finished_at = ?, updated_at = ?",
+            "id = ? AND attempt = ?",
+        )?;
         self.tx(|c| {
             let rows = c.query(
                 &format!("SELECT e.id, e.attempt, t.spec FROM executions e JOIN tasks t ON t.id = e.task_id \
-                 WHERE e.path = ? AND e.status = 'pending' AND e.due_at < ? AND {WAITS_FOR_NONE} ORDER BY e.id LIMIT ?"),
+                 WHERE e.path = ? AND {} AND e.due_at < ? AND {} ORDER BY e.id LIMIT ?", status_is("e", Status::Pending), sql::waits_for_none()),
                 &[path.as_str().into(), due_before.into(), i64::from(limit).into()],
             )?;
             let mut out = Vec::new();
             for r in rows {
                 let id = r[0].i().ok_or_else(|| bad("id"))?;
                 let n = c.exec(
-                    "UPDATE executions SET status = 'failed', error = ?, finished_at = ?, updated_at = ? \
-                     WHERE id = ? AND attempt = ? AND status = 'pending'",
+                    &fail,
                     &[error.into(), now.into(), now.into(), id.into(), r[1].clone()],
                 )?;
                 if n != 1 {
@@ -1594,21 +1654,21 @@ impl Store for SqlStore {
     fn purge(&self, finished_before: i64, limit: u32) -> Result<u64> {
         self.tx(|c| {
             let ids = c.query(
-                "SELECT e.id FROM executions e WHERE e.finished_at IS NOT NULL AND e.finished_at < ? \
-                 AND e.status IN ('succeeded', 'failed', 'timed_out', 'cancelled', 'lost') \
+                &format!("SELECT e.id FROM executions e WHERE e.finished_at IS NOT NULL AND e.finished_at < ? \
+                 AND {} \
                  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.execution_id = e.id AND o.done = 0) \
-                 ORDER BY e.id LIMIT ?",
+                 ORDER BY e.id LIMIT ?", status_in("e", &sql::terminal())),
                 &[finished_before.into(), i64::from(limit).into()],
             )?;
             for r in &ids {
                 let id = r[0].clone();
-                for sql in [
+                for stmt in [
                     "DELETE FROM log_chunks WHERE execution_id = ?",
                     "DELETE FROM attempts WHERE execution_id = ?",
                     "DELETE FROM outbox WHERE execution_id = ?",
                     "DELETE FROM executions WHERE id = ?",
                 ] {
-                    c.exec(sql, std::slice::from_ref(&id))?;
+                    c.exec(stmt, std::slice::from_ref(&id))?;
                 }
             }
             Ok(ids.len() as u64)
