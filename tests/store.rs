@@ -1037,3 +1037,26 @@ fn resources_of_an_attempt_are_stored_shown_and_cleared_for_its_retry() {
         assert_eq!(s.get_execution(e).unwrap().unwrap().resources, None);
     }
 }
+
+#[test]
+fn store_url_errors_never_print_the_password() {
+    for url in [
+        "mysql://etask:hunter2@127.0.0.1:3306",
+        "mysql://etask:hunter2@127.0.0.1:notaport/etask",
+        "mysql://etask:hunter2@127.0.0.1:1/etask",
+    ] {
+        let errors = [
+            store::check_url(url).err(),
+            store::open(url).err(),
+            store::create_database(url).err(),
+        ];
+        for e in errors.into_iter().flatten() {
+            let text = e.to_string();
+            assert!(!text.contains("hunter2"), "{url}: {text}");
+            assert!(
+                text.contains("etask"),
+                "{url}: the message still names the user: {text}"
+            );
+        }
+    }
+}

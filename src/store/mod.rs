@@ -32,6 +32,7 @@ pub enum StoreError {
     /// back end; callers see `Unavailable` if it keeps happening).
     #[error("store busy: {0}")]
     Retry(String),
+    /// The URL (its password masked, see [`redact_url`]) and what is wrong with it.
     #[error("invalid store URL {0:?}: use sqlite:PATH or mysql://user:pass@host:port/db")]
     BadUrl(String),
     /// An INSERT hit a unique key (MySQL 1062, SQLite `SQLITE_CONSTRAINT_UNIQUE`): the row
@@ -41,6 +42,41 @@ pub enum StoreError {
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+impl StoreError {
+    /// `BadUrl` for `url`, its password masked; `why` (when given) follows the URL.
+    pub fn bad_url(url: &str, why: Option<&dyn std::fmt::Display>) -> StoreError {
+        let shown = redact_url(url);
+        StoreError::BadUrl(match why {
+            Some(w) => format!("{shown}: {w}"),
+            None => shown,
+        })
+    }
+}
+
+/// A store URL fit for messages and logs: the password of `scheme://user:password@host…` is
+/// replaced by `***` (also in a URL too broken to parse).
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    // The userinfo ends at the last '@' (a password may itself hold '@' or '/'); an '@' further
+    // on masks more than needed, never less.
+    let Some(at) = rest.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
 
 /// The start of the error recorded for an attempt that provably never started (requeued by the
 /// scheduler): such attempts are free, the retry budget counts only the others.
@@ -123,13 +159,13 @@ pub trait Backend: Send + Sync {
 pub fn check_url(url: &str) -> Result<()> {
     if let Some(path) = url.strip_prefix("sqlite:") {
         if path.trim_start_matches("//").is_empty() {
-            return Err(StoreError::BadUrl(url.to_owned()));
+            return Err(StoreError::bad_url(url, None));
         }
         Ok(())
     } else if url.starts_with("mysql://") {
         self::mysql::opts(url).map(|_| ())
     } else {
-        Err(StoreError::BadUrl(url.to_owned()))
+        Err(StoreError::bad_url(url, None))
     }
 }
 
@@ -153,7 +189,7 @@ pub fn open(url: &str) -> Result<SqlStore> {
     } else if url.starts_with("mysql://") {
         Box::new(Mysql::open(url)?)
     } else {
-        return Err(StoreError::BadUrl(url.to_owned()));
+        return Err(StoreError::bad_url(url, None));
     };
     Ok(SqlStore::new(backend))
 }
@@ -326,4 +362,29 @@ pub trait Store: Send + Sync {
     /// attempts, logs and delivered callbacks (not those with a callback still pending).
     /// Task definitions stay. Returns how many executions went.
     fn purge(&self, finished_before: i64, limit: u32) -> Result<u64>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_passwords_are_masked() {
+        assert_eq!(
+            redact_url("mysql://etask:s3cr:et@db.example:3306/etask"),
+            "mysql://etask:***@db.example:3306/etask"
+        );
+        assert_eq!(
+            redact_url("mysql://p@ss:w@rd/x@h/db"),
+            "mysql://p@ss:***@h/db"
+        );
+        assert_eq!(
+            redact_url("mysql://root@127.0.0.1/db"),
+            "mysql://root@127.0.0.1/db"
+        );
+        assert_eq!(
+            redact_url("sqlite:/var/lib/etask/db"),
+            "sqlite:/var/lib/etask/db"
+        );
+    }
 }

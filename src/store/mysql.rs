@@ -74,9 +74,9 @@ fn value(v: MyValue) -> V {
 /// which is another server when several run on one host. `?prefer_socket=true` still asks for
 /// that.
 pub(super) fn opts(url: &str) -> Result<Opts> {
-    let parsed = Opts::from_url(url).map_err(|e| StoreError::BadUrl(format!("{url}: {e}")))?;
+    let parsed = Opts::from_url(url).map_err(|e| StoreError::bad_url(url, Some(&e)))?;
     if parsed.get_db_name().is_none_or(str::is_empty) {
-        return Err(StoreError::BadUrl(format!("{url}: no database name")));
+        return Err(StoreError::bad_url(url, Some(&"no database name")));
     }
     if url.contains("prefer_socket=") {
         return Ok(parsed);
