@@ -1093,7 +1093,8 @@ impl Config {
     /// The TLS material for the gRPC runtime.
     pub fn grpc_tls(&self) -> Result<crate::delivery::grpc::Tls, String> {
         let mut t =
-            crate::delivery::grpc::Tls::from_files(&self.tls.cert, &self.tls.key, &self.tls.ca)?;
+            crate::delivery::grpc::Tls::from_files(&self.tls.cert, &self.tls.key, &self.tls.ca)
+                .map_err(|e| e.to_string())?;
         if self.tls.client_auth {
             if t.ca.is_none() || t.identity.is_none() {
                 return Err("tls.client_auth needs tls.ca, tls.cert and tls.key".into());

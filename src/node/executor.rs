@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::Config;
-use crate::delivery::grpc::{self, pb, ExecutorHandler, SchedulerClient};
+use crate::delivery::grpc::{self, pb, ExecutorHandler, NotTaken, SchedulerClient};
 use crate::delivery::Dispatch;
 use crate::model::{Attempt, DeliveryPath, ExecutionId, NodeRole};
 use crate::node::spool::{Spool, Taken};
@@ -38,8 +38,9 @@ const SPOOL_KEEP: Duration = Duration::from_secs(3_600);
 /// How long a cancel waits for its (possibly late) Execute.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 
-impl ExecutorHandler for Handler {
-    fn execute(&self, mut d: Dispatch) -> Result<(), String> {
+impl Handler {
+    /// `ExecutorHandler::execute`; Err = why the dispatch was not taken.
+    fn take(&self, mut d: Dispatch) -> Result<(), String> {
         let (id, attempt) = (d.execution_id, d.attempt);
         let refuse = |r: Refusal| {
             log::warn!(target: LOG, "execution={id} attempt={attempt} refused: {r}");
@@ -75,7 +76,8 @@ impl ExecutorHandler for Handler {
         Ok(())
     }
 
-    fn cancel(
+    /// `ExecutorHandler::cancel`; Err = why the cancel was ignored.
+    fn cancel_checked(
         &self,
         id: ExecutionId,
         attempt: Attempt,
@@ -109,6 +111,21 @@ impl ExecutorHandler for Handler {
         });
         log::info!(target: LOG, "execution={id} attempt={attempt} cancel");
         Ok(true)
+    }
+}
+
+impl ExecutorHandler for Handler {
+    fn execute(&self, d: Dispatch) -> Result<(), NotTaken> {
+        self.take(d).map_err(NotTaken)
+    }
+
+    fn cancel(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        stamp: &crate::trust::Stamp,
+    ) -> Result<bool, NotTaken> {
+        self.cancel_checked(id, attempt, stamp).map_err(NotTaken)
     }
 }
 
@@ -217,10 +234,11 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         server = Some(srv);
     }
     let stop_flag = Arc::new(AtomicBool::new(false));
-    let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token)?;
+    let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token).map_err(|e| e.to_string())?;
     let (node, flag) = (node_id.clone(), stop_flag.clone());
     if !previous.unstarted.is_empty() && !previous.node.is_empty() {
-        let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token)?;
+        let client =
+            SchedulerClient::new(&rt, &ex.scheduler, &ex.token).map_err(|e| e.to_string())?;
         let flag = stop_flag.clone();
         std::thread::Builder::new()
             .name("executor-recover".into())
@@ -261,7 +279,8 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     )
     .map_err(|e| format!("cannot start the registry heartbeat: {e}"))?;
     let puller = if path == DeliveryPath::Pull {
-        let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token)?;
+        let client =
+            SchedulerClient::new(&rt, &ex.scheduler, &ex.token).map_err(|e| e.to_string())?;
         let (h, node, pool, flag) = (
             handler.clone(),
             node_id.clone(),
@@ -375,7 +394,9 @@ fn pull_loop(
                 for d in list {
                     let id = d.execution_id;
                     let attempt = Attempt(d.attempt);
-                    let res = grpc::dispatch_from_pb(d).and_then(|d| h.execute(d));
+                    let res = grpc::dispatch_from_pb(d)
+                        .map_err(|e| e.to_string())
+                        .and_then(|d| h.execute(d).map_err(|e| e.0));
                     if let Err(e) = res {
                         // Claimed but not runnable here: report it failed rather than lose it.
                         log::warn!(target: LOG, "execution={id} pulled but refused: {e}");

@@ -57,12 +57,23 @@ pub fn program_to_pb(p: &Program) -> pb::Program {
     }
 }
 
-pub fn program_from_pb(p: pb::Program) -> Result<Program, String> {
+/// A message from the wire that does not describe a valid program or dispatch; the text says
+/// what is wrong (it goes back to the sender in an `Ack`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidMessage(pub String);
+
+/// A program from the wire.
+///
+/// # Errors
+/// An unknown kind or argv style, params that are not a JSON object, or a program that does not
+/// validate.
+pub fn program_from_pb(p: pb::Program) -> Result<Program, InvalidMessage> {
     let kind = match p.kind.as_str() {
         "shell" => ProgramKind::Shell,
         "python" => ProgramKind::Python,
         "exec" => ProgramKind::Exec,
-        k => return Err(format!("unknown program kind {k:?}")),
+        k => return Err(InvalidMessage(format!("unknown program kind {k:?}"))),
     };
     let prog = Program {
         kind,
@@ -78,7 +89,11 @@ pub fn program_from_pb(p: pb::Program) -> Result<Program, String> {
             None => None,
             Some(j) => match serde_json::from_str::<Value>(j) {
                 Ok(Value::Object(m)) => Some(m),
-                _ => return Err("program params must be a JSON object".into()),
+                _ => {
+                    return Err(InvalidMessage(
+                        "program params must be a JSON object".into(),
+                    ))
+                }
             },
         },
         variables: p
@@ -93,7 +108,7 @@ pub fn program_from_pb(p: pb::Program) -> Result<Program, String> {
         argv_style: match p.argv_style.as_str() {
             "" | "files" => ArgvStyle::Files,
             "legacy" => ArgvStyle::Legacy,
-            s => return Err(format!("unknown argv_style {s:?}")),
+            s => return Err(InvalidMessage(format!("unknown argv_style {s:?}"))),
         },
         limits: p.limits.map(|l| crate::runner::Limits {
             memory_bytes: l.memory_bytes,
@@ -101,7 +116,7 @@ pub fn program_from_pb(p: pb::Program) -> Result<Program, String> {
             cpu_millicores: l.cpu_millicores,
         }),
     };
-    prog.validate().map_err(|e| e.0)?;
+    prog.validate().map_err(|e| InvalidMessage(e.0))?;
     Ok(prog)
 }
 
@@ -133,8 +148,11 @@ pub fn dispatch_to_pb(d: &Dispatch, now: i64) -> pb::Dispatch {
 ///
 /// # Errors
 /// No program, or a program that does not validate.
-pub fn dispatch_from_pb(d: pb::Dispatch) -> Result<Dispatch, String> {
-    let program = program_from_pb(d.program.ok_or("dispatch without a program")?)?;
+pub fn dispatch_from_pb(d: pb::Dispatch) -> Result<Dispatch, InvalidMessage> {
+    let program = d
+        .program
+        .ok_or_else(|| InvalidMessage("dispatch without a program".into()))?;
+    let program = program_from_pb(program)?;
     Ok(Dispatch {
         execution_id: ExecutionId(d.execution_id),
         task_id: TaskId(d.task_id),

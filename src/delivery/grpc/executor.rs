@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::dispatch_from_pb;
 use super::pb;
-use super::runtime::{authed, channel, serve, token_check, Runtime, ServerHandle};
+use super::runtime::{authed, channel, serve, token_check, GrpcError, Runtime, ServerHandle};
 use crate::delivery::Dispatch;
 use crate::model::{Attempt, ExecutionId};
 
@@ -17,17 +17,27 @@ use crate::model::{Attempt, ExecutionId};
 
 /// What an executor does with what the scheduler sends it (implemented by the node role).
 pub trait ExecutorHandler: Send + Sync + 'static {
-    /// Checks (signature, expiry, binding, replay) and runs a dispatch; Err = the reason it
-    /// was refused.
-    fn execute(&self, d: Dispatch) -> Result<(), String>;
-    /// Cancels an attempt if the cancel's stamp checks out; Err = why it was ignored.
+    /// Checks (signature, expiry, binding, replay) and runs a dispatch.
+    ///
+    /// # Errors
+    /// Why the dispatch was not taken (sent back in the `Ack`).
+    fn execute(&self, d: Dispatch) -> Result<(), NotTaken>;
+    /// Cancels an attempt if the cancel's stamp checks out; true when the attempt was known.
+    ///
+    /// # Errors
+    /// Why the cancel was ignored (sent back as the call's error).
     fn cancel(
         &self,
         id: ExecutionId,
         attempt: Attempt,
         stamp: &crate::trust::Stamp,
-    ) -> Result<bool, String>;
+    ) -> Result<bool, NotTaken>;
 }
+
+/// Why an executor did not take a dispatch or a cancel, in words the sender is shown.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotTaken(pub String);
 
 struct ExecutorSvc {
     handler: Arc<dyn ExecutorHandler>,
@@ -45,12 +55,12 @@ impl pb::executor_server::Executor for ExecutorSvc {
                 },
                 Err(reason) => pb::Ack {
                     accepted: false,
-                    reason,
+                    reason: reason.0,
                 },
             },
             Err(reason) => pb::Ack {
                 accepted: false,
-                reason,
+                reason: reason.0,
             },
         };
         Ok(Response::new(ack))
@@ -70,7 +80,7 @@ impl pb::executor_server::Executor for ExecutorSvc {
         let known = self
             .handler
             .cancel(ExecutionId(c.execution_id), Attempt(c.attempt), &stamp)
-            .map_err(Status::permission_denied)?;
+            .map_err(|e| Status::permission_denied(e.0))?;
         Ok(Response::new(pb::CancelReply { known }))
     }
 }
@@ -95,26 +105,34 @@ pub struct ExecutorClient {
 }
 
 impl ExecutorClient {
-    pub fn new(rt: &Arc<Runtime>, url: &str, token: &str) -> Result<ExecutorClient, String> {
+    /// A client of the executor at `url` (connects on first use).
+    ///
+    /// # Errors
+    /// A bad URL, or https without a CA.
+    pub fn new(rt: &Arc<Runtime>, url: &str, token: &str) -> Result<ExecutorClient, GrpcError> {
         Ok(ExecutorClient {
             rt: rt.clone(),
             inner: pb::executor_client::ExecutorClient::new(channel(rt, url)?),
             token: (!token.is_empty()).then(|| token.to_owned()),
         })
     }
-    pub fn execute(&self, d: pb::Dispatch) -> Result<pb::Ack, String> {
+    /// Hands the executor a dispatch; its `Ack` says whether it took it.
+    ///
+    /// # Errors
+    /// `Call` when the call failed (unreachable, refused token).
+    pub fn execute(&self, d: pb::Dispatch) -> Result<pb::Ack, GrpcError> {
         let mut c = self.inner.clone();
         self.rt
             .rt
             .block_on(c.execute(authed(d, &self.token)))
             .map(Response::into_inner)
-            .map_err(|s| format!("{}: {}", s.code(), s.message()))
+            .map_err(GrpcError::from)
     }
     /// An unsigned cancel (accepted only by executors that trust no key).
     ///
     /// # Errors
     /// The call failed or the executor refused it.
-    pub fn cancel(&self, id: ExecutionId, attempt: Attempt) -> Result<bool, String> {
+    pub fn cancel(&self, id: ExecutionId, attempt: Attempt) -> Result<bool, GrpcError> {
         self.cancel_stamped(id, attempt, &crate::trust::Stamp::default())
     }
 
@@ -127,7 +145,7 @@ impl ExecutorClient {
         id: ExecutionId,
         attempt: Attempt,
         stamp: &crate::trust::Stamp,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, GrpcError> {
         let mut c = self.inner.clone();
         let req = pb::CancelRequest {
             execution_id: id.0,
@@ -141,6 +159,6 @@ impl ExecutorClient {
             .rt
             .block_on(c.cancel(authed(req, &self.token)))
             .map(|r| r.into_inner().known)
-            .map_err(|s| format!("{}: {}", s.code(), s.message()))
+            .map_err(GrpcError::from)
     }
 }

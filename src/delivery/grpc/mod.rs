@@ -18,8 +18,9 @@ pub mod pb {
 
 pub use convert::{
     dispatch_from_pb, dispatch_to_pb, event_from_pb, event_to_pb, program_from_pb, program_to_pb,
+    InvalidMessage,
 };
-pub use executor::{serve_executor, ExecutorClient, ExecutorHandler};
-pub use runtime::{Runtime, ServerHandle, Tls, TokenCheck, DEFAULT_MAX_CONNECTIONS};
+pub use executor::{serve_executor, ExecutorClient, ExecutorHandler, NotTaken};
+pub use runtime::{GrpcError, Runtime, ServerHandle, Tls, TokenCheck, DEFAULT_MAX_CONNECTIONS};
 pub use scheduler::{serve_scheduler, PullSlot, SchedulerClient};
 pub use tasks::{TasksClient, TasksSlot};

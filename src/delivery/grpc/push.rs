@@ -52,11 +52,14 @@ impl Push {
         if let Some(c) = cs.get(addr) {
             return Ok(c.clone());
         }
-        let c = Arc::new(ExecutorClient::new(
-            &self.rt,
-            &format!("{}://{addr}", self.rt.scheme()),
-            &self.token,
-        )?);
+        let c = Arc::new(
+            ExecutorClient::new(
+                &self.rt,
+                &format!("{}://{addr}", self.rt.scheme()),
+                &self.token,
+            )
+            .map_err(|e| e.to_string())?,
+        );
         cs.insert(addr.to_owned(), c.clone());
         Ok(c)
     }
@@ -122,7 +125,10 @@ impl Delivery for Push {
             let mut signed = d.clone();
             signed.sign(&self.signer, Some(&n.id), GRPC_TTL_MS);
             let msg = dispatch_to_pb(&signed, crate::now_ms());
-            match self.client(n).and_then(|c| c.execute(msg)) {
+            match self
+                .client(n)
+                .and_then(|c| c.execute(msg).map_err(|e| e.to_string()))
+            {
                 Ok(ack) if ack.accepted => {
                     self.placed
                         .lock()
@@ -160,10 +166,10 @@ impl Delivery for Push {
                 crate::now_ms(),
                 GRPC_TTL_MS,
             );
-            if let Err(e) = self
-                .client(&n)
-                .and_then(|c| c.cancel_stamped(id, attempt, &stamp))
-            {
+            if let Err(e) = self.client(&n).and_then(|c| {
+                c.cancel_stamped(id, attempt, &stamp)
+                    .map_err(|e| e.to_string())
+            }) {
                 log::warn!(target: "etask::grpc", "execution={id} attempt={attempt} cancel on {node} failed: {e}");
             }
         }

@@ -31,14 +31,48 @@ pub struct Tls {
     pub client_auth: bool,
 }
 
+/// What setting up a gRPC client or making a call can fail with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GrpcError {
+    /// The URL is not a gRPC endpoint (`http://host:port` or `https://host:port`).
+    #[error("bad gRPC address {url}: {why}")]
+    Address { url: String, why: String },
+    /// TLS material is missing, unreadable or unusable (the message names the file or URL).
+    #[error("{0}")]
+    Tls(String),
+    /// A call failed: the peer refused it, or could not be reached. `code` is the gRPC status
+    /// code's name, `message` the peer's (or the transport's) reason.
+    #[error("{code}: {message}")]
+    Call { code: String, message: String },
+}
+
+impl From<Status> for GrpcError {
+    fn from(s: Status) -> GrpcError {
+        GrpcError::Call {
+            code: s.code().to_string(),
+            message: s.message().to_owned(),
+        }
+    }
+}
+
 impl Tls {
     /// Reads the PEM files named in the config (`[tls] cert`, `key`, `ca`).
-    pub fn from_files(cert: &str, key: &str, ca: &str) -> Result<Tls, String> {
-        let read = |p: &str| std::fs::read(p).map_err(|e| format!("cannot read TLS file {p}: {e}"));
+    ///
+    /// # Errors
+    /// `Tls` when a file cannot be read, or only one of `cert` and `key` is given.
+    pub fn from_files(cert: &str, key: &str, ca: &str) -> Result<Tls, GrpcError> {
+        let read = |p: &str| {
+            std::fs::read(p).map_err(|e| GrpcError::Tls(format!("cannot read TLS file {p}: {e}")))
+        };
         let identity = match (cert.is_empty(), key.is_empty()) {
             (true, true) => None,
             (false, false) => Some((read(cert)?, read(key)?)),
-            _ => return Err("tls.cert and tls.key must be set together".into()),
+            _ => {
+                return Err(GrpcError::Tls(
+                    "tls.cert and tls.key must be set together".into(),
+                ))
+            }
         };
         let ca = if ca.is_empty() { None } else { Some(read(ca)?) };
         Ok(Tls {
@@ -284,9 +318,12 @@ pub(super) fn serve(
     })
 }
 
-pub(super) fn channel(rt: &Runtime, url: &str) -> Result<tonic::transport::Channel, String> {
+pub(super) fn channel(rt: &Runtime, url: &str) -> Result<tonic::transport::Channel, GrpcError> {
     let mut ep = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .map_err(|e| format!("bad gRPC address {url}: {e}"))?
+        .map_err(|e| GrpcError::Address {
+            url: url.to_owned(),
+            why: e.to_string(),
+        })?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(10));
     if url.starts_with("https://") {
@@ -297,14 +334,14 @@ pub(super) fn channel(rt: &Runtime, url: &str) -> Result<tonic::transport::Chann
         match &rt.tls.ca {
             Some(ca) => tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
             None => {
-                return Err(format!(
+                return Err(GrpcError::Tls(format!(
                     "{url}: https needs tls.ca (the CA of the peer's certificate)"
-                ))
+                )))
             }
         }
         ep = ep
             .tls_config(tls)
-            .map_err(|e| format!("TLS for {url}: {e}"))?;
+            .map_err(|e| GrpcError::Tls(format!("TLS for {url}: {e}")))?;
     }
     // Lazy: connects on first use and reconnects by itself afterwards.
     let _guard = rt.rt.enter();

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{dispatch_to_pb, event_from_pb};
 use super::pb;
-use super::runtime::{authed, channel, serve, token_check, Runtime, ServerHandle};
+use super::runtime::{authed, channel, serve, token_check, GrpcError, Runtime, ServerHandle};
 use super::tasks::{TasksSlot, TasksSvc};
 use crate::delivery::PullSource;
 use crate::model::{Attempt, ExecutionId};
@@ -151,27 +151,39 @@ pub struct SchedulerClient {
 }
 
 impl SchedulerClient {
-    pub fn new(rt: &Arc<Runtime>, url: &str, token: &str) -> Result<SchedulerClient, String> {
+    /// A client of the scheduler at `url` (connects on first use).
+    ///
+    /// # Errors
+    /// A bad URL, or https without a CA.
+    pub fn new(rt: &Arc<Runtime>, url: &str, token: &str) -> Result<SchedulerClient, GrpcError> {
         Ok(SchedulerClient {
             rt: rt.clone(),
             inner: pb::scheduler_client::SchedulerClient::new(channel(rt, url)?),
             token: (!token.is_empty()).then(|| token.to_owned()),
         })
     }
-    pub fn pull(&self, req: pb::PullRequest) -> Result<Vec<pb::Dispatch>, String> {
+    /// Long-polls for work (the scheduler answers when some is there or the wait is over).
+    ///
+    /// # Errors
+    /// `Call` when the call failed.
+    pub fn pull(&self, req: pb::PullRequest) -> Result<Vec<pb::Dispatch>, GrpcError> {
         let mut c = self.inner.clone();
         self.rt
             .rt
             .block_on(c.pull(authed(req, &self.token)))
             .map(|r| r.into_inner().dispatches)
-            .map_err(|s| format!("{}: {}", s.code(), s.message()))
+            .map_err(GrpcError::from)
     }
-    pub fn report(&self, batch: pb::ReportBatch) -> Result<u32, String> {
+    /// Sends run events; returns how many the scheduler took.
+    ///
+    /// # Errors
+    /// `Call` when the call failed.
+    pub fn report(&self, batch: pb::ReportBatch) -> Result<u32, GrpcError> {
         let mut c = self.inner.clone();
         self.rt
             .rt
             .block_on(c.report(authed(batch, &self.token)))
             .map(|r| r.into_inner().accepted)
-            .map_err(|s| format!("{}: {}", s.code(), s.message()))
+            .map_err(GrpcError::from)
     }
 }

@@ -7,7 +7,7 @@ use serde_json::Value;
 use tonic::{Request, Response, Status};
 
 use super::pb;
-use super::runtime::{authed, channel, Runtime};
+use super::runtime::{authed, channel, GrpcError, Runtime};
 use crate::delivery::TaskApi;
 
 pub type TasksSlot = Arc<std::sync::OnceLock<Arc<dyn TaskApi>>>;
@@ -95,7 +95,11 @@ pub struct TasksClient {
 }
 
 impl TasksClient {
-    pub fn new(rt: &Arc<Runtime>, url: &str, token: &str) -> Result<TasksClient, String> {
+    /// A client of the task API at `url` (connects on first use).
+    ///
+    /// # Errors
+    /// A bad URL, or https without a CA.
+    pub fn new(rt: &Arc<Runtime>, url: &str, token: &str) -> Result<TasksClient, GrpcError> {
         Ok(TasksClient {
             rt: rt.clone(),
             inner: pb::tasks_client::TasksClient::new(channel(rt, url)?),
