@@ -322,11 +322,15 @@ names!(@enum
     }
 );
 
+/// A `--mode` that is none of the server's modes (argh prints the message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown mode {0:?}: use scheduler, agent, executor or all")]
+pub struct UnknownMode(pub String);
+
 impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Mode, String> {
-        Mode::from_name(s)
-            .ok_or_else(|| format!("unknown mode {s:?}: use scheduler, agent, executor or all"))
+    type Err = UnknownMode;
+    fn from_str(s: &str) -> Result<Mode, UnknownMode> {
+        Mode::from_name(s).ok_or_else(|| UnknownMode(s.to_owned()))
     }
 }
 

@@ -16,6 +16,18 @@ use crate::scheduler::Scheduler;
 /// The roles `etask server --mode` runs (the names live in the model).
 pub use crate::model::Mode;
 
+/// `etask server` could not start or stopped on an error; the message says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ServerError(pub String);
+
+/// Back to its message, for callers that still carry errors as text.
+impl From<ServerError> for String {
+    fn from(e: ServerError) -> String {
+        e.0
+    }
+}
+
 /// A unique id for this process's built-in node: executions it held before a crash are then
 /// recognised as silent (and recovered) rather than mistaken for live ones after a restart.
 fn node_id() -> String {
@@ -32,6 +44,13 @@ fn node_id() -> String {
 /// # Errors
 /// The journal cannot be opened, or another running node uses this data dir.
 pub fn open_journal(
+    cfg: &Config,
+    node: &str,
+) -> Result<(Arc<crate::runner::StartJournal>, crate::runner::Previous), ServerError> {
+    open_journal_inner(cfg, node).map_err(ServerError)
+}
+
+fn open_journal_inner(
     cfg: &Config,
     node: &str,
 ) -> Result<(Arc<crate::runner::StartJournal>, crate::runner::Previous), String> {
@@ -68,10 +87,22 @@ fn recover_local(core: &crate::scheduler::Core, prev: &crate::runner::Previous) 
 }
 
 /// Runs until `stop` yields (SIGTERM/SIGINT in the CLI), then shuts down in order.
-pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> Result<(), String> {
+pub fn run(
+    mode: Mode,
+    cfg: Config,
+    stop: crossbeam_channel::Receiver<i32>,
+) -> Result<(), ServerError> {
+    run_inner(mode, cfg, stop).map_err(ServerError)
+}
+
+fn run_inner(
+    mode: Mode,
+    cfg: Config,
+    stop: crossbeam_channel::Receiver<i32>,
+) -> Result<(), String> {
     match mode {
-        Mode::Agent => return crate::node::agent::run(cfg, stop),
-        Mode::Executor => return crate::node::executor::run(cfg, stop),
+        Mode::Agent => return Ok(crate::node::agent::run(cfg, stop)?),
+        Mode::Executor => return Ok(crate::node::executor::run(cfg, stop)?),
         Mode::Scheduler | Mode::All => {}
     }
     crate::scheduler::http::check_listen(&cfg)?;

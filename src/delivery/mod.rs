@@ -96,7 +96,7 @@ impl Dispatch {
             return Ok(());
         }
         open.open_program(&mut self.program)
-            .map_err(crate::trust::Refusal::Sealed)
+            .map_err(|e| crate::trust::Refusal::Sealed(e.0))
     }
 
     /// The run the process pool executes for this dispatch.
@@ -175,12 +175,19 @@ pub enum Held {
     Not,
 }
 
+/// Reports a `ReportSink` could not store (yet); the message is the store's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotStored(pub String);
+
 /// Where transports that acknowledge what they received (Kafka offsets) hand node reports:
 /// each call returns once the store has them (implemented by the scheduler core).
 pub trait ReportSink: Send + Sync {
-    /// Applies reports of `node` (it started, logged, finished attempts). Err = not all of
-    /// it is stored yet; applying the same reports again is harmless.
-    fn apply(&self, node: &str, events: &[RunEvent]) -> Result<(), String>;
+    /// Applies reports of `node` (it started, logged, finished attempts).
+    ///
+    /// # Errors
+    /// Not all of it is stored yet; applying the same reports again is harmless.
+    fn apply(&self, node: &str, events: &[RunEvent]) -> Result<(), NotStored>;
     /// `node` still runs these attempts.
     fn alive(&self, node: &str, running: &[(ExecutionId, Attempt)]);
     /// `node` did not start this attempt (e.g. its dispatch had expired): dispatch it anew.

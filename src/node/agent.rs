@@ -177,7 +177,7 @@ impl Agent {
         if cancelled {
             log::info!(target: LOG, "execution={} attempt={} was cancelled before it arrived", key.execution, key.attempt);
             self.held().remove(&key);
-            return spool.record(key.execution, key.attempt, Taken::Finished);
+            return Ok(spool.record(key.execution, key.attempt, Taken::Finished)?);
         }
         drop(spool);
         log::info!(target: LOG, "execution={} attempt={} taken", key.execution, key.attempt);
@@ -449,7 +449,11 @@ fn control_loop(a: &Agent, consumer: &BaseConsumer) {
     }
 }
 
-pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
+pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), super::NodeError> {
+    run_inner(cfg, stop).map_err(super::NodeError)
+}
+
+fn run_inner(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let k = cfg.kafka.clone();
     if k.brokers.is_empty() {
         return Err("an agent needs Kafka: set kafka.brokers or pass --kafka HOST:PORT".into());

@@ -168,7 +168,11 @@ fn reporter(client: &SchedulerClient, node: &str, events: &Receiver<RunEvent>, s
     }
 }
 
-pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
+pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), super::NodeError> {
+    run_inner(cfg, stop).map_err(super::NodeError)
+}
+
+fn run_inner(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let ex = cfg.executor.clone();
     let Some(path) = ex.delivery_path() else {
         return Err(format!(

@@ -160,7 +160,8 @@ impl Core {
     pub fn submit(&self, mut spec: TaskSpec) -> Result<(Created, Vec<ExecutionId>), ApiError> {
         if let Some(u) = &spec.callback_url {
             callbacks::Policy::new(&self.cfg.callbacks.allowed_hosts)
-                .and_then(|p| p.check_url(u))
+                .map_err(|e| e.to_string())
+                .and_then(|p| p.check_url(u).map_err(|e| e.0))
                 .map_err(ApiError::invalid)?;
         }
         self.seal_secrets(&mut spec)?;
@@ -275,7 +276,9 @@ impl Core {
             return Ok(());
         }
         match self.keys.seal_key(spec.path(), spec.pool()) {
-            Some(k) => k.seal_program(&mut spec.program).map_err(ApiError::invalid),
+            Some(k) => k
+                .seal_program(&mut spec.program)
+                .map_err(|e| ApiError::invalid(e.0)),
             None if self.keys.require_sealed => Err(ApiError::invalid(format!(
                 "pool {:?} has no public key to seal secrets to (security.pool_keys) and \
                  security.require_sealed_secrets is set: add the pool's key (etask keygen \
@@ -462,7 +465,7 @@ impl Core {
     pub(super) fn finish_all(
         &self,
         mut items: Vec<(ExecutionId, Attempt, Finish)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), crate::store::StoreError> {
         let now = now_ms();
         items.retain_mut(|(id, attempt, fin)| {
             let Some(policy) = self.policy_of(*id, *attempt) else {
@@ -521,7 +524,7 @@ impl Core {
                 for (id, attempt, _) in &items {
                     log::error!(target: LOG, "execution={id} attempt={attempt} cannot record outcome: {e}");
                 }
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         for ((id, attempt, fin), st) in items.iter().zip(statuses) {

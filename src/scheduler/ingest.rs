@@ -9,7 +9,7 @@ use super::{kick, Core, LOG};
 use crate::model::{Attempt, ExecutionId, Status};
 use crate::now_ms;
 use crate::runner::{Outcome, RunEvent};
-use crate::store::Finish;
+use crate::store::{Finish, StoreError};
 
 impl Core {
     /// Node reports → store. Whatever arrived together is written together: all `Started` of
@@ -21,7 +21,7 @@ impl Core {
         node: Option<&str>,
         silence_allowance: i64,
         batch: &[RunEvent],
-    ) -> Result<(), String> {
+    ) -> Result<(), StoreError> {
         let now = now_ms();
         let mut failed = None;
         let mut started = Vec::new();
@@ -55,13 +55,13 @@ impl Core {
                 .mark_running(&started, node, now, now + silence_allowance)
             {
                 log::error!(target: LOG, "cannot mark {} executions running: {e}", started.len());
-                failed = Some(e.to_string());
+                failed = Some(e);
             }
         }
         if !logs.is_empty() {
             if let Err(e) = self.store.append_logs(&logs, now) {
                 log::error!(target: LOG, "cannot store {} log chunks: {e}", logs.len());
-                failed = Some(e.to_string());
+                failed = Some(e);
             }
         }
         if !finished.is_empty() {
@@ -74,10 +74,11 @@ impl Core {
 }
 
 impl crate::delivery::ReportSink for Core {
-    fn apply(&self, node: &str, events: &[RunEvent]) -> Result<(), String> {
+    fn apply(&self, node: &str, events: &[RunEvent]) -> Result<(), crate::delivery::NotStored> {
         // A run just started gets the agents' silence allowance at once, not only from the
         // agent's next heartbeat.
         self.apply_events(Some(node), self.agent_silence_allowance(), events)
+            .map_err(|e| crate::delivery::NotStored(e.to_string()))
     }
 
     fn alive(&self, node: &str, running: &[(ExecutionId, Attempt)]) {

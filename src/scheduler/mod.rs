@@ -32,6 +32,18 @@ use crate::runner::RunEvent;
 use crate::store::Store;
 use metrics::Metrics;
 
+/// The scheduler could not start: its store, its listener or a thread (the message says which).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
+/// Back to its message, for callers that still carry errors as text.
+impl From<StartError> for String {
+    fn from(e: StartError) -> String {
+        e.0
+    }
+}
+
 /// When this process started its scheduler (read once, at `Scheduler::start`).
 static PROCESS_START: std::sync::LazyLock<i64> = std::sync::LazyLock::new(now_ms);
 
@@ -52,6 +64,27 @@ pub struct Scheduler {
 impl Scheduler {
     /// Starts the scheduler threads. `reports` carries the events of every in-process node.
     pub fn start(
+        store: Arc<dyn Store>,
+        cfg: Config,
+        deliveries: Vec<Arc<dyn Delivery>>,
+        reports: Receiver<RunEvent>,
+        node_table: Option<Arc<NodeTable>>,
+        pull_enabled: bool,
+        keys: crate::trust::SchedulerKeys,
+    ) -> Result<Scheduler, StartError> {
+        Self::start_inner(
+            store,
+            cfg,
+            deliveries,
+            reports,
+            node_table,
+            pull_enabled,
+            keys,
+        )
+        .map_err(StartError)
+    }
+
+    fn start_inner(
         store: Arc<dyn Store>,
         cfg: Config,
         deliveries: Vec<Arc<dyn Delivery>>,
