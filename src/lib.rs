@@ -6,6 +6,7 @@ pub mod cron;
 pub mod logging;
 pub mod model;
 pub mod runner;
+pub mod shutdown;
 pub mod signals;
 pub mod store;
 pub mod supervise;

@@ -3,7 +3,6 @@
 //! acknowledged), and keeps its etcd registration alive so schedulers route to it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,7 @@ use crate::model::{Attempt, DeliveryPath, ExecutionId, NodeRole};
 use crate::node::spool::{Spool, Taken};
 use crate::registry::{NodeInfo, Registration};
 use crate::runner::{Pool, RunEvent, RunKey};
+use crate::shutdown::{Backoff, Shutdown};
 use crate::trust::{NodeTrust, Refusal};
 
 const LOG: &str = "etask::executor";
@@ -131,14 +131,14 @@ impl ExecutorHandler for Handler {
 
 /// Sends pool events to the scheduler in batches; what is not acknowledged is kept and resent
 /// (the scheduler deduplicates by execution id + attempt + log seq).
-fn reporter(client: &SchedulerClient, node: &str, events: &Receiver<RunEvent>, stop: &AtomicBool) {
+fn reporter(client: &SchedulerClient, node: &str, events: &Receiver<RunEvent>, stop: &Shutdown) {
     let mut pending: VecDeque<pb::ReportItem> = VecDeque::new();
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         if pending.is_empty() {
             match events.recv_timeout(Duration::from_millis(200)) {
                 Ok(ev) => pending.push_back(grpc::event_to_pb(&ev)),
-                Err(_) if stop.load(Ordering::SeqCst) => return,
+                Err(_) if stop.is_triggered() => return,
                 Err(_) => continue,
             }
         }
@@ -153,16 +153,15 @@ fn reporter(client: &SchedulerClient, node: &str, events: &Receiver<RunEvent>, s
         match client.report(batch) {
             Ok(_) => {
                 pending.drain(..n);
-                backoff = Duration::from_millis(200);
+                backoff.reset();
             }
             Err(e) => {
-                if stop.load(Ordering::SeqCst) {
+                if stop.is_triggered() {
                     log::warn!(target: LOG, "stopping with {} reports not delivered: {e}", pending.len());
                     return;
                 }
                 log::warn!(target: LOG, "scheduler unreachable ({e}); {} reports buffered, retrying", pending.len());
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                stop.sleep(backoff.next_delay());
             }
         }
     }
@@ -237,7 +236,7 @@ fn run_inner(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         };
         server = Some(srv);
     }
-    let stop_flag = Arc::new(AtomicBool::new(false));
+    let stop_flag = Shutdown::new();
     let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token).map_err(|e| e.to_string())?;
     let (node, flag) = (node_id.clone(), stop_flag.clone());
     if !previous.unstarted.is_empty() && !previous.node.is_empty() {
@@ -256,7 +255,7 @@ fn run_inner(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let reporter = crate::supervise::spawn(
         &health,
         "executor-report",
-        move || f2.load(Ordering::SeqCst),
+        move || f2.is_triggered(),
         move || reporter(&client, &node, &events_rx, &flag),
     )
     .map_err(|e| e.to_string())?;
@@ -296,7 +295,7 @@ fn run_inner(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
             crate::supervise::spawn(
                 &health,
                 "executor-pull",
-                move || f2.load(Ordering::SeqCst),
+                move || f2.is_triggered(),
                 move || pull_loop(&client, &h, &node, &pool, capacity, &flag),
             )
             .map_err(|e| e.to_string())?
@@ -325,7 +324,7 @@ fn run_inner(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     if let Some(srv) = server {
         srv.stop();
     }
-    stop_flag.store(true, Ordering::SeqCst);
+    stop_flag.trigger();
     if let Some(p) = puller {
         let _ = p.join();
     }
@@ -335,7 +334,7 @@ fn run_inner(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
 
 /// Tells the scheduler which attempts the previous incarnation of this node took and never
 /// started (under that incarnation's node id, which still holds them), until it acknowledges.
-fn report_unstarted(client: &SchedulerClient, prev: &crate::runner::Previous, stop: &AtomicBool) {
+fn report_unstarted(client: &SchedulerClient, prev: &crate::runner::Previous, stop: &Shutdown) {
     let batch = pb::ReportBatch {
         node_id: prev.node.clone(),
         items: prev
@@ -350,8 +349,8 @@ fn report_unstarted(client: &SchedulerClient, prev: &crate::runner::Previous, st
             })
             .collect(),
     };
-    let mut backoff = Duration::from_millis(200);
-    while !stop.load(Ordering::SeqCst) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    while !stop.is_triggered() {
         match client.report(batch.clone()) {
             Ok(_) => {
                 log::info!(target: LOG, "reported {} attempt(s) the previous node {} never started", batch.items.len(), prev.node);
@@ -359,8 +358,7 @@ fn report_unstarted(client: &SchedulerClient, prev: &crate::runner::Previous, st
             }
             Err(e) => {
                 log::warn!(target: LOG, "cannot report unstarted attempts yet: {e}");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                stop.sleep(backoff.next_delay());
             }
         }
     }
@@ -375,13 +373,13 @@ fn pull_loop(
     node: &str,
     pool: &str,
     capacity: u32,
-    stop: &AtomicBool,
+    stop: &Shutdown,
 ) {
-    let mut backoff = Duration::from_millis(200);
-    while !stop.load(Ordering::SeqCst) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    while !stop.is_triggered() {
         let free = capacity.saturating_sub(h.pool.in_flight() as u32);
         if free == 0 {
-            std::thread::sleep(Duration::from_millis(50));
+            stop.sleep(Duration::from_millis(50));
             continue;
         }
         let req = pb::PullRequest {
@@ -394,7 +392,7 @@ fn pull_loop(
         };
         match client.pull(req) {
             Ok(list) => {
-                backoff = Duration::from_millis(200);
+                backoff.reset();
                 for d in list {
                     let id = d.execution_id;
                     let attempt = Attempt(d.attempt);
@@ -416,9 +414,9 @@ fn pull_loop(
                 }
             }
             Err(e) => {
-                log::warn!(target: LOG, "pull from the scheduler failed: {e}; retrying in {backoff:?}");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let wait = backoff.next_delay();
+                log::warn!(target: LOG, "pull from the scheduler failed: {e}; retrying in {wait:?}");
+                stop.sleep(wait);
             }
         }
     }

@@ -296,7 +296,11 @@ pub(super) fn run(core: &Core, wake: &Receiver<()>) {
             }
         }
         if due.len() < 32 {
-            let _ = wake.recv_timeout(Duration::from_millis(500));
+            crossbeam_channel::select! {
+                recv(wake) -> _ => {}
+                recv(core.shutdown.channel()) -> _ => {}
+                default(Duration::from_millis(500)) => {}
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 //! HTTP and gRPC handlers call the methods here.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,7 +47,8 @@ pub struct Core {
     pub(super) deliveries: Vec<Arc<dyn Delivery>>,
     pub(super) kick_dispatch: Sender<()>,
     pub(super) kick_callbacks: Sender<()>,
-    pub(super) stopping: AtomicBool,
+    /// Triggered by `Scheduler::stop`; every loop waits on it.
+    pub(super) shutdown: crate::shutdown::Shutdown,
     pub followers: AtomicUsize,
     /// The scheduler's component threads, for `/healthz`.
     pub health: Arc<crate::supervise::Health>,
@@ -122,7 +123,7 @@ impl Core {
     }
 
     pub fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
+        self.shutdown.is_triggered()
     }
 
     pub(super) fn default_retry(&self) -> RetryPolicy {

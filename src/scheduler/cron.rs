@@ -24,7 +24,7 @@ pub(super) fn cron_ticker(core: &Core) {
             }
             Err(e) => log::warn!(target: LOG, "cannot read due cron tasks: {e}"),
         }
-        std::thread::sleep(tick);
+        core.shutdown.sleep(tick);
     }
 }
 

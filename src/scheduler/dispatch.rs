@@ -144,7 +144,12 @@ pub(super) fn dispatcher(core: &Core, wake: &Receiver<()>) {
         if busy {
             continue; // more may be due right now
         }
-        let _ = wake.recv_timeout(poll);
+        // Woken by new work, by shutdown, or at the next poll.
+        crossbeam_channel::select! {
+            recv(wake) -> _ => {}
+            recv(core.shutdown.channel()) -> _ => {}
+            default(poll) => {}
+        }
     }
 }
 

@@ -127,11 +127,13 @@ pub(super) fn ingest(core: &Core, reports: &Receiver<RunEvent>) {
     const BATCH: usize = 256;
     let mut batch = Vec::with_capacity(BATCH);
     loop {
-        match reports.recv_timeout(Duration::from_millis(200)) {
-            Ok(ev) => batch.push(ev),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) if core.stopping() => return,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        crossbeam_channel::select! {
+            recv(reports) -> ev => match ev {
+                Ok(ev) => batch.push(ev),
+                Err(_) => return, // every sender is gone
+            },
+            recv(core.shutdown.channel()) -> _ => return,
+            default(Duration::from_millis(200)) => continue,
         }
         if core.stopping() {
             return; // what is still running is recovered as lost on the next start

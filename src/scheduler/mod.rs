@@ -17,7 +17,7 @@ mod ingest;
 mod sweeper;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -113,7 +113,7 @@ impl Scheduler {
             deliveries,
             kick_dispatch,
             kick_callbacks,
-            stopping: AtomicBool::new(false),
+            shutdown: crate::shutdown::Shutdown::new(),
             followers: AtomicUsize::new(0),
             health: Arc::new(crate::supervise::Health::default()),
             node_table,
@@ -160,7 +160,7 @@ impl Scheduler {
     /// Stops intake first, then the loops. The caller stops its nodes afterwards: what they
     /// still run is no longer reported and ends up `lost` (or retried) on the next start.
     pub fn stop(mut self) {
-        self.core.stopping.store(true, Ordering::SeqCst);
+        self.core.shutdown.trigger();
         if let Some(h) = self.http.take() {
             h.stop();
         }

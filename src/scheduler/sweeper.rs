@@ -137,8 +137,5 @@ pub(super) fn sweeper(core: &Core) {
 }
 
 fn sleep_or_stop(core: &Core, d: Duration) {
-    let deadline = std::time::Instant::now() + d;
-    while !core.stopping() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    core.shutdown.sleep(d);
 }
