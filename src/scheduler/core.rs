@@ -19,6 +19,7 @@ use crate::delivery::Delivery;
 use crate::model::{Attempt, DeliveryPath, ExecutionId, NodeRole, Status, TaskId};
 use crate::now_ms;
 use crate::registry::{NodeInfo, NodeTable};
+use crate::shutdown::Backoff;
 use crate::store::{CancelOutcome, Created, Finish, NewTask, Store};
 
 /// How the built-in node of `--mode all` describes itself (in etcd and `GET /api/v1/nodes`).
@@ -496,6 +497,7 @@ impl Core {
         // Other errors get ten tries.
         let mut res = self.store.finish(&items, now);
         let mut tries = 0u32;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut last_log = std::time::Instant::now() - Duration::from_secs(60);
         loop {
             match &res {
@@ -512,7 +514,7 @@ impl Core {
                         log::warn!(target: LOG, "{} outcomes not stored yet: {e}; retrying", items.len());
                         last_log = std::time::Instant::now();
                     }
-                    std::thread::sleep(Duration::from_millis((100u64 << tries.min(5)).min(2_000)));
+                    self.shutdown.sleep(backoff.next_delay());
                     tries += 1;
                     res = self.store.finish(&items, now_ms());
                 }
