@@ -91,6 +91,15 @@ PY
 fi
 
 cargo build --all-targets --locked
+# Lints: warnings are errors. The clippy component is added when missing (where rustup is).
+if ! cargo clippy --version >/dev/null 2>&1 && have rustup; then
+    rustup component add clippy
+fi
+if cargo clippy --version >/dev/null 2>&1; then
+    cargo clippy --all-targets --locked -- -D warnings
+else
+    echo "test.sh: cargo clippy is not available (no rustup to add it); lints skipped" >&2
+fi
 cargo test --locked -- --test-threads="${ETASK_TEST_THREADS:-4}"
 # The pool's suites once more: without cgroups (the environment-token fallback), on cgroup v1
 # only, and spawning with clone(CLONE_VM|CLONE_VFORK) as on kernels without clone3.

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::model::{CronMissed, DeliveryPath};
 use crate::runner::{CgroupConfig, CgroupWant, Limits, LogLimits, PoolConfig, Rlimits, RunAs};
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -174,7 +175,8 @@ pub struct ExecutorConfig {
     /// The scheduler's gRPC URL, e.g. "http://10.0.0.5:9090".
     pub scheduler: String,
     pub pool: String,
-    /// "push" (the scheduler calls this node) or "pull" (it long-polls the scheduler).
+    /// push (the scheduler calls this node) or pull (it long-polls the scheduler): a
+    /// `DeliveryPath` name, read through `delivery_path`.
     pub path: String,
     /// Where the executor serves Execute/Cancel (push).
     pub grpc_listen: String,
@@ -187,12 +189,20 @@ pub struct ExecutorConfig {
     pub token: String,
 }
 
+impl ExecutorConfig {
+    /// `path` as a delivery path: push or pull, `None` for anything else (which
+    /// `Config::check_values` refuses).
+    pub fn delivery_path(&self) -> Option<DeliveryPath> {
+        DeliveryPath::from_name(&self.path).filter(|p| p.is_grpc())
+    }
+}
+
 impl Default for ExecutorConfig {
     fn default() -> Self {
         ExecutorConfig {
             scheduler: "http://127.0.0.1:9090".into(),
             pool: "default".into(),
-            path: "push".into(),
+            path: DeliveryPath::Push.as_str().into(),
             grpc_listen: "127.0.0.1:9091".into(),
             advertise: String::new(),
             node_id: String::new(),
@@ -337,23 +347,6 @@ pub struct NodeConfig {
     pub limit_cpu_millicores: u64,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            scheduler: SchedulerConfig::default(),
-            callbacks: CallbackConfig::default(),
-            node: NodeConfig::default(),
-            registry: RegistryConfig::default(),
-            executor: ExecutorConfig::default(),
-            kafka: KafkaConfig::default(),
-            agent: AgentConfig::default(),
-            tls: TlsConfig::default(),
-            security: SecurityConfig::default(),
-        }
-    }
-}
-
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -377,6 +370,13 @@ impl Default for ServerConfig {
     }
 }
 
+impl SchedulerConfig {
+    /// `cron_missed` as the model's policy (`once` for a name `Config::check_values` refuses).
+    pub fn missed_fires(&self) -> CronMissed {
+        CronMissed::from_name(&self.cron_missed).unwrap_or(CronMissed::Once)
+    }
+}
+
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
@@ -385,7 +385,7 @@ impl Default for SchedulerConfig {
             node_silent_after_ms: 3_000,
             default_timeout_seconds: 3_600,
             default_max_attempts: 1,
-            cron_missed: "once".into(),
+            cron_missed: CronMissed::Once.as_str().into(),
             retention_days: 30,
             no_node_timeout_seconds: 300,
             timezone: "UTC".into(),
@@ -805,7 +805,9 @@ impl Config {
                 )?;
             }
         }
-        if matches!(mode, None | Some(Mode::Executor)) && self.executor.path == "push" {
+        if matches!(mode, None | Some(Mode::Executor))
+            && self.executor.delivery_path() == Some(DeliveryPath::Push)
+        {
             check_listener(
                 "executor.grpc_listen",
                 &self.executor.grpc_listen,
@@ -841,9 +843,11 @@ impl Config {
             crate::store::check_url(&self.server.store)
                 .map_err(|e| format!("server.store: {e}"))?;
         }
-        if !matches!(self.executor.path.as_str(), "push" | "pull") {
+        if self.executor.delivery_path().is_none() {
             return Err(format!(
-                "executor.path must be \"push\" or \"pull\", not {:?}",
+                "executor.path must be {:?} or {:?}, not {:?}",
+                DeliveryPath::Push.as_str(),
+                DeliveryPath::Pull.as_str(),
                 self.executor.path
             ));
         }
@@ -878,7 +882,7 @@ impl Config {
                 self.kafka.brokers
             ));
         }
-        if !matches!(self.scheduler.cron_missed.as_str(), "once" | "skip") {
+        if CronMissed::from_name(&self.scheduler.cron_missed).is_none() {
             return Err(format!(
                 "scheduler.cron_missed must be \"once\" or \"skip\", not {:?}",
                 self.scheduler.cron_missed
@@ -1089,7 +1093,8 @@ impl Config {
     /// The TLS material for the gRPC runtime.
     pub fn grpc_tls(&self) -> Result<crate::delivery::grpc::Tls, String> {
         let mut t =
-            crate::delivery::grpc::Tls::from_files(&self.tls.cert, &self.tls.key, &self.tls.ca)?;
+            crate::delivery::grpc::Tls::from_files(&self.tls.cert, &self.tls.key, &self.tls.ca)
+                .map_err(|e| e.to_string())?;
         if self.tls.client_auth {
             if t.ca.is_none() || t.identity.is_none() {
                 return Err("tls.client_auth needs tls.ca, tls.cert and tls.key".into());
@@ -1124,7 +1129,7 @@ impl Config {
                 open_files: opt(n.rlimit_open_files),
                 processes: opt(n.rlimit_processes),
             },
-            run_as: (n.run_as_uid >= 0).then(|| RunAs {
+            run_as: (n.run_as_uid >= 0).then_some(RunAs {
                 uid: n.run_as_uid as u32,
                 gid: n.run_as_gid as u32,
             }),

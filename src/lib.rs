@@ -6,6 +6,7 @@ pub mod cron;
 pub mod logging;
 pub mod model;
 pub mod runner;
+pub mod shutdown;
 pub mod signals;
 pub mod store;
 pub mod supervise;
@@ -71,6 +72,18 @@ pub mod scheduler;
 pub mod sd_notify;
 pub mod server;
 
+/// A lock file cannot be opened, or another live process holds it (the message names it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct LockError(pub String);
+
+/// Back to its message, for callers that still carry errors as text.
+impl From<LockError> for String {
+    fn from(e: LockError) -> String {
+        e.0
+    }
+}
+
 /// An exclusive advisory lock (`flock`) on `path`, created if missing, held until the returned
 /// file is dropped (or the process dies: a killed process never leaves it held). `what` names
 /// the resource in the error, which also names the process holding it; `fix` says what to do.
@@ -78,6 +91,14 @@ pub mod server;
 /// # Errors
 /// When the file cannot be opened, or another process holds the lock.
 pub fn lock_exclusive(
+    path: &std::path::Path,
+    what: &str,
+    fix: &str,
+) -> Result<std::fs::File, LockError> {
+    lock_exclusive_inner(path, what, fix).map_err(LockError)
+}
+
+fn lock_exclusive_inner(
     path: &std::path::Path,
     what: &str,
     fix: &str,

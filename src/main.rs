@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use argh::FromArgs;
 use etask::client::ClientError;
-use etask::model::ExecutionId;
+use etask::model::{DeliveryPath, ExecutionId};
 use etask::runner::{
     Ending, Outcome, Pool, PoolConfig, Program, RunEvent, RunRequest, ShellKind, Stream,
 };
@@ -840,13 +840,15 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
     if c.max_attempts == Some(0) {
         return Err(Fail::usage("--max-attempts must be at least 1"));
     }
-    let path = c.path.as_deref().unwrap_or("local");
-    if !matches!(path, "local" | "push" | "pull" | "agent") {
-        return Err(Fail::usage(format!(
-            "--path takes local, push, pull or agent, not {path:?}"
-        )));
-    }
-    if path == "local" && c.pool.is_some() {
+    let path = match c.path.as_deref() {
+        None => DeliveryPath::Local,
+        Some(p) => DeliveryPath::from_name(p).ok_or_else(|| {
+            Fail::usage(format!(
+                "--path takes local, push, pull or agent, not {p:?}"
+            ))
+        })?,
+    };
+    if path == DeliveryPath::Local && c.pool.is_some() {
         return Err(Fail::usage("--pool goes with --path push, pull or agent"));
     }
     let name = c.name.clone().unwrap_or_else(|| {
@@ -881,7 +883,7 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
     if let Some(r) = &c.request_id {
         body["request_id"] = json!(r);
     }
-    if path != "local" {
+    if path != DeliveryPath::Local {
         body["target"] = json!({"path": path, "pool": c.pool.as_deref().unwrap_or("default")});
     }
     // Signals are blocked before any thread starts: Ctrl-C during --wait cancels the execution.

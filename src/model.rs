@@ -1,6 +1,8 @@
-//! The task and execution model: identifiers, statuses and the legal transitions between them.
-//! Pure data and rules, no I/O: the store enforces these transitions with compare-and-set, the
-//! scheduler and nodes only ever move an execution through `Status::transition`.
+//! The task and execution model: identifiers, statuses and the legal transitions between them,
+//! and the closed sets of names every layer shares (delivery paths, routing strategies, node
+//! roles, server modes, cron policies), each spelled once here. Pure data and rules, no I/O: the
+//! store enforces the transitions with compare-and-set (`store::sql::Cas`), built from
+//! `Status::can_move_to`.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -176,6 +178,162 @@ impl fmt::Display for Status {
     }
 }
 
+/// A name outside a closed set (a path, strategy, role, …): what was given and what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {given:?}; use one of {allowed}")]
+pub struct UnknownName {
+    /// Which set: "path", "strategy", …
+    pub what: &'static str,
+    pub given: String,
+    /// The allowed names, comma-separated.
+    pub allowed: String,
+}
+
+/// A closed set of names: the enum, its one string mapping (`as_str`), and `FromStr`,
+/// `Display`, `Serialize`, `Deserialize` all derived from that mapping, so a name is spelled
+/// once.
+macro_rules! names {
+    ($(#[$doc:meta])* $name:ident, $what:literal { $($body:tt)* }) => {
+        names!(@enum $(#[$doc])* $name { $($body)* });
+
+        impl std::str::FromStr for $name {
+            type Err = UnknownName;
+            fn from_str(s: &str) -> Result<$name, UnknownName> {
+                $name::from_name(s).ok_or_else(|| UnknownName {
+                    what: $what,
+                    given: s.to_owned(),
+                    allowed: $name::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", "),
+                })
+            }
+        }
+    };
+    // Without `FromStr`: the type writes its own (a message that is part of the CLI's output).
+    (@enum $(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            /// Every member, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The member's name on every wire (JSON, TOML, SQL, CLI).
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+
+            /// The member named `s`, if any.
+            pub fn from_name(s: &str) -> Option<$name> {
+                $name::ALL.iter().copied().find(|v| v.as_str() == s)
+            }
+        }
+
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<$name, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+names!(
+    /// How an execution reaches its node (`target.path`; README "The paths to a node").
+    DeliveryPath, "target.path" {
+        /// The built-in node of `--mode all`, in-process.
+        Local = "local",
+        /// gRPC: the scheduler calls the executor's `Execute`.
+        Push = "push",
+        /// gRPC: the executor long-polls the scheduler.
+        Pull = "pull",
+        /// Kafka: the agents of a pool consume its dispatch topic.
+        Agent = "agent",
+    }
+);
+
+impl DeliveryPath {
+    /// The gRPC paths, where executors register and routing strategies apply.
+    pub fn is_grpc(self) -> bool {
+        matches!(self, DeliveryPath::Push | DeliveryPath::Pull)
+    }
+}
+
+names!(
+    /// How the push path picks a node of the pool (`target.strategy`).
+    Strategy, "target.strategy" {
+        RoundRobin = "round_robin",
+        Random = "random",
+        LeastBusy = "least_busy",
+        /// Same `target.key` → same node while it lives (rendezvous hashing).
+        ConsistentHash = "consistent_hash",
+        /// The node named by `target.node`.
+        Pinned = "pinned",
+        /// One execution per live node of the pool, each told its shard.
+        Broadcast = "broadcast",
+    }
+);
+
+names!(
+    /// What a node registers as (`/etask/nodes/<role>/…` in etcd).
+    NodeRole, "role" {
+        /// A gRPC node (push or pull), or the built-in node of `--mode all`.
+        Executor = "executor",
+        /// A Kafka consumer node.
+        Agent = "agent",
+    }
+);
+
+names!(
+    /// What a cron task does with fires missed while no scheduler ran
+    /// (`[scheduler] cron_missed`).
+    CronMissed, "scheduler.cron_missed" {
+        /// One catch-up fire, then on schedule.
+        Once = "once",
+        /// No catch-up: the fire time moves on.
+        Skip = "skip",
+    }
+);
+
+names!(@enum
+    /// The roles `etask server --mode` runs.
+    Mode {
+        Scheduler = "scheduler",
+        Agent = "agent",
+        Executor = "executor",
+        /// All three in one process.
+        All = "all",
+    }
+);
+
+/// A `--mode` that is none of the server's modes (argh prints the message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown mode {0:?}: use scheduler, agent, executor or all")]
+pub struct UnknownMode(pub String);
+
+impl std::str::FromStr for Mode {
+    type Err = UnknownMode;
+    fn from_str(s: &str) -> Result<Mode, UnknownMode> {
+        Mode::from_name(s).ok_or_else(|| UnknownMode(s.to_owned()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,5 +370,35 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", s.as_str()));
         }
         assert_eq!(Status::parse("bogus"), None);
+    }
+
+    #[test]
+    fn closed_names_round_trip_through_str_and_json() {
+        fn check<T>(all: &[T])
+        where
+            T: Copy + PartialEq + fmt::Debug + fmt::Display + Serialize,
+            T: std::str::FromStr<Err = UnknownName> + for<'de> Deserialize<'de>,
+        {
+            for &v in all {
+                let name = v.to_string();
+                assert_eq!(name.parse::<T>(), Ok(v));
+                assert_eq!(serde_json::to_string(&v).unwrap(), format!("{name:?}"));
+                assert_eq!(serde_json::from_str::<T>(&format!("{name:?}")).unwrap(), v);
+            }
+            assert!("bogus".parse::<T>().is_err());
+            assert!(serde_json::from_str::<T>("\"bogus\"").is_err());
+        }
+        check(DeliveryPath::ALL);
+        check(Strategy::ALL);
+        check(NodeRole::ALL);
+        check(CronMissed::ALL);
+        for &m in Mode::ALL {
+            assert_eq!(m.to_string().parse::<Mode>(), Ok(m));
+        }
+        let e = "sideways".parse::<DeliveryPath>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown target.path \"sideways\"; use one of local, push, pull, agent"
+        );
     }
 }

@@ -8,41 +8,23 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::delivery::local::Local;
 use crate::delivery::Delivery;
+use crate::model::DeliveryPath;
 use crate::registry::{NodeTable, Registration};
 use crate::runner::Pool;
 use crate::scheduler::Scheduler;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Scheduler,
-    Agent,
-    Executor,
-    All,
-}
+/// The roles `etask server --mode` runs (the names live in the model).
+pub use crate::model::Mode;
 
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Mode::Scheduler => "scheduler",
-            Mode::Agent => "agent",
-            Mode::Executor => "executor",
-            Mode::All => "all",
-        })
-    }
-}
+/// `etask server` could not start or stopped on an error; the message says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ServerError(pub String);
 
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Mode, String> {
-        match s {
-            "scheduler" => Ok(Mode::Scheduler),
-            "agent" => Ok(Mode::Agent),
-            "executor" => Ok(Mode::Executor),
-            "all" => Ok(Mode::All),
-            _ => Err(format!(
-                "unknown mode {s:?}: use scheduler, agent, executor or all"
-            )),
-        }
+/// Back to its message, for callers that still carry errors as text.
+impl From<ServerError> for String {
+    fn from(e: ServerError) -> String {
+        e.0
     }
 }
 
@@ -64,6 +46,13 @@ fn node_id() -> String {
 pub fn open_journal(
     cfg: &Config,
     node: &str,
+) -> Result<(Arc<crate::runner::StartJournal>, crate::runner::Previous), ServerError> {
+    open_journal_inner(cfg, node).map_err(ServerError)
+}
+
+fn open_journal_inner(
+    cfg: &Config,
+    node: &str,
 ) -> Result<(Arc<crate::runner::StartJournal>, crate::runner::Previous), String> {
     crate::config::prepare_state_dir(&cfg.server.data_dir, cfg.node.run_as_uid >= 0)?;
     let path = cfg.server.data_dir.join("start.journal");
@@ -80,7 +69,10 @@ fn recover_local(core: &crate::scheduler::Core, prev: &crate::runner::Previous) 
     let Some(started) = &prev.started else {
         return;
     };
-    let held = match core.store.unstarted("local", &prev.node, i64::MAX, 100_000) {
+    let held = match core
+        .store
+        .unstarted(DeliveryPath::Local, &prev.node, i64::MAX, 100_000)
+    {
         Ok(h) => h,
         Err(e) => {
             log::warn!(target: "etask::server", "cannot look for the crashed node's unstarted work: {e}");
@@ -95,10 +87,22 @@ fn recover_local(core: &crate::scheduler::Core, prev: &crate::runner::Previous) 
 }
 
 /// Runs until `stop` yields (SIGTERM/SIGINT in the CLI), then shuts down in order.
-pub fn run(mode: Mode, cfg: Config, stop: crossbeam_channel::Receiver<i32>) -> Result<(), String> {
+pub fn run(
+    mode: Mode,
+    cfg: Config,
+    stop: crossbeam_channel::Receiver<i32>,
+) -> Result<(), ServerError> {
+    run_inner(mode, cfg, stop).map_err(ServerError)
+}
+
+fn run_inner(
+    mode: Mode,
+    cfg: Config,
+    stop: crossbeam_channel::Receiver<i32>,
+) -> Result<(), String> {
     match mode {
-        Mode::Agent => return crate::node::agent::run(cfg, stop),
-        Mode::Executor => return crate::node::executor::run(cfg, stop),
+        Mode::Agent => return Ok(crate::node::agent::run(cfg, stop)?),
+        Mode::Executor => return Ok(crate::node::executor::run(cfg, stop)?),
         Mode::Scheduler | Mode::All => {}
     }
     crate::scheduler::http::check_listen(&cfg)?;

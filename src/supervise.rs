@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::shutdown::Backoff;
+
 const LOG: &str = "etask::supervise";
 
 /// The state of one component thread.
@@ -91,7 +93,7 @@ pub fn spawn(
     let n = name.to_owned();
     health.update(&n, |c| c.running = true);
     std::thread::Builder::new().name(n.clone()).spawn(move || {
-        let mut pause = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&body)) {
                 Ok(()) => {
@@ -100,6 +102,7 @@ pub fn spawn(
                 }
                 Err(p) => {
                     let msg = panic_message(p.as_ref());
+                    let pause = backoff.next_delay();
                     log::error!(target: LOG, "component={n} panicked: {msg}; restarting in {} ms", pause.as_millis());
                     health.update(&n, |c| {
                         c.restarts += 1;
@@ -110,7 +113,6 @@ pub fn spawn(
                         return;
                     }
                     std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_secs(10));
                 }
             }
         }

@@ -922,7 +922,8 @@ fn push_cancel_before_and_during_execute_and_tokens() {
     let bad = ExecutorClient::new(&rt, &url, "wrong").unwrap();
     let err = bad
         .execute(dispatch_to_pb(&d, etask::now_ms()))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("wrong token"), "{err}");
     let none = ExecutorClient::new(&rt, &url, "").unwrap();
     assert!(

@@ -5,16 +5,17 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use etask::model::{DeliveryPath, NodeRole};
 use etask::registry::etcd::Etcd;
 use etask::registry::{NodeInfo, NodeTable, Registration};
 
 fn node(id: &str) -> NodeInfo {
     NodeInfo {
         id: id.into(),
-        role: "executor".into(),
+        role: NodeRole::Executor,
         pool: "core".into(),
         address: Some("127.0.0.1:1".into()),
-        path: "push".into(),
+        path: DeliveryPath::Push,
         handlers: vec!["shell".into()],
         capacity: 8,
         running: 0,

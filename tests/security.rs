@@ -232,7 +232,7 @@ fn silent_and_endless_clients_starve_nobody() {
     for (i, c) in held.iter_mut().enumerate() {
         c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut b = [0u8; 512];
-        let closed = matches!(c.read(&mut b), Ok(_)); // an error answer then EOF, or EOF
+        let closed = c.read(&mut b).is_ok(); // an error answer then EOF, or EOF
         assert!(closed, "silent connection {i} still open");
     }
     // A header line without an end is not buffered without limit.

@@ -5,7 +5,7 @@ mod support;
 
 use std::sync::Arc;
 
-use etask::model::{Attempt, ExecutionId, Overlap, Status, TaskId};
+use etask::model::{Attempt, DeliveryPath, ExecutionId, Overlap, Status, TaskId};
 use etask::store::{self, CancelOutcome, Finish, Fire, NewTask, Store};
 use serde_json::json;
 
@@ -44,7 +44,7 @@ fn once(name: &str, rid: Option<&str>) -> NewTask {
         cron: None,
         first_due_at: Some(1_000),
         deadline_ms: Some(60_000),
-        path: "local".into(),
+        path: DeliveryPath::Local,
         pool: String::new(),
     }
 }
@@ -78,13 +78,17 @@ fn claim_is_exclusive_and_attempts_fence_reports() {
         let c = s.create_task(&once("t", None), 1_000).unwrap();
         let e = c.execution_id.unwrap();
         assert!(
-            s.claim_due(500, 10, "n1", "local").unwrap().is_empty(),
+            s.claim_due(500, 10, "n1", DeliveryPath::Local)
+                .unwrap()
+                .is_empty(),
             "not due yet"
         );
-        let got = s.claim_due(1_000, 10, "n1", "local").unwrap();
+        let got = s.claim_due(1_000, 10, "n1", DeliveryPath::Local).unwrap();
         assert_eq!(got.len(), 1);
         assert!(
-            s.claim_due(1_000, 10, "n2", "local").unwrap().is_empty(),
+            s.claim_due(1_000, 10, "n2", DeliveryPath::Local)
+                .unwrap()
+                .is_empty(),
             "claimed once only"
         );
         assert!(
@@ -111,7 +115,7 @@ fn claim_is_exclusive_and_attempts_fence_reports() {
         );
         assert_eq!(s.promote_retries(1_500).unwrap(), 0);
         assert_eq!(s.promote_retries(2_000).unwrap(), 1);
-        let got = s.claim_due(2_000, 10, "n1", "local").unwrap();
+        let got = s.claim_due(2_000, 10, "n1", DeliveryPath::Local).unwrap();
         assert_eq!(got[0].attempt, Attempt(2));
         // A late report from attempt 1 does not touch attempt 2.
         let ok = Finish {
@@ -176,7 +180,10 @@ fn cancel_is_idempotent_and_pending_work_is_not_claimed() {
                 ..
             }
         ));
-        assert!(s.claim_due(5_000, 10, "n", "local").unwrap().is_empty());
+        assert!(s
+            .claim_due(5_000, 10, "n", DeliveryPath::Local)
+            .unwrap()
+            .is_empty());
         assert_eq!(
             s.cancel(ExecutionId(999_999), 1).unwrap(),
             CancelOutcome::NotFound
@@ -216,7 +223,7 @@ fn forbid_skips_and_counts_fires_while_the_previous_execution_lives() {
         assert_eq!((first.created.len(), first.skipped), (1, 0));
         // Pending, then running: both skip.
         assert_eq!(fire_at(&*s, t, 2, Overlap::Forbid).skipped, 1);
-        let c = s.claim_due(2_500, 10, "n1", "local").unwrap();
+        let c = s.claim_due(2_500, 10, "n1", DeliveryPath::Local).unwrap();
         assert_eq!(c.len(), 1);
         s.mark_running(&[(c[0].id, c[0].attempt)], None, 2_600, 2_600)
             .unwrap();
@@ -243,7 +250,7 @@ fn queue_keeps_one_waiting_execution_that_is_claimed_after_the_previous_ends() {
     for s in backends("queue") {
         let t = cron_task(&*s, 1_000);
         fire_at(&*s, t, 1, Overlap::Queue);
-        let c = s.claim_due(1_500, 10, "n1", "local").unwrap();
+        let c = s.claim_due(1_500, 10, "n1", DeliveryPath::Local).unwrap();
         s.mark_running(&[(c[0].id, c[0].attempt)], None, 1_600, 1_600)
             .unwrap();
         let waiting = fire_at(&*s, t, 2, Overlap::Queue);
@@ -254,7 +261,9 @@ fn queue_keeps_one_waiting_execution_that_is_claimed_after_the_previous_ends() {
             "only one may wait"
         );
         assert!(
-            s.claim_due(3_500, 10, "n1", "local").unwrap().is_empty(),
+            s.claim_due(3_500, 10, "n1", DeliveryPath::Local)
+                .unwrap()
+                .is_empty(),
             "the waiting execution started while the previous one runs ({})",
             s.describe()
         );
@@ -263,7 +272,7 @@ fn queue_keeps_one_waiting_execution_that_is_claimed_after_the_previous_ends() {
             ..Finish::default()
         };
         finish1(&*s, c[0].id, c[0].attempt, &ok, 3_600);
-        let next = s.claim_due(3_700, 10, "n1", "local").unwrap();
+        let next = s.claim_due(3_700, 10, "n1", DeliveryPath::Local).unwrap();
         assert_eq!(
             next.iter().map(|c| c.id).collect::<Vec<_>>(),
             waiting.created
@@ -276,7 +285,7 @@ fn replace_cancels_the_running_execution_and_starts_the_new_one() {
     for s in backends("replace") {
         let t = cron_task(&*s, 1_000);
         let first = fire_at(&*s, t, 1, Overlap::Replace);
-        let c = s.claim_due(1_500, 10, "n1", "local").unwrap();
+        let c = s.claim_due(1_500, 10, "n1", DeliveryPath::Local).unwrap();
         s.mark_running(&[(c[0].id, c[0].attempt)], None, 1_600, 1_600)
             .unwrap();
         let second = fire_at(&*s, t, 2, Overlap::Replace);
@@ -289,7 +298,7 @@ fn replace_cancels_the_running_execution_and_starts_the_new_one() {
         assert_eq!(old.status, Status::Cancelled);
         assert!(old.error.unwrap().contains("replaced"));
         assert_eq!(
-            s.claim_due(2_500, 10, "n1", "local").unwrap()[0].id,
+            s.claim_due(2_500, 10, "n1", DeliveryPath::Local).unwrap()[0].id,
             second.created[0]
         );
     }
@@ -304,7 +313,9 @@ fn broadcast_fires_apply_the_policy_per_node() {
         f.nodes = Some(&nodes);
         assert_eq!(s.fire_cron(&f, 1_000).unwrap().unwrap().created.len(), 2);
         // Node a's run ends; b's has not: the next fire runs on a only.
-        let a = s.claim_due_in(1_500, 10, "a", "local", Some("")).unwrap();
+        let a = s
+            .claim_due_in(1_500, 10, "a", DeliveryPath::Local, Some(""))
+            .unwrap();
         let a = a
             .iter()
             .find(|c| c.pin_node.as_deref() == Some("a"))
@@ -462,7 +473,7 @@ fn silent_executions_are_found_by_heartbeat() {
             .unwrap()
             .execution_id
             .unwrap();
-        s.claim_due(1_000, 10, "n1", "local").unwrap();
+        s.claim_due(1_000, 10, "n1", DeliveryPath::Local).unwrap();
         assert!(s.silent(1_000, 1_000, 10).unwrap().is_empty());
         assert_eq!(s.heartbeat("n1", 5_000).unwrap(), 1);
         assert!(s.silent(5_000, 5_000, 10).unwrap().is_empty());
@@ -600,13 +611,13 @@ fn two_stores_on_one_mysql_never_claim_the_same_execution() {
     let (ca, cb) = std::thread::scope(|sc| {
         let ha = sc.spawn(|| {
             (0..50)
-                .flat_map(|_| a.claim_due(1_000, 7, "a", "local").unwrap())
+                .flat_map(|_| a.claim_due(1_000, 7, "a", DeliveryPath::Local).unwrap())
                 .map(|c| c.id)
                 .collect::<Vec<_>>()
         });
         let hb = sc.spawn(|| {
             (0..50)
-                .flat_map(|_| b.claim_due(1_000, 7, "b", "local").unwrap())
+                .flat_map(|_| b.claim_due(1_000, 7, "b", DeliveryPath::Local).unwrap())
                 .map(|c| c.id)
                 .collect::<Vec<_>>()
         });
@@ -639,7 +650,12 @@ fn one_batch_finishes_several_attempts_and_skips_stale_ones() {
             .unwrap()
             .execution_id
             .unwrap();
-        assert_eq!(s.claim_due(1_000, 10, "n", "local").unwrap().len(), 2);
+        assert_eq!(
+            s.claim_due(1_000, 10, "n", DeliveryPath::Local)
+                .unwrap()
+                .len(),
+            2
+        );
         assert_eq!(
             s.mark_running(
                 &[(a, Attempt(1)), (b, Attempt(1)), (b, Attempt(7))],
@@ -703,7 +719,7 @@ fn purge_removes_only_old_finished_executions_and_their_logs() {
             .unwrap()
             .execution_id
             .unwrap();
-        s.claim_due(1_000, 3, "n", "local").unwrap(); // old, new, waiting... claims in id order
+        s.claim_due(1_000, 3, "n", DeliveryPath::Local).unwrap(); // old, new, waiting... claims in id order
         let ok = Finish {
             status: Some(Status::Succeeded),
             ..Finish::default()
@@ -718,7 +734,7 @@ fn purge_removes_only_old_finished_executions_and_their_logs() {
             1_500,
         )
         .unwrap();
-        s.claim_due(1_000, 10, "n", "local").unwrap();
+        s.claim_due(1_000, 10, "n", DeliveryPath::Local).unwrap();
         let with_cb = Finish {
             callback_url: Some("http://127.0.0.1:1/".into()),
             ..ok
@@ -744,11 +760,11 @@ fn purge_removes_only_old_finished_executions_and_their_logs() {
 fn each_path_claims_only_its_own_executions() {
     for s in backends("paths") {
         let mut push = once("p", None);
-        push.path = "push".into();
+        push.path = DeliveryPath::Push;
         let p = s.create_task(&push, 1_000).unwrap();
         let l = s.create_task(&once("l", None), 1_000).unwrap();
         let got: Vec<_> = s
-            .claim_due(1_000, 10, "push", "push")
+            .claim_due(1_000, 10, "push", DeliveryPath::Push)
             .unwrap()
             .into_iter()
             .map(|c| c.id)
@@ -756,7 +772,7 @@ fn each_path_claims_only_its_own_executions() {
         assert_eq!(got, vec![p.execution_id.unwrap()], "{}", s.describe());
         let again = s.add_execution(p.task_id, 1_000, None, 1_000).unwrap();
         let got: Vec<_> = s
-            .claim_due(1_000, 10, "n", "local")
+            .claim_due(1_000, 10, "n", DeliveryPath::Local)
             .unwrap()
             .into_iter()
             .map(|c| c.id)
@@ -766,7 +782,10 @@ fn each_path_claims_only_its_own_executions() {
             vec![l.execution_id.unwrap()],
             "a run-now execution keeps its task's path"
         );
-        assert_eq!(s.claim_due(1_000, 10, "push", "push").unwrap()[0].id, again);
+        assert_eq!(
+            s.claim_due(1_000, 10, "push", DeliveryPath::Push).unwrap()[0].id,
+            again
+        );
     }
 }
 
@@ -774,7 +793,7 @@ fn each_path_claims_only_its_own_executions() {
 fn work_no_node_took_fails_after_the_wait() {
     for s in backends("unplaced") {
         let mut push = once("p", None);
-        push.path = "push".into();
+        push.path = DeliveryPath::Push;
         push.spec = json!({"name": "p", "callback_url": "http://127.0.0.1:9/cb", "program": {"kind": "shell", "code": "true"}});
         let e = s.create_task(&push, 1_000).unwrap().execution_id.unwrap();
         let local = s
@@ -783,13 +802,13 @@ fn work_no_node_took_fails_after_the_wait() {
             .execution_id
             .unwrap();
         assert!(
-            s.fail_unplaced("push", 500, "no node", 2_000, 10)
+            s.fail_unplaced(DeliveryPath::Push, 500, "no node", 2_000, 10)
                 .unwrap()
                 .is_empty(),
             "not waiting long enough yet"
         );
         assert_eq!(
-            s.fail_unplaced("push", 1_500, "no node", 2_000, 10)
+            s.fail_unplaced(DeliveryPath::Push, 1_500, "no node", 2_000, 10)
                 .unwrap(),
             vec![e]
         );
@@ -815,14 +834,23 @@ fn work_no_node_took_fails_after_the_wait() {
 fn unstarted_dispatches_are_requeued_under_the_next_attempt() {
     for s in backends("requeue") {
         let mut t = once("a", None);
-        t.path = "agent".into();
+        t.path = DeliveryPath::Agent;
         let c = s.create_task(&t, 1_000).unwrap();
         let e = c.execution_id.unwrap();
         // Claimed under the placeholder node at 1_000; nothing started it.
-        assert_eq!(s.claim_due(1_000, 10, "agent", "agent").unwrap().len(), 1);
-        assert!(s.unstarted("agent", "agent", 1_000, 10).unwrap().is_empty());
         assert_eq!(
-            s.unstarted("agent", "agent", 5_000, 10).unwrap(),
+            s.claim_due(1_000, 10, "agent", DeliveryPath::Agent)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(s
+            .unstarted(DeliveryPath::Agent, "agent", 1_000, 10)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            s.unstarted(DeliveryPath::Agent, "agent", 5_000, 10)
+                .unwrap(),
             vec![(e, Attempt(1))],
             "{}",
             s.describe()
@@ -838,7 +866,9 @@ fn unstarted_dispatches_are_requeued_under_the_next_attempt() {
         assert_eq!(row.attempts[0].status, Status::Lost);
         assert_eq!(row.attempts[0].error.as_deref(), Some("expired"));
         // The old attempt's late reports are stale; the new one runs on the agent that starts it.
-        let claimed = s.claim_due(7_000, 10, "agent", "agent").unwrap();
+        let claimed = s
+            .claim_due(7_000, 10, "agent", DeliveryPath::Agent)
+            .unwrap();
         assert_eq!(claimed[0].attempt, Attempt(2));
         let fin = Finish {
             status: Some(Status::Succeeded),
@@ -946,7 +976,12 @@ fn only_attempts_recorded_not_started_are_free_of_the_retry_budget() {
     for s in backends("unstartedfree") {
         let c = s.create_task(&once("u", None), 1_000).unwrap();
         let e = c.execution_id.unwrap();
-        assert_eq!(s.claim_due(1_000, 10, "node-a", "local").unwrap().len(), 1);
+        assert_eq!(
+            s.claim_due(1_000, 10, "node-a", DeliveryPath::Local)
+                .unwrap()
+                .len(),
+            1
+        );
         // Another node holds it now: the crashed node-b cannot requeue it.
         assert!(!s
             .requeue_held(e, Attempt(1), "node-b", "not started: x", 2_000)
@@ -958,7 +993,9 @@ fn only_attempts_recorded_not_started_are_free_of_the_retry_budget() {
         assert_eq!(s.unstarted_attempts(e).unwrap(), 1, "{}", s.describe());
         // A lost attempt that may have started is not free.
         assert_eq!(
-            s.claim_due(3_000, 10, "node-a", "local").unwrap()[0].attempt,
+            s.claim_due(3_000, 10, "node-a", DeliveryPath::Local)
+                .unwrap()[0]
+                .attempt,
             Attempt(2)
         );
         let fin = Finish {
@@ -976,7 +1013,7 @@ fn resources_of_an_attempt_are_stored_shown_and_cleared_for_its_retry() {
     for s in backends("resources") {
         let c = s.create_task(&once("t", None), 1_000).unwrap();
         let e = c.execution_id.unwrap();
-        s.claim_due(1_000, 10, "n1", "local").unwrap();
+        s.claim_due(1_000, 10, "n1", DeliveryPath::Local).unwrap();
         s.mark_running(&[(e, Attempt(1))], None, 1_100, 1_100)
             .unwrap();
         let used = json!({"containment": "hybrid", "oom_killed": true, "cpu_user_ms": 12,
@@ -998,5 +1035,28 @@ fn resources_of_an_attempt_are_stored_shown_and_cleared_for_its_retry() {
         // The retry starts without the old attempt's figures.
         assert_eq!(s.promote_retries(2_000).unwrap(), 1);
         assert_eq!(s.get_execution(e).unwrap().unwrap().resources, None);
+    }
+}
+
+#[test]
+fn store_url_errors_never_print_the_password() {
+    for url in [
+        "mysql://etask:hunter2@127.0.0.1:3306",
+        "mysql://etask:hunter2@127.0.0.1:notaport/etask",
+        "mysql://etask:hunter2@127.0.0.1:1/etask",
+    ] {
+        let errors = [
+            store::check_url(url).err(),
+            store::open(url).err(),
+            store::create_database(url).err(),
+        ];
+        for e in errors.into_iter().flatten() {
+            let text = e.to_string();
+            assert!(!text.contains("hunter2"), "{url}: {text}");
+            assert!(
+                text.contains("etask"),
+                "{url}: the message still names the user: {text}"
+            );
+        }
     }
 }

@@ -417,14 +417,20 @@ fn executors_refuse_forged_tampered_expired_misbound_and_replayed_dispatches() {
         .unwrap();
     // Unsigned and forged cancels are ignored: the script keeps running.
     let (id, attempt) = (good.execution_id, good.attempt);
-    let err = client.cancel(id, attempt).unwrap_err();
+    let err = client.cancel(id, attempt).unwrap_err().to_string();
     assert!(err.contains("unsigned"), "{err}");
     let forged = stranger.stamp_cancel(id.0, attempt.0, Some("ex"), etask::now_ms(), 60_000);
-    let err = client.cancel_stamped(id, attempt, &forged).unwrap_err();
+    let err = client
+        .cancel_stamped(id, attempt, &forged)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("unknown key"), "{err}");
     let mut other = signer.stamp_cancel(id.0 + 1, attempt.0, Some("ex"), etask::now_ms(), 60_000);
     other.node = Some("ex".into());
-    let err = client.cancel_stamped(id, attempt, &other).unwrap_err();
+    let err = client
+        .cancel_stamped(id, attempt, &other)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("bad signature"), "{err}");
     std::thread::sleep(Duration::from_millis(500));
     assert!(pid_alive(pid), "a forged cancel stopped the script");

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use crossbeam_channel::Sender;
 
 use super::{Delivery, Dispatch, Refused};
-use crate::model::{Attempt, ExecutionId};
+use crate::model::{Attempt, DeliveryPath, ExecutionId};
 use crate::runner::{Pool, RunEvent, RunKey, SubmitError};
 use crate::trust::{NodeTrust, Refusal, Signer, GRPC_TTL_MS};
 
@@ -49,8 +49,8 @@ impl Local {
 }
 
 impl Delivery for Local {
-    fn path(&self) -> &'static str {
-        "local"
+    fn path(&self) -> DeliveryPath {
+        DeliveryPath::Local
     }
 
     fn node(&self) -> &str {

@@ -1,5 +1,5 @@
-//! How a claimed execution reaches a node: one `Delivery` implementation per path — `local`
-//! (the built-in node of `--mode all`), gRPC `push` (and the `pull` source), Kafka `agent`.
+//! How a claimed execution reaches a node: one `Delivery` implementation per `DeliveryPath` —
+//! local (the built-in node of `--mode all`), gRPC push (and the pull source), Kafka agent.
 //! Nodes report back as `RunEvent`s.
 
 pub mod grpc;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::model::{Attempt, ExecutionId, TaskId};
+use crate::model::{Attempt, DeliveryPath, ExecutionId, Strategy, TaskId};
 use crate::runner::{Ending, Outcome, Program, Resources, RunEvent};
 
 /// One attempt of an execution, as handed to a node.
@@ -96,7 +96,7 @@ impl Dispatch {
             return Ok(());
         }
         open.open_program(&mut self.program)
-            .map_err(crate::trust::Refusal::Sealed)
+            .map_err(|e| crate::trust::Refusal::Sealed(e.0))
     }
 
     /// The run the process pool executes for this dispatch.
@@ -115,7 +115,7 @@ impl Dispatch {
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Route {
-    pub strategy: Option<String>,
+    pub strategy: Option<Strategy>,
     pub node: Option<String>,
     pub key: Option<String>,
 }
@@ -131,14 +131,22 @@ pub enum Refused {
     Rejected(String),
 }
 
+/// What a task submission created (or found, for a repeated `request_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    pub task_id: TaskId,
+    /// The first execution (none for a cron task).
+    pub execution_id: Option<ExecutionId>,
+    /// The request id was seen before: these are the first call's ids.
+    pub existed: bool,
+    /// Every execution created (several for a broadcast).
+    pub executions: Vec<ExecutionId>,
+}
+
 /// The task API as transports other than HTTP expose it (implemented by the scheduler core).
 /// Errors are `(code, message)` with the HTTP API's codes.
 pub trait TaskApi: Send + Sync {
-    /// Returns (task id, first execution id, existed, all execution ids).
-    fn submit_json(
-        &self,
-        body: &[u8],
-    ) -> Result<(i64, Option<i64>, bool, Vec<i64>), (&'static str, String)>;
+    fn submit_json(&self, body: &[u8]) -> Result<Submitted, (&'static str, String)>;
     fn execution_json(&self, id: i64) -> Result<String, (&'static str, String)>;
     fn cancel_json(&self, id: i64) -> Result<String, (&'static str, String)>;
 }
@@ -167,12 +175,19 @@ pub enum Held {
     Not,
 }
 
+/// Reports a `ReportSink` could not store (yet); the message is the store's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotStored(pub String);
+
 /// Where transports that acknowledge what they received (Kafka offsets) hand node reports:
 /// each call returns once the store has them (implemented by the scheduler core).
 pub trait ReportSink: Send + Sync {
-    /// Applies reports of `node` (it started, logged, finished attempts). Err = not all of
-    /// it is stored yet; applying the same reports again is harmless.
-    fn apply(&self, node: &str, events: &[RunEvent]) -> Result<(), String>;
+    /// Applies reports of `node` (it started, logged, finished attempts).
+    ///
+    /// # Errors
+    /// Not all of it is stored yet; applying the same reports again is harmless.
+    fn apply(&self, node: &str, events: &[RunEvent]) -> Result<(), NotStored>;
     /// `node` still runs these attempts.
     fn alive(&self, node: &str, running: &[(ExecutionId, Attempt)]);
     /// `node` did not start this attempt (e.g. its dispatch had expired): dispatch it anew.
@@ -240,7 +255,7 @@ impl OutcomeWire {
 
 pub trait Delivery: Send + Sync {
     /// The `target.path` this delivery serves.
-    fn path(&self) -> &'static str;
+    fn path(&self) -> DeliveryPath;
     /// The node id executions are recorded under.
     fn node(&self) -> &str;
     /// How many more dispatches it would accept now.

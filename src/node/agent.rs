@@ -8,7 +8,6 @@
 //! whose attempt is in the spool is not run again. When the pool is full, consumption pauses.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,7 @@ use crate::model::{Attempt, ExecutionId};
 use crate::node::spool::{Spool, Taken};
 use crate::registry::{NodeInfo, Registration};
 use crate::runner::{Ending, Outcome, Pool, RunEvent, RunKey, SubmitError};
+use crate::shutdown::Shutdown;
 use crate::trust::{NodeTrust, Refusal};
 
 const LOG: &str = "etask::agent";
@@ -42,10 +42,10 @@ struct Agent {
     spool: Mutex<Spool>,
     /// Whom dispatches and cancels must come from, who this agent is, its pool keys.
     trust: NodeTrust,
-    /// Set on SIGTERM: take no more dispatches (running ones finish and are reported).
-    draining: AtomicBool,
-    /// Set when everything ends.
-    stop: AtomicBool,
+    /// Triggered on SIGTERM: take no more dispatches (running ones finish and are reported).
+    draining: Shutdown,
+    /// Triggered when everything ends.
+    stop: Shutdown,
 }
 
 impl Agent {
@@ -55,11 +55,11 @@ impl Agent {
     }
 
     fn draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst) || self.stopping()
+        self.draining.is_triggered() || self.stopping()
     }
 
     fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+        self.stop.is_triggered()
     }
 
     fn publish(&self, key: &str, msg: &EventMsg) {
@@ -177,7 +177,7 @@ impl Agent {
         if cancelled {
             log::info!(target: LOG, "execution={} attempt={} was cancelled before it arrived", key.execution, key.attempt);
             self.held().remove(&key);
-            return spool.record(key.execution, key.attempt, Taken::Finished);
+            return Ok(spool.record(key.execution, key.attempt, Taken::Finished)?);
         }
         drop(spool);
         log::info!(target: LOG, "execution={} attempt={} taken", key.execution, key.attempt);
@@ -235,7 +235,7 @@ fn wait_for_topic(a: &Agent, consumer: &BaseConsumer) -> Result<(), String> {
             Ok(_) => {}
             Err(e) => log::debug!(target: LOG, "{e}"),
         }
-        std::thread::sleep(Duration::from_millis(200));
+        a.draining.sleep(Duration::from_millis(200));
     }
     consumer
         .subscribe(&[&topic])
@@ -339,24 +339,32 @@ fn events_loop(a: &Agent, rx: &Receiver<RunEvent>, every: Duration) {
             next_beat = Instant::now() + every;
         }
         let wait = next_beat.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(wait) {
-            Ok(ev) => {
-                a.publish_event(&ev);
-                if let RunEvent::Finished { key, outcome } = &ev {
-                    log::info!(target: LOG, "execution={} attempt={} {}", key.execution, key.attempt, outcome.status());
-                    a.held().remove(key);
-                    let mut s = a.spool.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = s.record(key.execution, key.attempt, Taken::Finished) {
-                        log::warn!(target: LOG, "{e}");
-                    }
+        crossbeam_channel::select! {
+            recv(rx) -> ev => match ev {
+                Ok(ev) => event(a, &ev),
+                Err(_) => return, // every sender is gone
+            },
+            recv(a.stop.channel()) -> _ => {
+                // What the pool reported last still goes out before the producer is flushed.
+                while let Ok(ev) = rx.try_recv() {
+                    event(a, &ev);
                 }
+                return;
             }
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                if a.stopping() {
-                    return;
-                }
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            default(wait) => {}
+        }
+    }
+}
+
+/// One pool event: published, and a finished attempt let go of.
+fn event(a: &Agent, ev: &RunEvent) {
+    a.publish_event(ev);
+    if let RunEvent::Finished { key, outcome } = ev {
+        log::info!(target: LOG, "execution={} attempt={} {}", key.execution, key.attempt, outcome.status());
+        a.held().remove(key);
+        let mut s = a.spool.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = s.record(key.execution, key.attempt, Taken::Finished) {
+            log::warn!(target: LOG, "{e}");
         }
     }
 }
@@ -394,7 +402,7 @@ fn control_loop(a: &Agent, consumer: &BaseConsumer) {
                     log::warn!(target: LOG, "control topic {topic} not available yet; retrying");
                     last_error = Instant::now();
                 }
-                std::thread::sleep(Duration::from_millis(500));
+                a.stop.sleep(Duration::from_millis(500));
                 continue;
             }
         }
@@ -449,7 +457,11 @@ fn control_loop(a: &Agent, consumer: &BaseConsumer) {
     }
 }
 
-pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
+pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), super::NodeError> {
+    run_inner(cfg, stop).map_err(super::NodeError)
+}
+
+fn run_inner(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let k = cfg.kafka.clone();
     if k.brokers.is_empty() {
         return Err("an agent needs Kafka: set kafka.brokers or pass --kafka HOST:PORT".into());
@@ -532,15 +544,15 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         tombstones: Mutex::new(HashMap::new()),
         spool: Mutex::new(spool),
         trust,
-        draining: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
+        draining: Shutdown::new(),
+        stop: Shutdown::new(),
     });
     // Each loop is restarted if it panics (supervise): no message from the broker can stop
     // the agent's consuming for good.
     let health = Arc::new(crate::supervise::Health::default());
     let spawn = |name: &str, f: Box<dyn Fn() + Send>| {
         let a = agent.clone();
-        let done = move || a.draining.load(Ordering::SeqCst) || a.stop.load(Ordering::SeqCst);
+        let done = move || a.draining.is_triggered() || a.stop.is_triggered();
         crate::supervise::spawn(&health, name, done, f)
             .map_err(|e| format!("cannot start thread {name}: {e}"))
     };
@@ -574,10 +586,10 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     } else {
         let info = NodeInfo {
             id: id.clone(),
-            role: "agent".into(),
+            role: crate::model::NodeRole::Agent,
             pool: pool_name.clone(),
             address: None,
-            path: "agent".into(),
+            path: crate::model::DeliveryPath::Agent,
             handlers: vec!["shell".into(), "python".into(), "exec".into()],
             capacity: agent.pool.max_concurrent() as u32,
             running: 0,
@@ -613,7 +625,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     // Drain: leave the group at once (the pool's other agents take the partitions), let what
     // runs finish and be reported — heartbeats and cancels go on meanwhile — up to
     // agent.drain_seconds; a second signal stops at once.
-    agent.draining.store(true, Ordering::SeqCst);
+    agent.draining.trigger();
     crate::sd_notify::stopping(&format!(
         "draining {} runs for up to {} s",
         agent.pool.in_flight(),
@@ -633,7 +645,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         // The last outcomes are in the channel or the producer: let them out.
         std::thread::sleep(Duration::from_millis(200));
     }
-    agent.stop.store(true, Ordering::SeqCst);
+    agent.stop.trigger();
     if let Some(r) = registration {
         r.stop();
     }

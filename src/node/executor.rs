@@ -3,19 +3,19 @@
 //! acknowledged), and keeps its etcd registration alive so schedulers route to it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::Config;
-use crate::delivery::grpc::{self, pb, ExecutorHandler, SchedulerClient};
+use crate::delivery::grpc::{self, pb, ExecutorHandler, NotTaken, SchedulerClient};
 use crate::delivery::Dispatch;
-use crate::model::{Attempt, ExecutionId};
+use crate::model::{Attempt, DeliveryPath, ExecutionId, NodeRole};
 use crate::node::spool::{Spool, Taken};
 use crate::registry::{NodeInfo, Registration};
 use crate::runner::{Pool, RunEvent, RunKey};
+use crate::shutdown::{Backoff, Shutdown};
 use crate::trust::{NodeTrust, Refusal};
 
 const LOG: &str = "etask::executor";
@@ -38,8 +38,9 @@ const SPOOL_KEEP: Duration = Duration::from_secs(3_600);
 /// How long a cancel waits for its (possibly late) Execute.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 
-impl ExecutorHandler for Handler {
-    fn execute(&self, mut d: Dispatch) -> Result<(), String> {
+impl Handler {
+    /// `ExecutorHandler::execute`; Err = why the dispatch was not taken.
+    fn take(&self, mut d: Dispatch) -> Result<(), String> {
         let (id, attempt) = (d.execution_id, d.attempt);
         let refuse = |r: Refusal| {
             log::warn!(target: LOG, "execution={id} attempt={attempt} refused: {r}");
@@ -75,7 +76,8 @@ impl ExecutorHandler for Handler {
         Ok(())
     }
 
-    fn cancel(
+    /// `ExecutorHandler::cancel`; Err = why the cancel was ignored.
+    fn cancel_checked(
         &self,
         id: ExecutionId,
         attempt: Attempt,
@@ -112,16 +114,31 @@ impl ExecutorHandler for Handler {
     }
 }
 
+impl ExecutorHandler for Handler {
+    fn execute(&self, d: Dispatch) -> Result<(), NotTaken> {
+        self.take(d).map_err(NotTaken)
+    }
+
+    fn cancel(
+        &self,
+        id: ExecutionId,
+        attempt: Attempt,
+        stamp: &crate::trust::Stamp,
+    ) -> Result<bool, NotTaken> {
+        self.cancel_checked(id, attempt, stamp).map_err(NotTaken)
+    }
+}
+
 /// Sends pool events to the scheduler in batches; what is not acknowledged is kept and resent
 /// (the scheduler deduplicates by execution id + attempt + log seq).
-fn reporter(client: &SchedulerClient, node: &str, events: &Receiver<RunEvent>, stop: &AtomicBool) {
+fn reporter(client: &SchedulerClient, node: &str, events: &Receiver<RunEvent>, stop: &Shutdown) {
     let mut pending: VecDeque<pb::ReportItem> = VecDeque::new();
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         if pending.is_empty() {
             match events.recv_timeout(Duration::from_millis(200)) {
                 Ok(ev) => pending.push_back(grpc::event_to_pb(&ev)),
-                Err(_) if stop.load(Ordering::SeqCst) => return,
+                Err(_) if stop.is_triggered() => return,
                 Err(_) => continue,
             }
         }
@@ -136,29 +153,34 @@ fn reporter(client: &SchedulerClient, node: &str, events: &Receiver<RunEvent>, s
         match client.report(batch) {
             Ok(_) => {
                 pending.drain(..n);
-                backoff = Duration::from_millis(200);
+                backoff.reset();
             }
             Err(e) => {
-                if stop.load(Ordering::SeqCst) {
+                if stop.is_triggered() {
                     log::warn!(target: LOG, "stopping with {} reports not delivered: {e}", pending.len());
                     return;
                 }
                 log::warn!(target: LOG, "scheduler unreachable ({e}); {} reports buffered, retrying", pending.len());
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                stop.sleep(backoff.next_delay());
             }
         }
     }
 }
 
-pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
+pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), super::NodeError> {
+    run_inner(cfg, stop).map_err(super::NodeError)
+}
+
+fn run_inner(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let ex = cfg.executor.clone();
-    if ex.path != "push" && ex.path != "pull" {
+    let Some(path) = ex.delivery_path() else {
         return Err(format!(
-            "executor.path must be \"push\" or \"pull\", not {:?}",
+            "executor.path must be {:?} or {:?}, not {:?}",
+            DeliveryPath::Push.as_str(),
+            DeliveryPath::Pull.as_str(),
             ex.path
         ));
-    }
+    };
     if cfg.registry.etcd.is_empty() {
         return Err(
             "an executor needs [registry] etcd (or --etcd URL) so schedulers can find it".into(),
@@ -201,7 +223,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     // PUSH serves Execute/Cancel; PULL opens no port at all and asks the scheduler instead.
     let mut server = None;
     let mut advertise = String::new();
-    if ex.path == "push" {
+    if path == DeliveryPath::Push {
         // Execute runs scripts: reachable from the network only with the token.
         let addr =
             crate::config::check_listener("executor.grpc_listen", &ex.grpc_listen, &ex.token)?;
@@ -214,11 +236,12 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         };
         server = Some(srv);
     }
-    let stop_flag = Arc::new(AtomicBool::new(false));
-    let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token)?;
+    let stop_flag = Shutdown::new();
+    let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token).map_err(|e| e.to_string())?;
     let (node, flag) = (node_id.clone(), stop_flag.clone());
     if !previous.unstarted.is_empty() && !previous.node.is_empty() {
-        let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token)?;
+        let client =
+            SchedulerClient::new(&rt, &ex.scheduler, &ex.token).map_err(|e| e.to_string())?;
         let flag = stop_flag.clone();
         std::thread::Builder::new()
             .name("executor-recover".into())
@@ -232,16 +255,16 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let reporter = crate::supervise::spawn(
         &health,
         "executor-report",
-        move || f2.load(Ordering::SeqCst),
+        move || f2.is_triggered(),
         move || reporter(&client, &node, &events_rx, &flag),
     )
     .map_err(|e| e.to_string())?;
     let info = NodeInfo {
         id: node_id.clone(),
-        role: "executor".into(),
+        role: NodeRole::Executor,
         pool: ex.pool.clone(),
         address: server.as_ref().map(|_| advertise.clone()),
-        path: ex.path.clone(),
+        path,
         handlers: vec!["shell".into(), "python".into(), "exec".into()],
         capacity,
         running: 0,
@@ -258,8 +281,9 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
         Box::new(move || h2.pool.running() as u32),
     )
     .map_err(|e| format!("cannot start the registry heartbeat: {e}"))?;
-    let puller = if ex.path == "pull" {
-        let client = SchedulerClient::new(&rt, &ex.scheduler, &ex.token)?;
+    let puller = if path == DeliveryPath::Pull {
+        let client =
+            SchedulerClient::new(&rt, &ex.scheduler, &ex.token).map_err(|e| e.to_string())?;
         let (h, node, pool, flag) = (
             handler.clone(),
             node_id.clone(),
@@ -271,7 +295,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
             crate::supervise::spawn(
                 &health,
                 "executor-pull",
-                move || f2.load(Ordering::SeqCst),
+                move || f2.is_triggered(),
                 move || pull_loop(&client, &h, &node, &pool, capacity, &flag),
             )
             .map_err(|e| e.to_string())?
@@ -283,7 +307,10 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     if server.is_some() {
         crate::announce(&format!("etask executor {node_id} serving on {advertise}"));
     } else {
-        crate::announce(&format!("etask executor {node_id} pulling from {}", ex.scheduler));
+        crate::announce(&format!(
+            "etask executor {node_id} pulling from {}",
+            ex.scheduler
+        ));
     }
     log::info!(target: LOG, "started node={node_id} pool={} path={} scheduler={}", ex.pool, ex.path, ex.scheduler);
     crate::sd_notify::ready(&format!(
@@ -297,7 +324,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     if let Some(srv) = server {
         srv.stop();
     }
-    stop_flag.store(true, Ordering::SeqCst);
+    stop_flag.trigger();
     if let Some(p) = puller {
         let _ = p.join();
     }
@@ -307,7 +334,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
 
 /// Tells the scheduler which attempts the previous incarnation of this node took and never
 /// started (under that incarnation's node id, which still holds them), until it acknowledges.
-fn report_unstarted(client: &SchedulerClient, prev: &crate::runner::Previous, stop: &AtomicBool) {
+fn report_unstarted(client: &SchedulerClient, prev: &crate::runner::Previous, stop: &Shutdown) {
     let batch = pb::ReportBatch {
         node_id: prev.node.clone(),
         items: prev
@@ -322,8 +349,8 @@ fn report_unstarted(client: &SchedulerClient, prev: &crate::runner::Previous, st
             })
             .collect(),
     };
-    let mut backoff = Duration::from_millis(200);
-    while !stop.load(Ordering::SeqCst) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    while !stop.is_triggered() {
         match client.report(batch.clone()) {
             Ok(_) => {
                 log::info!(target: LOG, "reported {} attempt(s) the previous node {} never started", batch.items.len(), prev.node);
@@ -331,8 +358,7 @@ fn report_unstarted(client: &SchedulerClient, prev: &crate::runner::Previous, st
             }
             Err(e) => {
                 log::warn!(target: LOG, "cannot report unstarted attempts yet: {e}");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                stop.sleep(backoff.next_delay());
             }
         }
     }
@@ -347,13 +373,13 @@ fn pull_loop(
     node: &str,
     pool: &str,
     capacity: u32,
-    stop: &AtomicBool,
+    stop: &Shutdown,
 ) {
-    let mut backoff = Duration::from_millis(200);
-    while !stop.load(Ordering::SeqCst) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    while !stop.is_triggered() {
         let free = capacity.saturating_sub(h.pool.in_flight() as u32);
         if free == 0 {
-            std::thread::sleep(Duration::from_millis(50));
+            stop.sleep(Duration::from_millis(50));
             continue;
         }
         let req = pb::PullRequest {
@@ -366,11 +392,13 @@ fn pull_loop(
         };
         match client.pull(req) {
             Ok(list) => {
-                backoff = Duration::from_millis(200);
+                backoff.reset();
                 for d in list {
                     let id = d.execution_id;
                     let attempt = Attempt(d.attempt);
-                    let res = grpc::dispatch_from_pb(d).and_then(|d| h.execute(d));
+                    let res = grpc::dispatch_from_pb(d)
+                        .map_err(|e| e.to_string())
+                        .and_then(|d| h.execute(d).map_err(|e| e.0));
                     if let Err(e) = res {
                         // Claimed but not runnable here: report it failed rather than lose it.
                         log::warn!(target: LOG, "execution={id} pulled but refused: {e}");
@@ -386,9 +414,9 @@ fn pull_loop(
                 }
             }
             Err(e) => {
-                log::warn!(target: LOG, "pull from the scheduler failed: {e}; retrying in {backoff:?}");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let wait = backoff.next_delay();
+                log::warn!(target: LOG, "pull from the scheduler failed: {e}; retrying in {wait:?}");
+                stop.sleep(wait);
             }
         }
     }

@@ -86,6 +86,16 @@ impl Spool {
         id: ExecutionId,
         attempt: Attempt,
         taken: Taken,
+    ) -> Result<(), super::NodeError> {
+        self.record_inner(id, attempt, taken)
+            .map_err(super::NodeError)
+    }
+
+    fn record_inner(
+        &mut self,
+        id: ExecutionId,
+        attempt: Attempt,
+        taken: Taken,
     ) -> Result<(), String> {
         self.append(id, attempt, taken)
             .map_err(|e| format!("spool {}: {e}", self.path.display()))

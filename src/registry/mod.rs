@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::{DeliveryPath, NodeRole};
+use crate::shutdown::{Backoff, Shutdown};
 use etcd::{Etcd, EtcdError, WatchEvent};
 
 const LOG: &str = "etask::registry";
@@ -21,11 +23,11 @@ const LOG: &str = "etask::registry";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeInfo {
     pub id: String,
-    pub role: String,
+    pub role: NodeRole,
     pub pool: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
-    pub path: String,
+    pub path: DeliveryPath,
     #[serde(default)]
     pub handlers: Vec<String>,
     pub capacity: u32,
@@ -44,20 +46,11 @@ impl NodeInfo {
     }
 }
 
-fn sleep_unless(stop: &AtomicBool, d: Duration) {
-    let until = Instant::now() + d;
-    while !stop.load(Ordering::SeqCst) && Instant::now() < until {
-        std::thread::sleep(
-            Duration::from_millis(50).min(until.saturating_duration_since(Instant::now())),
-        );
-    }
-}
-
 /// Keeps one node's key alive: grant a lease, put the key, refresh the lease every third of
 /// its TTL and the `running` count when it changes. When etcd is unreachable it keeps trying
 /// with backoff; when the lease is gone (expired while etcd was away) it registers again.
 pub struct Registration {
-    stop: Arc<AtomicBool>,
+    stop: Shutdown,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -69,7 +62,7 @@ impl Registration {
         ttl: u64,
         running: Box<dyn Fn() -> u32 + Send>,
     ) -> std::io::Result<Registration> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Shutdown::new();
         let s = stop.clone();
         let thread = std::thread::Builder::new()
             .name("registry-lease".into())
@@ -82,7 +75,7 @@ impl Registration {
 
     /// Stops refreshing and revokes the lease, so the node disappears at once.
     pub fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.trigger();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -91,7 +84,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.trigger();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -104,14 +97,14 @@ fn heartbeat(
     mut info: NodeInfo,
     ttl: u64,
     running: &dyn Fn() -> u32,
-    stop: &AtomicBool,
+    stop: &Shutdown,
 ) {
     let key = info.key(prefix);
     let mut lease: Option<i64> = None;
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
     let mut last_ok = Instant::now();
     let tick = Duration::from_millis(ttl * 1000 / 3);
-    while !stop.load(Ordering::SeqCst) {
+    while !stop.is_triggered() {
         info.running = running();
         let step = match lease {
             None => etcd.grant(ttl).and_then(|l| {
@@ -136,17 +129,17 @@ fn heartbeat(
         };
         match step {
             Ok(()) => {
-                backoff = Duration::from_millis(500);
+                backoff.reset();
                 last_ok = Instant::now();
-                sleep_unless(stop, tick);
+                stop.sleep(tick);
             }
             Err(e) => {
-                log::warn!(target: LOG, "node={} etcd at {}: {e}; retrying in {backoff:?}", info.id, etcd.endpoint());
+                let wait = backoff.next_delay();
+                log::warn!(target: LOG, "node={} etcd at {}: {e}; retrying in {wait:?}", info.id, etcd.endpoint());
                 if last_ok.elapsed() > Duration::from_secs(ttl) {
                     lease = None; // surely expired by now
                 }
-                sleep_unless(stop, backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                stop.sleep(wait);
             }
         }
     }
@@ -161,17 +154,14 @@ fn heartbeat(
 pub struct NodeTable {
     nodes: Arc<RwLock<BTreeMap<String, NodeInfo>>>,
     synced: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
+    stop: Shutdown,
     thread: Option<JoinHandle<()>>,
 }
 
 impl NodeTable {
     pub fn start(etcd: Etcd, prefix: String) -> std::io::Result<NodeTable> {
         let nodes = Arc::new(RwLock::new(BTreeMap::new()));
-        let (stop, synced) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-        );
+        let (stop, synced) = (Shutdown::new(), Arc::new(AtomicBool::new(false)));
         let (n, s, y) = (nodes.clone(), stop.clone(), synced.clone());
         let thread = std::thread::Builder::new()
             .name("registry-watch".into())
@@ -204,7 +194,7 @@ impl NodeTable {
     }
 
     fn halt(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.trigger();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -231,13 +221,13 @@ fn watch_loop(
     etcd: &Etcd,
     prefix: &str,
     nodes: &RwLock<BTreeMap<String, NodeInfo>>,
-    stop: &AtomicBool,
+    stop: &Shutdown,
     synced: &AtomicBool,
 ) {
     let prefix = format!("{prefix}nodes/");
     let mut rev: Option<i64> = None; // None: a full resync is due
-    let mut backoff = Duration::from_millis(200);
-    while !stop.load(Ordering::SeqCst) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    while !stop.is_triggered() {
         let from = match rev {
             Some(r) => r,
             None => match etcd.range(&prefix) {
@@ -254,8 +244,7 @@ fn watch_loop(
                 }
                 Err(e) => {
                     log::warn!(target: LOG, "cannot read nodes from etcd at {}: {e}", etcd.endpoint());
-                    sleep_unless(stop, backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    stop.sleep(backoff.next_delay());
                     continue;
                 }
             },
@@ -280,7 +269,7 @@ fn watch_loop(
                 }
             }
             rev = Some(r.max(rev.unwrap_or(0)));
-            !stop.load(Ordering::SeqCst)
+            !stop.is_triggered()
         });
         match res {
             _ if went_back => rev = None,
@@ -289,13 +278,12 @@ fn watch_loop(
                 log::info!(target: LOG, "watch start compacted at {c}; full resync");
                 rev = None;
             }
-            Err(EtcdError::Idle) => backoff = Duration::from_millis(200),
+            Err(EtcdError::Idle) => backoff.reset(),
             // Stopping while the watch waited (etcd going away with us is no news).
-            Err(_) if stop.load(Ordering::SeqCst) => {}
+            Err(_) if stop.is_triggered() => {}
             Err(e) => {
                 log::warn!(target: LOG, "node watch broken: {e}; re-watching from revision {}", rev.unwrap_or(0));
-                sleep_unless(stop, backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                stop.sleep(backoff.next_delay());
             }
         }
     }

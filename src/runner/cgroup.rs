@@ -34,17 +34,27 @@ pub enum Want {
     Off,
 }
 
+/// A `node.cgroup` value that is none of auto, v2, v1, off.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("node.cgroup must be \"auto\", \"v2\", \"v1\" or \"off\", not {0:?}")]
+pub struct UnknownWant(pub String);
+
+/// Back to its message, for the config's checks (which report text).
+impl From<UnknownWant> for String {
+    fn from(e: UnknownWant) -> String {
+        e.to_string()
+    }
+}
+
 impl std::str::FromStr for Want {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Want, String> {
+    type Err = UnknownWant;
+    fn from_str(s: &str) -> Result<Want, UnknownWant> {
         match s {
             "auto" => Ok(Want::Auto),
             "v2" => Ok(Want::V2),
             "v1" => Ok(Want::V1),
             "off" => Ok(Want::Off),
-            _ => Err(format!(
-                "node.cgroup must be \"auto\", \"v2\", \"v1\" or \"off\", not {s:?}"
-            )),
+            _ => Err(UnknownWant(s.to_owned())),
         }
     }
 }

@@ -56,8 +56,11 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
+/// An attempt in the journal: (execution id, attempt number).
+type RunKey = (i64, u32);
+
 /// Parses a journal: (node, boot, taken-but-not-started, started).
-fn parse(text: &str) -> (String, String, Vec<(i64, u32)>, HashSet<(i64, u32)>) {
+fn parse(text: &str) -> (String, String, Vec<RunKey>, HashSet<RunKey>) {
     let mut lines = text.lines();
     let mut node = String::new();
     let mut boot = String::new();
@@ -70,8 +73,8 @@ fn parse(text: &str) -> (String, String, Vec<(i64, u32)>, HashSet<(i64, u32)>) {
             }
         }
     }
-    let mut taken: Vec<(i64, u32)> = Vec::new();
-    let mut started: HashSet<(i64, u32)> = HashSet::new();
+    let mut taken: Vec<RunKey> = Vec::new();
+    let mut started: HashSet<RunKey> = HashSet::new();
     for l in lines {
         // A torn line is ignored. Killing a process never tears a small write(2); only a
         // host crash can, and after one nothing is claimed unstarted (the boot id differs).

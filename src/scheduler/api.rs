@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::cron;
+use crate::model::{DeliveryPath, Strategy};
 use crate::runner::Program;
 
 /// An API error: a code from the documented set, with the HTTP status it maps to.
@@ -115,30 +116,21 @@ pub use crate::model::Overlap;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Target {
-    #[serde(default = "local")]
-    pub path: String,
+    #[serde(default = "default_path")]
+    pub path: DeliveryPath,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub strategy: Option<String>,
+    pub strategy: Option<Strategy>,
     /// The key of `consistent_hash` routing (same key → same node while it lives).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
 }
 
-/// Routing strategies of the push path.
-pub const STRATEGIES: [&str; 5] = [
-    "round_robin",
-    "random",
-    "least_busy",
-    "consistent_hash",
-    "pinned",
-];
-
-fn local() -> String {
-    "local".into()
+fn default_path() -> DeliveryPath {
+    DeliveryPath::Local
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -272,7 +264,7 @@ pub fn next_fire(schedule: &cron::Schedule, after_ms: i64) -> Option<i64> {
 
 impl TaskSpec {
     /// Parses and validates a request body; `paths` are the target paths this scheduler serves.
-    pub fn parse(body: &[u8], paths: &[&str]) -> Result<TaskSpec, ApiError> {
+    pub fn parse(body: &[u8], paths: &[DeliveryPath]) -> Result<TaskSpec, ApiError> {
         let spec: TaskSpec = serde_json::from_slice(body).map_err(|e| {
             if e.is_syntax() || e.is_eof() {
                 ApiError::invalid(format!("invalid task: the body is not valid JSON ({e})"))
@@ -284,7 +276,7 @@ impl TaskSpec {
         Ok(spec)
     }
 
-    pub fn validate(&self, paths: &[&str]) -> Result<(), ApiError> {
+    pub fn validate(&self, paths: &[DeliveryPath]) -> Result<(), ApiError> {
         if self.name.trim().is_empty() {
             return Err(ApiError::invalid("name must not be empty"));
         }
@@ -334,49 +326,47 @@ impl TaskSpec {
         let path = self.path();
         if !paths.contains(&path) {
             let why = match path {
-                "push" => "push needs gRPC (server.grpc_listen) and a registry (registry.etcd)"
-                    .to_string(),
-                "pull" => "pull needs gRPC (server.grpc_listen) and a registry (registry.etcd)"
-                    .to_string(),
-                "agent" => "agent needs Kafka (kafka.brokers or --kafka)".to_string(),
-                "local" => "this scheduler has no built-in node (run --mode all)".to_string(),
-                _ => format!("unknown path; use one of {paths:?}"),
+                DeliveryPath::Push | DeliveryPath::Pull => {
+                    "needs gRPC (server.grpc_listen) and a registry (registry.etcd)"
+                }
+                DeliveryPath::Agent => "needs Kafka (kafka.brokers or --kafka)",
+                DeliveryPath::Local => "this scheduler has no built-in node (run --mode all)",
+            };
+            let why = match path {
+                DeliveryPath::Local => why.to_string(),
+                _ => format!("{path} {why}"),
             };
             return Err(ApiError::invalid(format!(
-                "target.path {path:?} is not available here: {why}"
+                "target.path {:?} is not available here: {why}",
+                path.as_str()
             )));
         }
         if let Some(t) = &self.target {
-            match t.strategy.as_deref() {
+            match t.strategy {
                 None => {}
                 // Agents of a pool share its topic through their consumer group: Kafka picks.
-                Some(_) if t.path == "agent" => {
+                Some(_) if t.path == DeliveryPath::Agent => {
                     return Err(ApiError::invalid(
                         "target.strategy is not supported for target.path \"agent\": the agents \
                          of the pool share its dispatch topic",
                     ))
                 }
-                Some("broadcast") if !matches!(t.path.as_str(), "push" | "pull") => {
+                Some(Strategy::Broadcast) if !t.path.is_grpc() => {
                     return Err(ApiError::invalid(
                         "target.strategy \"broadcast\" needs target.path push or pull",
                     ))
                 }
-                Some("broadcast") => {}
-                Some("pinned") if t.node.is_none() => {
+                Some(Strategy::Pinned) if t.node.is_none() => {
                     return Err(ApiError::invalid(
                         "target.strategy \"pinned\" needs target.node",
                     ))
                 }
-                Some("consistent_hash") if t.key.is_none() => {
+                Some(Strategy::ConsistentHash) if t.key.is_none() => {
                     return Err(ApiError::invalid(
                         "target.strategy \"consistent_hash\" needs target.key",
                     ))
                 }
-                Some(s) if !STRATEGIES.contains(&s) => {
-                    return Err(ApiError::invalid(format!(
-                        "unknown target.strategy {s:?}; use one of {STRATEGIES:?}"
-                    )))
-                }
+                // Unknown names are refused when the body is read (`Strategy`'s deserializer).
                 Some(_) => {}
             }
         }
@@ -425,7 +415,7 @@ impl TaskSpec {
 
     /// One execution per live node of the pool (`target.strategy = "broadcast"`).
     pub fn is_broadcast(&self) -> bool {
-        self.target.as_ref().and_then(|t| t.strategy.as_deref()) == Some("broadcast")
+        self.target.as_ref().and_then(|t| t.strategy) == Some(Strategy::Broadcast)
     }
 
     /// The target pool ("default" when none is given).
@@ -436,8 +426,9 @@ impl TaskSpec {
             .unwrap_or("default")
     }
 
-    pub fn path(&self) -> &str {
-        self.target.as_ref().map_or("local", |t| t.path.as_str())
+    /// The delivery path (local when no target is given).
+    pub fn path(&self) -> DeliveryPath {
+        self.target.as_ref().map_or(DeliveryPath::Local, |t| t.path)
     }
 }
 
@@ -446,14 +437,14 @@ mod tests {
     use super::*;
 
     fn parse(v: Value) -> Result<TaskSpec, ApiError> {
-        TaskSpec::parse(v.to_string().as_bytes(), &["local"])
+        TaskSpec::parse(v.to_string().as_bytes(), &[DeliveryPath::Local])
     }
 
     #[test]
     fn minimal_task_defaults_to_once_now_on_local() {
         let s = parse(json!({"name": "n", "program": {"kind": "shell", "code": "true"}})).unwrap();
         assert_eq!(s.schedule, Schedule::Once { at: None });
-        assert_eq!(s.path(), "local");
+        assert_eq!(s.path(), DeliveryPath::Local);
     }
 
     #[test]

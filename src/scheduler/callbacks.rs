@@ -21,10 +21,24 @@ pub enum HostRule {
     Net(ipnet::IpNet),
 }
 
+/// An `allowed_hosts` entry that is neither a name, an address nor a CIDR range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadHostRule(pub String);
+
+/// A `callback_url` the intake refuses; the message says what is wrong and how to allow it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RefusedUrl(pub String);
+
 impl HostRule {
     /// # Errors
     /// An empty entry, or one with a `/` that is not a CIDR range.
-    pub fn parse(s: &str) -> Result<HostRule, String> {
+    pub fn parse(s: &str) -> Result<HostRule, BadHostRule> {
+        Self::parse_entry(s).map_err(BadHostRule)
+    }
+
+    fn parse_entry(s: &str) -> Result<HostRule, String> {
         let s = s.trim();
         if s.is_empty() {
             return Err("an empty entry".into());
@@ -79,7 +93,7 @@ fn is_internal(ip: IpAddr) -> bool {
 impl Policy {
     /// # Errors
     /// An entry that [`HostRule::parse`] refuses.
-    pub fn new(entries: &[String]) -> Result<Policy, String> {
+    pub fn new(entries: &[String]) -> Result<Policy, BadHostRule> {
         let rules = entries
             .iter()
             .map(|e| HostRule::parse(e))
@@ -115,7 +129,11 @@ impl Policy {
     ///
     /// # Errors
     /// A message that says what is wrong and how to allow it.
-    pub fn check_url(&self, raw: &str) -> Result<(), String> {
+    pub fn check_url(&self, raw: &str) -> Result<(), RefusedUrl> {
+        self.check(raw).map_err(RefusedUrl)
+    }
+
+    fn check(&self, raw: &str) -> Result<(), String> {
         let u =
             url::Url::parse(raw).map_err(|e| format!("callback_url {raw:?} is not a URL: {e}"))?;
         match u.scheme() {
@@ -228,13 +246,17 @@ pub(super) fn run(core: &Core, wake: &Receiver<()>) {
                     .set("Content-Type", "application/json")
                     .set("User-Agent", concat!("etask/", env!("CARGO_PKG_VERSION")))
                     .send_string(&body.to_string())
+                    // Boxed: ureq's error is large, and this Result travels through catch_unwind.
+                    .map_err(Box::new)
             }));
             let sent: Result<(), String> = match sent {
                 Ok(Ok(r)) if (200..300).contains(&r.status()) => Ok(()),
                 // 3xx included: redirects are not followed (they could lead anywhere).
                 Ok(Ok(r)) => Err(format!("HTTP {}", r.status())),
-                Ok(Err(ureq::Error::Status(code, _))) => Err(format!("HTTP {code}")),
-                Ok(Err(ureq::Error::Transport(t))) => Err(t.to_string()),
+                Ok(Err(e)) => match *e {
+                    ureq::Error::Status(code, _) => Err(format!("HTTP {code}")),
+                    ureq::Error::Transport(t) => Err(t.to_string()),
+                },
                 Err(_) => {
                     log::error!(target: LOG, "execution={} callback: the HTTP client panicked", row.execution_id);
                     Err("internal error of the HTTP client".into())
@@ -274,7 +296,11 @@ pub(super) fn run(core: &Core, wake: &Receiver<()>) {
             }
         }
         if due.len() < 32 {
-            let _ = wake.recv_timeout(Duration::from_millis(500));
+            crossbeam_channel::select! {
+                recv(wake) -> _ => {}
+                recv(core.shutdown.channel()) -> _ => {}
+                default(Duration::from_millis(500)) => {}
+            }
         }
     }
 }

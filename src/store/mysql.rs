@@ -2,6 +2,8 @@
 //! schedulers may share one database: claims and cron fires are compare-and-set updates, and
 //! migrations run under `GET_LOCK('etask_migrate')`.
 
+use std::time::Duration;
+
 use mysql::prelude::Queryable;
 use mysql::{
     Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, PooledConn, TxOpts,
@@ -9,6 +11,7 @@ use mysql::{
 };
 
 use super::{migrations, statements, Backend, Conn, Result, StoreError, V};
+use crate::shutdown::Backoff;
 
 pub struct Mysql {
     pool: Pool,
@@ -74,9 +77,9 @@ fn value(v: MyValue) -> V {
 /// which is another server when several run on one host. `?prefer_socket=true` still asks for
 /// that.
 pub(super) fn opts(url: &str) -> Result<Opts> {
-    let parsed = Opts::from_url(url).map_err(|e| StoreError::BadUrl(format!("{url}: {e}")))?;
+    let parsed = Opts::from_url(url).map_err(|e| StoreError::bad_url(url, Some(&e)))?;
     if parsed.get_db_name().is_none_or(str::is_empty) {
-        return Err(StoreError::BadUrl(format!("{url}: no database name")));
+        return Err(StoreError::bad_url(url, Some(&"no database name")));
     }
     if url.contains("prefer_socket=") {
         return Ok(parsed);
@@ -178,6 +181,7 @@ impl Backend for Mysql {
         // transaction (1213 deadlock, 1205 lock wait timeout); the aborted one is simply run
         // again, as the server asks.
         let mut tries = 0;
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(320));
         loop {
             let mut conn = self.conn()?;
             let mut tx = conn.start_transaction(TxOpts::default()).map_err(err)?;
@@ -186,7 +190,7 @@ impl Backend for Mysql {
                 Err(StoreError::Retry(msg)) if tries < 8 => {
                     tries += 1;
                     log::debug!(target: "etask::store", "transaction retried ({msg})");
-                    std::thread::sleep(std::time::Duration::from_millis(5 << tries.min(6)));
+                    std::thread::sleep(backoff.next_delay());
                 }
                 Err(StoreError::Retry(msg)) => return Err(StoreError::Unavailable(msg)),
                 other => return other,

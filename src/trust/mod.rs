@@ -14,6 +14,8 @@ use std::path::Path;
 use base64::Engine;
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 
+use crate::model::DeliveryPath;
+
 pub use canonical::{CancelFields, DispatchFields};
 use keys::{KeyError, Kind};
 
@@ -464,7 +466,8 @@ pub fn builtin_keys(data_dir: &Path) -> Result<BuiltinKeys, KeyError> {
     )?;
     let (ps, pp) = pair(
         "pool-local",
-        Some("local"),
+        // The built-in node's pool is named after its path.
+        Some(DeliveryPath::Local.as_str()),
         (Kind::PoolPrivate, Kind::PoolPublic),
     )?;
     Ok(BuiltinKeys {
@@ -488,7 +491,7 @@ pub struct SchedulerKeys {
     pub signer: std::sync::Arc<Signer>,
     /// Pool name → its public key.
     pub pools: std::collections::HashMap<String, seal::SealKey>,
-    /// The built-in node's pool key (`target.path = "local"`).
+    /// The built-in node's pool key (`target.path = local`).
     pub local: Option<seal::SealKey>,
     /// Refuse secrets for a pool without a key instead of storing them in clear.
     pub require_sealed: bool,
@@ -506,8 +509,8 @@ impl SchedulerKeys {
     }
 
     /// The key the secrets of a task for (`path`, `pool`) are sealed to.
-    pub fn seal_key(&self, path: &str, pool: &str) -> Option<&seal::SealKey> {
-        if path == "local" {
+    pub fn seal_key(&self, path: DeliveryPath, pool: &str) -> Option<&seal::SealKey> {
+        if path == DeliveryPath::Local {
             return self.local.as_ref();
         }
         self.pools.get(pool)

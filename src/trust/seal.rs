@@ -13,6 +13,11 @@ use crypto_box::aead::OsRng;
 
 use crate::runner::Program;
 
+/// Sealing or opening a secret failed; the message names the variable, never a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SealError(pub String);
+
 pub const PREFIX: &str = "etask-sealed:v1:";
 
 /// Whether a value is sealed (by its prefix).
@@ -48,11 +53,11 @@ impl SealKey {
     ///
     /// # Errors
     /// Only if the OS random source fails.
-    pub fn seal(&self, clear: &str) -> Result<String, String> {
+    pub fn seal(&self, clear: &str) -> Result<String, SealError> {
         let boxed = self
             .key
             .seal(&mut OsRng, clear.as_bytes())
-            .map_err(|e| format!("cannot seal a secret: {e}"))?;
+            .map_err(|e| SealError(format!("cannot seal a secret: {e}")))?;
         Ok(format!(
             "{PREFIX}{}:{}",
             self.id,
@@ -65,7 +70,7 @@ impl SealKey {
     ///
     /// # Errors
     /// A value that looks sealed but is malformed, or the random source fails.
-    pub fn seal_program(&self, p: &mut Program) -> Result<(), String> {
+    pub fn seal_program(&self, p: &mut Program) -> Result<(), SealError> {
         for (k, v) in p.secret_env.iter_mut() {
             self.seal_value(v, &format!("secret_env {k}"))?;
         }
@@ -75,9 +80,11 @@ impl SealKey {
         Ok(())
     }
 
-    fn seal_value(&self, v: &mut String, what: &str) -> Result<(), String> {
+    fn seal_value(&self, v: &mut String, what: &str) -> Result<(), SealError> {
         if is_sealed(v) {
-            return parse(v).map(|_| ()).map_err(|e| format!("{what}: {e}"));
+            return parse(v)
+                .map(|_| ())
+                .map_err(|e| SealError(format!("{what}: {e}")));
         }
         let sealed = self.seal(v)?;
         // The clear value is overwritten rather than left in freed memory.
@@ -143,7 +150,11 @@ impl OpenKeys {
     ///
     /// # Errors
     /// Malformed, sealed to a key this node does not hold, or tampered with.
-    pub fn open(&self, v: &str) -> Result<String, String> {
+    pub fn open(&self, v: &str) -> Result<String, SealError> {
+        self.open_value(v).map_err(SealError)
+    }
+
+    fn open_value(&self, v: &str) -> Result<String, String> {
         let (id, boxed) = parse(v)?;
         let (_, sk) = self
             .keys
@@ -160,17 +171,19 @@ impl OpenKeys {
     ///
     /// # Errors
     /// A value that does not open; the message names the variable, never a value.
-    pub fn open_program(&self, p: &mut Program) -> Result<(), String> {
+    pub fn open_program(&self, p: &mut Program) -> Result<(), SealError> {
         for (k, v) in p.secret_env.iter_mut() {
             if is_sealed(v) {
-                *v = self.open(v).map_err(|e| format!("secret_env {k}: {e}"))?;
+                *v = self
+                    .open_value(v)
+                    .map_err(|e| SealError(format!("secret_env {k}: {e}")))?;
             }
         }
         for var in p.variables.iter_mut() {
             if is_sealed(&var.value) {
                 var.value = self
-                    .open(&var.value)
-                    .map_err(|e| format!("variable {}: {e}", var.key))?;
+                    .open_value(&var.value)
+                    .map_err(|e| SealError(format!("variable {}: {e}", var.key)))?;
             }
         }
         Ok(())
@@ -221,7 +234,7 @@ mod tests {
         assert_eq!(p, once);
 
         let wrong = OpenKeys::new(&[other_sk]);
-        let err = wrong.open_program(&mut p.clone()).unwrap_err();
+        let err = wrong.open_program(&mut p.clone()).unwrap_err().to_string();
         assert!(err.contains("PW") && err.contains("does not hold"), "{err}");
         let keys = OpenKeys::new(&[other_sk, sk]);
         keys.open_program(&mut p).unwrap();

@@ -8,6 +8,18 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+/// TLS material that cannot be read or used; the message names the file or the setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsError(pub String);
+
+/// Back to its message, for callers that still carry errors as text.
+impl From<TlsError> for String {
+    fn from(e: TlsError) -> String {
+        e.0
+    }
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -44,6 +56,14 @@ pub fn server_config(
     cert: &str,
     key_file: &str,
     client_ca: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_config_inner(cert, key_file, client_ca).map_err(TlsError)
+}
+
+fn server_config_inner(
+    cert: &str,
+    key_file: &str,
+    client_ca: &str,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
     let b = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -75,6 +95,15 @@ pub fn server_config(
 /// # Errors
 /// A file cannot be read or holds nothing usable.
 pub fn client_config(
+    ca: &str,
+    cert: &str,
+    key_file: &str,
+    what: &str,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    client_config_inner(ca, cert, key_file, what).map_err(TlsError)
+}
+
+fn client_config_inner(
     ca: &str,
     cert: &str,
     key_file: &str,

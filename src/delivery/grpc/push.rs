@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{dispatch_to_pb, ExecutorClient, Runtime};
 use crate::delivery::{Delivery, Dispatch, Refused};
-use crate::model::{Attempt, ExecutionId};
+use crate::model::{Attempt, DeliveryPath, ExecutionId, Strategy};
 use crate::registry::{NodeInfo, NodeTable};
 use crate::trust::{Refusal, Signer, GRPC_TTL_MS};
 
@@ -52,11 +52,14 @@ impl Push {
         if let Some(c) = cs.get(addr) {
             return Ok(c.clone());
         }
-        let c = Arc::new(ExecutorClient::new(
-            &self.rt,
-            &format!("{}://{addr}", self.rt.scheme()),
-            &self.token,
-        )?);
+        let c = Arc::new(
+            ExecutorClient::new(
+                &self.rt,
+                &format!("{}://{addr}", self.rt.scheme()),
+                &self.token,
+            )
+            .map_err(|e| e.to_string())?,
+        );
         cs.insert(addr.to_owned(), c.clone());
         Ok(c)
     }
@@ -66,20 +69,20 @@ impl Push {
         self.table
             .nodes()
             .into_iter()
-            .filter(|n| n.path == "push" && pool.is_none_or(|p| n.pool == p))
+            .filter(|n| n.path == DeliveryPath::Push && pool.is_none_or(|p| n.pool == p))
             .collect()
     }
 }
 
 impl Delivery for Push {
-    fn path(&self) -> &'static str {
-        "push"
+    fn path(&self) -> DeliveryPath {
+        DeliveryPath::Push
     }
 
     fn node(&self) -> &str {
         // Claims are recorded under the path; the executor actually chosen is reported back
         // with the dispatch (see `placed`).
-        "push"
+        DeliveryPath::Push.as_str()
     }
 
     fn free_slots(&self) -> usize {
@@ -122,7 +125,10 @@ impl Delivery for Push {
             let mut signed = d.clone();
             signed.sign(&self.signer, Some(&n.id), GRPC_TTL_MS);
             let msg = dispatch_to_pb(&signed, crate::now_ms());
-            match self.client(n).and_then(|c| c.execute(msg)) {
+            match self
+                .client(n)
+                .and_then(|c| c.execute(msg).map_err(|e| e.to_string()))
+            {
                 Ok(ack) if ack.accepted => {
                     self.placed
                         .lock()
@@ -160,10 +166,10 @@ impl Delivery for Push {
                 crate::now_ms(),
                 GRPC_TTL_MS,
             );
-            if let Err(e) = self
-                .client(&n)
-                .and_then(|c| c.cancel_stamped(id, attempt, &stamp))
-            {
+            if let Err(e) = self.client(&n).and_then(|c| {
+                c.cancel_stamped(id, attempt, &stamp)
+                    .map_err(|e| e.to_string())
+            }) {
                 log::warn!(target: "etask::grpc", "execution={id} attempt={attempt} cancel on {node} failed: {e}");
             }
         }
@@ -186,9 +192,9 @@ fn fnv(parts: &[&str]) -> u64 {
 /// the rest are failover candidates.
 pub fn order(mut nodes: Vec<NodeInfo>, route: &crate::delivery::Route, rr: usize) -> Vec<NodeInfo> {
     nodes.sort_by(|a, b| a.id.cmp(&b.id));
-    match route.strategy.as_deref().unwrap_or("round_robin") {
-        "pinned" => nodes.retain(|n| Some(&n.id) == route.node.as_ref()),
-        "random" => {
+    match route.strategy.unwrap_or(Strategy::RoundRobin) {
+        Strategy::Pinned => nodes.retain(|n| Some(&n.id) == route.node.as_ref()),
+        Strategy::Random => {
             let k = if nodes.is_empty() {
                 0
             } else {
@@ -196,13 +202,13 @@ pub fn order(mut nodes: Vec<NodeInfo>, route: &crate::delivery::Route, rr: usize
             };
             nodes.rotate_left(k);
         }
-        "least_busy" => nodes.sort_by(|a, b| {
+        Strategy::LeastBusy => nodes.sort_by(|a, b| {
             // Lowest load first (running / capacity), compared without floats.
             (u64::from(a.running) * u64::from(b.capacity.max(1)))
                 .cmp(&(u64::from(b.running) * u64::from(a.capacity.max(1))))
                 .then(a.id.cmp(&b.id))
         }),
-        "consistent_hash" => {
+        Strategy::ConsistentHash => {
             // Rendezvous hashing: a node's death moves only the keys it held.
             let key = route.key.as_deref().unwrap_or("");
             nodes.sort_by_key(|n| std::cmp::Reverse(fnv(&[key, &n.id])));
@@ -221,14 +227,15 @@ pub fn order(mut nodes: Vec<NodeInfo>, route: &crate::delivery::Route, rr: usize
 mod tests {
     use super::*;
     use crate::delivery::Route;
+    use crate::model::NodeRole;
 
     fn n(id: &str, running: u32, capacity: u32) -> NodeInfo {
         NodeInfo {
             id: id.into(),
-            role: "executor".into(),
+            role: NodeRole::Executor,
             pool: "p".into(),
             address: None,
-            path: "push".into(),
+            path: DeliveryPath::Push,
             handlers: vec![],
             capacity,
             running,
@@ -242,9 +249,9 @@ mod tests {
         v.into_iter().map(|n| n.id).collect()
     }
 
-    fn route(strategy: &str, node: Option<&str>, key: Option<&str>) -> Route {
+    fn route(strategy: Strategy, node: Option<&str>, key: Option<&str>) -> Route {
         Route {
-            strategy: Some(strategy.into()),
+            strategy: Some(strategy),
             node: node.map(Into::into),
             key: key.map(Into::into),
         }
@@ -264,16 +271,24 @@ mod tests {
     fn pinned_least_busy_and_consistent_hash() {
         let nodes = vec![n("a", 3, 4), n("b", 1, 4), n("c", 2, 8)];
         assert_eq!(
-            ids(order(nodes.clone(), &route("pinned", Some("c"), None), 0)),
+            ids(order(
+                nodes.clone(),
+                &route(Strategy::Pinned, Some("c"), None),
+                0
+            )),
             ["c"]
         );
-        assert!(order(nodes.clone(), &route("pinned", Some("zz"), None), 0).is_empty());
+        assert!(order(nodes.clone(), &route(Strategy::Pinned, Some("zz"), None), 0).is_empty());
         assert_eq!(
-            ids(order(nodes.clone(), &route("least_busy", None, None), 0)),
+            ids(order(
+                nodes.clone(),
+                &route(Strategy::LeastBusy, None, None),
+                0
+            )),
             ["b", "c", "a"]
         );
         let first = |ns: Vec<NodeInfo>, k: &str| {
-            order(ns, &route("consistent_hash", None, Some(k)), 0)[0]
+            order(ns, &route(Strategy::ConsistentHash, None, Some(k)), 0)[0]
                 .id
                 .clone()
         };

@@ -1,4 +1,4 @@
-//! The Kafka path (`target.path = "agent"`): the scheduler produces dispatches to one topic per
+//! The Kafka path (`target.path = agent`): the scheduler produces dispatches to one topic per
 //! agent pool and consumes the events topic; agents (`--mode agent`, in `crate::node::agent`)
 //! do the opposite and listen on no port. rdkafka's sync `BaseConsumer` polled by our own
 //! threads, and its `ThreadedProducer` (a `BaseProducer` with librdkafka's poll thread); no

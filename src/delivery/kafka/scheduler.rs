@@ -17,7 +17,7 @@ use super::wire::{self, EventBody, EventMsg};
 use super::{dead_letter, ensure_topics, existing_topics, poll, send, Producer_, LOG};
 use crate::config::KafkaConfig;
 use crate::delivery::{Delivery, Dispatch, Refused, ReportSink};
-use crate::model::{Attempt, ExecutionId};
+use crate::model::{Attempt, DeliveryPath, ExecutionId};
 use crate::runner::RunEvent;
 
 /// Consumer group of the schedulers on the events topic.
@@ -279,14 +279,14 @@ impl KafkaDelivery {
 }
 
 impl Delivery for KafkaDelivery {
-    fn path(&self) -> &'static str {
-        "agent"
+    fn path(&self) -> DeliveryPath {
+        DeliveryPath::Agent
     }
 
-    /// Claims are recorded under this placeholder until an agent reports it started the
-    /// attempt (then under the agent's id).
+    /// Claims are recorded under this placeholder (the path's name) until an agent reports it
+    /// started the attempt (then under the agent's id).
     fn node(&self) -> &str {
-        "agent"
+        DeliveryPath::Agent.as_str()
     }
 
     fn free_slots(&self) -> usize {

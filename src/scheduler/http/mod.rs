@@ -28,12 +28,22 @@ pub struct HttpServer {
 }
 
 /// Checks the listen address before anything else starts: without a token, only loopback.
-pub fn check_listen(cfg: &crate::config::Config) -> Result<std::net::SocketAddr, String> {
+pub fn check_listen(
+    cfg: &crate::config::Config,
+) -> Result<std::net::SocketAddr, super::StartError> {
+    check_listen_inner(cfg).map_err(super::StartError)
+}
+
+fn check_listen_inner(cfg: &crate::config::Config) -> Result<std::net::SocketAddr, String> {
     crate::config::check_listener("server.listen", &cfg.server.listen, &cfg.server.token)
 }
 
 impl HttpServer {
-    pub fn start(core: Arc<Core>) -> Result<HttpServer, String> {
+    pub fn start(core: Arc<Core>) -> Result<HttpServer, super::StartError> {
+        Self::start_inner(core).map_err(super::StartError)
+    }
+
+    fn start_inner(core: Arc<Core>) -> Result<HttpServer, String> {
         let addr = check_listen(&core.cfg)?;
         let s = &core.cfg.server;
         let https = !s.tls_cert.is_empty();
