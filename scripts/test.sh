@@ -124,3 +124,8 @@ echo "test.sh: static musl binary OK ($(du -h "$bin" | cut -f1)), smoke task suc
 # The packages: scripts/package.sh builds the .deb and .rpm from this binary; the test compares
 # them and installs, runs, upgrades and removes them in a booted Debian 12 (systemd-nspawn).
 cargo test --locked --test packaging -- --ignored --nocapture --test-threads=1
+
+# Fuzzing, after every other suite: each cargo-fuzz target for ETASK_FUZZ_SECONDS (30) after
+# replaying fuzz/regressions/; its own build directory outside the clone (libFuzzer and
+# sanitizer flags would otherwise rebuild the main target dir). A crash fails the run.
+ETASK_FUZZ_TARGET_DIR="${ETASK_FUZZ_TARGET_DIR:-$HOME/.cache/etask-fuzz-target}" scripts/fuzz.sh

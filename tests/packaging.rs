@@ -628,7 +628,8 @@ fn etcd() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"))
 }
 
-/// The config the test writes: Kafka and etcd inside the container, pools dmz and ro.
+/// The config the test writes: Kafka and etcd inside the container, pools dmz and ro, and the
+/// shipped `[security]` section (signed dispatches with the pair postinst made).
 const CONFIG: &str = r#"
 [server]
 data_dir = "/var/lib/etask"
@@ -641,6 +642,10 @@ pools = ["dmz", "ro"]
 pool = "core"
 [agent]
 drain_seconds = 20
+[security]
+signing_key = "/etc/etask/dispatch.key"
+trusted_keys = ["/etc/etask/dispatch.pub"]
+require_signed = true
 "#;
 
 fn write_config(c: &Booted) {
@@ -716,6 +721,15 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
     // Install: the user exists, the config is private to it, nothing started or enabled.
     c.sh(&format!("dpkg -i /pkgs/{}", file_name(&p.deb(1))));
     c.sh("getent passwd etask && test \"$(stat -c %U:%G:%a /etc/etask/etask.toml)\" = root:etask:640");
+    // The scheduler's signing pair, made by postinst: the key for user etask only (hardened
+    // nodes run in group etask), the public key for everyone; the shipped config uses them.
+    c.sh(
+        "test \"$(stat -c %U:%G:%a /etc/etask/dispatch.key)\" = etask:etask:600 \
+          && test \"$(stat -c %a /etc/etask/dispatch.pub)\" = 644 \
+          && grep -q '^ed25519-public:' /etc/etask/dispatch.pub \
+          && grep -q '^require_signed = true' /etc/etask/etask.toml \
+          && etask config --check /etc/etask/etask.toml",
+    );
     for unit in ["etask-scheduler", "etask-executor", "etask-agent@dmz"] {
         assert_eq!(
             c.prop(unit, "ActiveState"),
@@ -758,8 +772,21 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
         "no clear journal line:\n{journal}"
     );
     c.sh("systemctl reset-failed etask-agent@dmz");
+    // require_signed without trusted_keys: the node does not start, and says what to list.
+    c.sh("printf '[kafka]\\nbrokers = \"127.0.0.1:9092\"\\n[security]\\nrequire_signed = true\\n' > /etc/etask/etask.toml");
+    let (started, _) = c.try_sh("systemctl start etask-agent@dmz");
+    assert!(
+        !started,
+        "an agent started with require_signed and no trusted_keys"
+    );
+    let journal = c.sh("journalctl -u etask-agent@dmz --no-pager -o cat");
+    assert!(
+        journal.contains("trusted_keys") && journal.contains("dispatch.pub"),
+        "no clear journal line:\n{journal}"
+    );
+    c.sh("systemctl reset-failed etask-agent@dmz");
 
-    // The three roles as their units.
+    // The three roles as their units, with signed dispatches.
     write_config(&c);
     c.start("etask-scheduler");
     c.start("etask-executor");
@@ -910,6 +937,7 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
     assert_eq!(c.prop("etask-scheduler", "LoadState"), "not-found");
     c.sh("dpkg -P etask");
     c.sh("test ! -e /var/lib/etask && test ! -e /etc/etask");
+    // (the .rpm below makes a new pair: %post, as /etc/etask has none now)
 
     // The .rpm in the same system, with Debian's rpm: its scriptlets create the user and
     // reload systemd; the roles start and run a task.
@@ -917,7 +945,10 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
         "rpm -i --nodeps /pkgs/{} 2>&1",
         file_name(&p.rpm(1))
     ));
-    c.sh("getent passwd etask && test \"$(stat -c %G /etc/etask/etask.toml)\" = etask");
+    c.sh(
+        "getent passwd etask && test \"$(stat -c %G /etc/etask/etask.toml)\" = etask \
+          && test \"$(stat -c %U:%a /etc/etask/dispatch.key)\" = etask:600",
+    );
     write_config(&c);
     c.start("etask-scheduler");
     c.start("etask-agent@dmz");

@@ -1,6 +1,13 @@
-# etask %post ($1 = 1 install, 2 upgrade): state/run roots, reload systemd; nothing starts on
+# etask %post ($1 = 1 install, 2 upgrade): the dispatch signing pair when there is none,
+# state/run roots, reload systemd; nothing starts on
 # install (write the config first); on upgrade the etask services that run are restarted.
 chgrp etask /etc/etask/etask.toml 2>/dev/null || :
+# The scheduler's dispatch signing pair, once (etask.toml points security.signing_key and
+# trusted_keys at it); owner etask only: hardened nodes run in group etask.
+if [ ! -e /etc/etask/dispatch.key ] && [ ! -e /etc/etask/dispatch.pub ]; then
+    /usr/bin/etask keygen --out /etc/etask >/dev/null && \
+        chown etask:etask /etc/etask/dispatch.key && chmod 0600 /etc/etask/dispatch.key || :
+fi
 systemd-tmpfiles --create etask.conf >/dev/null 2>&1 || :
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload || :
