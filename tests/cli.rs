@@ -667,10 +667,7 @@ fn a_daemon_whose_stdout_reader_is_gone_keeps_serving() {
     }
     // Past the start-up lines: still alive, and a script runs to its end.
     std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "server died after start"
-    );
+    assert!(child.try_wait().unwrap().is_none(), "server died after start");
     let script = dir.join("hi.sh");
     std::fs::write(&script, "echo hi\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_etask"))

@@ -283,10 +283,7 @@ pub fn run(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     if server.is_some() {
         crate::announce(&format!("etask executor {node_id} serving on {advertise}"));
     } else {
-        crate::announce(&format!(
-            "etask executor {node_id} pulling from {}",
-            ex.scheduler
-        ));
+        crate::announce(&format!("etask executor {node_id} pulling from {}", ex.scheduler));
     }
     log::info!(target: LOG, "started node={node_id} pool={} path={} scheduler={}", ex.pool, ex.path, ex.scheduler);
     crate::sd_notify::ready(&format!(
