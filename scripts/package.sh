@@ -46,10 +46,11 @@ if readelf -d "$bin" | grep -q NEEDED; then
     exit 1
 fi
 size=$(stat -c %s "$bin")
-# 15 MiB: what `du -h` called "15M" when the budget was set (the issue's 15 MB).
-max=$((15 * 1024 * 1024))
+# 20 MiB: 14.4 MiB of ETask plus 4.2 MiB of OpenSSL for Kafka TLS/SCRAM (18.6 MiB measured;
+# README "Kafka agents", Binary size, says why the old 15 MiB budget was raised, not met).
+max=$((20 * 1024 * 1024))
 if [ "$size" -gt "$max" ]; then
-    echo "package.sh: $bin is $size bytes, over the 15 MiB budget" >&2
+    echo "package.sh: $bin is $size bytes, over the 20 MiB budget" >&2
     exit 1
 fi
 

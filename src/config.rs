@@ -50,7 +50,9 @@ pub struct SecurityConfig {
 }
 
 /// The Kafka path: the scheduler's producer/consumer and the agents' (`--mode agent`).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+///
+/// `Debug` shows `sasl_password` as `******` (when set): the configuration may be logged.
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap brokers "HOST:PORT[,HOST:PORT]"; empty = no Kafka path.
@@ -80,22 +82,87 @@ pub struct KafkaConfig {
     /// requests to the brokers.
     pub fetch_wait_max_ms: u64,
     pub linger_ms: u64,
-    /// librdkafka `security.protocol`: "" (= plaintext), "plaintext", "ssl", "sasl_plaintext"
-    /// or "sasl_ssl".
+    /// librdkafka `security.protocol` of every Kafka client of the process: "" (= plaintext),
+    /// "plaintext", "ssl", "sasl_plaintext" or "sasl_ssl" (any case).
     pub security_protocol: String,
-    /// `sasl.mechanism`: "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512" (with a sasl_ protocol).
+    /// `sasl.mechanism`: "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512" (any case); required with
+    /// a `sasl_` protocol, refused without one. librdkafka's built-in SASL (no GSSAPI).
     pub sasl_mechanism: String,
+    /// The SASL user; required with a `sasl_` protocol.
     pub sasl_username: String,
-    /// The SASL password; `$ETASK_KAFKA_SASL_PASSWORD` overrides it (keep it out of the file).
+    /// The SASL password, in the file. Prefer `sasl_password_file` or
+    /// `$ETASK_KAFKA_SASL_PASSWORD` (which wins over both), so it need not sit in the config.
     pub sasl_password: String,
-    /// CA (PEM) the brokers' certificates chain to; empty = the system's default locations.
+    /// A file whose content (one trailing newline removed) is the SASL password; read once at
+    /// start, must not be readable by every user. Not together with `sasl_password`.
+    pub sasl_password_file: String,
+    /// CA (PEM file) the brokers' certificates must chain to; empty = the system's CA store
+    /// (librdkafka probes the usual paths). Only with "ssl" or "sasl_ssl".
     pub ssl_ca: String,
-    /// Client certificate and key (PEM) when the brokers require one.
+    /// Client certificate (PEM file) when the brokers require one; with `ssl_key`.
     pub ssl_cert: String,
+    /// The client certificate's private key (PEM file, unencrypted, not readable by every
+    /// user); with `ssl_cert`.
     pub ssl_key: String,
     /// Extra librdkafka properties for every client (e.g. "api.version.request"); they win
     /// over the settings ETask chooses.
     pub client_options: std::collections::BTreeMap<String, String>,
+}
+
+/// Why a node with `security.require_signed` and no `trusted_keys` does not start.
+const UNSIGNED_NODE: &str = "security.require_signed is set but security.trusted_keys is empty: \
+     list the scheduler's public key, e.g. trusted_keys = [\"/etc/etask/dispatch.pub\"] (the \
+     packages make that pair on install; on a node host, copy the scheduler host's \
+     dispatch.pub there; `etask keygen --out DIR` makes a pair)";
+
+impl std::fmt::Debug for KafkaConfig {
+    /// Every field, with the SASL password shown as `******` when it is set.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let masked = if self.sasl_password.is_empty() {
+            ""
+        } else {
+            "******"
+        };
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("dispatch_topic_prefix", &self.dispatch_topic_prefix)
+            .field("events_topic", &self.events_topic)
+            .field("control_topic", &self.control_topic)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("create_topics", &self.create_topics)
+            .field("partitions", &self.partitions)
+            .field("pools", &self.pools)
+            .field("dispatch_ttl_seconds", &self.dispatch_ttl_seconds)
+            .field("max_queued", &self.max_queued)
+            .field("agent_silent_after_ms", &self.agent_silent_after_ms)
+            .field("fetch_wait_max_ms", &self.fetch_wait_max_ms)
+            .field("linger_ms", &self.linger_ms)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field("sasl_password", &masked)
+            .field("sasl_password_file", &self.sasl_password_file)
+            .field("ssl_ca", &self.ssl_ca)
+            .field("ssl_cert", &self.ssl_cert)
+            .field("ssl_key", &self.ssl_key)
+            .field("client_options", &masked_options(&self.client_options))
+            .finish()
+    }
+}
+
+/// `kafka.client_options` for `Debug`: the values of librdkafka's sensitive properties
+/// (passwords, secrets, inline keys) as `******`.
+fn masked_options(
+    o: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<&str, &str> {
+    o.iter()
+        .map(|(k, v)| {
+            let sensitive = ["password", "secret", "key.pem", "oauthbearer.config"]
+                .iter()
+                .any(|s| k.contains(s));
+            (k.as_str(), if sensitive { "******" } else { v.as_str() })
+        })
+        .collect()
 }
 
 impl Default for KafkaConfig {
@@ -118,6 +185,7 @@ impl Default for KafkaConfig {
             sasl_mechanism: String::new(),
             sasl_username: String::new(),
             sasl_password: String::new(),
+            sasl_password_file: String::new(),
             ssl_ca: String::new(),
             ssl_cert: String::new(),
             ssl_key: String::new(),
@@ -598,14 +666,18 @@ agent_silent_after_ms = 15000
 # Consumer fetch.wait.max.ms and producer linger.ms: lower = less latency, more requests.
 fetch_wait_max_ms = 5
 linger_ms = 1
-# Security: security_protocol "" (plaintext), "ssl", "sasl_plaintext" or "sasl_ssl";
-# sasl_mechanism "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512" with sasl_username/sasl_password
-# ($ETASK_KAFKA_SASL_PASSWORD overrides the password); ssl_ca: the brokers' CA (PEM); ssl_cert
-# and ssl_key: a client certificate when the brokers require one.
+# Security of every Kafka client (scheduler and agents): security_protocol "" (plaintext),
+# "ssl", "sasl_plaintext" or "sasl_ssl". SASL: sasl_mechanism "PLAIN", "SCRAM-SHA-256" or
+# "SCRAM-SHA-512", sasl_username, and the password from sasl_password_file (a file only its
+# owner and group may read), sasl_password or $ETASK_KAFKA_SASL_PASSWORD (wins). TLS: ssl_ca,
+# the brokers' CA (PEM; "" = the system's CAs); ssl_cert and ssl_key, a client certificate when
+# the brokers require one. Files are checked at start; relative paths are against the start
+# directory.
 security_protocol = ""
 sasl_mechanism = ""
 sasl_username = ""
 sasl_password = ""
+sasl_password_file = ""
 ssl_ca = ""
 ssl_cert = ""
 ssl_key = ""
@@ -758,7 +830,8 @@ impl Config {
 
     /// The configuration `etask server --mode MODE` starts with: the file (or the defaults),
     /// then the command-line flags, then `$ETASK_TOKEN` for an empty `server.token`; paths made
-    /// absolute against `cwd`; then `validate`. `etask config --check FILE` runs exactly this,
+    /// absolute against `cwd`; the Kafka SASL password read from `$ETASK_KAFKA_SASL_PASSWORD`
+    /// or `kafka.sasl_password_file` (`KafkaConfig::resolve_sasl_password`); then `validate`. `etask config --check FILE` runs exactly this,
     /// so a file it accepts is one the server starts with.
     ///
     /// # Errors
@@ -782,6 +855,9 @@ impl Config {
             cfg.server.token = env_token.unwrap_or_default();
         }
         cfg.resolve_paths(cwd);
+        cfg.kafka
+            .resolve_sasl_password(std::env::var("ETASK_KAFKA_SASL_PASSWORD").ok())
+            .map_err(ConfigError::Invalid)?;
         cfg.validate(mode).map_err(ConfigError::Invalid)?;
         Ok(cfg)
     }
@@ -814,6 +890,14 @@ impl Config {
                 &self.executor.token,
             )?;
         }
+        // A node that must check signatures but trusts no key: refused here too, so the
+        // packaged units' `etask config --check` fails the start with the reason.
+        if matches!(mode, Some(Mode::Agent | Mode::Executor))
+            && self.security.require_signed
+            && self.security.trusted_keys.is_empty()
+        {
+            return Err(UNSIGNED_NODE.into());
+        }
         match mode {
             Some(Mode::Executor) if self.registry.etcd.is_empty() => Err(
                 "an executor needs [registry] etcd (or --etcd URL) so schedulers can find it"
@@ -822,7 +906,7 @@ impl Config {
             Some(Mode::Agent) if self.kafka.brokers.trim().is_empty() => {
                 Err("an agent needs Kafka: set kafka.brokers or pass --kafka HOST:PORT".into())
             }
-            _ => Ok(()),
+            _ => self.kafka.check_files(),
         }
     }
 
@@ -986,6 +1070,7 @@ impl Config {
         abs_str(&mut self.kafka.ssl_ca);
         abs_str(&mut self.kafka.ssl_cert);
         abs_str(&mut self.kafka.ssl_key);
+        abs_str(&mut self.kafka.sasl_password_file);
         let key_path = |s: &mut String| {
             // A key line stays as it is; anything else is a path.
             if !s.contains(':') || s.starts_with('.') || s.starts_with('/') {
@@ -1026,11 +1111,7 @@ impl Config {
     ) -> Result<crate::trust::NodeTrust, String> {
         let sec = &self.security;
         if sec.require_signed && sec.trusted_keys.is_empty() {
-            return Err(
-                "security.require_signed is set but security.trusted_keys is empty: \
-                 list the scheduler's public key (etask keygen writes dispatch.pub)"
-                    .into(),
-            );
+            return Err(UNSIGNED_NODE.into());
         }
         let verifier = crate::trust::Verifier::load(&sec.trusted_keys)
             .map_err(|e| format!("security.trusted_keys: {e}"))?;
@@ -1233,7 +1314,10 @@ mod tests {
     fn relative_paths_are_resolved_against_the_start_directory() {
         let mut c = Config::parse(
             "[server]\ndata_dir = \"d\"\nstore = \"sqlite:s/x.db\"\n[node]\nworkspace_root = \"w\"\n\
-             [agent]\nspool_dir = \"sp\"\n[tls]\ncert = \"c.pem\"\nkey = \"/abs/k.pem\"\n",
+             [agent]\nspool_dir = \"sp\"\n[tls]\ncert = \"c.pem\"\nkey = \"/abs/k.pem\"\n\
+             [kafka]\nsecurity_protocol = \"sasl_ssl\"\nsasl_mechanism = \"PLAIN\"\n\
+             sasl_username = \"u\"\nsasl_password_file = \"pw\"\nssl_ca = \"k/ca.pem\"\n\
+             ssl_cert = \"k/c.pem\"\nssl_key = \"k/c.key\"\n",
         )
         .unwrap();
         c.resolve_paths(std::path::Path::new("/base"));
@@ -1243,11 +1327,34 @@ mod tests {
         assert_eq!(c.agent.spool_dir, "/base/sp");
         assert_eq!(c.tls.cert, "/base/c.pem");
         assert_eq!(c.tls.key, "/abs/k.pem");
+        assert_eq!(c.kafka.sasl_password_file, "/base/pw");
+        assert_eq!(c.kafka.ssl_ca, "/base/k/ca.pem");
+        assert_eq!(c.kafka.ssl_cert, "/base/k/c.pem");
+        assert_eq!(c.kafka.ssl_key, "/base/k/c.key");
         let mut d = Config::default();
         d.resolve_paths(std::path::Path::new("/base"));
         assert_eq!(d.server.data_dir, PathBuf::from("/base/etask-data"));
         assert!(d.store_url().starts_with("sqlite:/base/etask-data/"));
         assert!(d.pool_config().workspace_root.is_absolute());
+    }
+
+    #[test]
+    fn nodes_with_require_signed_but_no_trusted_keys_fail_the_start_check() {
+        use crate::server::Mode;
+        let mut c = Config::default();
+        c.kafka.brokers = "127.0.0.1:9092".into();
+        c.registry.etcd = "http://127.0.0.1:2379".into();
+        c.security.require_signed = true;
+        for mode in [Mode::Agent, Mode::Executor] {
+            let e = c.validate(Some(mode)).unwrap_err();
+            assert!(
+                e.contains("trusted_keys") && e.contains("dispatch.pub"),
+                "{e}"
+            );
+        }
+        assert!(c.validate(Some(Mode::Scheduler)).is_ok());
+        c.security.trusted_keys = vec!["/etc/etask/dispatch.pub".into()];
+        assert!(c.validate(Some(Mode::Agent)).is_ok());
     }
 
     #[test]

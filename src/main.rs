@@ -738,10 +738,12 @@ fn cmd_server(c: ServerCmd) -> CmdResult {
         workspace_root: c.workspace_root,
     };
     let cfg = server_config(Some(c.mode), c.config.as_deref(), &flags)?;
-    // Nothing of the node for scripts to read: the token leaves the environment (still single-
-    // threaded here, so removing a variable is safe), and the process is not dumpable, so a
-    // script of the same uid cannot read /proc/<node>/environ or memory, nor ptrace it.
+    // Nothing of the node for scripts to read: the token and the Kafka password (both read
+    // into `cfg` above) leave the environment (still single-threaded here, so removing a
+    // variable is safe), and the process is not dumpable, so a script of the same uid cannot
+    // read /proc/<node>/environ or memory, nor ptrace it.
     etask::signals::scrub_env("ETASK_TOKEN");
+    etask::signals::scrub_env("ETASK_KAFKA_SASL_PASSWORD");
     etask::signals::not_dumpable();
     // Block the termination signals before any thread starts, so every thread inherits it.
     let stop = etask::signals::termination()

@@ -213,10 +213,36 @@ fn config_check_refuses_exactly_what_the_server_refuses() {
         std::fs::write(&p, body).unwrap();
         p
     };
+    // Kafka TLS files are checked at start, relative paths taken from the start directory.
+    let missing_ca = format!(
+        "kafka.ssl_ca {}: cannot read",
+        std::env::current_dir().unwrap().join("missing-ca.pem").display()
+    );
     let bad = [
         (
             write("open.toml", "[server]\nlisten = \"0.0.0.0:0\"\n"),
             "without a token",
+        ),
+        (
+            write(
+                "sasl.toml",
+                "[kafka]\nsecurity_protocol = \"sasl_ssl\"\nsasl_mechanism = \"PLAIN\"\n",
+            ),
+            "needs kafka.sasl_username",
+        ),
+        (
+            write(
+                "mech.toml",
+                "[kafka]\nsecurity_protocol = \"sasl_plaintext\"\nsasl_mechanism = \"GSSAPI\"\n",
+            ),
+            "kafka.sasl_mechanism \"GSSAPI\"",
+        ),
+        (
+            write(
+                "ca.toml",
+                "[kafka]\nsecurity_protocol = \"ssl\"\nssl_ca = \"missing-ca.pem\"\n",
+            ),
+            &missing_ca,
         ),
         (
             write("pg.toml", "[server]\nstore = \"postgres://x\"\n"),

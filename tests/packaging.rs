@@ -240,8 +240,8 @@ fn deb_and_rpm_ship_the_same_static_binary_units_and_scripts() {
         size as f64 / 1048576.0
     );
     assert!(
-        size <= 15 * 1024 * 1024,
-        "binary is {size} bytes, over 15 MiB"
+        size <= 20 * 1024 * 1024,
+        "binary is {size} bytes, over the 20 MiB budget of scripts/package.sh"
     );
     let version = ok(Command::new(&bin).arg("--version"));
     assert!(

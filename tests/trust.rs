@@ -985,3 +985,165 @@ fn grpc_mutual_tls_refuses_a_client_without_a_valid_certificate() {
     let ok = client(Some((read(&pki, "client.pem"), read(&pki, "client.key"))));
     assert!(ok.is_ok(), "{ok:?}");
 }
+
+/// stunnel4 terminating TLS on `accept` with the test server certificate and forwarding to
+/// `target`; with `require_client_cert`, only clients with a certificate from the test CA.
+fn stunnel(
+    dir: &Path,
+    pki: &Path,
+    accept: &str,
+    target: &str,
+    require_client_cert: bool,
+) -> support::Proc {
+    let p = |f: &str| pki.join(f).display().to_string();
+    let conf = dir.join("stunnel-kafka.conf");
+    let verify = if require_client_cert {
+        format!(
+            "CAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
+            p("ca.pem")
+        )
+    } else {
+        String::new()
+    };
+    std::fs::write(
+        &conf,
+        format!(
+            "foreground = yes\npid =\n[kafka]\naccept = {accept}\nconnect = {target}\ncert = {}\nkey = {}\n{verify}",
+            p("server.pem"),
+            p("server.key")
+        ),
+    )
+    .unwrap();
+    let proc = support::Proc(
+        Command::new("stunnel4")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("stunnel-kafka.log")).unwrap(),
+            ))
+            .spawn()
+            .expect("stunnel4 (Debian package stunnel4) is needed"),
+    );
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(accept).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "stunnel did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proc
+}
+
+/// `etask server --mode scheduler` with `kafka` as its [kafka] section, expected to fail at
+/// start: its exit status and what it printed on stderr.
+fn scheduler_start_error(
+    dir: &Path,
+    name: &str,
+    brokers: &str,
+    kafka: &str,
+) -> (Option<i32>, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg, format!("[kafka]\n{kafka}")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args([
+            "server",
+            "--mode",
+            "scheduler",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "",
+        ])
+        .args(["--kafka", brokers, "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(dir.join(format!("data-{name}")))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn kafka_over_tls_round_trips_and_refuses_plaintext_a_wrong_ca_and_no_client_certificate() {
+    let dir = support::temp_dir("trust-kafka-tls");
+    let pki = test_pki(&dir);
+    let other = test_pki(&dir.join("other"));
+    let p = |d: &Path, f: &str| d.join(f).display().to_string();
+    // tansu (plaintext) behind stunnel (TLS, client certificates from the test CA required);
+    // tansu's metadata names the TLS address, so no client is ever sent around the tunnel.
+    let tls = format!("127.0.0.1:{}", support::free_port());
+    let broker = support::kafka::Broker::start_advertising("tls", &tls);
+    let _stunnel = stunnel(&dir, &pki, &tls, broker.inner(), true);
+    let ssl = |ca: &str, cert: bool| {
+        let client = if cert {
+            format!(
+                "ssl_cert = \"{}\"\nssl_key = \"{}\"\n",
+                p(&pki, "client.pem"),
+                p(&pki, "client.key")
+            )
+        } else {
+            String::new()
+        };
+        format!("security_protocol = \"ssl\"\nssl_ca = \"{ca}\"\n{client}")
+    };
+    let good = ssl(&p(&pki, "ca.pem"), true);
+
+    // A round trip: scheduler and agent both over TLS only.
+    let s = Server::start(
+        &dir.join("sched"),
+        &["--kafka", &tls],
+        &format!("[kafka]\nagent_silent_after_ms = 3000\n{good}"),
+    );
+    let _agent = start_agent(&dir, "tls1", "p2", &tls, &format!("[kafka]\n{good}"));
+    let (_, e) = s.submit(
+        json!({"name": "tls", "target": {"path": "agent", "pool": "p2"},
+        "program": {"kind": "shell", "code": "echo '{\"over\": \"tls\"}' >&3"}}),
+    );
+    let v = s.wait_final(e, Duration::from_secs(60));
+    assert_eq!(
+        v["status"],
+        "succeeded",
+        "{v}\n{}\n{}",
+        s.log(),
+        std::fs::read_to_string(dir.join("tls1.log")).unwrap_or_default()
+    );
+    assert_eq!(v["result"]["over"], "tls", "{v}");
+
+    // Refused, each with a start error that names the protocol and the check to make:
+    // a plaintext client on the TLS port, a client that trusts another CA, a client without
+    // a certificate.
+    for (name, kafka, says) in [
+        ("plain", String::new(), "unreachable over plaintext"),
+        (
+            "wrong-ca",
+            ssl(&p(&other, "ca.pem"), true),
+            "unreachable over ssl",
+        ),
+        (
+            "no-cert",
+            ssl(&p(&pki, "ca.pem"), false),
+            "unreachable over ssl",
+        ),
+    ] {
+        let (code, err) = scheduler_start_error(&dir.join("refused"), name, &tls, &kafka);
+        eprintln!("{name}: {}", err.trim());
+        assert_eq!(code, Some(69), "{name}: {err}");
+        assert!(
+            err.contains(says) && err.contains("kafka.security_protocol"),
+            "{name}: {err}"
+        );
+        // librdkafka's own lines name the TLS cause.
+        if name == "wrong-ca" {
+            assert!(err.contains("certificate verify failed"), "{name}: {err}");
+        }
+        if name == "no-cert" {
+            assert!(err.contains("certificate required"), "{name}: {err}");
+        }
+    }
+}

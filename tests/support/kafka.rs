@@ -61,6 +61,27 @@ impl Broker {
         b
     }
 
+    /// tansu on a free port without the relay, telling clients (in its metadata) to connect
+    /// to `advertised`: a TLS terminator in front of it, say, whose target is `inner()`.
+    pub fn start_advertising(tag: &str, advertised: &str) -> Broker {
+        let dir = super::temp_dir(&format!("kafka-{tag}"));
+        let mut b = Broker {
+            child: None,
+            addr: advertised.to_owned(),
+            inner: format!("127.0.0.1:{}", super::free_port()),
+            log: dir.join("tansu.log"),
+            down: Arc::new(AtomicBool::new(false)),
+            conns: Arc::new(Mutex::new(Vec::new())),
+        };
+        b.launch();
+        b
+    }
+
+    /// Where tansu itself listens (plaintext).
+    pub fn inner(&self) -> &str {
+        &self.inner
+    }
+
     /// Cuts every client connection and refuses new ones for `d`.
     pub fn outage(&self, d: Duration) {
         self.down.store(true, Ordering::SeqCst);

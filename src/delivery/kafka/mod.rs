@@ -31,7 +31,9 @@ impl KafkaConfig {
     }
 
     /// Settings shared by every client: brokers, reconnects that keep trying, and the
-    /// security settings (TLS, SASL).
+    /// security settings (TLS, SASL). The SASL password is `sasl_password` as
+    /// `resolve_sasl_password` left it (from `$ETASK_KAFKA_SASL_PASSWORD`, the file or the
+    /// config).
     fn base(&self, client_id: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
@@ -40,29 +42,41 @@ impl KafkaConfig {
             .set("reconnect.backoff.max.ms", "2000")
             .set("topic.metadata.refresh.interval.ms", "10000")
             .set("log_level", "4");
+        let protocol = self.security_protocol.to_ascii_lowercase();
         let mut set = |k: &str, v: &str| {
             if !v.is_empty() {
                 c.set(k, v);
             }
         };
-        set("security.protocol", &self.security_protocol);
-        set("sasl.mechanism", &self.sasl_mechanism);
-        set("sasl.username", &self.sasl_username);
-        let password = std::env::var("ETASK_KAFKA_SASL_PASSWORD")
-            .ok()
-            .filter(|p| !p.is_empty())
-            .unwrap_or_else(|| self.sasl_password.clone());
-        set("sasl.password", &password);
-        set("ssl.ca.location", &self.ssl_ca);
-        set("ssl.certificate.location", &self.ssl_cert);
-        set("ssl.key.location", &self.ssl_key);
+        set("security.protocol", &protocol);
+        if protocol.starts_with("sasl_") {
+            set("sasl.mechanism", &self.sasl_mechanism.to_ascii_uppercase());
+            set("sasl.username", &self.sasl_username);
+            set("sasl.password", &self.sasl_password);
+        }
+        if protocol.ends_with("ssl") {
+            // The statically linked OpenSSL's own default CA path is a directory of the build
+            // machine: without a configured CA, librdkafka looks in the usual system places.
+            set(
+                "ssl.ca.location",
+                if self.ssl_ca.is_empty() {
+                    "probe"
+                } else {
+                    &self.ssl_ca
+                },
+            );
+            set("ssl.certificate.location", &self.ssl_cert);
+            set("ssl.key.location", &self.ssl_key);
+        }
         c
     }
 
-    /// Checks the `[kafka]` security keys: known values, keys that go together.
+    /// Checks the values of the `[kafka]` security keys and the keys that go together: a
+    /// known protocol and mechanism, SASL with a user, `ssl_*` only with TLS, a certificate
+    /// with its key, one password source in the file. Files are checked by `check_files`.
     ///
     /// # Errors
-    /// The first problem, naming the key.
+    /// The first problem, naming the key and what to set instead.
     pub fn check_security(&self) -> Result<(), String> {
         let proto = self.security_protocol.to_ascii_lowercase();
         if !["", "plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&proto.as_str()) {
@@ -72,21 +86,137 @@ impl KafkaConfig {
             ));
         }
         let sasl = proto.starts_with("sasl_");
-        if sasl
-            && !["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&self.sasl_mechanism.as_str())
-        {
+        let mechanism = self.sasl_mechanism.to_ascii_uppercase();
+        if sasl && !["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&mechanism.as_str()) {
             return Err(format!(
-                "kafka.sasl_mechanism {:?}: use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with {}",
-                self.sasl_mechanism, proto
+                "kafka.sasl_mechanism {:?}: use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with \
+                 security_protocol {proto}",
+                self.sasl_mechanism
             ));
         }
-        if !sasl && (!self.sasl_mechanism.is_empty() || !self.sasl_username.is_empty()) {
+        if sasl && self.sasl_username.is_empty() {
+            return Err(format!(
+                "kafka.security_protocol {proto} needs kafka.sasl_username (and a password: \
+                 sasl_password_file, sasl_password or $ETASK_KAFKA_SASL_PASSWORD)"
+            ));
+        }
+        let sasl_keys = [
+            ("sasl_mechanism", &self.sasl_mechanism),
+            ("sasl_username", &self.sasl_username),
+            ("sasl_password", &self.sasl_password),
+            ("sasl_password_file", &self.sasl_password_file),
+        ];
+        if let Some((key, _)) = sasl_keys.iter().find(|(_, v)| !sasl && !v.is_empty()) {
+            return Err(format!(
+                "kafka.{key} is set but kafka.security_protocol is {:?}: SASL needs \
+                 sasl_plaintext or sasl_ssl",
+                if proto.is_empty() {
+                    "plaintext"
+                } else {
+                    &proto
+                }
+            ));
+        }
+        if !self.sasl_password.is_empty() && !self.sasl_password_file.is_empty() {
             return Err(
-                "kafka.sasl_* keys need security_protocol sasl_plaintext or sasl_ssl".into(),
+                "kafka.sasl_password and kafka.sasl_password_file are both set: keep one \
+                 (the file keeps the password out of the config)"
+                    .into(),
             );
+        }
+        let tls = proto.ends_with("ssl");
+        let ssl_keys = [
+            ("ssl_ca", &self.ssl_ca),
+            ("ssl_cert", &self.ssl_cert),
+            ("ssl_key", &self.ssl_key),
+        ];
+        if let Some((key, _)) = ssl_keys.iter().find(|(_, v)| !tls && !v.is_empty()) {
+            return Err(format!(
+                "kafka.{key} is set but kafka.security_protocol is {:?}: TLS needs ssl or \
+                 sasl_ssl",
+                if proto.is_empty() {
+                    "plaintext"
+                } else {
+                    &proto
+                }
+            ));
         }
         if self.ssl_cert.is_empty() != self.ssl_key.is_empty() {
             return Err("kafka.ssl_cert and kafka.ssl_key must be set together".into());
+        }
+        Ok(())
+    }
+
+    /// Takes the SASL password from where the operator put it, once, at start:
+    /// `env` (`$ETASK_KAFKA_SASL_PASSWORD`) when not empty, else the content of
+    /// `sasl_password_file` (one trailing newline removed), else `sasl_password` as it is.
+    /// Afterwards `sasl_password` holds it and `sasl_password_file` is empty.
+    ///
+    /// # Errors
+    /// The file cannot be read, is empty, or is readable by every user (the message names the
+    /// file, never the password).
+    pub fn resolve_sasl_password(&mut self, env: Option<String>) -> Result<(), String> {
+        let file = std::mem::take(&mut self.sasl_password_file);
+        if let Some(p) = env.filter(|p| !p.is_empty()) {
+            self.sasl_password = p;
+            return Ok(());
+        }
+        if file.is_empty() {
+            return Ok(());
+        }
+        let path = std::path::Path::new(&file);
+        refuse_world_readable("kafka.sasl_password_file", path)?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("kafka.sasl_password_file {file}: cannot read: {e}"))?;
+        let text = text.strip_suffix('\n').unwrap_or(&text);
+        let text = text.strip_suffix('\r').unwrap_or(text);
+        if text.is_empty() {
+            return Err(format!("kafka.sasl_password_file {file} is empty"));
+        }
+        self.sasl_password = text.to_owned();
+        Ok(())
+    }
+
+    /// What must hold on this host before any client is made: the `ssl_*` files can be read
+    /// and hold PEM, the key is not readable by every user, and SASL has a password (after
+    /// `resolve_sasl_password`). Called by `Config::validate`, so `etask config --check` finds
+    /// the same problems as `etask server`.
+    ///
+    /// # Errors
+    /// The first problem, naming the key and the file.
+    pub fn check_files(&self) -> Result<(), String> {
+        self.check_security()?;
+        for (key, path) in [
+            ("ssl_ca", &self.ssl_ca),
+            ("ssl_cert", &self.ssl_cert),
+            ("ssl_key", &self.ssl_key),
+        ] {
+            if path.is_empty() {
+                continue;
+            }
+            if key == "ssl_key" {
+                refuse_world_readable("kafka.ssl_key", std::path::Path::new(path))?;
+            }
+            let text =
+                std::fs::read(path).map_err(|e| format!("kafka.{key} {path}: cannot read: {e}"))?;
+            if !text.windows(11).any(|w| w == b"-----BEGIN ") {
+                return Err(format!(
+                    "kafka.{key} {path}: not a PEM file (no -----BEGIN line)"
+                ));
+            }
+        }
+        if self
+            .security_protocol
+            .to_ascii_lowercase()
+            .starts_with("sasl_")
+            && self.sasl_password.is_empty()
+        {
+            return Err(format!(
+                "kafka.security_protocol {} needs a password for kafka.sasl_username {:?}: set \
+                 kafka.sasl_password_file (or sasl_password, or $ETASK_KAFKA_SASL_PASSWORD)",
+                self.security_protocol.to_ascii_lowercase(),
+                self.sasl_username
+            ));
         }
         Ok(())
     }
@@ -139,13 +269,26 @@ impl KafkaConfig {
     /// A producer; `timeout` = how long a message may wait for the brokers before it is given
     /// up (0 = never).
     pub fn producer(&self, client_id: &str, timeout: Duration) -> Result<Producer_, String> {
+        self.producer_config(client_id, timeout)
+            .create_with_context(Logged)
+            .map_err(|e| format!("kafka producer for {}: {e}", self.brokers))
+    }
+
+    /// The settings of `producer`.
+    pub fn producer_config(&self, client_id: &str, timeout: Duration) -> ClientConfig {
         let mut c = self.base(client_id);
         c.set("linger.ms", self.linger_ms.to_string())
             .set("acks", "all")
             .set("message.timeout.ms", timeout.as_millis().to_string());
         self.with_options(c)
-            .create_with_context(Logged)
-            .map_err(|e| format!("kafka producer for {}: {e}", self.brokers))
+    }
+
+    /// The security protocol in effect, for messages ("plaintext" when unset).
+    pub fn protocol_name(&self) -> String {
+        match self.security_protocol.to_ascii_lowercase() {
+            p if p.is_empty() => "plaintext".into(),
+            p => p,
+        }
     }
 }
 
@@ -243,7 +386,15 @@ pub fn existing_topics(
     let md = p
         .client()
         .fetch_metadata(None, Duration::from_secs(5))
-        .map_err(|e| format!("kafka brokers {} unreachable: {e}", cfg.brokers))?;
+        .map_err(|e| {
+            format!(
+                "kafka brokers {} unreachable over {}: {e} (check kafka.brokers, and that \
+                 kafka.security_protocol and ssl_ca match the brokers' listener; librdkafka's \
+                 lines above say more)",
+                cfg.brokers,
+                cfg.protocol_name()
+            )
+        })?;
     let have: HashSet<String> = md
         .topics()
         .iter()
@@ -299,6 +450,20 @@ pub fn ensure_topics(cfg: &KafkaConfig, p: &Producer_, topics: &[String]) -> Res
     Ok(())
 }
 
+/// Refuses a secret file every user may read (mode `o+r`), as `etask keygen`'s keys are.
+fn refuse_world_readable(key: &str, path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("{key} {}: cannot read: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o004 != 0 {
+        return Err(format!(
+            "{key} {} is readable by every user: chmod o-r it (e.g. 0640 root:etask)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Waits for one future on this thread (the admin API's only interface is a future; this is
 /// not an async runtime, just a park/unpark loop).
 fn block_on<F: Future>(f: F) -> F::Output {
@@ -323,27 +488,41 @@ fn block_on<F: Future>(f: F) -> F::Output {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ssl_and_sasl_settings_reach_librdkafka() {
-        let mut k = KafkaConfig {
-            security_protocol: "sasl_ssl".into(),
-            sasl_mechanism: "SCRAM-SHA-512".into(),
+    const PW: &str = "pw-9f3e-never-shown";
+
+    fn sasl_ssl(mechanism: &str) -> KafkaConfig {
+        KafkaConfig {
+            brokers: "127.0.0.1:1".into(),
+            security_protocol: "SASL_SSL".into(),
+            sasl_mechanism: mechanism.into(),
             sasl_username: "etask".into(),
-            sasl_password: "pw-from-file".into(),
-            ssl_ca: "/etc/etask/kafka-ca.pem".into(),
-            ssl_cert: "/etc/etask/kafka.pem".into(),
-            ssl_key: "/etc/etask/kafka.key".into(),
+            sasl_password: PW.into(),
             ..KafkaConfig::default()
-        };
-        k.check_security().unwrap();
-        for c in [
+        }
+    }
+
+    /// Every client ETask makes, as librdkafka settings.
+    fn every_client(k: &KafkaConfig) -> Vec<ClientConfig> {
+        vec![
             k.client("id"),
             k.consumer("id", "g", false),
             k.control_consumer("id"),
-        ] {
+            k.producer_config("id", Duration::from_secs(1)),
+        ]
+    }
+
+    #[test]
+    fn ssl_and_sasl_settings_reach_every_client_and_librdkafka_takes_them() {
+        let mut k = sasl_ssl("scram-sha-512");
+        k.ssl_ca = "/etc/etask/kafka-ca.pem".into();
+        k.ssl_cert = "/etc/etask/kafka.pem".into();
+        k.ssl_key = "/etc/etask/kafka.key".into();
+        k.check_security().unwrap();
+        for c in every_client(&k) {
             assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
             assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
             assert_eq!(c.get("sasl.username"), Some("etask"));
+            assert_eq!(c.get("sasl.password"), Some(PW));
             assert_eq!(c.get("ssl.ca.location"), Some("/etc/etask/kafka-ca.pem"));
             assert_eq!(
                 c.get("ssl.certificate.location"),
@@ -351,40 +530,206 @@ mod tests {
             );
             assert_eq!(c.get("ssl.key.location"), Some("/etc/etask/kafka.key"));
         }
-        // librdkafka itself takes SASL PLAIN (an unknown or unbuilt property fails client
-        // creation). SSL and SCRAM need librdkafka built with OpenSSL (rdkafka's ssl-vendored
-        // feature, not enabled: README "Kafka agents"), and say so when the client is made.
-        let plain = KafkaConfig {
-            security_protocol: "sasl_plaintext".into(),
-            sasl_mechanism: "PLAIN".into(),
-            sasl_username: "etask".into(),
-            sasl_password: "pw".into(),
-            ..KafkaConfig::default()
+        // This build's librdkafka has OpenSSL and its built-in SASL: every mechanism over
+        // every protocol makes a client (an unbuilt one fails client creation, e.g. "OpenSSL
+        // not available at build time"). No CA = the system's CAs, probed.
+        for proto in ["ssl", "sasl_plaintext", "sasl_ssl"] {
+            for mech in ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] {
+                let mut k = sasl_ssl(mech);
+                k.security_protocol = proto.into();
+                if proto == "ssl" {
+                    k.sasl_mechanism.clear();
+                    k.sasl_username.clear();
+                    k.sasl_password.clear();
+                }
+                k.check_security().unwrap();
+                for c in every_client(&k) {
+                    if proto.ends_with("ssl") {
+                        assert_eq!(c.get("ssl.ca.location"), Some("probe"));
+                    }
+                    let made: Result<rdkafka::producer::BaseProducer, _> = c.create();
+                    assert!(made.is_ok(), "{proto} {mech}: {:?}", made.err());
+                }
+            }
+        }
+        // Plaintext: no security setting is passed at all.
+        for c in every_client(&KafkaConfig::default()) {
+            for key in ["security.protocol", "sasl.password", "ssl.ca.location"] {
+                assert_eq!(c.get(key), None, "{key}");
+            }
+        }
+    }
+
+    #[test]
+    fn sasl_password_never_appears_in_debug_output_or_errors() {
+        let mut k = sasl_ssl("PLAIN");
+        k.client_options
+            .insert("ssl.key.password".into(), PW.into());
+        let shown = [
+            format!("{k:?}"),
+            format!(
+                "{:?}",
+                crate::config::Config {
+                    kafka: k.clone(),
+                    ..Default::default()
+                }
+            ),
+            format!("{:?}", k.client("id")),
+            format!("{:?}", k.producer_config("id", Duration::from_secs(1))),
+        ];
+        for s in &shown {
+            assert!(!s.contains(PW), "password shown: {s}");
+        }
+        assert!(shown[0].contains("******"));
+        // Errors about the SASL keys name them, never the password.
+        let mut bad = k.clone();
+        bad.sasl_username.clear();
+        bad.ssl_ca = "/nonexistent/ca.pem".into();
+        for e in [bad.check_security(), {
+            bad.sasl_username = "u".into();
+            bad.check_files()
+        }] {
+            let e = e.unwrap_err();
+            assert!(!e.contains(PW), "{e}");
+        }
+        bad.sasl_password_file = "/nonexistent".into();
+        assert!(!bad.check_security().unwrap_err().contains(PW));
+        // A client whose creation fails says why without the password.
+        let mut wrong = k.clone();
+        wrong.ssl_ca = "/nonexistent/ca.pem".into();
+        let made: Result<rdkafka::producer::BaseProducer, _> = wrong.client("id").create();
+        assert!(!made.err().unwrap().to_string().contains(PW));
+    }
+
+    #[test]
+    fn bad_security_settings_are_refused_naming_the_key() {
+        let refused = |k: KafkaConfig, needle: &str| {
+            let e = k
+                .check_security()
+                .and_then(|_| k.check_files())
+                .unwrap_err();
+            assert!(e.contains(needle), "{needle:?} not in {e:?}");
         };
-        plain.check_security().unwrap();
-        let made: Result<rdkafka::producer::BaseProducer, _> = plain.client("id").create();
-        assert!(made.is_ok(), "{:?}", made.err());
-        k.ssl_ca = String::new();
-        let made: Result<rdkafka::producer::BaseProducer, _> = k.client("id").create();
-        if let Err(e) = made {
-            assert!(
-                e.to_string().contains("OpenSSL") || e.to_string().contains("ssl"),
-                "{e}"
-            );
-        }
-        assert!(KafkaConfig {
-            security_protocol: "tls".into(),
-            ..KafkaConfig::default()
-        }
-        .check_security()
-        .is_err());
-        assert!(KafkaConfig {
-            security_protocol: "sasl_plaintext".into(),
-            sasl_mechanism: "GSSAPI".into(),
-            ..KafkaConfig::default()
-        }
-        .check_security()
-        .is_err());
+        let plain = KafkaConfig::default();
+        refused(
+            KafkaConfig {
+                security_protocol: "tls".into(),
+                ..plain.clone()
+            },
+            "security_protocol \"tls\"",
+        );
+        refused(sasl_ssl("GSSAPI"), "sasl_mechanism \"GSSAPI\"");
+        refused(sasl_ssl(""), "sasl_mechanism");
+        refused(
+            KafkaConfig {
+                sasl_username: String::new(),
+                ..sasl_ssl("PLAIN")
+            },
+            "needs kafka.sasl_username",
+        );
+        refused(
+            KafkaConfig {
+                sasl_password: String::new(),
+                ..sasl_ssl("PLAIN")
+            },
+            "needs a password",
+        );
+        refused(
+            KafkaConfig {
+                sasl_username: "u".into(),
+                ..plain.clone()
+            },
+            "kafka.sasl_username is set but",
+        );
+        refused(
+            KafkaConfig {
+                ssl_ca: "/ca.pem".into(),
+                ..plain.clone()
+            },
+            "kafka.ssl_ca is set but",
+        );
+        refused(
+            KafkaConfig {
+                sasl_password_file: "/pw".into(),
+                ..sasl_ssl("PLAIN")
+            },
+            "both set",
+        );
+        refused(
+            KafkaConfig {
+                ssl_cert: "/c.pem".into(),
+                ..sasl_ssl("PLAIN")
+            },
+            "ssl_cert and kafka.ssl_key",
+        );
+        refused(
+            KafkaConfig {
+                ssl_ca: "/nonexistent/ca.pem".into(),
+                ..sasl_ssl("PLAIN")
+            },
+            "kafka.ssl_ca /nonexistent/ca.pem: cannot read",
+        );
+        let dir = std::env::temp_dir().join(format!("etask-kafka-sec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("ca.txt");
+        std::fs::write(&not_pem, "hello").unwrap();
+        refused(
+            KafkaConfig {
+                ssl_ca: not_pem.display().to_string(),
+                ..sasl_ssl("PLAIN")
+            },
+            "not a PEM file",
+        );
+        let key = dir.join("client.key");
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        set_mode(&key, 0o644);
+        refused(
+            KafkaConfig {
+                ssl_cert: key.display().to_string(),
+                ssl_key: key.display().to_string(),
+                ..sasl_ssl("PLAIN")
+            },
+            "readable by every user",
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn set_mode(p: &std::path::Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn sasl_password_comes_from_the_environment_then_the_file_then_the_config() {
+        let dir = std::env::temp_dir().join(format!("etask-kafka-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kafka.pw");
+        std::fs::write(&file, "from-file\n").unwrap();
+        set_mode(&file, 0o640);
+        let with_file = KafkaConfig {
+            sasl_password: String::new(),
+            sasl_password_file: file.display().to_string(),
+            ..sasl_ssl("PLAIN")
+        };
+        let mut k = with_file.clone();
+        k.resolve_sasl_password(None).unwrap();
+        assert_eq!(k.sasl_password, "from-file");
+        assert!(k.sasl_password_file.is_empty());
+        k.check_files().unwrap();
+        let mut k = with_file.clone();
+        k.resolve_sasl_password(Some("from-env".into())).unwrap();
+        assert_eq!(k.sasl_password, "from-env");
+        let mut k = sasl_ssl("PLAIN");
+        k.resolve_sasl_password(Some(String::new())).unwrap();
+        assert_eq!(k.sasl_password, PW);
+        set_mode(&file, 0o644);
+        let e = with_file.clone().resolve_sasl_password(None).unwrap_err();
+        assert!(e.contains("readable by every user"), "{e}");
+        set_mode(&file, 0o600);
+        std::fs::write(&file, "\n").unwrap();
+        let e = with_file.clone().resolve_sasl_password(None).unwrap_err();
+        assert!(e.contains("is empty"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
