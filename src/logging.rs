@@ -1,14 +1,39 @@
 //! A small stderr logger for the `log` facade: one line per event, `TIME LEVEL target: message`,
-//! level from `ETASK_LOG` (error|warn|info|debug|trace, default info). Kept in-tree because it
-//! is a few lines. When stderr is the journal (systemd units) the time is left to journald and
+//! level from `ETASK_LOG` (error|warn|info|debug|trace, default info), written by a thread of
+//! its own so that no caller ever waits for stderr (see `StderrLogger`). Kept in-tree because
+//! it is a few lines. When stderr is the journal (systemd units) the time is left to journald and
 //! the line starts with a `<N>` syslog priority instead, so `journalctl -p warning` works.
 
-use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+/// Lines waiting for stderr; past this many, new lines are dropped and counted.
+const QUEUE_LINES: usize = 8192;
+
+/// What the writer thread is handed.
+enum Msg {
+    Line(String),
+    /// Answered once every line queued before it has been written.
+    Flush(Sender<()>),
+}
+
+/// Logging never waits for stderr: a line goes to a bounded queue that one writer thread
+/// empties. A stderr that stops taking bytes (a stopped `| tee`, a paused terminal, journald
+/// under backpressure) blocks only that thread; once the queue is full further lines are
+/// dropped and counted, and the count is written as a WARN line when stderr moves again.
+/// Before, every thread that logged (HTTP workers, dispatcher, ingest) blocked on the
+/// logger's lock behind one `write(2)` and the whole server stood still. Written here
+/// rather than taken from a crate: the non-blocking writers that exist belong to `tracing`,
+/// which ETask does not use.
 struct StderrLogger {
     level: LevelFilter,
     journal: bool,
+    tx: Sender<Msg>,
+    dropped: &'static AtomicU64,
 }
 
 impl Log for StderrLogger {
@@ -17,23 +42,65 @@ impl Log for StderrLogger {
     }
     fn log(&self, r: &Record) {
         if self.enabled(r.metadata()) {
-            let (lvl, priority) = match r.level() {
-                Level::Error => ("ERROR", 3),
-                Level::Warn => ("WARN ", 4),
-                Level::Info => ("INFO ", 6),
-                Level::Debug => ("DEBUG", 7),
-                Level::Trace => ("TRACE", 7),
-            };
-            let mut err = std::io::stderr().lock();
-            let _ = if self.journal {
-                writeln!(err, "<{priority}>{lvl} {}: {}", r.target(), r.args())
-            } else {
-                let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ");
-                writeln!(err, "{now} {lvl} {}: {}", r.target(), r.args())
-            };
+            let line = render(self.journal, r.level(), r.target(), &r.args().to_string());
+            match self.tx.try_send(Msg::Line(line)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                // No writer thread (it could not be started): write in place.
+                Err(TrySendError::Disconnected(Msg::Line(l))) => {
+                    let _ = std::io::stderr().lock().write_all(l.as_bytes());
+                }
+                Err(TrySendError::Disconnected(_)) => {}
+            }
         }
     }
-    fn flush(&self) {}
+    /// Waits (at most 2 s) until every line logged so far is written: `main` calls it before
+    /// the process ends.
+    fn flush(&self) {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        if self.tx.send_timeout(Msg::Flush(done_tx), Duration::from_secs(2)).is_ok() {
+            let _ = done_rx.recv_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+/// One line: `TIME LEVEL target: message\n`, or `<N>LEVEL target: message\n` for journald.
+fn render(journal: bool, level: Level, target: &str, msg: &str) -> String {
+    let (lvl, priority) = match level {
+        Level::Error => ("ERROR", 3),
+        Level::Warn => ("WARN ", 4),
+        Level::Info => ("INFO ", 6),
+        Level::Debug => ("DEBUG", 7),
+        Level::Trace => ("TRACE", 7),
+    };
+    if journal {
+        format!("<{priority}>{lvl} {target}: {msg}\n")
+    } else {
+        let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ");
+        format!("{now} {lvl} {target}: {msg}\n")
+    }
+}
+
+/// The writer thread: writes queued lines in order; errors (a closed stderr) drop the line.
+fn write_lines(rx: &Receiver<Msg>, journal: bool, dropped: &AtomicU64) {
+    for msg in rx {
+        let line = match msg {
+            Msg::Line(l) => l,
+            Msg::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
+        };
+        let mut err = std::io::stderr().lock();
+        let lost = dropped.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            let note = format!("{lost} log lines dropped: stderr did not take them in time");
+            let _ = err.write_all(render(journal, Level::Warn, "etask::logging", &note).as_bytes());
+        }
+        let _ = err.write_all(line.as_bytes());
+    }
 }
 
 /// Installs the logger once; later calls are ignored. `default` applies when ETASK_LOG is unset.
@@ -54,7 +121,32 @@ pub fn init(default: LevelFilter) {
         None => default,
     };
     let journal = stderr_is_journal();
-    if log::set_boxed_logger(Box::new(StderrLogger { level, journal })).is_ok() {
+    let dropped: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+    let (tx, rx) = crossbeam_channel::bounded(QUEUE_LINES);
+    // Without the thread, `log` finds the channel disconnected and writes in place. It starts
+    // with every signal blocked (a thread inherits its creator's mask): this runs before
+    // `signals::termination` blocks SIGTERM/SIGINT for the threads that handle them, and a
+    // process-directed signal must never be delivered to this thread, whose default action
+    // would end the process without its clean shutdown.
+    // SAFETY: sigfillset/pthread_sigmask on local, initialised sets of this thread.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut before: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut before);
+    }
+    let _ = std::thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(move || write_lines(&rx, journal, dropped));
+    // SAFETY: restores this thread's own mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut()) };
+    let logger = StderrLogger {
+        level,
+        journal,
+        tx,
+        dropped,
+    };
+    if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(level);
     }
 }

@@ -49,7 +49,7 @@ macro_rules! command {
             error_code(66, "a file named on the command line cannot be read, or no such task or execution"),
             error_code(69, "unavailable: the scheduler, or the store, broker, etcd or a listen address"),
             error_code(70, "internal error: an answer etask does not understand, or a bug"),
-            error_code(71, "the local system refused: signal handling, threads"),
+            error_code(71, "the local system refused: signal handling, threads, output that cannot be written"),
             error_code(77, "missing or wrong token (HTTP 401)"),
             error_code(78, "invalid configuration"),
         )]
@@ -370,8 +370,7 @@ struct RunCmd {
 fn main() -> ExitCode {
     // argh has no version flag of its own; `etask --version` is answered before parsing.
     if std::env::args().nth(1).as_deref() == Some("--version") {
-        println!("etask {}", etask::VERSION);
-        return ExitCode::SUCCESS;
+        return print_or_fail(&format!("etask {}", etask::VERSION));
     }
     let cli = match parse_args() {
         Ok(cli) => cli,
@@ -429,12 +428,17 @@ fn main() -> ExitCode {
         Cmd::Nodes(c) => cmd_nodes(c),
         Cmd::Keygen(c) => cmd_keygen(c),
     };
+    // Every line logged so far is written before the process ends (the logger's own thread
+    // writes them) and before the failure's own line.
+    log::logger().flush();
     match res {
         Ok(code) => code,
         Err(f) => {
             // The exit status carries the failure even when stderr is gone.
             use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "etask: {}", f.msg);
+            if !f.msg.is_empty() {
+                let _ = writeln!(std::io::stderr(), "etask: {}", f.msg);
+            }
             ExitCode::from(f.code)
         }
     }
@@ -464,15 +468,31 @@ fn parse_args() -> Result<Cli, ExitCode> {
         Ok(cli) => Ok(cli),
         Err(argh::EarlyExit { output, status }) => match status {
             // --help
-            Ok(()) => {
-                println!("{output}");
-                Err(ExitCode::SUCCESS)
-            }
+            Ok(()) => Err(print_or_fail(&output)),
             Err(()) => {
-                eprintln!("{output}\nRun {name} --help for more information.");
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "{output}\nRun {name} --help for more information."
+                );
                 Err(ExitCode::from(exit::USAGE))
             }
         },
+    }
+}
+
+/// Prints `text` and a newline (`--help`, `--version`): 0, or 71 with the reason when stdout
+/// cannot take it (`>/dev/full`), where `println!` would panic (101).
+fn print_or_fail(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "etask: cannot write the output: {e}");
+            ExitCode::from(exit::OSERR)
+        }
     }
 }
 
@@ -610,27 +630,58 @@ fn cmd_run(c: RunCmd) -> CmdResult {
     let (tx, rx) = crossbeam_channel::bounded(256);
     pool.submit(req, tx)
         .map_err(|e| Fail::new(SPAWN_FAILED, format!("could not start: {e}")))?;
+    // Output that cannot be written ends the run like a pipeline's writer: the script is
+    // cancelled (an endless one would otherwise run forever behind `| head`), and `run`
+    // exits 141 for a reader that has gone (as SIGPIPE would; `run` keeps SIGPIPE ignored
+    // because it writes to scripts' pipes) or 71 for any other failure (`>/dev/full`).
+    let mut lost_output: Option<std::io::Error> = None;
     let outcome = loop {
         crossbeam_channel::select! {
             recv(rx) -> ev => match ev {
-                Ok(RunEvent::Log { chunk, .. }) if !c.json => print_chunk(chunk.stream, &chunk.data),
+                Ok(RunEvent::Log { chunk, .. }) if !c.json && lost_output.is_none() => {
+                    if let Err(e) = print_chunk(chunk.stream, &chunk.data) {
+                        pool.cancel(key);
+                        lost_output = Some(e);
+                    }
+                }
                 Ok(RunEvent::Finished { outcome, .. }) => break outcome,
                 Ok(_) => {}
                 Err(_) => return Err(Fail::new(exit::SOFTWARE, "the process pool stopped unexpectedly")),
             },
             recv(signals) -> _ => pool.cancel(key),
+            default(READER_CHECK) => {
+                if lost_output.is_none() && stdout_reader_gone() {
+                    pool.cancel(key);
+                    lost_output = Some(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+                }
+            }
         }
     };
     pool.shutdown();
-    // A reader that went away must not turn the script's exit code into a panic (101):
-    // `run` keeps SIGPIPE ignored (it writes to scripts' pipes), so write errors are dropped.
-    if c.json {
+    if lost_output.is_none() {
         use std::io::Write;
-        let _ = writeln!(std::io::stdout(), "{}", outcome.to_json());
-    } else {
-        print_summary(&outcome);
+        let written = if c.json {
+            writeln!(std::io::stdout(), "{}", outcome.to_json()).and_then(|()| std::io::stdout().flush())
+        } else {
+            print_summary(&outcome);
+            Ok(())
+        };
+        lost_output = written.err();
     }
-    Ok(exit_code(&outcome))
+    match lost_output {
+        None => Ok(exit_code(&outcome)),
+        Some(e) => Err(output_failure(&e)),
+    }
+}
+
+/// The failure of a command whose output could not be written: 141 without a word when the
+/// reader has gone (what SIGPIPE makes of a shell pipeline's writer), else 71 and the reason.
+fn output_failure(e: &std::io::Error) -> Fail {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        Fail::new(128 + libc::SIGPIPE as u8, String::new())
+    } else {
+        Fail::new(exit::OSERR, format!("cannot write the output: {e}"))
+    }
 }
 
 /// Script outcomes that are not the script's own exit code (the shell's conventions).
@@ -638,22 +689,27 @@ const TIMED_OUT: u8 = 124;
 const SPAWN_FAILED: u8 = 127;
 const CANCELLED: u8 = 130;
 
-fn print_chunk(stream: Stream, data: &str) {
+/// Writes a script's output chunk: stdout as it is, stderr lines marked `[stderr] `.
+///
+/// # Errors
+/// The write's own: a reader that has gone (`BrokenPipe`), a full disk.
+fn print_chunk(stream: Stream, data: &str) -> std::io::Result<()> {
     use std::io::Write;
     match stream {
         Stream::Stdout => {
             let mut out = std::io::stdout().lock();
-            let _ = out.write_all(data.as_bytes());
-            let _ = out.flush();
+            out.write_all(data.as_bytes())?;
+            out.flush()
         }
         Stream::Stderr => {
             let mut err = std::io::stderr().lock();
             for line in data.split_inclusive('\n') {
-                let _ = write!(err, "[stderr] {line}");
+                write!(err, "[stderr] {line}")?;
             }
             if !data.ends_with('\n') {
-                let _ = writeln!(err);
+                writeln!(err)?;
             }
+            Ok(())
         }
     }
 }
@@ -969,6 +1025,19 @@ fn cmd_logs(c: LogsCmd) -> CmdResult {
     }
 }
 
+/// Whether stdout is a pipe or socket whose reader has gone: `poll` reports POLLERR (pipe) or
+/// POLLHUP (socket, terminal hang-up) on it without anything being written.
+fn stdout_reader_gone() -> bool {
+    let mut fd = libc::pollfd {
+        fd: 1,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd, no timeout.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n == 1 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+}
+
 /// How often a follow checks that someone still reads its stdout.
 const READER_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -991,14 +1060,7 @@ fn spawn_follow(
 /// Ends the process the way a write would (SIGPIPE, default disposition for client commands)
 /// when stdout is a pipe whose reader has gone: `poll` reports POLLERR on such a pipe.
 fn end_if_stdout_reader_gone() {
-    let mut fd = libc::pollfd {
-        fd: 1,
-        events: 0,
-        revents: 0,
-    };
-    // SAFETY: poll on one valid pollfd, no timeout.
-    let n = unsafe { libc::poll(&mut fd, 1, 0) };
-    if n == 1 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+    if stdout_reader_gone() {
         // SAFETY: raising a signal at ourselves; SIGPIPE is SIG_DFL for client commands, so
         // this ends the process like `head`'s other writers; exit(141) if it were not.
         unsafe { libc::raise(libc::SIGPIPE) };
@@ -1179,5 +1241,13 @@ fn print_log_line(l: &serde_json::Value) {
     } else {
         Stream::Stdout
     };
-    print_chunk(stream, data);
+    // Client commands: a gone reader has ended the process through SIGPIPE already; any other
+    // failure (`logs ID >/dev/full`) must not end in exit 0 with the logs cut short.
+    if let Err(e) = print_chunk(stream, data) {
+        let f = output_failure(&e);
+        log::logger().flush();
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "etask: {}", f.msg);
+        std::process::exit(i32::from(f.code));
+    }
 }

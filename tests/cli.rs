@@ -764,3 +764,129 @@ fn task_names_with_query_characters_are_filtered_exactly() {
         assert!(rows[0].contains(name), "--name {name:?}: {t}");
     }
 }
+
+/// A stderr nobody reads (a stopped `| tee`, a paused terminal) must not stop the server: its
+/// log lines fill the pipe, and every task still runs to its end. Before, every thread that
+/// logged blocked behind the one `write(2)` and the server stood still after ~700 tasks while
+/// `/healthz` said ok. The lines that did not fit are counted and said once stderr moves.
+#[test]
+fn a_stderr_nobody_reads_does_not_stop_the_server() {
+    let dir = temp_dir("cli-stalled-stderr");
+    let port = support::free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["server", "--mode", "all", "--grpc-listen", ""])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env_remove("ETASK_TOKEN")
+        .env("ETASK_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped()) // held open, never read until the end
+        .spawn()
+        .expect("start server");
+    let url = format!("http://127.0.0.1:{port}");
+    let t0 = Instant::now();
+    while ureq::get(&format!("{url}/healthz")).call().is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(20))
+        .build();
+    let n = 600;
+    let mut last = 0;
+    for i in 0..n {
+        let body = serde_json::json!({
+            "name": format!("t{i}"),
+            "program": {"kind": "shell", "code": "true"},
+        });
+        let v: serde_json::Value = agent
+            .post(&format!("{url}/api/v1/tasks"))
+            .send_json(body)
+            .unwrap_or_else(|e| panic!("task {i} not taken: {e}"))
+            .into_json()
+            .unwrap();
+        last = v["execution_id"].as_i64().unwrap();
+    }
+    let t0 = Instant::now();
+    loop {
+        let v: serde_json::Value = agent
+            .get(&format!("{url}/api/v1/executions/{last}"))
+            .call()
+            .expect("server answers")
+            .into_json()
+            .unwrap();
+        if v["status"] == "succeeded" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the last task never ran: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    // Once stderr moved again, the rest was written, in order, up to the last line.
+    assert_eq!(out.status.code(), Some(0), "{}", &log[log.len().saturating_sub(2000)..]);
+    assert!(
+        log.trim_end().ends_with("etask::server: stopped"),
+        "{}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+}
+
+/// Output that cannot be written ends a command with a failure, never with 0 and never with a
+/// panic: `run` behind a reader that goes away cancels its endless script and ends like a
+/// pipeline's writer (141); `run`, `logs`, `--help` and `--version` into a full disk exit 71.
+#[test]
+fn unwritable_output_ends_run_logs_and_help_with_a_failure() {
+    let dir = temp_dir("cli-unwritable");
+    let loud = dir.join("loud.sh");
+    std::fs::write(&loud, "while true; do echo line; done\n").unwrap();
+    let etask_bin = env!("CARGO_BIN_EXE_etask");
+    let sh = |cmd: &str| {
+        let t0 = Instant::now();
+        let out = Command::new("bash")
+            .args(["-c", cmd])
+            .env("TMPDIR", &dir)
+            .env_remove("ETASK_TOKEN")
+            .output()
+            .unwrap();
+        (out, t0.elapsed())
+    };
+    // An endless script behind `head -c1`: the run is cancelled, the pipeline ends.
+    let (out, took) = sh(&format!(
+        "timeout 60 {etask_bin} run --shell {} | head -c1 >/dev/null; echo ${{PIPESTATUS[0]}}",
+        loud.display()
+    ));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "141", "{}", text(&out));
+    assert!(took < Duration::from_secs(30), "run went on for {took:?}");
+    // Into a full disk.
+    let (out, _) = sh(&format!(
+        "timeout 60 {etask_bin} run --shell {} >/dev/full; echo $?",
+        loud.display()
+    ));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "71", "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write the output"));
+    let (out, _) = sh(&format!("{etask_bin} run --json --exec -- echo hi >/dev/full; echo $?"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "71", "{}", text(&out));
+    for flag in ["--help", "--version"] {
+        let (out, _) = sh(&format!("{etask_bin} {flag} >/dev/full; echo $?"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "71", "{flag}: {err}");
+        assert!(!err.contains("panicked"), "{flag}: {err}");
+    }
+    // A client's logs into a full disk.
+    let s = support::server::Server::start(&dir, &[], "");
+    let (_, exec) = s.submit(support::server::shell("chatty", "seq 1 1000"));
+    s.wait_final(exec, Duration::from_secs(20));
+    let (out, _) = sh(&format!(
+        "{etask_bin} logs {exec} --server {} >/dev/full; echo $?",
+        s.url
+    ));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "71", "{}", text(&out));
+}

@@ -183,7 +183,10 @@ fn launch_one(
     pool_id: usize,
     job: &SpawnJob,
 ) -> Result<(Spawned, Option<RunCgroup>), String> {
-    let launch = prepare_workspace(cfg, &job.req, &job.workspace)?;
+    // A workspace made in part (the disk filled while the script was written) goes too.
+    let launch = prepare_workspace(cfg, &job.req, &job.workspace).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&job.workspace);
+    })?;
     let contained = containment.mode() != Mode::Off;
     // The token is how the fallback finds a run's processes; a contained run has its cgroup.
     let token = (!contained).then_some(job.token.as_str());

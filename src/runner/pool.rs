@@ -464,6 +464,19 @@ impl Pool {
         if let Some(j) = &self.journal {
             if let Err(e) = j.taken(req.execution_id.0, req.attempt.0) {
                 self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                // A node fault (full disk, read-only file system), not a busy node: said at
+                // WARN, at most every 10 s, while every dispatch is turned away.
+                static LAST_WARN_MS: std::sync::atomic::AtomicI64 =
+                    std::sync::atomic::AtomicI64::new(0);
+                let now = crate::now_ms();
+                let last = LAST_WARN_MS.load(Ordering::Relaxed);
+                if now - last >= 10_000
+                    && LAST_WARN_MS
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    log::warn!(target: "etask::runner", "cannot record attempts in the start journal {}: {e}; no work is taken until it can", j.path().display());
+                }
                 return Err(SubmitError::Unrecorded(e.to_string()));
             }
         }
