@@ -165,3 +165,120 @@ fn a_relative_data_dir_works_like_an_absolute_one() {
     assert_eq!(v["result"]["ok"], 1, "{v}");
     assert!(cwd.join("etask-data").join("etask.db").exists());
 }
+
+/// A store that fills up while a script prints: the chunks it refuses are lost, but never
+/// silently. Once space is back, a note in their place says how many and why, and the run's
+/// outcome is stored. Before, the execution read `succeeded` with a third of its log missing
+/// and nothing in the API said so. The data dir is a 2 MiB tmpfs in a mount namespace of the
+/// server's own; it grows to 64 MiB while the script still runs.
+#[test]
+fn log_chunks_a_full_store_refused_are_replaced_by_a_note_saying_so() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root for a tmpfs in a private mount namespace");
+        return;
+    }
+    let dir = support::temp_dir("fc-full-store");
+    let mnt = dir.join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let port = support::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mount -t tmpfs -o size=2m tmpfs \"$1\" && exec \"$2\" server --mode all \
+             --listen \"$3\" --grpc-listen '' --data-dir \"$1/data\"",
+        )
+        .arg("sh")
+        .arg(&mnt)
+        .arg(env!("CARGO_BIN_EXE_etask"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env_remove("ETASK_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("unshare");
+    let server_log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (sink, stderr) = (server_log.clone(), child.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    let t0 = Instant::now();
+    while ureq::get(&format!("{url}/healthz")).call().is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // ~5 MiB of output into a 2 MiB file system, then a pause before the end.
+    let body = json!({
+        "name": "chatty",
+        "program": {"kind": "shell", "code":
+            "i=0; while [ $i -lt 120000 ]; do echo \"line $i of a script that says a lot\"; i=$((i+1)); done; sleep 3; echo '{\"n\": 1}' >&3"},
+    });
+    let v: Value = ureq::post(&format!("{url}/api/v1/tasks"))
+        .send_json(body)
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let id = v["execution_id"].as_i64().unwrap();
+    // Wait until the store has refused something, then give it room.
+    let t0 = Instant::now();
+    while !server_log.lock().unwrap().contains("cannot store") {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the store never filled up: {}", server_log.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = Command::new("nsenter")
+        .args(["-t", &child.id().to_string(), "-m", "mount", "-o", "remount,size=64m"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    let t0 = Instant::now();
+    let e = loop {
+        let e: Value = ureq::get(&format!("{url}/api/v1/executions/{id}"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        if e["status"] == "succeeded" {
+            break e;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{e}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(e["result"]["n"], 1, "{e}");
+    let t0 = Instant::now();
+    let note = loop {
+        let logs = ureq::get(&format!("{url}/api/v1/executions/{id}/logs"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        let note = logs
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["stream"] == "stderr")
+            .and_then(|v| v["data"].as_str().map(str::to_owned));
+        if let Some(n) = note {
+            break n;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no note in the logs");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        note.starts_with("[etask: ") && note.contains("could not be stored and are lost"),
+        "{note}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    let log = server_log.lock().unwrap();
+    assert!(
+        log.contains("log chunks were lost; a note says so in their place"),
+        "{log}"
+    );
+}

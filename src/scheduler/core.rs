@@ -64,6 +64,17 @@ pub struct Core {
     pub(super) pull_gen: (Mutex<u64>, std::sync::Condvar),
     /// Signs pulled dispatches; seals secrets at intake.
     pub(super) keys: crate::trust::SchedulerKeys,
+    /// Log chunks of in-process reports the store refused (a full disk): per attempt, the
+    /// first lost chunk's seq, how many were lost, and why — until a note saying so is stored
+    /// in the first one's place (`ingest.rs`).
+    pub(super) lost_logs: Mutex<std::collections::BTreeMap<(ExecutionId, Attempt), LostLogs>>,
+}
+
+/// Log chunks of one attempt that could not be stored.
+pub(super) struct LostLogs {
+    pub(super) first_seq: u64,
+    pub(super) chunks: u64,
+    pub(super) reason: String,
 }
 
 #[derive(Clone)]

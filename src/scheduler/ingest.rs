@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 
+use super::core::LostLogs;
 use super::{kick, Core, LOG};
 use crate::model::{Attempt, ExecutionId, Status};
 use crate::now_ms;
@@ -15,12 +16,16 @@ impl Core {
     /// Node reports → store. Whatever arrived together is written together: all `Started` of
     /// the batch in one transaction (recorded under `node` when given, heartbeat dated
     /// `silence_allowance` ms ahead), all log chunks in one, all outcomes in one.
-    /// An error means some of it may not be stored (reapplying is harmless).
+    /// An error means some of it may not be stored (reapplying is harmless). With
+    /// `note_lost_logs` (reports nobody will send again) log chunks the store refuses are
+    /// remembered, and a note in their place says how many were lost and why
+    /// (`store_lost_log_notes`), so the logs never look whole when they are not.
     pub(super) fn apply_events(
         &self,
         node: Option<&str>,
         silence_allowance: i64,
         batch: &[RunEvent],
+        note_lost_logs: bool,
     ) -> Result<(), StoreError> {
         let now = now_ms();
         let mut failed = None;
@@ -61,8 +66,24 @@ impl Core {
         if !logs.is_empty() {
             if let Err(e) = self.store.append_logs(&logs, now) {
                 log::error!(target: LOG, "cannot store {} log chunks: {e}", logs.len());
+                if note_lost_logs {
+                    let mut lost = self.lost_logs.lock().unwrap_or_else(|p| p.into_inner());
+                    for (id, attempt, seq, _, _) in &logs {
+                        let l = lost.entry((*id, *attempt)).or_insert(LostLogs {
+                            first_seq: *seq,
+                            chunks: 0,
+                            reason: String::new(),
+                        });
+                        l.first_seq = l.first_seq.min(*seq);
+                        l.chunks += 1;
+                        l.reason = e.to_string();
+                    }
+                }
                 failed = Some(e);
             }
+        }
+        if note_lost_logs {
+            self.store_lost_log_notes(now);
         }
         if !finished.is_empty() {
             if let Err(e) = self.finish_all(finished) {
@@ -71,13 +92,36 @@ impl Core {
         }
         failed.map_or(Ok(()), Err)
     }
+
+    /// Stores, for each attempt with lost log chunks, one `stderr` chunk in the first lost
+    /// chunk's place: `[etask: N log chunk(s) … lost: REASON]`. Kept and tried again (at the
+    /// next batch or idle tick) while the store still refuses.
+    pub(super) fn store_lost_log_notes(&self, now: i64) {
+        let mut lost = self.lost_logs.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((&(id, attempt), l)) = lost.iter().next() {
+            let note = format!(
+                "[etask: {} log chunk(s) of this attempt could not be stored and are lost: {}]\n",
+                l.chunks, l.reason
+            );
+            match self
+                .store
+                .append_logs(&[(id, attempt, l.first_seq, "stderr", note.as_str())], now)
+            {
+                Ok(()) => {
+                    log::warn!(target: LOG, "execution={id} attempt={attempt}: {} log chunks were lost; a note says so in their place", l.chunks);
+                    lost.remove(&(id, attempt));
+                }
+                Err(_) => return, // still refused: the next tick tries again
+            }
+        }
+    }
 }
 
 impl crate::delivery::ReportSink for Core {
     fn apply(&self, node: &str, events: &[RunEvent]) -> Result<(), crate::delivery::NotStored> {
         // A run just started gets the agents' silence allowance at once, not only from the
         // agent's next heartbeat.
-        self.apply_events(Some(node), self.agent_silence_allowance(), events)
+        self.apply_events(Some(node), self.agent_silence_allowance(), events, false)
             .map_err(|e| crate::delivery::NotStored(e.to_string()))
     }
 
@@ -133,7 +177,10 @@ pub(super) fn ingest(core: &Core, reports: &Receiver<RunEvent>) {
                 Err(_) => return, // every sender is gone
             },
             recv(core.shutdown.channel()) -> _ => return,
-            default(Duration::from_millis(200)) => continue,
+            default(Duration::from_millis(200)) => {
+                core.store_lost_log_notes(now_ms());
+                continue;
+            }
         }
         if core.stopping() {
             return; // what is still running is recovered as lost on the next start
@@ -146,7 +193,7 @@ pub(super) fn ingest(core: &Core, reports: &Receiver<RunEvent>) {
         }
         // Errors are logged where they happen; a gRPC executor's reports were acknowledged
         // when queued here.
-        let _ = core.apply_events(None, 0, &batch);
+        let _ = core.apply_events(None, 0, &batch, true);
         batch.clear();
     }
 }

@@ -119,6 +119,7 @@ impl Scheduler {
             node_table,
             pull_enabled,
             policies: Mutex::new(HashMap::new()),
+            lost_logs: Mutex::new(std::collections::BTreeMap::new()),
             pull_gen: (Mutex::new(0), std::sync::Condvar::new()),
             keys,
         });
