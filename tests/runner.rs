@@ -525,6 +525,19 @@ fn only_fds_0_to_3_reach_the_child() {
     assert_eq!(fds, vec![0, 1, 2, 3], "fds seen by the child");
 }
 
+/// A secret that ends up in the program itself (a path in its argv) is masked in the spawn
+/// failure that quotes it, as in its output.
+#[test]
+fn a_secret_in_a_failing_argv_is_masked_in_the_error() {
+    let mut p = Program::exec(vec!["/nonexistent/hunter2TopSecret".into()]);
+    p.secret_env.insert("PW".into(), "hunter2TopSecret".into());
+    let r = run(p);
+    let err = r.outcome.error().unwrap_or_default();
+    assert!(err.contains("spawn failed"), "{err}");
+    assert!(!err.contains("hunter2TopSecret"), "{err}");
+    assert!(err.contains("******"), "{err}");
+}
+
 #[test]
 fn secret_env_values_are_masked_in_logs() {
     let mut p = Program::shell("echo \"token is $API_TOKEN\" >&2\n");
