@@ -206,9 +206,21 @@ pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
 /// Longest retry backoff: 7 days, in milliseconds (larger values would overflow a time).
 pub const MAX_BACKOFF_MS: u64 = 7 * 86_400_000;
 
+/// Refuses `value` when it has more than `max` characters or any control character (NUL,
+/// newline, escape…): names, ids, pools, label names, URLs and cron expressions are printed in
+/// tables and log lines, where such characters would forge lines or corrupt the terminal.
+fn check_chars(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(ApiError::invalid(format!(
+            "{field} must not contain control characters (found {c:?})"
+        )));
+    }
+    check_len(field, value, max)
+}
+
 /// Refuses `value` when it has more than `max` characters. Counts characters, not bytes, the
 /// way the limits are documented and the way MySQL's utf8mb4 columns count them.
-fn check_chars(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+fn check_len(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
     let n = value.chars().count();
     if n > max {
         return Err(ApiError::invalid(format!(
@@ -309,7 +321,8 @@ impl TaskSpec {
                 return Err(ApiError::invalid("label names must not be empty"));
             }
             check_chars("label name", k, MAX_LABEL_NAME_CHARS)?;
-            check_chars(&format!("label {k:?}"), v, MAX_LABEL_VALUE_CHARS)?;
+            // A label's value is free text (it may hold a newline); only its length is bounded.
+            check_len(&format!("label {k:?}"), v, MAX_LABEL_VALUE_CHARS)?;
         }
         if let Some(u) = &self.callback_url {
             check_chars("callback_url", u, MAX_URL_CHARS)?;
@@ -435,6 +448,17 @@ impl TaskSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_refused_in_names_ids_and_urls() {
+        for bad in ["a\u{0}b", "line\nforged", "esc\u{1b}[2J", "tab\t"] {
+            let e = check_chars("name", bad, MAX_NAME_CHARS).unwrap_err();
+            assert_eq!(e.code, "invalid_argument");
+            assert!(e.message.contains("control characters"), "{}", e.message);
+        }
+        assert!(check_chars("name", "备份 db-01 (nightly)", MAX_NAME_CHARS).is_ok());
+        assert!(check_len("label \"note\"", "two\nlines", MAX_LABEL_VALUE_CHARS).is_ok());
+    }
 
     fn parse(v: Value) -> Result<TaskSpec, ApiError> {
         TaskSpec::parse(v.to_string().as_bytes(), &[DeliveryPath::Local])
