@@ -503,7 +503,7 @@ impl Default for NodeConfig {
 }
 
 /// The commented default file printed by `etask config --print-default`.
-pub const DEFAULT_TOML: &str = r#"# ETask server configuration. Every key is optional; shown values are the defaults.
+const DEFAULT_TOML_TEXT: &str = r#"# ETask server configuration. Every key is optional; shown values are the defaults.
 # Command-line flags (--listen, --data-dir, --store) override this file.
 
 [server]
@@ -627,12 +627,12 @@ cert = ""
 key = ""
 
 [executor]
-# --mode executor: a gRPC node. path = "push": the scheduler calls its Execute; "pull": it
+# --mode executor: a gRPC node. path = "PUSH": the scheduler calls its Execute; "PULL": it
 # long-polls the scheduler and opens no port. It reports back over gRPC and needs
 # [registry] etcd so schedulers can find it.
 scheduler = "http://127.0.0.1:9090"
 pool = "default"
-path = "push"
+path = "PUSH"
 grpc_listen = "127.0.0.1:9091"
 # Address schedulers dial (host:port); empty = grpc_listen.
 advertise = ""
@@ -731,6 +731,16 @@ require_sealed_secrets = false
 # that pool are sealed to it at intake, e.g. edge = "/etc/etask/keys/pool-edge.pub".
 "#;
 
+/// The default configuration file `etask config --print-default` prints: every key with its
+/// default and meaning. The delivery path names come from `model::DeliveryPath` (the one place
+/// that spells them); a unit test parses this text back to `Config::default()`.
+pub static DEFAULT_TOML: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use crate::model::DeliveryPath;
+    DEFAULT_TOML_TEXT
+        .replace("\"PUSH\"", &format!("{:?}", DeliveryPath::Push.as_str()))
+        .replace("\"PULL\"", &format!("{:?}", DeliveryPath::Pull.as_str()))
+});
+
 /// Why a config file could not be loaded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LoadError {
@@ -751,6 +761,12 @@ pub enum ConfigError {
     /// with.
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<ConfigError> for String {
+    fn from(e: ConfigError) -> String {
+        e.to_string()
+    }
 }
 
 /// The flags of `etask server` that override the file; `None` = keep the file's value.
@@ -822,7 +838,12 @@ impl Config {
 
     /// Parses a config file's text and checks its values (`check_values`); what depends on
     /// flags, the environment or the mode is checked by `validate`.
-    pub fn parse(text: &str) -> Result<Config, String> {
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        Self::parse_text(text).map_err(ConfigError::Invalid)
+    }
+
+    /// `parse` with its refusal as text.
+    fn parse_text(text: &str) -> Result<Config, String> {
         let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
         cfg.check_values()?;
         Ok(cfg)
@@ -857,15 +878,20 @@ impl Config {
         cfg.resolve_paths(cwd);
         cfg.kafka
             .resolve_sasl_password(std::env::var("ETASK_KAFKA_SASL_PASSWORD").ok())
-            .map_err(ConfigError::Invalid)?;
-        cfg.validate(mode).map_err(ConfigError::Invalid)?;
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        cfg.validate(mode)?;
         Ok(cfg)
     }
 
     /// Everything the server checks before it starts anything: the values (`check_values`),
     /// the token rule for the HTTP intake, and what `mode` needs (executors a registry, agents
     /// Kafka). `None` = the checks of every mode that do not depend on the mode.
-    pub fn validate(&self, mode: Option<crate::server::Mode>) -> Result<(), String> {
+    pub fn validate(&self, mode: Option<crate::server::Mode>) -> Result<(), ConfigError> {
+        self.validate_text(mode).map_err(ConfigError::Invalid)
+    }
+
+    /// `validate` with its refusal as text.
+    fn validate_text(&self, mode: Option<crate::server::Mode>) -> Result<(), String> {
         use crate::server::Mode;
         self.check_values()?;
         // Never an unauthenticated listener reachable from the network by accident: the rule
@@ -906,12 +932,17 @@ impl Config {
             Some(Mode::Agent) if self.kafka.brokers.trim().is_empty() => {
                 Err("an agent needs Kafka: set kafka.brokers or pass --kafka HOST:PORT".into())
             }
-            _ => self.kafka.check_files(),
+            _ => self.kafka.check_files().map_err(String::from),
         }
     }
 
     /// The checks of single values and of keys that must go together.
-    pub fn check_values(&self) -> Result<(), String> {
+    pub fn check_values(&self) -> Result<(), ConfigError> {
+        self.check_values_text().map_err(ConfigError::Invalid)
+    }
+
+    /// `check_values` with its refusal as text.
+    fn check_values_text(&self) -> Result<(), String> {
         crate::cron::zone(&self.scheduler.timezone)
             .map_err(|e| format!("scheduler.timezone: {e}"))?;
         let addr = |key: &str, v: &str| {
@@ -1090,7 +1121,12 @@ impl Config {
     ///
     /// # Errors
     /// The CA or client certificate files cannot be used.
-    pub fn etcd(&self) -> Result<crate::registry::etcd::Etcd, String> {
+    pub fn etcd(&self) -> Result<crate::registry::etcd::Etcd, ConfigError> {
+        self.etcd_text().map_err(ConfigError::Invalid)
+    }
+
+    /// `etcd` with its refusal as text.
+    fn etcd_text(&self) -> Result<crate::registry::etcd::Etcd, String> {
         let r = &self.registry;
         if !r.etcd.starts_with("https://") {
             return Ok(crate::registry::etcd::Etcd::new(&r.etcd));
@@ -1105,6 +1141,15 @@ impl Config {
     /// # Errors
     /// A key cannot be read, or `require_signed` without `trusted_keys`.
     pub fn node_trust(
+        &self,
+        pool: Option<&str>,
+        node: &str,
+    ) -> Result<crate::trust::NodeTrust, ConfigError> {
+        self.node_trust_text(pool, node).map_err(ConfigError::Invalid)
+    }
+
+    /// `node_trust` with its refusal as text.
+    fn node_trust_text(
         &self,
         pool: Option<&str>,
         node: &str,
@@ -1142,6 +1187,14 @@ impl Config {
     pub fn scheduler_keys(
         &self,
         builtin: Option<&crate::trust::BuiltinKeys>,
+    ) -> Result<crate::trust::SchedulerKeys, ConfigError> {
+        self.scheduler_keys_text(builtin).map_err(ConfigError::Invalid)
+    }
+
+    /// `scheduler_keys` with its refusal as text.
+    fn scheduler_keys_text(
+        &self,
+        builtin: Option<&crate::trust::BuiltinKeys>,
     ) -> Result<crate::trust::SchedulerKeys, String> {
         let sec = &self.security;
         let signer = match (sec.signing_key.is_empty(), builtin) {
@@ -1172,7 +1225,12 @@ impl Config {
     }
 
     /// The TLS material for the gRPC runtime.
-    pub fn grpc_tls(&self) -> Result<crate::delivery::grpc::Tls, String> {
+    pub fn grpc_tls(&self) -> Result<crate::delivery::grpc::Tls, ConfigError> {
+        self.grpc_tls_text().map_err(ConfigError::Invalid)
+    }
+
+    /// `grpc_tls` with its refusal as text.
+    fn grpc_tls_text(&self) -> Result<crate::delivery::grpc::Tls, String> {
         let mut t =
             crate::delivery::grpc::Tls::from_files(&self.tls.cert, &self.tls.key, &self.tls.ca)
                 .map_err(|e| e.to_string())?;
@@ -1249,6 +1307,15 @@ pub fn check_listener(
     what: &str,
     listen: &str,
     token: &str,
+) -> Result<std::net::SocketAddr, ConfigError> {
+    check_listener_text(what, listen, token).map_err(ConfigError::Invalid)
+}
+
+/// `check_listener` with its refusal as text.
+fn check_listener_text(
+    what: &str,
+    listen: &str,
+    token: &str,
 ) -> Result<std::net::SocketAddr, String> {
     let addr: std::net::SocketAddr = listen
         .parse()
@@ -1269,7 +1336,12 @@ pub fn check_listener(
 ///
 /// # Errors
 /// The directory cannot be created or its mode set.
-pub fn prepare_state_dir(dir: &std::path::Path, traversable: bool) -> Result<(), String> {
+pub fn prepare_state_dir(dir: &std::path::Path, traversable: bool) -> Result<(), ConfigError> {
+    prepare_state_dir_text(dir, traversable).map_err(ConfigError::Invalid)
+}
+
+/// `prepare_state_dir` with its refusal as text.
+fn prepare_state_dir_text(dir: &std::path::Path, traversable: bool) -> Result<(), String> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let mode = if traversable { 0o711 } else { 0o700 };
     std::fs::DirBuilder::new()
@@ -1348,7 +1420,7 @@ mod tests {
         for mode in [Mode::Agent, Mode::Executor] {
             let e = c.validate(Some(mode)).unwrap_err();
             assert!(
-                e.contains("trusted_keys") && e.contains("dispatch.pub"),
+                e.to_string().contains("trusted_keys") && e.to_string().contains("dispatch.pub"),
                 "{e}"
             );
         }
@@ -1359,16 +1431,19 @@ mod tests {
 
     #[test]
     fn printed_default_file_parses_to_the_defaults() {
-        assert_eq!(Config::parse(DEFAULT_TOML).unwrap(), Config::default());
+        assert_eq!(Config::parse(&DEFAULT_TOML).unwrap(), Config::default());
+        assert!(!DEFAULT_TOML.contains("PUSH") && !DEFAULT_TOML.contains("PULL"));
     }
 
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         assert!(Config::parse("[server]\nlisen = \"x\"\n")
             .unwrap_err()
+            .to_string()
             .contains("lisen"));
         assert!(Config::parse("[scheduler]\ncron_missed = \"all\"\n")
             .unwrap_err()
+            .to_string()
             .contains("cron_missed"));
     }
 }

@@ -854,7 +854,7 @@ fn cmd_keygen(c: KeygenCmd) -> CmdResult {
 fn cmd_config(c: ConfigCmd) -> CmdResult {
     match (c.print_default, c.check) {
         (true, None) if c.mode.is_none() => {
-            print!("{}", etask::config::DEFAULT_TOML);
+            print!("{}", *etask::config::DEFAULT_TOML);
             Ok(ExitCode::SUCCESS)
         }
         (false, Some(p)) => {

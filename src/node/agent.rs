@@ -112,7 +112,7 @@ impl Agent {
         let d: DispatchMsg = match wire::parse(m.payload()) {
             Ok(d) => d,
             Err(why) => {
-                dead_letter(&self.producer, &self.cfg, &self.id, m, &why);
+                dead_letter(&self.producer, &self.cfg, &self.id, m, &why.0);
                 return Ok(());
             }
         };
@@ -451,7 +451,7 @@ fn control_loop(a: &Agent, consumer: &BaseConsumer) {
                     &m,
                     &format!("unknown control kind {:?}", c.kind),
                 ),
-                Err(why) => dead_letter(&a.producer, &a.cfg, &a.id, &m, &why),
+                Err(why) => dead_letter(&a.producer, &a.cfg, &a.id, &m, &why.0),
             }
         }
     }

@@ -77,7 +77,12 @@ impl KafkaConfig {
     ///
     /// # Errors
     /// The first problem, naming the key and what to set instead.
-    pub fn check_security(&self) -> Result<(), String> {
+    pub fn check_security(&self) -> Result<(), KafkaError> {
+        self.check_security_text().map_err(KafkaError::Config)
+    }
+
+    /// `check_security` with its refusal as text.
+    fn check_security_text(&self) -> Result<(), String> {
         let proto = self.security_protocol.to_ascii_lowercase();
         if !["", "plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&proto.as_str()) {
             return Err(format!(
@@ -155,7 +160,12 @@ impl KafkaConfig {
     /// # Errors
     /// The file cannot be read, is empty, or is readable by every user (the message names the
     /// file, never the password).
-    pub fn resolve_sasl_password(&mut self, env: Option<String>) -> Result<(), String> {
+    pub fn resolve_sasl_password(&mut self, env: Option<String>) -> Result<(), KafkaError> {
+        self.resolve_sasl_password_text(env).map_err(KafkaError::Config)
+    }
+
+    /// `resolve_sasl_password` with its refusal as text.
+    fn resolve_sasl_password_text(&mut self, env: Option<String>) -> Result<(), String> {
         let file = std::mem::take(&mut self.sasl_password_file);
         if let Some(p) = env.filter(|p| !p.is_empty()) {
             self.sasl_password = p;
@@ -184,7 +194,12 @@ impl KafkaConfig {
     ///
     /// # Errors
     /// The first problem, naming the key and the file.
-    pub fn check_files(&self) -> Result<(), String> {
+    pub fn check_files(&self) -> Result<(), KafkaError> {
+        self.check_files_text().map_err(KafkaError::Config)
+    }
+
+    /// `check_files` with its refusal as text.
+    fn check_files_text(&self) -> Result<(), String> {
         self.check_security()?;
         for (key, path) in [
             ("ssl_ca", &self.ssl_ca),
@@ -268,7 +283,12 @@ impl KafkaConfig {
 
     /// A producer; `timeout` = how long a message may wait for the brokers before it is given
     /// up (0 = never).
-    pub fn producer(&self, client_id: &str, timeout: Duration) -> Result<Producer_, String> {
+    pub fn producer(&self, client_id: &str, timeout: Duration) -> Result<Producer_, KafkaError> {
+        self.producer_text(client_id, timeout).map_err(KafkaError::Client)
+    }
+
+    /// `producer` with its refusal as text.
+    fn producer_text(&self, client_id: &str, timeout: Duration) -> Result<Producer_, String> {
         self.producer_config(client_id, timeout)
             .create_with_context(Logged)
             .map_err(|e| format!("kafka producer for {}: {e}", self.brokers))
@@ -293,6 +313,25 @@ impl KafkaConfig {
 }
 
 pub type Producer_ = ThreadedProducer<Logged>;
+
+/// Why a Kafka setting or client call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KafkaError {
+    /// The `[kafka]` settings are refused (the message names the key): fix the config.
+    #[error("{0}")]
+    Config(String),
+    /// librdkafka or the brokers failed: a client could not be made, a send or a metadata
+    /// request failed or timed out (the message says which broker, topic and why).
+    #[error("{0}")]
+    Client(String),
+}
+
+impl From<KafkaError> for String {
+    fn from(e: KafkaError) -> String {
+        e.to_string()
+    }
+}
 
 /// Logs messages the brokers did not take in time (what they took is acknowledged silently).
 pub struct Logged;
@@ -330,7 +369,12 @@ pub fn poll(
 }
 
 /// Hands one message to the producer, waiting while its local queue is full.
-pub fn send(p: &Producer_, topic: &str, key: &str, payload: &[u8]) -> Result<(), String> {
+pub fn send(p: &Producer_, topic: &str, key: &str, payload: &[u8]) -> Result<(), KafkaError> {
+    send_text(p, topic, key, payload).map_err(KafkaError::Client)
+}
+
+/// `send` with its refusal as text.
+fn send_text(p: &Producer_, topic: &str, key: &str, payload: &[u8]) -> Result<(), String> {
     let mut rec = BaseRecord::to(topic).key(key).payload(payload);
     for _ in 0..500 {
         match p.send(rec) {
@@ -382,6 +426,15 @@ pub fn existing_topics(
     cfg: &KafkaConfig,
     p: &Producer_,
     topics: &[String],
+) -> Result<HashSet<String>, KafkaError> {
+    existing_topics_text(cfg, p, topics).map_err(KafkaError::Client)
+}
+
+/// `existing_topics` with its refusal as text.
+fn existing_topics_text(
+    cfg: &KafkaConfig,
+    p: &Producer_,
+    topics: &[String],
 ) -> Result<HashSet<String>, String> {
     let md = p
         .client()
@@ -410,7 +463,12 @@ pub fn existing_topics(
 
 /// Makes sure `topics` exist: creates the missing ones when `cfg.create_topics`, otherwise
 /// fails naming them.
-pub fn ensure_topics(cfg: &KafkaConfig, p: &Producer_, topics: &[String]) -> Result<(), String> {
+pub fn ensure_topics(cfg: &KafkaConfig, p: &Producer_, topics: &[String]) -> Result<(), KafkaError> {
+    ensure_topics_text(cfg, p, topics).map_err(KafkaError::Client)
+}
+
+/// `ensure_topics` with its refusal as text.
+fn ensure_topics_text(cfg: &KafkaConfig, p: &Producer_, topics: &[String]) -> Result<(), String> {
     let have = existing_topics(cfg, p, topics)?;
     let missing: Vec<&String> = topics.iter().filter(|t| !have.contains(*t)).collect();
     if missing.is_empty() {
@@ -589,11 +647,11 @@ mod tests {
             bad.sasl_username = "u".into();
             bad.check_files()
         }] {
-            let e = e.unwrap_err();
+            let e = e.unwrap_err().to_string();
             assert!(!e.contains(PW), "{e}");
         }
         bad.sasl_password_file = "/nonexistent".into();
-        assert!(!bad.check_security().unwrap_err().contains(PW));
+        assert!(!bad.check_security().unwrap_err().to_string().contains(PW));
         // A client whose creation fails says why without the password.
         let mut wrong = k.clone();
         wrong.ssl_ca = "/nonexistent/ca.pem".into();
@@ -607,7 +665,8 @@ mod tests {
             let e = k
                 .check_security()
                 .and_then(|_| k.check_files())
-                .unwrap_err();
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(needle), "{needle:?} not in {e:?}");
         };
         let plain = KafkaConfig::default();
@@ -723,11 +782,11 @@ mod tests {
         k.resolve_sasl_password(Some(String::new())).unwrap();
         assert_eq!(k.sasl_password, PW);
         set_mode(&file, 0o644);
-        let e = with_file.clone().resolve_sasl_password(None).unwrap_err();
+        let e = with_file.clone().resolve_sasl_password(None).unwrap_err().to_string();
         assert!(e.contains("readable by every user"), "{e}");
         set_mode(&file, 0o600);
         std::fs::write(&file, "\n").unwrap();
-        let e = with_file.clone().resolve_sasl_password(None).unwrap_err();
+        let e = with_file.clone().resolve_sasl_password(None).unwrap_err().to_string();
         assert!(e.contains("is empty"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -49,6 +49,14 @@ impl KafkaDelivery {
     pub fn start(
         cfg: &KafkaConfig,
         signer: Arc<crate::trust::Signer>,
+    ) -> Result<Arc<KafkaDelivery>, super::KafkaError> {
+        Self::start_text(cfg, signer).map_err(super::KafkaError::Client)
+    }
+
+    /// `start` with its refusal as text.
+    fn start_text(
+        cfg: &KafkaConfig,
+        signer: Arc<crate::trust::Signer>,
     ) -> Result<Arc<KafkaDelivery>, String> {
         let id = format!("etask-scheduler-{}", crate::host_pid());
         let producer = cfg.producer(&id, Duration::from_secs(cfg.dispatch_ttl_seconds))?;
@@ -161,7 +169,7 @@ impl KafkaDelivery {
             let ev: EventMsg = match wire::parse(m.payload()) {
                 Ok(ev) => ev,
                 Err(why) => {
-                    dead_letter(&self.producer, &self.cfg, &self.id, m, &why);
+                    dead_letter(&self.producer, &self.cfg, &self.id, m, &why.0);
                     continue;
                 }
             };
@@ -263,13 +271,13 @@ impl KafkaDelivery {
             return Ok(topic);
         }
         let want = [topic.clone()];
-        let have = existing_topics(&self.cfg, &self.producer, &want).map_err(Refused::Busy)?;
+        let have = existing_topics(&self.cfg, &self.producer, &want).map_err(|e| Refused::Busy(e.to_string()))?;
         if have.is_empty() && !self.cfg.create_topics {
             return Err(Refused::Rejected(format!(
                 "kafka topic {topic} of pool {pool:?} does not exist (and kafka.create_topics is false)"
             )));
         }
-        ensure_topics(&self.cfg, &self.producer, &want).map_err(Refused::Busy)?;
+        ensure_topics(&self.cfg, &self.producer, &want).map_err(|e| Refused::Busy(e.to_string()))?;
         self.topics
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -308,7 +316,7 @@ impl Delivery for KafkaDelivery {
         d.sign(&self.signer, None, ttl);
         let msg = wire::DispatchMsg::new(&d, &pool, crate::now_ms(), ttl);
         let body = serde_json::to_vec(&msg).map_err(|e| Refused::Rejected(e.to_string()))?;
-        send(&self.producer, &topic, &d.execution_id.to_string(), &body).map_err(Refused::Busy)?;
+        send(&self.producer, &topic, &d.execution_id.to_string(), &body).map_err(|e| Refused::Busy(e.to_string()))?;
         self.lock_queued()
             .insert((d.execution_id, d.attempt), Instant::now());
         Ok(())

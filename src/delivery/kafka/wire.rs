@@ -207,9 +207,26 @@ pub struct DeadLetter {
     pub by: String,
     pub at: i64,
 }
+/// A record that is not a message of this version (bad JSON, wrong shape, empty payload):
+/// the text says what is wrong; such records are dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct WireError(pub String);
+
+impl From<WireError> for String {
+    fn from(e: WireError) -> String {
+        e.0
+    }
+}
+
 
 /// Parses one envelope; the error is the reason written to the dead-letter topic.
-pub fn parse<T: DeserializeOwned>(payload: Option<&[u8]>) -> Result<T, String> {
+pub fn parse<T: DeserializeOwned>(payload: Option<&[u8]>) -> Result<T, WireError> {
+    parse_text::<T>(payload).map_err(WireError)
+}
+
+/// `parse` with its refusal as text.
+fn parse_text<T: DeserializeOwned>(payload: Option<&[u8]>) -> Result<T, String> {
     let bytes = payload.ok_or("empty message (no payload)")?;
     let v: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
@@ -266,23 +283,28 @@ mod tests {
 
     #[test]
     fn garbage_truncated_and_foreign_versions_are_refused_with_a_reason() {
-        assert!(parse::<DispatchMsg>(None).unwrap_err().contains("empty"));
+        assert!(parse::<DispatchMsg>(None).unwrap_err().0.contains("empty"));
         assert!(parse::<DispatchMsg>(Some(b"\xff\x00garbage"))
             .unwrap_err()
+            .0
             .contains("not JSON"));
         assert!(
             parse::<DispatchMsg>(Some(br#"{"v":1,"execution_id":5,"att"#))
                 .unwrap_err()
+                .0
                 .contains("not JSON")
         );
         assert!(parse::<DispatchMsg>(Some(br#"{"v":2}"#))
             .unwrap_err()
+            .0
             .contains("version 2"));
         assert!(parse::<DispatchMsg>(Some(br#"{"execution_id":1}"#))
             .unwrap_err()
+            .0
             .contains("\"v\""));
         assert!(parse::<DispatchMsg>(Some(br#"{"v":1,"execution_id":1}"#))
             .unwrap_err()
+            .0
             .contains("bad envelope"));
         assert!(parse::<EventMsg>(Some(br#"{"v":1,"agent":"a","kind":"exploded"}"#)).is_err());
     }

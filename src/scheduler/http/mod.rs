@@ -36,6 +36,7 @@ pub fn check_listen(
 
 fn check_listen_inner(cfg: &crate::config::Config) -> Result<std::net::SocketAddr, String> {
     crate::config::check_listener("server.listen", &cfg.server.listen, &cfg.server.token)
+        .map_err(String::from)
 }
 
 impl HttpServer {
