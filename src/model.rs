@@ -402,3 +402,70 @@ mod tests {
         );
     }
 }
+
+/// The API's error codes, the one list both intakes answer with: `{"error": {"code", ...}}`
+/// on HTTP with `http_status()`, a gRPC status of the same meaning on the gRPC task API
+/// (`delivery/grpc/tasks.rs`). README "API" documents them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// 400: the request is malformed or a value is out of range.
+    InvalidArgument,
+    /// 401: missing or wrong token.
+    Unauthenticated,
+    /// 404: no such route, task or execution.
+    NotFound,
+    /// 405: the route exists, not with this method.
+    MethodNotAllowed,
+    /// 408: the request did not arrive in time.
+    RequestTimeout,
+    /// 409: the state forbids it (a repeated `request_id` with another body, pausing a `once`).
+    Conflict,
+    /// 413: over `server.max_body_bytes`.
+    PayloadTooLarge,
+    /// 431: head over `server.max_header_bytes` or `max_headers`.
+    HeadersTooLarge,
+    /// 503: the store, a node or the server itself cannot take it now; retry.
+    Unavailable,
+    /// 500: a bug or an unexpected failure (logged by the server).
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as the API writes it (`"invalid_argument"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::HeadersTooLarge => "headers_too_large",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status the code is answered with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidArgument => 400,
+            ErrorCode::Unauthenticated => 401,
+            ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::RequestTimeout => 408,
+            ErrorCode::Conflict => 409,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::HeadersTooLarge => 431,
+            ErrorCode::Unavailable => 503,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -146,9 +146,9 @@ pub struct Submitted {
 /// The task API as transports other than HTTP expose it (implemented by the scheduler core).
 /// Errors are `(code, message)` with the HTTP API's codes.
 pub trait TaskApi: Send + Sync {
-    fn submit_json(&self, body: &[u8]) -> Result<Submitted, (&'static str, String)>;
-    fn execution_json(&self, id: i64) -> Result<String, (&'static str, String)>;
-    fn cancel_json(&self, id: i64) -> Result<String, (&'static str, String)>;
+    fn submit_json(&self, body: &[u8]) -> Result<Submitted, crate::scheduler::api::ApiError>;
+    fn execution_json(&self, id: i64) -> Result<String, crate::scheduler::api::ApiError>;
+    fn cancel_json(&self, id: i64) -> Result<String, crate::scheduler::api::ApiError>;
 }
 
 /// Where pulling nodes get work (implemented by the scheduler core; the transport only waits).

@@ -7,75 +7,54 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::cron;
-use crate::model::{DeliveryPath, Strategy};
+use crate::model::{DeliveryPath, ErrorCode, Strategy};
 use crate::runner::Program;
 
-/// An API error: a code from the documented set, with the HTTP status it maps to.
+/// An API error: a code from the documented set (`model::ErrorCode`, which also gives its
+/// HTTP status) and a message for the caller.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn invalid(m: impl Into<String>) -> ApiError {
+    pub fn new(code: ErrorCode, m: impl Into<String>) -> ApiError {
         ApiError {
-            code: "invalid_argument",
+            code,
             message: m.into(),
         }
+    }
+    pub fn invalid(m: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::InvalidArgument, m)
     }
     pub fn not_found(m: impl Into<String>) -> ApiError {
-        ApiError {
-            code: "not_found",
-            message: m.into(),
-        }
+        ApiError::new(ErrorCode::NotFound, m)
     }
     pub fn conflict(m: impl Into<String>) -> ApiError {
-        ApiError {
-            code: "conflict",
-            message: m.into(),
-        }
+        ApiError::new(ErrorCode::Conflict, m)
     }
     pub fn unauthenticated(m: impl Into<String>) -> ApiError {
-        ApiError {
-            code: "unauthenticated",
-            message: m.into(),
-        }
+        ApiError::new(ErrorCode::Unauthenticated, m)
     }
     pub fn unavailable(m: impl Into<String>) -> ApiError {
-        ApiError {
-            code: "unavailable",
-            message: m.into(),
-        }
+        ApiError::new(ErrorCode::Unavailable, m)
     }
     pub fn too_large(m: impl Into<String>) -> ApiError {
-        ApiError {
-            code: "payload_too_large",
-            message: m.into(),
-        }
+        ApiError::new(ErrorCode::PayloadTooLarge, m)
     }
     pub fn internal(m: impl Into<String>) -> ApiError {
-        ApiError {
-            code: "internal",
-            message: m.into(),
-        }
+        ApiError::new(ErrorCode::Internal, m)
     }
 
+    /// The HTTP status of the code.
     pub fn status(&self) -> u16 {
-        match self.code {
-            "invalid_argument" => 400,
-            "unauthenticated" => 401,
-            "not_found" => 404,
-            "method_not_allowed" => 405,
-            "conflict" => 409,
-            "payload_too_large" => 413,
-            "unavailable" => 503,
-            _ => 500,
-        }
+        self.code.http_status()
     }
 
+    /// `{"error": {"code": "...", "message": "..."}}`.
     pub fn body(&self) -> Value {
-        json!({"error": {"code": self.code, "message": self.message}})
+        json!({"error": {"code": self.code.as_str(), "message": self.message}})
     }
 }
 
@@ -453,7 +432,7 @@ mod tests {
     fn control_characters_are_refused_in_names_ids_and_urls() {
         for bad in ["a\u{0}b", "line\nforged", "esc\u{1b}[2J", "tab\t"] {
             let e = check_chars("name", bad, MAX_NAME_CHARS).unwrap_err();
-            assert_eq!(e.code, "invalid_argument");
+            assert_eq!(e.code, ErrorCode::InvalidArgument);
             assert!(e.message.contains("control characters"), "{}", e.message);
         }
         assert!(check_chars("name", "备份 db-01 (nightly)", MAX_NAME_CHARS).is_ok());

@@ -564,16 +564,15 @@ impl crate::delivery::TaskApi for Core {
     fn submit_json(
         &self,
         body: &[u8],
-    ) -> Result<crate::delivery::Submitted, (&'static str, String)> {
+    ) -> Result<crate::delivery::Submitted, ApiError> {
         let limit = self.cfg.server.max_body_bytes;
         if body.len() > limit {
-            return Err((
-                "payload_too_large",
-                format!("task over the {limit}-byte limit"),
-            ));
+            return Err(ApiError::too_large(format!(
+                "task over the {limit}-byte limit"
+            )));
         }
-        let spec = TaskSpec::parse(body, &self.paths()).map_err(|e| (e.code, e.message))?;
-        let (c, all) = self.submit(spec).map_err(|e| (e.code, e.message))?;
+        let spec = TaskSpec::parse(body, &self.paths())?;
+        let (c, all) = self.submit(spec)?;
         Ok(crate::delivery::Submitted {
             task_id: c.task_id,
             execution_id: c.execution_id,
@@ -582,21 +581,15 @@ impl crate::delivery::TaskApi for Core {
         })
     }
 
-    fn execution_json(&self, id: i64) -> Result<String, (&'static str, String)> {
-        match self.store.get_execution(ExecutionId(id)) {
-            Ok(Some(e)) => Ok(e.to_json().to_string()),
-            Ok(None) => Err(("not_found", format!("execution {id} not found"))),
-            Err(e) => {
-                let e = ApiError::from(e);
-                Err((e.code, e.message))
-            }
+    fn execution_json(&self, id: i64) -> Result<String, ApiError> {
+        match self.store.get_execution(ExecutionId(id))? {
+            Some(e) => Ok(e.to_json().to_string()),
+            None => Err(ApiError::not_found(format!("execution {id} not found"))),
         }
     }
 
-    fn cancel_json(&self, id: i64) -> Result<String, (&'static str, String)> {
-        self.cancel(ExecutionId(id))
-            .map(|v| v.to_string())
-            .map_err(|e| (e.code, e.message))
+    fn cancel_json(&self, id: i64) -> Result<String, ApiError> {
+        self.cancel(ExecutionId(id)).map(|v| v.to_string())
     }
 }
 

@@ -9,17 +9,25 @@ use tonic::{Request, Response, Status};
 use super::pb;
 use super::runtime::{authed, channel, GrpcError, Runtime};
 use crate::delivery::TaskApi;
+use crate::model::ErrorCode;
+use crate::scheduler::api::ApiError;
 
 pub type TasksSlot = Arc<std::sync::OnceLock<Arc<dyn TaskApi>>>;
 
-fn api_status((code, msg): (&'static str, String)) -> Status {
-    match code {
-        "invalid_argument" | "payload_too_large" => Status::invalid_argument(msg),
-        "not_found" => Status::not_found(msg),
-        "conflict" => Status::failed_precondition(msg),
-        "unavailable" => Status::unavailable(msg),
-        "unauthenticated" => Status::unauthenticated(msg),
-        _ => Status::internal(msg),
+/// The gRPC status of an API error: the one mapping from `ErrorCode` to gRPC codes.
+fn api_status(e: ApiError) -> Status {
+    let msg = e.message;
+    match e.code {
+        ErrorCode::InvalidArgument | ErrorCode::PayloadTooLarge | ErrorCode::HeadersTooLarge => {
+            Status::invalid_argument(msg)
+        }
+        ErrorCode::NotFound => Status::not_found(msg),
+        ErrorCode::Conflict => Status::failed_precondition(msg),
+        ErrorCode::Unavailable => Status::unavailable(msg),
+        ErrorCode::Unauthenticated => Status::unauthenticated(msg),
+        ErrorCode::RequestTimeout => Status::deadline_exceeded(msg),
+        ErrorCode::MethodNotAllowed => Status::unimplemented(msg),
+        ErrorCode::Internal => Status::internal(msg),
     }
 }
 

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use self::transport::{Body, Head, Limits, Response, Sink};
 use super::api::{ApiError, TaskSpec};
 use super::{Core, LOG};
-use crate::model::{ExecutionId, Status, TaskId};
+use crate::model::{ErrorCode, ExecutionId, Status, TaskId};
 
 /// How long a `logs?follow=true` stream may stay open; the client resumes with `after_seq`.
 pub const FOLLOW_MAX: Duration = Duration::from_secs(3600);
@@ -101,9 +101,8 @@ impl transport::Handler for Api {
         handle(&self.core, &head, &body)
     }
 
-    fn error(&self, status: u16, code: &str, message: &str) -> Response {
-        let body = json!({"error": {"code": code, "message": message}});
-        json_response(status, &body)
+    fn error(&self, code: ErrorCode, message: &str) -> Response {
+        err_response(&ApiError::new(code, message))
     }
 }
 
@@ -230,7 +229,7 @@ fn handle(core: &Arc<Core>, head: &Head, body: &[u8]) -> Response {
     if segs == ["healthz"] {
         if method != "GET" && method != "HEAD" {
             return err_response(&ApiError {
-                code: "method_not_allowed",
+                code: ErrorCode::MethodNotAllowed,
                 message: format!("{method} is not allowed on /healthz; use GET"),
             });
         }
@@ -280,7 +279,7 @@ fn route(
         )));
     }
     let not_allowed = || ApiError {
-        code: "method_not_allowed",
+        code: ErrorCode::MethodNotAllowed,
         message: format!("{method} is not allowed on {path}"),
     };
     let takes: &[&str] = match (method, segs[2], &segs[3..]) {

@@ -100,7 +100,7 @@ pub trait Handler: Send + Sync + 'static {
     /// Answers an admitted request. Runs on a worker thread; may block on the store.
     fn handle(&self, head: Head, body: Vec<u8>) -> Response;
     /// An error the transport itself answers (413, 408, 503, 500), in the API's error shape.
-    fn error(&self, status: u16, code: &str, message: &str) -> Response;
+    fn error(&self, code: crate::model::ErrorCode, message: &str) -> Response;
 }
 
 /// Writes a streamed response body from a plain thread.
@@ -258,7 +258,7 @@ fn worker(jobs: &Receiver<Job>, handler: &dyn Handler, streams: &Mutex<Vec<JoinH
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(head, body)))
                 .unwrap_or_else(|_| {
                     log::error!(target: LOG, "handler panicked on {what}; answered 500");
-                    handler.error(500, "internal", "internal error (logged by the server)")
+                    handler.error(crate::model::ErrorCode::Internal, "internal error (logged by the server)")
                 });
         let _ = reply.send(into_reply(resp, handler, streams));
     }
@@ -295,7 +295,7 @@ fn into_reply(
         }
         Err(e) => {
             log::error!(target: LOG, "cannot start a stream writer: {e}");
-            let r = handler.error(503, "unavailable", "cannot start a stream; retry later");
+            let r = handler.error(crate::model::ErrorCode::Unavailable, "cannot start a stream; retry later");
             match r.body {
                 Body::Bytes(b) => Reply::Full(r.status, r.content_type, b),
                 Body::Stream(_) => Reply::Full(503, "text/plain", b"unavailable".to_vec()),
@@ -442,7 +442,7 @@ async fn serve(
     // at once, before a byte of it is read or allocated.
     let too_large = || {
         let msg = format!("request body over the {}-byte limit", lim.max_body_bytes);
-        close(respond(h.error(413, "payload_too_large", &msg)))
+        close(respond(h.error(crate::model::ErrorCode::PayloadTooLarge, &msg)))
     };
     let drain_cap = (lim.max_body_bytes as u64).saturating_mul(DRAIN_FACTOR);
     let declared = body.size_hint().lower();
@@ -455,14 +455,14 @@ async fn serve(
         Ok(Ok(None)) => return too_large(),
         Ok(Err(e)) => {
             let msg = format!("cannot read the request body: {e}");
-            return close(respond(h.error(400, "invalid_argument", &msg)));
+            return close(respond(h.error(crate::model::ErrorCode::InvalidArgument, &msg)));
         }
         Err(_) => {
             let msg = format!(
                 "request body not received within {} s",
                 lim.body_timeout.as_secs()
             );
-            return close(respond(h.error(408, "request_timeout", &msg)));
+            return close(respond(h.error(crate::model::ErrorCode::RequestTimeout, &msg)));
         }
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -473,12 +473,10 @@ async fn serve(
     }) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
-            return respond(h.error(503, "unavailable", "the server is busy; retry later"));
+            return respond(h.error(crate::model::ErrorCode::Unavailable, "the server is busy; retry later"));
         }
         Err(TrySendError::Disconnected(_)) => {
-            return close(respond(h.error(
-                503,
-                "unavailable",
+            return close(respond(h.error(crate::model::ErrorCode::Unavailable,
                 "the server is stopping",
             )));
         }
@@ -497,9 +495,7 @@ async fn serve(
             );
             r
         }
-        Err(_) => close(respond(h.error(
-            503,
-            "unavailable",
+        Err(_) => close(respond(h.error(crate::model::ErrorCode::Unavailable,
             "the server is stopping",
         ))),
     }
