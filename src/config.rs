@@ -1145,7 +1145,8 @@ impl Config {
         pool: Option<&str>,
         node: &str,
     ) -> Result<crate::trust::NodeTrust, ConfigError> {
-        self.node_trust_text(pool, node).map_err(ConfigError::Invalid)
+        self.node_trust_text(pool, node)
+            .map_err(ConfigError::Invalid)
     }
 
     /// `node_trust` with its refusal as text.
@@ -1188,7 +1189,8 @@ impl Config {
         &self,
         builtin: Option<&crate::trust::BuiltinKeys>,
     ) -> Result<crate::trust::SchedulerKeys, ConfigError> {
-        self.scheduler_keys_text(builtin).map_err(ConfigError::Invalid)
+        self.scheduler_keys_text(builtin)
+            .map_err(ConfigError::Invalid)
     }
 
     /// `scheduler_keys` with its refusal as text.

@@ -60,7 +60,11 @@ impl Log for StderrLogger {
     /// the process ends.
     fn flush(&self) {
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        if self.tx.send_timeout(Msg::Flush(done_tx), Duration::from_secs(2)).is_ok() {
+        if self
+            .tx
+            .send_timeout(Msg::Flush(done_tx), Duration::from_secs(2))
+            .is_ok()
+        {
             let _ = done_rx.recv_timeout(Duration::from_secs(2));
         }
     }

@@ -661,7 +661,8 @@ fn cmd_run(c: RunCmd) -> CmdResult {
     if lost_output.is_none() {
         use std::io::Write;
         let written = if c.json {
-            writeln!(std::io::stdout(), "{}", outcome.to_json()).and_then(|()| std::io::stdout().flush())
+            writeln!(std::io::stdout(), "{}", outcome.to_json())
+                .and_then(|()| std::io::stdout().flush())
         } else {
             print_summary(&outcome);
             Ok(())

@@ -216,7 +216,10 @@ fn config_check_refuses_exactly_what_the_server_refuses() {
     // Kafka TLS files are checked at start, relative paths taken from the start directory.
     let missing_ca = format!(
         "kafka.ssl_ca {}: cannot read",
-        std::env::current_dir().unwrap().join("missing-ca.pem").display()
+        std::env::current_dir()
+            .unwrap()
+            .join("missing-ca.pem")
+            .display()
     );
     let bad = [
         (
@@ -693,7 +696,10 @@ fn a_daemon_whose_stdout_reader_is_gone_keeps_serving() {
     }
     // Past the start-up lines: still alive, and a script runs to its end.
     std::thread::sleep(Duration::from_millis(300));
-    assert!(child.try_wait().unwrap().is_none(), "server died after start");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "server died after start"
+    );
     let script = dir.join("hi.sh");
     std::fs::write(&script, "echo hi\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_etask"))
@@ -740,7 +746,11 @@ fn a_follow_ends_when_its_reader_goes_away_not_at_the_next_line() {
     assert!(took < Duration::from_secs(30), "follow ran on for {took:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(s.execution(exec)["status"], "running", "the execution goes on");
+    assert_eq!(
+        s.execution(exec)["status"],
+        "running",
+        "the execution goes on"
+    );
 }
 
 /// A task name with the characters a hand-made query gets wrong reaches the filter intact.
@@ -752,10 +762,7 @@ fn task_names_with_query_characters_are_filtered_exactly() {
         s.submit(support::server::shell(name, "true"));
     }
     for name in ["a+b", "a b", "x#y", "k=v&z"] {
-        let out = etask(
-            &dir,
-            &["tasks", "--server", &s.url, "--name", name],
-        );
+        let out = etask(&dir, &["tasks", "--server", &s.url, "--name", name]);
         let t = text(&out);
         assert_eq!(code(&out), 0, "{t}");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -831,7 +838,12 @@ fn a_stderr_nobody_reads_does_not_stop_the_server() {
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     // Once stderr moved again, the rest was written, in order, up to the last line.
-    assert_eq!(out.status.code(), Some(0), "{}", &log[log.len().saturating_sub(2000)..]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        &log[log.len().saturating_sub(2000)..]
+    );
     assert!(
         log.trim_end().ends_with("etask::server: stopped"),
         "{}",
@@ -863,21 +875,42 @@ fn unwritable_output_ends_run_logs_and_help_with_a_failure() {
         "timeout 60 {etask_bin} run --shell {} | head -c1 >/dev/null; echo ${{PIPESTATUS[0]}}",
         loud.display()
     ));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "141", "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "141",
+        "{}",
+        text(&out)
+    );
     assert!(took < Duration::from_secs(30), "run went on for {took:?}");
     // Into a full disk.
     let (out, _) = sh(&format!(
         "timeout 60 {etask_bin} run --shell {} >/dev/full; echo $?",
         loud.display()
     ));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "71", "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "71",
+        "{}",
+        text(&out)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write the output"));
-    let (out, _) = sh(&format!("{etask_bin} run --json --exec -- echo hi >/dev/full; echo $?"));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "71", "{}", text(&out));
+    let (out, _) = sh(&format!(
+        "{etask_bin} run --json --exec -- echo hi >/dev/full; echo $?"
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "71",
+        "{}",
+        text(&out)
+    );
     for flag in ["--help", "--version"] {
         let (out, _) = sh(&format!("{etask_bin} {flag} >/dev/full; echo $?"));
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "71", "{flag}: {err}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "71",
+            "{flag}: {err}"
+        );
         assert!(!err.contains("panicked"), "{flag}: {err}");
     }
     // A client's logs into a full disk.
@@ -888,5 +921,10 @@ fn unwritable_output_ends_run_logs_and_help_with_a_failure() {
         "{etask_bin} logs {exec} --server {} >/dev/full; echo $?",
         s.url
     ));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "71", "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "71",
+        "{}",
+        text(&out)
+    );
 }

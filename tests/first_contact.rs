@@ -201,7 +201,10 @@ fn log_chunks_a_full_store_refused_are_replaced_by_a_note_saying_so() {
     let (sink, stderr) = (server_log.clone(), child.stderr.take().unwrap());
     let reader = std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             let mut s = sink.lock().unwrap();
             s.push_str(&line);
             s.push('\n');
@@ -227,12 +230,23 @@ fn log_chunks_a_full_store_refused_are_replaced_by_a_note_saying_so() {
     // Wait until the store has refused something, then give it room.
     let t0 = Instant::now();
     while !server_log.lock().unwrap().contains("cannot store") {
-        assert!(t0.elapsed() < Duration::from_secs(30), "the store never filled up: {}", server_log.lock().unwrap());
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the store never filled up: {}",
+            server_log.lock().unwrap()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(500));
     let grown = Command::new("nsenter")
-        .args(["-t", &child.id().to_string(), "-m", "mount", "-o", "remount,size=64m"])
+        .args([
+            "-t",
+            &child.id().to_string(),
+            "-m",
+            "mount",
+            "-o",
+            "remount,size=64m",
+        ])
         .arg(&mnt)
         .status()
         .unwrap();
@@ -266,7 +280,10 @@ fn log_chunks_a_full_store_refused_are_replaced_by_a_note_saying_so() {
         if let Some(n) = note {
             break n;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "no note in the logs");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no note in the logs"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(

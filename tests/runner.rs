@@ -859,7 +859,10 @@ fn uploaded_executables_spawned_concurrently_all_start() {
         } else {
             let mut p = Program {
                 // Large enough that writing it takes a moment.
-                code: Some(format!("#!/bin/sh\n#{}\necho ok-{i}\n", "x".repeat(64 * 1024))),
+                code: Some(format!(
+                    "#!/bin/sh\n#{}\necho ok-{i}\n",
+                    "x".repeat(64 * 1024)
+                )),
                 ..Program::exec(vec![])
             };
             p.argv = None;

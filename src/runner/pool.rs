@@ -919,8 +919,9 @@ impl Reactor {
             Err(reason) => {
                 // The reason may quote the program (argv, workdir): masked like its output, so
                 // a secret in an argv never reaches the execution's error or the node's log.
-                let reason = LogCapture::new(self.cfg.logs.clone(), job.req.program.secret_values())
-                    .mask_text(&reason);
+                let reason =
+                    LogCapture::new(self.cfg.logs.clone(), job.req.program.secret_values())
+                        .mask_text(&reason);
                 log::warn!(target: LOG, "execution={} attempt={} spawn failed: {reason}", key.execution, key.attempt);
                 let mut outcome = Outcome::not_started(Ending::SpawnFailed(reason));
                 outcome.duration = started.elapsed();

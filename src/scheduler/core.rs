@@ -561,10 +561,7 @@ impl Core {
     }
 }
 impl crate::delivery::TaskApi for Core {
-    fn submit_json(
-        &self,
-        body: &[u8],
-    ) -> Result<crate::delivery::Submitted, ApiError> {
+    fn submit_json(&self, body: &[u8]) -> Result<crate::delivery::Submitted, ApiError> {
         let limit = self.cfg.server.max_body_bytes;
         if body.len() > limit {
             return Err(ApiError::too_large(format!(

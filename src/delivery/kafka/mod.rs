@@ -161,7 +161,8 @@ impl KafkaConfig {
     /// The file cannot be read, is empty, or is readable by every user (the message names the
     /// file, never the password).
     pub fn resolve_sasl_password(&mut self, env: Option<String>) -> Result<(), KafkaError> {
-        self.resolve_sasl_password_text(env).map_err(KafkaError::Config)
+        self.resolve_sasl_password_text(env)
+            .map_err(KafkaError::Config)
     }
 
     /// `resolve_sasl_password` with its refusal as text.
@@ -284,7 +285,8 @@ impl KafkaConfig {
     /// A producer; `timeout` = how long a message may wait for the brokers before it is given
     /// up (0 = never).
     pub fn producer(&self, client_id: &str, timeout: Duration) -> Result<Producer_, KafkaError> {
-        self.producer_text(client_id, timeout).map_err(KafkaError::Client)
+        self.producer_text(client_id, timeout)
+            .map_err(KafkaError::Client)
     }
 
     /// `producer` with its refusal as text.
@@ -463,7 +465,11 @@ fn existing_topics_text(
 
 /// Makes sure `topics` exist: creates the missing ones when `cfg.create_topics`, otherwise
 /// fails naming them.
-pub fn ensure_topics(cfg: &KafkaConfig, p: &Producer_, topics: &[String]) -> Result<(), KafkaError> {
+pub fn ensure_topics(
+    cfg: &KafkaConfig,
+    p: &Producer_,
+    topics: &[String],
+) -> Result<(), KafkaError> {
     ensure_topics_text(cfg, p, topics).map_err(KafkaError::Client)
 }
 
@@ -782,11 +788,19 @@ mod tests {
         k.resolve_sasl_password(Some(String::new())).unwrap();
         assert_eq!(k.sasl_password, PW);
         set_mode(&file, 0o644);
-        let e = with_file.clone().resolve_sasl_password(None).unwrap_err().to_string();
+        let e = with_file
+            .clone()
+            .resolve_sasl_password(None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("readable by every user"), "{e}");
         set_mode(&file, 0o600);
         std::fs::write(&file, "\n").unwrap();
-        let e = with_file.clone().resolve_sasl_password(None).unwrap_err().to_string();
+        let e = with_file
+            .clone()
+            .resolve_sasl_password(None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("is empty"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

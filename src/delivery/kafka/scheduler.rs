@@ -271,13 +271,15 @@ impl KafkaDelivery {
             return Ok(topic);
         }
         let want = [topic.clone()];
-        let have = existing_topics(&self.cfg, &self.producer, &want).map_err(|e| Refused::Busy(e.to_string()))?;
+        let have = existing_topics(&self.cfg, &self.producer, &want)
+            .map_err(|e| Refused::Busy(e.to_string()))?;
         if have.is_empty() && !self.cfg.create_topics {
             return Err(Refused::Rejected(format!(
                 "kafka topic {topic} of pool {pool:?} does not exist (and kafka.create_topics is false)"
             )));
         }
-        ensure_topics(&self.cfg, &self.producer, &want).map_err(|e| Refused::Busy(e.to_string()))?;
+        ensure_topics(&self.cfg, &self.producer, &want)
+            .map_err(|e| Refused::Busy(e.to_string()))?;
         self.topics
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -316,7 +318,8 @@ impl Delivery for KafkaDelivery {
         d.sign(&self.signer, None, ttl);
         let msg = wire::DispatchMsg::new(&d, &pool, crate::now_ms(), ttl);
         let body = serde_json::to_vec(&msg).map_err(|e| Refused::Rejected(e.to_string()))?;
-        send(&self.producer, &topic, &d.execution_id.to_string(), &body).map_err(|e| Refused::Busy(e.to_string()))?;
+        send(&self.producer, &topic, &d.execution_id.to_string(), &body)
+            .map_err(|e| Refused::Busy(e.to_string()))?;
         self.lock_queued()
             .insert((d.execution_id, d.attempt), Instant::now());
         Ok(())

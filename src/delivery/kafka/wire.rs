@@ -219,7 +219,6 @@ impl From<WireError> for String {
     }
 }
 
-
 /// Parses one envelope; the error is the reason written to the dead-letter topic.
 pub fn parse<T: DeserializeOwned>(payload: Option<&[u8]>) -> Result<T, WireError> {
     parse_text::<T>(payload).map_err(WireError)

@@ -258,7 +258,10 @@ fn worker(jobs: &Receiver<Job>, handler: &dyn Handler, streams: &Mutex<Vec<JoinH
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(head, body)))
                 .unwrap_or_else(|_| {
                     log::error!(target: LOG, "handler panicked on {what}; answered 500");
-                    handler.error(crate::model::ErrorCode::Internal, "internal error (logged by the server)")
+                    handler.error(
+                        crate::model::ErrorCode::Internal,
+                        "internal error (logged by the server)",
+                    )
                 });
         let _ = reply.send(into_reply(resp, handler, streams));
     }
@@ -295,7 +298,10 @@ fn into_reply(
         }
         Err(e) => {
             log::error!(target: LOG, "cannot start a stream writer: {e}");
-            let r = handler.error(crate::model::ErrorCode::Unavailable, "cannot start a stream; retry later");
+            let r = handler.error(
+                crate::model::ErrorCode::Unavailable,
+                "cannot start a stream; retry later",
+            );
             match r.body {
                 Body::Bytes(b) => Reply::Full(r.status, r.content_type, b),
                 Body::Stream(_) => Reply::Full(503, "text/plain", b"unavailable".to_vec()),
@@ -442,7 +448,9 @@ async fn serve(
     // at once, before a byte of it is read or allocated.
     let too_large = || {
         let msg = format!("request body over the {}-byte limit", lim.max_body_bytes);
-        close(respond(h.error(crate::model::ErrorCode::PayloadTooLarge, &msg)))
+        close(respond(
+            h.error(crate::model::ErrorCode::PayloadTooLarge, &msg),
+        ))
     };
     let drain_cap = (lim.max_body_bytes as u64).saturating_mul(DRAIN_FACTOR);
     let declared = body.size_hint().lower();
@@ -455,14 +463,18 @@ async fn serve(
         Ok(Ok(None)) => return too_large(),
         Ok(Err(e)) => {
             let msg = format!("cannot read the request body: {e}");
-            return close(respond(h.error(crate::model::ErrorCode::InvalidArgument, &msg)));
+            return close(respond(
+                h.error(crate::model::ErrorCode::InvalidArgument, &msg),
+            ));
         }
         Err(_) => {
             let msg = format!(
                 "request body not received within {} s",
                 lim.body_timeout.as_secs()
             );
-            return close(respond(h.error(crate::model::ErrorCode::RequestTimeout, &msg)));
+            return close(respond(
+                h.error(crate::model::ErrorCode::RequestTimeout, &msg),
+            ));
         }
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -473,10 +485,14 @@ async fn serve(
     }) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
-            return respond(h.error(crate::model::ErrorCode::Unavailable, "the server is busy; retry later"));
+            return respond(h.error(
+                crate::model::ErrorCode::Unavailable,
+                "the server is busy; retry later",
+            ));
         }
         Err(TrySendError::Disconnected(_)) => {
-            return close(respond(h.error(crate::model::ErrorCode::Unavailable,
+            return close(respond(h.error(
+                crate::model::ErrorCode::Unavailable,
                 "the server is stopping",
             )));
         }
@@ -495,7 +511,8 @@ async fn serve(
             );
             r
         }
-        Err(_) => close(respond(h.error(crate::model::ErrorCode::Unavailable,
+        Err(_) => close(respond(h.error(
+            crate::model::ErrorCode::Unavailable,
             "the server is stopping",
         ))),
     }
