@@ -924,6 +924,18 @@ impl Config {
         {
             return Err(UNSIGNED_NODE.into());
         }
+        // The keys `mode` reads at start, read now: an unreadable, malformed or world-readable
+        // key fails `etask config --check --mode MODE` (the units' ExecStartPre, run as the
+        // unit's user) with the key's name instead of a failed start later.
+        match mode {
+            Some(Mode::Agent | Mode::Executor) => {
+                self.node_trust_text(None, "config-check")?;
+            }
+            Some(Mode::Scheduler | Mode::All) => {
+                self.scheduler_keys_text(None)?;
+            }
+            None => {}
+        }
         match mode {
             Some(Mode::Executor) if self.registry.etcd.is_empty() => Err(
                 "an executor needs [registry] etcd (or --etcd URL) so schedulers can find it"
@@ -1167,9 +1179,6 @@ impl Config {
             .map(|k| crate::trust::keys::load(crate::trust::keys::Kind::PoolPrivate, k))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("security.pool_private_keys: {e}"))?;
-        if !verifier.verifies() {
-            log::info!(target: "etask::trust", "no security.trusted_keys: dispatches are run without checking who signed them");
-        }
         Ok(crate::trust::NodeTrust {
             verifier,
             me: crate::trust::NodeIdentity {
@@ -1427,8 +1436,35 @@ mod tests {
             );
         }
         assert!(c.validate(Some(Mode::Scheduler)).is_ok());
-        c.security.trusted_keys = vec!["/etc/etask/dispatch.pub".into()];
+        // The keys a mode reads at start are read by the check too: a missing or too open
+        // one is named (it used to pass the check and fail the start).
+        let dir = std::env::temp_dir().join(format!("etask-cfg-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::trust::keygen(&dir, None).unwrap();
+        let (key, public) = (dir.join("dispatch.key"), dir.join("dispatch.pub"));
+        c.security.trusted_keys = vec![dir.join("missing.pub").display().to_string()];
+        let e = c.validate(Some(Mode::Agent)).unwrap_err().to_string();
+        assert!(
+            e.contains("security.trusted_keys") && e.contains("missing.pub"),
+            "{e}"
+        );
+        c.security.trusted_keys = vec![public.display().to_string()];
         assert!(c.validate(Some(Mode::Agent)).is_ok());
+        assert!(c.validate(Some(Mode::Executor)).is_ok());
+        c.security.signing_key = key.display().to_string();
+        assert!(c.validate(Some(Mode::Scheduler)).is_ok());
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        for mode in [Mode::Scheduler, Mode::All] {
+            let e = c.validate(Some(mode)).unwrap_err().to_string();
+            assert!(
+                e.contains("security.signing_key") && e.contains("chmod 600"),
+                "{e}"
+            );
+        }
+        // Without a mode (`config --check FILE` on a build host) no key file is read.
+        assert!(c.validate(None).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -107,6 +107,16 @@ fn write_lines(rx: &Receiver<Msg>, journal: bool, dropped: &AtomicU64) {
     }
 }
 
+/// Lines dropped because stderr did not take them, not yet reported by a note in the log:
+/// above 0 while stderr is stalled (it falls to 0 when the writer moves again and writes the
+/// note). `/healthz` shows it as `"log": "dropping lines"`.
+pub fn lines_dropped_now() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// The count behind `lines_dropped_now` (one logger per process).
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
 /// Installs the logger once; later calls are ignored. `default` applies when ETASK_LOG is unset.
 pub fn init(default: LevelFilter) {
     let asked = std::env::var("ETASK_LOG").ok();
@@ -125,7 +135,7 @@ pub fn init(default: LevelFilter) {
         None => default,
     };
     let journal = stderr_is_journal();
-    let dropped: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+    let dropped: &'static AtomicU64 = &DROPPED;
     let (tx, rx) = crossbeam_channel::bounded(QUEUE_LINES);
     // Without the thread, `log` finds the channel disconnected and writes in place. It starts
     // with every signal blocked (a thread inherits its creator's mask): this runs before

@@ -52,6 +52,7 @@ macro_rules! command {
             error_code(71, "the local system refused: signal handling, threads, output that cannot be written"),
             error_code(77, "missing or wrong token (HTTP 401)"),
             error_code(78, "invalid configuration"),
+            error_code(141, "the reader of the output went away (e.g. `head` closed it), as SIGPIPE ends any writer: `run` cancels its script first; `logs -f` and `submit --wait` just stop following (the execution goes on)"),
         )]
         struct $name { $($body)* }
     };
@@ -945,6 +946,14 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
     if path != DeliveryPath::Local {
         body["target"] = json!({"path": path, "pool": c.pool.as_deref().unwrap_or("default")});
     }
+    // Everything the scheduler checks about the request itself, checked here with the same
+    // code (`TaskSpec::parse`, every path counted as served: which paths a scheduler serves
+    // only it knows): a bad --overlap, --max-attempts, --cron, --timezone, name, ... is a bad
+    // command line (64) found before anything is sent, not a refusal by the server (65).
+    let all_paths = DeliveryPath::ALL;
+    if let Err(e) = etask::scheduler::api::TaskSpec::parse(body.to_string().as_bytes(), all_paths) {
+        return Err(Fail::usage(e.message));
+    }
     // Signals are blocked before any thread starts: Ctrl-C during --wait cancels the execution.
     let signals =
         if c.wait {
@@ -1098,38 +1107,49 @@ fn follow_cancelling_on_signal(
 
 fn cmd_tasks(c: TasksCmd) -> CmdResult {
     let mut query = form_urlencoded::Serializer::new(String::new());
+    etask::model::page_limit(Some(c.limit)).map_err(|m| Fail::usage(format!("--{m}")))?;
     query.append_pair("limit", &c.limit.to_string());
     if let Some(n) = &c.name {
         query.append_pair("name", n);
     }
-    let v = client(&c.server).get(&format!("/api/v1/tasks?{}", query.finish()))?;
+    let cl = client(&c.server);
+    let v = cl.get(&format!("/api/v1/tasks?{}", query.finish()))?;
     let rows = items(&v)
         .map(|t| {
-            let sched = t
+            let cron = t
                 .pointer("/spec/schedule/expr")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("once");
+                .and_then(serde_json::Value::as_str);
+            let sched = cron.unwrap_or("once");
+            // A cron task is active or paused; a once task has no such state: its STATE is the
+            // status of its newest execution (what a reader wants to know), "-" without one.
             let state = if t["paused"].as_bool() == Some(true) {
-                "paused"
+                "paused".to_owned()
+            } else if cron.is_some() {
+                "active".to_owned()
             } else {
-                "active"
+                let newest = cl.get(&format!("/api/v1/executions?task_id={}&limit=1", t["id"]))?;
+                let status = items(&newest)
+                    .next()
+                    .and_then(|e| e["status"].as_str())
+                    .unwrap_or("-")
+                    .to_owned();
+                status
             };
-            // The next fire in the task's own zone, as the server computed it.
             // The next fire in the task's own zone, as the server computed it (a paused task's
             // STATE says it will not fire then).
             let next = match (t["next_fire_local"].as_str(), t["timezone"].as_str()) {
                 (Some(at), Some(zone)) => format!("{at} {zone}"),
                 _ => "-".to_owned(),
             };
-            vec![
+            Ok(vec![
                 t["id"].to_string(),
                 t["name"].as_str().unwrap_or("").to_owned(),
                 sched.to_owned(),
-                state.to_owned(),
+                state,
                 next,
-            ]
+            ])
         })
-        .collect();
+        .collect::<Result<Vec<_>, Fail>>()?;
     print_table(
         &["ID", "NAME", "SCHEDULE", "STATE", "NEXT FIRE"],
         &[true],

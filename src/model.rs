@@ -161,6 +161,25 @@ pub enum Overlap {
     Replace,
 }
 
+/// The most items one page of a list holds (`limit` of the list endpoints, `etask tasks
+/// --limit`).
+pub const PAGE_MAX: u32 = 500;
+/// Items per page when no `limit` is given.
+pub const PAGE_DEFAULT: u32 = 50;
+
+/// A page size as the list endpoints take it: `None` = `PAGE_DEFAULT`; 1 to `PAGE_MAX`.
+/// The server and the CLI both use this rule.
+///
+/// # Errors
+/// Out of range: the message names `limit=N` and the range.
+pub fn page_limit(limit: Option<u32>) -> Result<u32, String> {
+    match limit {
+        None => Ok(PAGE_DEFAULT),
+        Some(n @ 1..=PAGE_MAX) => Ok(n),
+        Some(n) => Err(format!("limit={n}: a page holds 1 to {PAGE_MAX} items")),
+    }
+}
+
 impl Overlap {
     pub fn as_str(self) -> &'static str {
         match self {

@@ -158,6 +158,7 @@ fn run_inner(
             .verifier
             .also_trusting(signer_public)
             .map_err(|e| format!("built-in keys: {e}"))?;
+        trust.verifier.announce();
         trust.open = trust.open.with(b.pool_private);
         let mut pc = cfg.pool_config();
         pc.journal = Some(journal);

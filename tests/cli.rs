@@ -188,13 +188,62 @@ fn exit_statuses_follow_one_scheme_in_every_command() {
         let o = client(&dir, url, args);
         assert_eq!(code(&o), *want, "{args:?} at {url}: {}", text(&o));
     }
-    // A refused request (400) and a wrong token (401).
-    let bad_cron = client(
+    // Values the client checks with the scheduler's own rules: a bad command line (64),
+    // nothing sent. What only the scheduler knows (the paths it serves) is its refusal (65).
+    let before = s.call("GET", "/api/v1/tasks", None).1;
+    for args in [
+        vec!["submit", "--shell", &exit3, "--cron", "nope"],
+        vec![
+            "submit",
+            "--shell",
+            &exit3,
+            "--cron",
+            "0 * * * * *",
+            "--overlap",
+            "bogus",
+        ],
+        vec![
+            "submit",
+            "--shell",
+            &exit3,
+            "--cron",
+            "0 * * * * *",
+            "--timezone",
+            "Mars/Base",
+        ],
+        vec!["submit", "--shell", &exit3, "--max-attempts", "101"],
+        vec!["submit", "--shell", &exit3, "--name", "bad\nname"],
+        vec!["tasks", "--limit", "0"],
+        vec!["tasks", "--limit", "501"],
+    ] {
+        let o = client(&dir, &s.url, &args);
+        assert_eq!(code(&o), 64, "{args:?}: {}", text(&o));
+    }
+    assert_eq!(
+        s.call("GET", "/api/v1/tasks", None).1,
+        before,
+        "a refused command sent a task"
+    );
+    let o = client(
         &dir,
         &s.url,
-        &["submit", "--shell", &exit3, "--cron", "nope"],
+        &["submit", "--shell", &exit3, "--max-attempts", "100"],
     );
-    assert_eq!(code(&bad_cron), 65, "{}", text(&bad_cron));
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let o = client(&dir, &s.url, &["tasks", "--limit", "500"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    // A refused request (400) and a wrong token (401).
+    let unserved = client(
+        &dir,
+        &s.url,
+        &["submit", "--shell", &exit3, "--path", "pull"],
+    );
+    assert_eq!(code(&unserved), 65, "{}", text(&unserved));
+    assert!(
+        text(&unserved).contains("pull needs"),
+        "{}",
+        text(&unserved)
+    );
     let dir2 = temp_dir("cli-exit-token");
     let t = support::server::Server::start(&dir2, &[], "[server]\ntoken = \"right\"\n");
     let o = Command::new(env!("CARGO_BIN_EXE_etask"))
@@ -460,7 +509,8 @@ fn tasks_and_nodes_print_aligned_columns_under_a_header() {
     let s = support::server::Server::start(&dir, &[], "");
     let names = ["a", "a much longer task name", "größe-prüfen", "a+b & c=d"];
     for n in names {
-        s.submit(support::server::shell(n, "true"));
+        let (_, e) = s.submit(support::server::shell(n, "true"));
+        s.wait_final(e, std::time::Duration::from_secs(20));
     }
     let mut cron = support::server::shell("every-minute", "true");
     cron["schedule"] = serde_json::json!({"kind": "cron", "expr": "0 * * * * *"});
@@ -492,7 +542,13 @@ fn tasks_and_nodes_print_aligned_columns_under_a_header() {
             "once"
         };
         assert_eq!(column(line, sched), sched_at, "{out}");
-        assert_eq!(column(line, "active"), state_at, "{out}");
+        // A cron task is active; a once task shows its newest execution's status.
+        let state = if *name == "every-minute" {
+            "active"
+        } else {
+            "succeeded"
+        };
+        assert_eq!(column(line, state), state_at, "{out}");
     }
     // The name filter takes any characters.
     let o = client(&dir, &s.url, &["tasks", "--name", "a+b & c=d"]);
@@ -833,6 +889,35 @@ fn a_stderr_nobody_reads_does_not_stop_the_server() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Once the queue of lines is full too, /healthz says the log has a gap (and stays 200:
+    // the server itself is not held up). More tasks until then (each logs a few lines).
+    let health = || -> serde_json::Value {
+        agent
+            .get(&format!("{url}/healthz"))
+            .call()
+            .expect("healthy")
+            .into_json()
+            .unwrap()
+    };
+    let mut h = health();
+    for i in 0..5_000 {
+        if h["log"] == "dropping lines" {
+            break;
+        }
+        let body = serde_json::json!({
+            "name": format!("more{i}"),
+            "program": {"kind": "shell", "code": "true"},
+        });
+        agent
+            .post(&format!("{url}/api/v1/tasks"))
+            .send_json(body)
+            .unwrap_or_else(|e| panic!("task more{i} not taken: {e}"));
+        if i % 50 == 0 {
+            h = health();
+        }
+    }
+    assert_eq!(h["log"], "dropping lines", "{h}");
+    assert_eq!(h["status"], "ok", "{h}");
     // SAFETY: signals our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();

@@ -237,6 +237,24 @@ fn log_chunks_a_full_store_refused_are_replaced_by_a_note_saying_so() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // /healthz says so: the store answers its ping but refuses writes (503). It used to say
+    // "ok" all along.
+    let health = || -> (u16, Value) {
+        let r = match ureq::get(&format!("{url}/healthz")).call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("healthz: {e}"),
+        };
+        (r.status(), r.into_json().unwrap_or_default())
+    };
+    let t0 = Instant::now();
+    let mut h = health();
+    while h.1["store"] != "refusing writes" && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+        h = health();
+    }
+    assert_eq!(h.0, 503, "{h:?}");
+    assert_eq!(h.1["store"], "refusing writes", "{h:?}");
     std::thread::sleep(Duration::from_millis(500));
     let grown = Command::new("nsenter")
         .args([
@@ -265,6 +283,9 @@ fn log_chunks_a_full_store_refused_are_replaced_by_a_note_saying_so() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(e["result"]["n"], 1, "{e}");
+    // Writes are taken again: healthy.
+    let h = health();
+    assert_eq!((h.0, &h.1["store"]), (200, &json!("ok")), "{h:?}");
     let t0 = Instant::now();
     let note = loop {
         let logs = ureq::get(&format!("{url}/api/v1/executions/{id}/logs"))

@@ -643,10 +643,34 @@ pool = "core"
 drain_seconds = 20
 "#;
 
-fn write_config(c: &Booted) {
+/// Writes the test's config, keeping the `[security]` section the package shipped (`security`,
+/// read right after the install): the roles run with the packaged signing settings.
+fn write_config(c: &Booted, security: &str) {
     c.sh(&format!(
-        "cat > /etc/etask/etask.toml <<'EOF'\n{CONFIG}\nEOF"
+        "cat > /etc/etask/etask.toml <<'EOF'\n{CONFIG}\n{security}\nEOF"
     ));
+}
+
+/// The shipped `[security]` section (to the end of the file), after checking that it turns
+/// signing on with the key pair the install made: private key the scheduler's only.
+fn packaged_security(c: &Booted) -> String {
+    let security = c.sh("sed -n '/^\\[security\\]/,$p' /etc/etask/etask.toml");
+    for want in [
+        "signing_key = \"/etc/etask/dispatch.key\"",
+        "trusted_keys = [\"/etc/etask/dispatch.pub\"]",
+        "require_signed = true",
+    ] {
+        assert!(
+            security.lines().any(|l| l.trim() == want),
+            "the shipped config lacks {want}:\n{security}"
+        );
+    }
+    assert_eq!(
+        c.sh("stat -c %U:%G:%a /etc/etask/dispatch.key /etc/etask/dispatch.pub"),
+        "etask:etask:600\nroot:root:644\n",
+        "key pair made on install"
+    );
+    security
 }
 
 fn shell_task(name: &str, pool: Option<(&str, &str)>, code: &str) -> serde_json::Value {
@@ -716,6 +740,15 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
     // Install: the user exists, the config is private to it, nothing started or enabled.
     c.sh(&format!("dpkg -i /pkgs/{}", file_name(&p.deb(1))));
     c.sh("getent passwd etask && test \"$(stat -c %U:%G:%a /etc/etask/etask.toml)\" = root:etask:640");
+    let security = packaged_security(&c);
+    // A reinstall (dpkg runs postinst again) keeps the pair: nodes given its .pub still trust it.
+    let pair = c.sh("cat /etc/etask/dispatch.pub");
+    c.sh(&format!("dpkg -i /pkgs/{}", file_name(&p.deb(1))));
+    assert_eq!(
+        c.sh("cat /etc/etask/dispatch.pub"),
+        pair,
+        "the key pair changed"
+    );
     for unit in ["etask-scheduler", "etask-executor", "etask-agent@dmz"] {
         assert_eq!(
             c.prop(unit, "ActiveState"),
@@ -759,8 +792,8 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
     );
     c.sh("systemctl reset-failed etask-agent@dmz");
 
-    // The three roles as their units.
-    write_config(&c);
+    // The three roles as their units, with the shipped signing settings.
+    write_config(&c, &security);
     c.start("etask-scheduler");
     c.start("etask-executor");
     c.start("etask-agent@dmz");
@@ -799,6 +832,19 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
     let contained =
         c.sh("journalctl -u etask-agent@dmz --no-pager -o cat | grep -m1 'runs contained' || true");
     eprintln!("packaging: etask-agent@dmz: {}", contained.trim());
+    // Signing is on: the scheduler signs, the nodes verify with the packaged key.
+    let sched_journal = c.sh("journalctl -u etask-scheduler --no-pager -o cat");
+    assert!(
+        !sched_journal.contains("no security.signing_key"),
+        "the packaged scheduler does not sign:\n{sched_journal}"
+    );
+    for unit in ["etask-agent@dmz", "etask-executor"] {
+        let j = c.sh(&format!("journalctl -u {unit} --no-pager -o cat"));
+        assert!(
+            j.contains("dispatches and cancels are verified"),
+            "{unit} does not verify dispatches:\n{j}"
+        );
+    }
     let status = c.sh("systemctl status etask-agent@dmz --no-pager || true");
     assert!(status.contains("pool dmz"), "no READY status:\n{status}");
 
@@ -918,7 +964,8 @@ fn packages_install_run_upgrade_and_remove_in_a_booted_debian() {
         file_name(&p.rpm(1))
     ));
     c.sh("getent passwd etask && test \"$(stat -c %G /etc/etask/etask.toml)\" = etask");
-    write_config(&c);
+    let security = packaged_security(&c);
+    write_config(&c, &security);
     c.start("etask-scheduler");
     c.start("etask-agent@dmz");
     let e = c.run_task(&shell_task(

@@ -101,6 +101,14 @@ fn mode_all_signs_with_its_own_keys_and_stores_only_sealed_secrets() {
         "variables": [{"key": "TOKEN", "value": var_secret, "secret": true}]}}));
     let v = s.wait_final(e, Duration::from_secs(20));
     assert_eq!(v["status"], "succeeded", "{v}\n{}", s.log());
+    // Its start line says what the built-in node checks (it verifies; it used to claim the
+    // opposite because the line was written before the built-in key was added).
+    let log = s.log();
+    assert!(
+        log.contains("dispatches and cancels are verified: trusted key(s) "),
+        "{log}"
+    );
+    assert!(!log.contains("no security.trusted_keys"), "{log}");
     assert_eq!(
         std::fs::read_to_string(&marker).unwrap_or_default(),
         format!("{secret} {var_secret}"),
@@ -676,22 +684,9 @@ fn agents_refuse_forged_kafka_records_and_no_topic_holds_a_secret() {
     // Dead letters are produced after the agent logs the refusal, and a read may see only
     // part of the topic under load: read until every refused record's letter is there (or
     // 20 s pass).
-    let all_there = |letters: &[(String, String)]| {
-        [900_101, 900_102, 900_103, 900_105, 900_110]
-            .iter()
-            .all(|id| {
-                letters
-                    .iter()
-                    .any(|(_, t)| t.contains(&format!("\"execution_id\":{id},")))
-            })
-    };
-    let t0 = Instant::now();
-    let mut letters = read_topics(&broker.addr, &["etask.dead-letter"]);
-    while !all_there(&letters) && t0.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(300));
-        letters = read_topics(&broker.addr, &["etask.dead-letter"]);
-    }
-    let reason = |id: i64| -> String {
+    // (The letter's payload is the refused record as a JSON string: match inside it, not in
+    // the letter's escaped text.)
+    let reason = |letters: &[(String, String)], id: i64| -> String {
         letters
             .iter()
             .filter_map(|(_, t)| serde_json::from_str::<serde_json::Value>(t).ok())
@@ -705,14 +700,31 @@ fn agents_refuse_forged_kafka_records_and_no_topic_holds_a_secret() {
             .collect::<Vec<_>>()
             .join(" | ")
     };
-    for (id, why) in [
+    let want = [
         (900_101, "unsigned"),
         (900_102, "unknown key"),
         (900_103, "bad signature"),
         (900_105, "for pool \"p9\""),
         (900_110, "replay"),
-    ] {
-        assert!(reason(id).contains(why), "{id}: {why}: {:?}", reason(id));
+    ];
+    let all_there = |letters: &[(String, String)]| {
+        want.iter()
+            .all(|(id, why)| reason(letters, *id).contains(why))
+    };
+    let t0 = Instant::now();
+    let mut letters = read_topics(&broker.addr, &["etask.dead-letter"]);
+    while !all_there(&letters) && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(300));
+        letters = read_topics(&broker.addr, &["etask.dead-letter"]);
+    }
+    for (id, why) in want {
+        assert!(
+            reason(&letters, id).contains(why),
+            "{id}: {why}: {:?}\nletters after {:.1?}: {letters:#?}\nagent log:\n{}",
+            reason(&letters, id),
+            t0.elapsed(),
+            agent_log()
+        );
     }
 
     // Forged cancels on the control topic are ignored; the real one works.

@@ -498,6 +498,7 @@ fn run_inner(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     let mut trust = cfg.node_trust(Some(&pool_name), &id)?;
     // A dispatch valid for longer than the spool remembers could be replayed after it forgot.
     trust.verifier = trust.verifier.with_max_validity(keep.as_millis() as i64);
+    trust.verifier.announce();
     let pool = Pool::start(cfg.pool_config())
         .map_err(|e| format!("cannot start the process pool: {e}"))?;
     // Events wait for the brokers as long as it takes (message.timeout.ms = 0).

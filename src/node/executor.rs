@@ -199,6 +199,7 @@ fn run_inner(cfg: Config, stop: Receiver<i32>) -> Result<(), String> {
     trust.verifier = trust
         .verifier
         .with_max_validity(SPOOL_KEEP.as_millis() as i64);
+    trust.verifier.announce();
     // In the data dir the start journal locks for this node: no other process shares it.
     let spool_dir = cfg.server.data_dir.join("executor-spool");
     let spool = Spool::open(&spool_dir, SPOOL_KEEP).map_err(|e| {

@@ -270,6 +270,19 @@ impl Verifier {
         self.require
     }
 
+    /// Logs, once at a node's start, what this verifier checks: the ids of the keys it
+    /// trusts, or that it runs dispatches without checking who signed them. Call it on the
+    /// verifier the node will use (after `also_trusting`), so the line tells the truth.
+    pub fn announce(&self) {
+        if self.require {
+            let ids: Vec<&str> = self.trusted.iter().map(|(id, _)| id.as_str()).collect();
+            log::info!(target: "etask::trust", "dispatches and cancels are verified: trusted key(s) {}; unsigned, forged, expired or replayed ones are refused",
+                ids.join(", "));
+        } else {
+            log::info!(target: "etask::trust", "no security.trusted_keys: dispatches are run without checking who signed them");
+        }
+    }
+
     fn check_sig(&self, sig: Option<&str>, msg: &[u8]) -> Result<(), Refusal> {
         if !self.require {
             return Ok(());

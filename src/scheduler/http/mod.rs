@@ -177,15 +177,9 @@ fn only(q: &[(String, String)], allowed: &[&str]) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A page size: `limit` from 1 to 500, 50 when absent.
+/// A page size: `limit` (`model::page_limit`).
 fn limit(q: &[(String, String)]) -> Result<u32, ApiError> {
-    match num::<u32>(q, "limit")? {
-        None => Ok(50),
-        Some(n @ 1..=500) => Ok(n),
-        Some(n) => Err(ApiError::invalid(format!(
-            "limit={n}: a page holds 1 to 500 items"
-        ))),
-    }
+    crate::model::page_limit(num::<u32>(q, "limit")?).map_err(ApiError::invalid)
 }
 
 /// A true/false query parameter (`true`/`1`, `false`/`0`); absent = false.
