@@ -504,7 +504,9 @@ impl Default for NodeConfig {
 
 /// The commented default file printed by `etask config --print-default`.
 const DEFAULT_TOML_TEXT: &str = r#"# ETask server configuration. Every key is optional; shown values are the defaults.
-# Command-line flags (--listen, --data-dir, --store) override this file.
+# Command-line flags of `etask server` override this file (`etask server --help` lists them:
+# --listen, --data-dir, --store, --grpc-listen, --etcd, --scheduler, --pool, --kafka, --path,
+# --node-id, --max-concurrent, --workspace-root).
 
 [server]
 # HTTP intake address. Without a token only a loopback address is accepted.

@@ -413,18 +413,20 @@ fn main() -> ExitCode {
         Cmd::Migrate(c) => cmd_migrate(c),
         Cmd::Config(c) => cmd_config(c),
         Cmd::Submit(c) => cmd_submit(c),
-        Cmd::Get(c) => client(&c.server)
-            .get(&format!("/api/v1/executions/{}", c.id))
-            .map(print_json)
-            .map_err(Fail::from),
+        Cmd::Get(c) => client(&c.server).and_then(|cl| {
+            cl.get(&format!("/api/v1/executions/{}", c.id))
+                .map(print_json)
+                .map_err(Fail::from)
+        }),
         Cmd::Logs(c) => cmd_logs(c),
-        Cmd::Cancel(c) => client(&c.server)
-            .post(
+        Cmd::Cancel(c) => client(&c.server).and_then(|cl| {
+            cl.post(
                 &format!("/api/v1/executions/{}/cancel", c.id),
                 &serde_json::json!({}),
             )
             .map(print_json)
-            .map_err(Fail::from),
+            .map_err(Fail::from)
+        }),
         Cmd::Tasks(c) => cmd_tasks(c),
         Cmd::Nodes(c) => cmd_nodes(c),
         Cmd::Keygen(c) => cmd_keygen(c),
@@ -752,12 +754,32 @@ fn print_json(v: serde_json::Value) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn client(server: &Option<String>) -> etask::client::Client {
-    let base = server
-        .clone()
-        .or_else(|| std::env::var("ETASK_SERVER").ok())
-        .unwrap_or_else(|| "http://127.0.0.1:8765".into());
-    etask::client::Client::new(&base, std::env::var("ETASK_TOKEN").ok())
+/// The client of the scheduler at `--server`, `$ETASK_SERVER` or the default. A value that
+/// is not a scheduler's base URL (`http://` or `https://`, a host, no path) is a bad command
+/// line (64), found before anything is sent: it used to be tried and reported as an
+/// unreachable scheduler (69), or sent below a path and answered 400.
+fn client(server: &Option<String>) -> Result<etask::client::Client, Fail> {
+    let (base, from) = match (server, std::env::var("ETASK_SERVER").ok()) {
+        (Some(s), _) => (s.clone(), "--server"),
+        (None, Some(s)) => (s, "$ETASK_SERVER"),
+        (None, None) => ("http://127.0.0.1:8765".to_owned(), "the default server"),
+    };
+    let bad = |why: &str| {
+        Fail::usage(format!(
+            "{from} {base:?} {why}: give the scheduler's base URL, e.g. http://127.0.0.1:8765"
+        ))
+    };
+    let u = url::Url::parse(&base).map_err(|e| bad(&format!("is not a URL ({e})")))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        return Err(bad("is not an http:// or https:// URL with a host"));
+    }
+    if !u.path().trim_end_matches('/').is_empty() || u.query().is_some() || u.fragment().is_some() {
+        return Err(bad("has a path, query or fragment"));
+    }
+    Ok(etask::client::Client::new(
+        &base,
+        std::env::var("ETASK_TOKEN").ok(),
+    ))
 }
 
 /// The configuration of `etask server` (and of `config --check`: the same function).
@@ -897,8 +919,15 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
             )));
         }
     }
-    if c.max_attempts == Some(0) {
-        return Err(Fail::usage("--max-attempts must be at least 1"));
+    let max = etask::scheduler::api::MAX_ATTEMPTS;
+    if let Some(n) = c.max_attempts.filter(|n| !(1..=max).contains(n)) {
+        return Err(Fail::usage(format!(
+            "--max-attempts must be 1 to {max}, not {n}"
+        )));
+    }
+    if let Some(o) = &c.overlap {
+        o.parse::<etask::model::Overlap>()
+            .map_err(|e| Fail::usage(format!("--overlap: {e}")))?;
     }
     let path = match c.path.as_deref() {
         None => DeliveryPath::Local,
@@ -952,7 +981,12 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
     // command line (64) found before anything is sent, not a refusal by the server (65).
     let all_paths = DeliveryPath::ALL;
     if let Err(e) = etask::scheduler::api::TaskSpec::parse(body.to_string().as_bytes(), all_paths) {
-        return Err(Fail::usage(e.message));
+        // A position in JSON the user never wrote says nothing: cut it.
+        let m = match e.message.rfind(" at line ") {
+            Some(i) if e.message[i..].contains(" column ") => &e.message[..i],
+            _ => &e.message,
+        };
+        return Err(Fail::usage(m));
     }
     // Signals are blocked before any thread starts: Ctrl-C during --wait cancels the execution.
     let signals =
@@ -963,7 +997,7 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
         } else {
             None
         };
-    let cl = client(&c.server);
+    let cl = client(&c.server)?;
     let created = cl.post("/api/v1/tasks", &body)?;
     if !c.wait {
         print_json(created);
@@ -1020,7 +1054,7 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
 
 fn cmd_logs(c: LogsCmd) -> CmdResult {
     if !c.follow {
-        client(&c.server).logs(c.id, 0, false, log_printer())?;
+        client(&c.server)?.logs(c.id, 0, false, log_printer())?;
         return Ok(ExitCode::SUCCESS);
     }
     // Following: the stream may stay quiet for hours, so a gone reader (`logs -f | head`) is
@@ -1057,7 +1091,7 @@ fn spawn_follow(
     exec: i64,
 ) -> Result<crossbeam_channel::Receiver<Result<(), etask::client::ClientError>>, Fail> {
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-    let follower = client(server);
+    let follower = client(server)?;
     std::thread::Builder::new()
         .name("follow".into())
         .spawn(move || {
@@ -1094,7 +1128,7 @@ fn follow_cancelling_on_signal(
             recv(done_rx) -> r => return r.unwrap_or(Ok(())).map_err(Fail::from),
             recv(if cancelled { &never } else { &signals }) -> _ => {
                 eprintln!("== interrupted: cancelling execution {exec} (again to stop waiting)");
-                client(server).post(&format!("/api/v1/executions/{exec}/cancel"), &serde_json::json!({}))?;
+                client(server)?.post(&format!("/api/v1/executions/{exec}/cancel"), &serde_json::json!({}))?;
                 cancelled = true;
             }
             recv(if cancelled { &signals } else { &never }) -> _ => {
@@ -1112,7 +1146,7 @@ fn cmd_tasks(c: TasksCmd) -> CmdResult {
     if let Some(n) = &c.name {
         query.append_pair("name", n);
     }
-    let cl = client(&c.server);
+    let cl = client(&c.server)?;
     let v = cl.get(&format!("/api/v1/tasks?{}", query.finish()))?;
     let rows = items(&v)
         .map(|t| {
@@ -1159,7 +1193,7 @@ fn cmd_tasks(c: TasksCmd) -> CmdResult {
 }
 
 fn cmd_nodes(c: NodesCmd) -> CmdResult {
-    let v = client(&c.server).get("/api/v1/nodes")?;
+    let v = client(&c.server)?.get("/api/v1/nodes")?;
     let rows = items(&v)
         .map(|n| {
             let s = |k: &str| {

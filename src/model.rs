@@ -145,22 +145,6 @@ impl Status {
     }
 }
 
-/// What a cron fire does while the task's previous execution has not ended (README "Overlap").
-/// The store decides it inside the fire's compare-and-set, so several schedulers agree.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Overlap {
-    /// The fire is skipped and counted (`skipped_fires`), like the reference ETask.
-    #[default]
-    Forbid,
-    /// Runs start regardless.
-    Allow,
-    /// At most one execution waits; it starts when the earlier ones have ended.
-    Queue,
-    /// The executions that have not ended are cancelled, then the new one starts.
-    Replace,
-}
-
 /// The most items one page of a list holds (`limit` of the list endpoints, `etask tasks
 /// --limit`).
 pub const PAGE_MAX: u32 = 500;
@@ -177,17 +161,6 @@ pub fn page_limit(limit: Option<u32>) -> Result<u32, String> {
         None => Ok(PAGE_DEFAULT),
         Some(n @ 1..=PAGE_MAX) => Ok(n),
         Some(n) => Err(format!("limit={n}: a page holds 1 to {PAGE_MAX} items")),
-    }
-}
-
-impl Overlap {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Overlap::Forbid => "forbid",
-            Overlap::Allow => "allow",
-            Overlap::Queue => "queue",
-            Overlap::Replace => "replace",
-        }
     }
 }
 
@@ -308,6 +281,29 @@ names!(
         Broadcast = "broadcast",
     }
 );
+
+names!(
+    /// What a cron fire does while the task's previous execution has not ended (README
+    /// "Overlap"; `schedule.overlap`, `etask submit --overlap`). The store decides it inside
+    /// the fire's compare-and-set, so several schedulers agree.
+    Overlap, "schedule.overlap" {
+        /// The fire is skipped and counted (`skipped_fires`), like the reference ETask.
+        Forbid = "forbid",
+        /// Runs start regardless.
+        Allow = "allow",
+        /// At most one execution waits; it starts when the earlier ones have ended.
+        Queue = "queue",
+        /// The executions that have not ended are cancelled, then the new one starts.
+        Replace = "replace",
+    }
+);
+
+impl Default for Overlap {
+    /// `forbid`, as the reference ETask.
+    fn default() -> Overlap {
+        Overlap::Forbid
+    }
+}
 
 names!(
     /// What a node registers as (`/etask/nodes/<role>/…` in etcd).

@@ -145,8 +145,15 @@ fn run_inner(
         None
     };
     let keys = cfg.scheduler_keys(builtin.as_ref())?;
-    if !keys.signer.signs() {
-        log::warn!(target: "etask::server", "no security.signing_key: dispatches and cancels go out unsigned (nodes with trusted_keys refuse them)");
+    match keys.signer.public() {
+        Some(public) => {
+            log::info!(target: "etask::trust", "dispatches and cancels are signed with key {}{}",
+                crate::trust::seal::key_id(&public),
+                if cfg.security.signing_key.is_empty() { " (the built-in one in <data_dir>/keys/)" } else { "" });
+        }
+        None => {
+            log::warn!(target: "etask::server", "no security.signing_key: dispatches and cancels go out unsigned (nodes with trusted_keys refuse them)");
+        }
     }
     if let Some(b) = &builtin {
         let node = node_id();

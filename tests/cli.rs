@@ -213,11 +213,60 @@ fn exit_statuses_follow_one_scheme_in_every_command() {
         ],
         vec!["submit", "--shell", &exit3, "--max-attempts", "101"],
         vec!["submit", "--shell", &exit3, "--name", "bad\nname"],
+        vec!["submit", "--shell", &exit3, "--cron", "0 0 0 30 2 *"], // never fires
+        vec!["submit", "--shell", &exit3, "--cron", "0 0 0 1 1 * 2020"],
         vec!["tasks", "--limit", "0"],
         vec!["tasks", "--limit", "501"],
     ] {
         let o = client(&dir, &s.url, &args);
         assert_eq!(code(&o), 64, "{args:?}: {}", text(&o));
+        assert!(!text(&o).contains(" column "), "{args:?}: {}", text(&o));
+    }
+    // The flag is named, in its own words.
+    let o = client(
+        &dir,
+        &s.url,
+        &[
+            "submit",
+            "--shell",
+            &exit3,
+            "--cron",
+            "0 * * * * *",
+            "--overlap",
+            "bogus",
+        ],
+    );
+    assert!(
+        text(&o).contains("--overlap") && text(&o).contains("forbid, allow, queue, replace"),
+        "{}",
+        text(&o)
+    );
+    let o = client(
+        &dir,
+        &s.url,
+        &["submit", "--shell", &exit3, "--max-attempts", "101"],
+    );
+    assert!(
+        text(&o).contains("--max-attempts must be 1 to 100, not 101"),
+        "{}",
+        text(&o)
+    );
+    // A --server that is no scheduler base URL is a bad command line, not an absent server.
+    let base = s.url.trim_start_matches("http://").to_owned();
+    for bad in [
+        base.clone(),
+        format!("{}/api/v1", s.url),
+        format!("ftp://{base}"),
+    ] {
+        for args in [
+            vec!["tasks"],
+            vec!["get", "1"],
+            vec!["submit", "--shell", &exit3],
+        ] {
+            let o = client(&dir, &bad, &args);
+            assert_eq!(code(&o), 64, "{args:?} --server {bad}: {}", text(&o));
+            assert!(text(&o).contains("base URL"), "{}", text(&o));
+        }
     }
     assert_eq!(
         s.call("GET", "/api/v1/tasks", None).1,

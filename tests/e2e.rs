@@ -306,6 +306,13 @@ fn bad_requests_get_the_documented_errors() {
         "not_found",
         "nowhere",
     );
+    // With a query too (it was judged before the route and answered 400).
+    check(
+        s.call("GET", "/api/v1/nowhere?limit=5", None),
+        404,
+        "not_found",
+        "nowhere",
+    );
     let (_, e) = s.submit(shell("quick", "true"));
     s.wait_final(e, Duration::from_secs(20));
     check(

@@ -109,6 +109,10 @@ fn mode_all_signs_with_its_own_keys_and_stores_only_sealed_secrets() {
         "{log}"
     );
     assert!(!log.contains("no security.trusted_keys"), "{log}");
+    assert!(
+        log.contains("dispatches and cancels are signed with key "),
+        "{log}"
+    );
     assert_eq!(
         std::fs::read_to_string(&marker).unwrap_or_default(),
         format!("{secret} {var_secret}"),

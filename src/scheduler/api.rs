@@ -313,7 +313,16 @@ impl TaskSpec {
             check_chars("schedule.expr", expr, MAX_NAME_CHARS)?;
             // The default zone is only known to the scheduler; UTC stands in for the syntax check.
             let zone = resolve_zone(expr, timezone.as_deref(), "UTC")?;
-            parse_cron(expr, zone)?;
+            let schedule = parse_cron(expr, zone)?;
+            // An expression that never fires (`0 0 0 30 2 *`, a past year) is refused here
+            // too, so the CLI finds it before sending. Looked for from two days back: zones
+            // are at most 14 h from UTC, so "nothing after then" in the stand-in zone means
+            // nothing from now on in any zone (the scheduler checks again in the real one).
+            if next_fire(&schedule, crate::now_ms() - 2 * 86_400_000).is_none() {
+                return Err(ApiError::invalid(format!(
+                    "schedule.expr {expr:?} never fires"
+                )));
+            }
         }
         let path = self.path();
         if !paths.contains(&path) {

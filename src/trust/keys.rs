@@ -71,7 +71,7 @@ pub fn decode(kind: Kind, line: &str, what: &str) -> Result<[u8; 32], KeyError> 
     };
     if label != kind.label() {
         return Err(KeyError::Format(format!(
-            "{what}: a {label} key where a {} key is needed",
+            "{what}: an {label} key where an {} key is needed",
             kind.label()
         )));
     }
@@ -92,12 +92,25 @@ pub fn decode(kind: Kind, line: &str, what: &str) -> Result<[u8; 32], KeyError> 
 /// # Errors
 /// The file cannot be read, is world-readable (private keys), or holds no key of `kind`.
 pub fn load(kind: Kind, spec: &str) -> Result<[u8; 32], KeyError> {
-    if spec.trim_start().starts_with(&format!("{}:", kind.label())) {
+    // A key line of any kind is a key line (a wrong kind is named as such, not looked for as
+    // a file).
+    let inline = [
+        Kind::SigningPrivate,
+        Kind::SigningPublic,
+        Kind::PoolPrivate,
+        Kind::PoolPublic,
+    ]
+    .iter()
+    .any(|k| spec.trim_start().starts_with(&format!("{}:", k.label())));
+    if inline {
         return decode(kind, spec, "inline key");
     }
     let path = Path::new(spec);
     let text = std::fs::read_to_string(path)
         .map_err(|e| KeyError::Io(format!("cannot read key file {spec}: {e}")))?;
+    // What the file holds first: a public key given where a private one is needed is that
+    // mistake, not a private key to chmod.
+    let key = decode(kind, &text, spec)?;
     if kind.private() {
         let mode = std::fs::metadata(path)
             .map_err(|e| KeyError::Io(format!("cannot read key file {spec}: {e}")))?
@@ -111,7 +124,7 @@ pub fn load(kind: Kind, spec: &str) -> Result<[u8; 32], KeyError> {
             )));
         }
     }
-    decode(kind, &text, spec)
+    Ok(key)
 }
 
 /// Writes a key file: private ones 0600 (created so, never widened), public ones 0644. An
@@ -163,7 +176,7 @@ mod tests {
         assert!(decode(Kind::SigningPublic, &line, "t")
             .unwrap_err()
             .to_string()
-            .contains("x25519-public key where a ed25519-public"));
+            .contains("an x25519-public key where an ed25519-public"));
         assert!(decode(Kind::PoolPublic, "x25519-public:AAAA", "t").is_err());
         assert!(decode(Kind::PoolPublic, "garbage", "t").is_err());
         assert_eq!(load(Kind::PoolPublic, &line).unwrap(), k);
@@ -192,6 +205,21 @@ mod tests {
             load(Kind::SigningPrivate, key.to_str().unwrap()),
             Err(KeyError::TooOpen(_))
         ));
+        // A public key (0644 by nature) where the private one is needed: that is the error,
+        // not "chmod 600 it".
+        let e = load(Kind::SigningPrivate, public.to_str().unwrap()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("an ed25519-public key where an ed25519-private key is needed"),
+            "{e}"
+        );
+        // A key line of the wrong kind is named so, not looked for as a file.
+        let e = load(Kind::SigningPrivate, &encode(Kind::SigningPublic, &[2; 32])).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("inline key: an ed25519-public key"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

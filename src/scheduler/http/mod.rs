@@ -276,6 +276,14 @@ fn route(
         code: ErrorCode::MethodNotAllowed,
         message: format!("{method} is not allowed on {path}"),
     };
+    // An unknown resource is 404 whatever its query says (the query is judged only where
+    // there is something to take it).
+    if !matches!(
+        (segs[2], &segs[3..]),
+        ("tasks" | "executions", _) | ("nodes", [])
+    ) {
+        return Err(ApiError::not_found(format!("no route {path}")));
+    }
     let takes: &[&str] = match (method, segs[2], &segs[3..]) {
         ("GET", "tasks", []) => &["name", "limit", "cursor"],
         ("GET", "executions", []) => &["task_id", "status", "limit", "cursor"],
