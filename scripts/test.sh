@@ -133,3 +133,11 @@ echo "test.sh: static musl binary OK ($(du -h "$bin" | cut -f1)), smoke task suc
 # The packages: scripts/package.sh builds the .deb and .rpm from this binary; the test compares
 # them and installs, runs, upgrades and removes them in a booted Debian 12 (systemd-nspawn).
 cargo test --locked --test packaging -- --ignored --nocapture --test-threads=1
+
+# Fuzzing: every cargo-fuzz target under fuzz/ for ETASK_FUZZ_SECONDS (20) each, after its
+# regression inputs (scripts/fuzz.sh: what it installs and caches). ETASK_FUZZ_SECONDS=0 skips it.
+if [ "${ETASK_FUZZ_SECONDS:-20}" != 0 ]; then
+    ETASK_FUZZ_SECONDS="${ETASK_FUZZ_SECONDS:-20}" scripts/fuzz.sh
+else
+    echo "test.sh: fuzzing skipped (ETASK_FUZZ_SECONDS=0)"
+fi

@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = etask::scheduler::api::TaskSpec::parse(data, &["local", "push", "pull", "agent"]);
+    let _ = etask::scheduler::api::TaskSpec::parse(data, etask::model::DeliveryPath::ALL);
 });

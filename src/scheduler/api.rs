@@ -495,7 +495,12 @@ mod tests {
             }
         ));
         let e = parse(json!({"name": "n", "schedule": {"kind": "cron", "expr": "0 0 0 * * *", "overlap": "skip"}, "program": {"kind": "shell", "code": "true"}})).unwrap_err();
-        assert!(e.message.contains("unknown variant"), "{e:?}");
+        assert!(
+            e.message.contains(
+                "unknown schedule.overlap \"skip\"; use one of forbid, allow, queue, replace"
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]
