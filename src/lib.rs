@@ -105,11 +105,15 @@ fn lock_exclusive_inner(
 ) -> Result<std::fs::File, String> {
     use std::io::{Read, Seek, Write};
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    // 0600 like the store beside it (it holds the holder's pid only, but nothing in the data
+    // dir is for other users).
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(path)
         .map_err(|e| format!("cannot open lock file {}: {e}", path.display()))?;
     // A process that was just killed may keep its lock for a moment through a child it was

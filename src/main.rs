@@ -1154,20 +1154,21 @@ fn cmd_tasks(c: TasksCmd) -> CmdResult {
                 .pointer("/spec/schedule/expr")
                 .and_then(serde_json::Value::as_str);
             let sched = cron.unwrap_or("once");
-            // A cron task is active or paused; a once task has no such state: its STATE is the
-            // status of its newest execution (what a reader wants to know), "-" without one.
+            // The newest execution: its id is what `get`, `logs` and `cancel` take (task and
+            // execution ids drift apart), and a once task's STATE is its status ("-" for
+            // none); a cron task's STATE is active or paused.
+            let newest = cl.get(&format!("/api/v1/executions?task_id={}&limit=1", t["id"]))?;
+            let newest = items(&newest).next();
+            let last = newest.map_or("-".to_owned(), |e| e["id"].to_string());
             let state = if t["paused"].as_bool() == Some(true) {
                 "paused".to_owned()
             } else if cron.is_some() {
                 "active".to_owned()
             } else {
-                let newest = cl.get(&format!("/api/v1/executions?task_id={}&limit=1", t["id"]))?;
-                let status = items(&newest)
-                    .next()
+                newest
                     .and_then(|e| e["status"].as_str())
                     .unwrap_or("-")
-                    .to_owned();
-                status
+                    .to_owned()
             };
             // The next fire in the task's own zone, as the server computed it (a paused task's
             // STATE says it will not fire then).
@@ -1180,12 +1181,20 @@ fn cmd_tasks(c: TasksCmd) -> CmdResult {
                 t["name"].as_str().unwrap_or("").to_owned(),
                 sched.to_owned(),
                 state,
+                last,
                 next,
             ])
         })
         .collect::<Result<Vec<_>, Fail>>()?;
     print_table(
-        &["ID", "NAME", "SCHEDULE", "STATE", "NEXT FIRE"],
+        &[
+            "ID",
+            "NAME",
+            "SCHEDULE",
+            "STATE",
+            "LAST EXECUTION",
+            "NEXT FIRE",
+        ],
         &[true],
         rows,
     );

@@ -557,9 +557,20 @@ fn tasks_and_nodes_print_aligned_columns_under_a_header() {
     let dir = temp_dir("cli-tables");
     let s = support::server::Server::start(&dir, &[], "");
     let names = ["a", "a much longer task name", "größe-prüfen", "a+b & c=d"];
+    let mut execs = std::collections::HashMap::new();
+    // An extra execution first, so task and execution ids differ (the table must say which).
+    let (t, e) = s.submit(support::server::shell("warm-up", "true"));
+    s.wait_final(e, std::time::Duration::from_secs(20));
+    let (status, v) = s.call("POST", &format!("/api/v1/tasks/{t}/run"), Some("{}"));
+    assert!(status < 300, "{v}");
+    let again = v["execution_id"].as_i64().unwrap();
+    s.wait_final(again, std::time::Duration::from_secs(20));
+    let (status, v) = s.call("DELETE", &format!("/api/v1/tasks/{t}"), None);
+    assert!(status < 300, "{v}");
     for n in names {
         let (_, e) = s.submit(support::server::shell(n, "true"));
         s.wait_final(e, std::time::Duration::from_secs(20));
+        execs.insert(n, e);
     }
     let mut cron = support::server::shell("every-minute", "true");
     cron["schedule"] = serde_json::json!({"kind": "cron", "expr": "0 * * * * *"});
@@ -598,6 +609,22 @@ fn tasks_and_nodes_print_aligned_columns_under_a_header() {
             "succeeded"
         };
         assert_eq!(column(line, state), state_at, "{out}");
+        // The newest execution's id, what `etask get/logs/cancel` take.
+        if let Some(e) = execs.get(name) {
+            let last_at = column(header, "LAST EXECUTION");
+            let cell: String = line
+                .chars()
+                .skip(last_at)
+                .take_while(|c| *c != ' ')
+                .collect();
+            assert_eq!(cell, e.to_string(), "{out}");
+            let task_id: String = line
+                .trim_start()
+                .chars()
+                .take_while(|c| *c != ' ')
+                .collect();
+            assert_ne!(task_id, cell, "{out}");
+        }
     }
     // The name filter takes any characters.
     let o = client(&dir, &s.url, &["tasks", "--name", "a+b & c=d"]);
