@@ -162,7 +162,33 @@ pub fn init(default: LevelFilter) {
     };
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(level);
+        route_panics_through_the_log();
     }
+}
+
+/// Panic messages of every thread but `main` go through the logger's queue: the default hook
+/// writes to stderr in place, so one panic while stderr was stalled held its thread (an HTTP
+/// worker, a component about to be restarted) for as long as stderr stayed stalled, and eight
+/// such panics stopped the HTTP API. `main`'s own panics keep the default hook (the process
+/// ends right after: a queued line could be lost). A backtrace is added as `RUST_BACKTRACE`
+/// asks.
+fn route_panics_through_the_log() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        match thread.name() {
+            Some("main") => default(info),
+            name => {
+                let name = name.unwrap_or("<unnamed>");
+                let bt = std::backtrace::Backtrace::capture();
+                let trace = match bt.status() {
+                    std::backtrace::BacktraceStatus::Captured => format!("\n{bt}"),
+                    _ => String::new(),
+                };
+                log::error!(target: "etask::panic", "thread '{name}' {info}{trace}");
+            }
+        }
+    }));
 }
 
 /// True when stderr is the journal's stream: systemd sets `JOURNAL_STREAM=<dev>:<inode>` of the

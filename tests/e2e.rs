@@ -306,6 +306,28 @@ fn bad_requests_get_the_documented_errors() {
         "not_found",
         "nowhere",
     );
+    // Ids, cursors and sequence numbers are bounded where they enter (after_seq=i64::MAX
+    // panicked a worker on `after_seq + 1`).
+    for path in [
+        "/api/v1/executions/1/logs?after_seq=9223372036854775807",
+        "/api/v1/executions/1/logs?after_seq=-1",
+        "/api/v1/executions?cursor=-5",
+        "/api/v1/executions?task_id=9007199254740992",
+        "/api/v1/tasks?cursor=9223372036854775807",
+        "/api/v1/executions/9223372036854775807",
+    ] {
+        check(
+            s.call("GET", path, None),
+            400,
+            "invalid_argument",
+            "9007199254740991",
+        );
+    }
+    assert!(
+        !s.log().contains("panicked"),
+        "a worker panicked:\n{}",
+        s.log()
+    );
     // With a query too (it was judged before the route and answered 400).
     check(
         s.call("GET", "/api/v1/nowhere?limit=5", None),

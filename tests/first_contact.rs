@@ -311,6 +311,45 @@ fn log_chunks_a_full_store_refused_are_replaced_by_a_note_saying_so() {
         note.starts_with("[etask: ") && note.contains("could not be stored and are lost"),
         "{note}"
     );
+    // An idle server: the disk fills with something else, a task is refused (503) and
+    // /healthz says the store refuses writes; space comes back and, with nothing else writing,
+    // /healthz says ok again within seconds (it used to stay 503 until some write came).
+    let in_ns = |script: &str| {
+        Command::new("nsenter")
+            .args(["-t", &child.id().to_string(), "-m", "sh", "-c", script])
+            .arg("sh")
+            .arg(&mnt)
+            .status()
+            .unwrap()
+    };
+    in_ns("mount -o remount,size=4m \"$1\" && dd if=/dev/zero of=\"$1/filler\" bs=64k 2>/dev/null; true");
+    let t0 = Instant::now();
+    loop {
+        let r = ureq::post(&format!("{url}/api/v1/tasks")).send_json(json!({
+            "name": "refused", "program": {"kind": "shell", "code": "true"}}));
+        match r {
+            Err(ureq::Error::Status(503, _)) => break,
+            Ok(_) => {
+                // It fit in a page freed earlier: one more.
+                assert!(t0.elapsed() < Duration::from_secs(20), "never refused");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let h = health();
+    assert_eq!(
+        (h.0, &h.1["store"]),
+        (503, &json!("refusing writes")),
+        "{h:?}"
+    );
+    assert!(in_ns("rm -f \"$1/filler\"").success());
+    let t0 = Instant::now();
+    let mut h = health();
+    while h.0 != 200 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(200));
+        h = health();
+    }
+    assert_eq!((h.0, &h.1["store"]), (200, &json!("ok")), "{h:?}");
     let _ = child.kill();
     let _ = child.wait();
     let _ = reader.join();

@@ -68,32 +68,6 @@ pub struct Core {
     /// first lost chunk's seq, how many were lost, and why — until a note saying so is stored
     /// in the first one's place (`ingest.rs`).
     pub(super) lost_logs: Mutex<std::collections::BTreeMap<(ExecutionId, Attempt), LostLogs>>,
-    /// Whether the store takes the writes of node reports, for `/healthz`: a store that
-    /// answers its ping but refuses writes (a full disk) is not healthy.
-    pub(super) writes: StoreWrites,
-}
-
-/// When the store last refused and last took a write of node reports (ms since the epoch, 0 =
-/// never). Refusing = the last refusal is newer than the last success.
-#[derive(Default)]
-pub(super) struct StoreWrites {
-    failed_at: std::sync::atomic::AtomicI64,
-    ok_at: std::sync::atomic::AtomicI64,
-}
-
-impl StoreWrites {
-    /// Records the result of one batch of writes made at `now`.
-    pub(super) fn record(&self, ok: bool, now: i64) {
-        let at = if ok { &self.ok_at } else { &self.failed_at };
-        at.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// True while the newest write the store was asked for was refused.
-    pub(super) fn refusing(&self) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        let failed = self.failed_at.load(Relaxed);
-        failed > 0 && failed >= self.ok_at.load(Relaxed)
-    }
 }
 
 /// Log chunks of one attempt that could not be stored.
@@ -147,13 +121,13 @@ impl Core {
     /// `/healthz`: (healthy, body). Healthy when the store answers and takes writes and every
     /// component thread runs; the body names each component (no paths, no addresses, no
     /// error texts: the endpoint is open). `store` is `ok`, `unavailable` (no answer) or
-    /// `refusing writes` (it answers but the newest write of node reports failed, e.g. a full
-    /// disk: logs and outcomes wait or are noted as lost). `log` is `ok` or `dropping lines`
+    /// `refusing writes` (`Store::refusing_writes`: it answers but its newest write failed,
+    /// e.g. a full disk: logs and outcomes wait or are noted as lost). `log` is `ok` or `dropping lines`
     /// (stderr takes no lines: the log has a gap; the server itself is not held up by it, so
     /// this alone does not make it unhealthy).
     pub fn health(&self) -> (bool, Value) {
         let store_up = self.store.ping().is_ok();
-        let store_writes = !self.writes.refusing();
+        let store_writes = !self.store.refusing_writes();
         let comps_ok = self.health.all_running() || self.stopping();
         let ok = store_up && store_writes && comps_ok;
         let body = serde_json::json!({
@@ -279,10 +253,7 @@ impl Core {
                 .and_then(|t| t.pool.clone())
                 .unwrap_or_default(),
         };
-        let created = self.store.create_task(&t, now);
-        // A task written (or refused) is a write like a report's: `/healthz` follows it.
-        self.writes.record(created.is_ok(), now);
-        let mut created = created?;
+        let mut created = self.store.create_task(&t, now)?;
         if created.differs {
             return Err(ApiError::conflict(format!(
                 "request_id {:?} was used before for task {} with a different body; use a new \

@@ -85,14 +85,10 @@ impl Core {
         if note_lost_logs {
             self.store_lost_log_notes(now);
         }
-        let wrote = !(started.is_empty() && logs.is_empty() && finished.is_empty());
         if !finished.is_empty() {
             if let Err(e) = self.finish_all(finished) {
                 failed = Some(e);
             }
-        }
-        if wrote {
-            self.writes.record(failed.is_none(), now);
         }
         failed.map_or(Ok(()), Err)
     }
@@ -112,7 +108,6 @@ impl Core {
                 .append_logs(&[(id, attempt, l.first_seq, "stderr", note.as_str())], now)
             {
                 Ok(()) => {
-                    self.writes.record(true, now);
                     log::warn!(target: LOG, "execution={id} attempt={attempt}: {} log chunks were lost; a note says so in their place", l.chunks);
                     lost.remove(&(id, attempt));
                 }

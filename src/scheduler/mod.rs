@@ -120,7 +120,6 @@ impl Scheduler {
             pull_enabled,
             policies: Mutex::new(HashMap::new()),
             lost_logs: Mutex::new(std::collections::BTreeMap::new()),
-            writes: Default::default(),
             pull_gen: (Mutex::new(0), std::sync::Condvar::new()),
             keys,
         });

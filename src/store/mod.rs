@@ -361,6 +361,13 @@ pub trait Store: Send + Sync {
     fn status_counts(&self) -> Result<Vec<(Status, i64)>>;
     /// A cheap round trip, for health checks.
     fn ping(&self) -> Result<()>;
+    /// True while the newest transaction that wrote (or tried to) failed for want of the
+    /// store (`Unavailable`: a full disk, an I/O error, a lost connection): the store may
+    /// answer reads and `ping` and still take no write. Every write of the process counts —
+    /// tasks, claims, cron fires, reports, heartbeats — so it clears with the next write that
+    /// succeeds; an idle process probes with a one-row write at most once a second while it
+    /// is set, so it also clears when nothing else writes. For `/healthz`.
+    fn refusing_writes(&self) -> bool;
     /// Deletes up to `limit` executions that ended before `finished_before`, with their
     /// attempts, logs and delivered callbacks (not those with a callback still pending).
     /// Task definitions stay. Returns how many executions went.

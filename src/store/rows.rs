@@ -342,7 +342,8 @@ impl<'a> Row<'a> {
 /// Rows of `SELECT LOG_COLS FROM log_chunks`, numbered on after `after_seq`.
 pub(super) fn logs(rows: &[Vec<V>], after_seq: i64) -> Vec<LogRow> {
     rows.iter()
-        .zip(after_seq + 1..)
+        .enumerate()
+        .map(|(i, r)| (r, after_seq.saturating_add(1 + i as i64)))
         .map(|(r, seq)| {
             let r = Row::new(LOG_COLS, r);
             LogRow {

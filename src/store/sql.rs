@@ -141,6 +141,53 @@ impl Cas<'_> {
 /// The store over one SQL back end.
 pub struct SqlStore {
     b: Box<dyn Backend>,
+    writes: WriteHealth,
+}
+
+/// When transactions that wrote last failed for want of the store and last succeeded, and
+/// when the last probe ran (ms since the epoch; 0 = never): `Store::refusing_writes`.
+#[derive(Default)]
+struct WriteHealth {
+    failed_at: std::sync::atomic::AtomicI64,
+    ok_at: std::sync::atomic::AtomicI64,
+    probed_at: std::sync::atomic::AtomicI64,
+}
+
+impl WriteHealth {
+    fn record(&self, ok: bool) {
+        let at = if ok { &self.ok_at } else { &self.failed_at };
+        at.fetch_max(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn refusing(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let failed = self.failed_at.load(Relaxed);
+        failed > 0 && failed >= self.ok_at.load(Relaxed)
+    }
+}
+
+/// A connection that notes whether its transaction wrote (`exec`, `insert`).
+struct Noting<'a> {
+    c: &'a mut dyn Conn,
+    wrote: &'a mut bool,
+}
+
+impl Conn for Noting<'_> {
+    fn exec(&mut self, sql: &str, params: &[crate::store::V]) -> Result<u64> {
+        *self.wrote = true;
+        self.c.exec(sql, params)
+    }
+    fn insert(&mut self, sql: &str, params: &[crate::store::V]) -> Result<i64> {
+        *self.wrote = true;
+        self.c.insert(sql, params)
+    }
+    fn query(
+        &mut self,
+        sql: &str,
+        params: &[crate::store::V],
+    ) -> Result<Vec<Vec<crate::store::V>>> {
+        self.c.query(sql, params)
+    }
 }
 
 /// How one attempt ended, as its `attempts` row records it.
@@ -155,15 +202,32 @@ struct AttemptEnd<'a> {
 
 impl SqlStore {
     pub fn new(b: Box<dyn Backend>) -> SqlStore {
-        SqlStore { b }
+        SqlStore {
+            b,
+            writes: WriteHealth::default(),
+        }
     }
 
+    /// Runs `f` in one transaction of the back end. A transaction that wrote is recorded for
+    /// `refusing_writes`: committed, or failed as `Unavailable` (other failures — a conflict,
+    /// a duplicate key, a refused transition — say nothing about the store's health).
     fn tx<T>(&self, mut f: impl FnMut(&mut dyn Conn) -> Result<T>) -> Result<T> {
         let mut out = None;
-        self.b.tx(&mut |c| {
-            out = Some(f(c)?);
+        let mut wrote = false;
+        let r = self.b.tx(&mut |c| {
+            let mut c = Noting {
+                c,
+                wrote: &mut wrote,
+            };
+            out = Some(f(&mut c)?);
             Ok(())
-        })?;
+        });
+        match &r {
+            Ok(()) if wrote => self.writes.record(true),
+            Err(StoreError::Unavailable(_)) if wrote => self.writes.record(false),
+            _ => {}
+        }
+        r?;
         out.ok_or_else(|| StoreError::Internal("transaction produced no value".into()))
     }
 
@@ -1086,6 +1150,29 @@ impl Store for SqlStore {
 
     fn ping(&self) -> Result<()> {
         self.tx(|c| c.query("SELECT 1", &[]).map(|_| ()))
+    }
+
+    fn refusing_writes(&self) -> bool {
+        if !self.writes.refusing() {
+            return false;
+        }
+        // Nothing else may write for a while (an idle scheduler): try a one-row write that
+        // changes nothing, at most once a second.
+        let now = crate::now_ms();
+        let last = self
+            .writes
+            .probed_at
+            .swap(now, std::sync::atomic::Ordering::Relaxed);
+        if now - last >= 1_000 {
+            let _ = self.tx(|c| {
+                c.exec(
+                    "UPDATE schema_migrations SET applied_at = applied_at WHERE version = 1",
+                    &[],
+                )
+                .map(|_| ())
+            });
+        }
+        self.writes.refusing()
     }
 
     fn status_counts(&self) -> Result<Vec<(Status, i64)>> {
