@@ -1020,9 +1020,14 @@ impl Config {
         if self.node.max_concurrent == 0 || self.server.http_threads == 0 {
             return Err("node.max_concurrent and server.http_threads must be at least 1".into());
         }
-        if !self.registry.etcd.is_empty() && !self.registry.etcd.starts_with("http://") {
+        // https is what `registry.ca`/`cert`/`key` are for (it was refused here while the
+        // client and the README supported it).
+        if !self.registry.etcd.is_empty()
+            && !(self.registry.etcd.starts_with("http://")
+                || self.registry.etcd.starts_with("https://"))
+        {
             return Err(format!(
-                "registry.etcd must be an http:// URL, not {:?}",
+                "registry.etcd must be an http:// or https:// URL, not {:?}",
                 self.registry.etcd
             ));
         }

@@ -102,18 +102,33 @@ pub struct EtcdServer {
     pub url: String,
     peer: String,
     pub dir: PathBuf,
+    /// With TLS: the directory holding ca.pem, server.pem/.key and client.pem/.key; etcd then
+    /// serves https and requires a client certificate signed by ca.pem.
+    pki: Option<PathBuf>,
 }
 
 impl EtcdServer {
     pub fn start(tag: &str) -> EtcdServer {
+        EtcdServer::start_with(tag, None)
+    }
+
+    /// An etcd serving `https://` with the certificates in `pki` (see `pki` above).
+    #[allow(dead_code)]
+    pub fn start_tls(tag: &str, pki: &std::path::Path) -> EtcdServer {
+        EtcdServer::start_with(tag, Some(pki.to_path_buf()))
+    }
+
+    fn start_with(tag: &str, pki: Option<PathBuf>) -> EtcdServer {
         let dir = temp_dir(&format!("etcd-{tag}"));
-        let url = format!("http://127.0.0.1:{}", free_port());
+        let scheme = if pki.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{}", free_port());
         let peer = format!("http://127.0.0.1:{}", free_port());
         let mut e = EtcdServer {
             child: None,
             url,
             peer,
             dir,
+            pki,
         };
         e.launch();
         e
@@ -141,6 +156,17 @@ impl EtcdServer {
                 &self.peer,
             ])
             .args(["--initial-cluster", &format!("t={}", self.peer)])
+            .args(self.pki.iter().flat_map(|d| {
+                [
+                    "--cert-file".into(),
+                    d.join("server.pem").into_os_string(),
+                    "--key-file".into(),
+                    d.join("server.key").into_os_string(),
+                    "--client-cert-auth".into(),
+                    "--trusted-ca-file".into(),
+                    d.join("ca.pem").into_os_string(),
+                ]
+            }))
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("etcd.log")).expect("etcd log"))
             .spawn()
@@ -148,11 +174,26 @@ impl EtcdServer {
                 panic!("etcd is needed for this test (scripts/test.sh installs etcd-server): {e}")
             });
         self.child = Some(child);
+        let agent = match &self.pki {
+            None => ureq::agent(),
+            Some(d) => {
+                let p = |f: &str| d.join(f).display().to_string();
+                let tls = etask::trust::tls::client_config(
+                    &p("ca.pem"),
+                    &p("client.pem"),
+                    &p("client.key"),
+                    "test etcd",
+                )
+                .expect("test etcd client TLS");
+                ureq::AgentBuilder::new().tls_config(tls).build()
+            }
+        };
         let t0 = std::time::Instant::now();
         while t0.elapsed() < std::time::Duration::from_secs(20) {
             // `/version` answers before the member has elected itself leader; a v3 read
             // only succeeds once it serves (under load that can take seconds).
-            let served = ureq::post(&format!("{}/v3/kv/range", self.url))
+            let served = agent
+                .post(&format!("{}/v3/kv/range", self.url))
                 .timeout(std::time::Duration::from_secs(2))
                 .send_json(serde_json::json!({"key": "AA=="}))
                 .is_ok();
