@@ -1022,10 +1022,8 @@ impl Config {
         }
         // https is what `registry.ca`/`cert`/`key` are for (it was refused here while the
         // client and the README supported it).
-        if !self.registry.etcd.is_empty()
-            && !(self.registry.etcd.starts_with("http://")
-                || self.registry.etcd.starts_with("https://"))
-        {
+        let etcd = &self.registry.etcd;
+        if !(etcd.is_empty() || etcd.starts_with("http://") || etcd.starts_with("https://")) {
             return Err(format!(
                 "registry.etcd must be an http:// or https:// URL, not {:?}",
                 self.registry.etcd
