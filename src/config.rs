@@ -929,12 +929,42 @@ impl Config {
         // The keys `mode` reads at start, read now: an unreadable, malformed or world-readable
         // key fails `etask config --check --mode MODE` (the units' ExecStartPre, run as the
         // unit's user) with the key's name instead of a failed start later.
+        // Likewise every TLS file the mode loads (certificates, keys, CAs): the check and the
+        // start refuse the same files, with exit 78 (a missing cert used to pass the check and
+        // fail the start with 69).
+        let tls = |r: Result<(), String>| r;
+        let serves_grpc = match mode {
+            Some(Mode::Executor) => self.executor.delivery_path() == Some(DeliveryPath::Push),
+            Some(Mode::Scheduler | Mode::All) => !self.server.grpc_listen.is_empty(),
+            _ => false,
+        };
+        if serves_grpc || (mode == Some(Mode::Executor)) {
+            tls(self.grpc_tls_text().map(|_| ()))?;
+        }
+        if matches!(mode, Some(Mode::Executor | Mode::Scheduler | Mode::All))
+            && !self.registry.etcd.is_empty()
+        {
+            tls(self.etcd_text().map(|_| ()))?;
+        }
         match mode {
             Some(Mode::Agent | Mode::Executor) => {
                 self.node_trust_text(None, "config-check")?;
             }
-            Some(Mode::Scheduler | Mode::All) => {
+            Some(m @ (Mode::Scheduler | Mode::All)) => {
                 self.scheduler_keys_text(None)?;
+                if m == Mode::All {
+                    self.node_trust_text(None, "config-check")?;
+                }
+                if !self.server.tls_cert.is_empty() {
+                    crate::trust::tls::server_config(
+                        &self.server.tls_cert,
+                        &self.server.tls_key,
+                        &self.server.tls_client_ca,
+                    )
+                    .map_err(|e| format!("server.tls_cert/tls_key/tls_client_ca: {e}"))?;
+                }
+                crate::trust::tls::client_config(&self.callbacks.ca, "", "", "callbacks.ca")
+                    .map_err(|e| e.to_string())?;
             }
             None => {}
         }

@@ -400,6 +400,104 @@ fn config_check_refuses_exactly_what_the_server_refuses() {
         "{}",
         text(&o)
     );
+    // Key and TLS files a mode loads: `--check --mode M` refuses exactly what `server --mode
+    // M` refuses, with the same words and 78 (they used to pass the check, and the start
+    // failed with 69).
+    let world_readable = dir.join("keys");
+    let o = etask(
+        &dir,
+        &[
+            "keygen",
+            "--out",
+            world_readable.to_str().unwrap(),
+            "--pool",
+            "p",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let pool_key = world_readable.join("pool-p.key");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&pool_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let garbage = write("garbage.pub", "not a key\n");
+    let by_mode = [
+        (
+            "all",
+            write(
+                "trusted.toml",
+                &format!("[security]\ntrusted_keys = [{:?}]\n", garbage.display()),
+            ),
+            "garbage.pub",
+        ),
+        (
+            "all",
+            write(
+                "poolkey.toml",
+                &format!(
+                    "[security]\npool_private_keys = [{:?}]\n",
+                    pool_key.display()
+                ),
+            ),
+            "chmod 600",
+        ),
+        (
+            "all",
+            write(
+                "https.toml",
+                "[server]\ntls_cert = \"missing-cert.pem\"\ntls_key = \"missing-key.pem\"\n",
+            ),
+            "missing-cert.pem",
+        ),
+        (
+            "scheduler",
+            write(
+                "grpctls.toml",
+                "[tls]\ncert = \"missing-grpc.pem\"\nkey = \"missing-grpc.key\"\n",
+            ),
+            "missing-grpc.pem",
+        ),
+        (
+            "scheduler",
+            write("cbca.toml", "[callbacks]\nca = \"missing-cb-ca.pem\"\n"),
+            "missing-cb-ca.pem",
+        ),
+        (
+            "executor",
+            write(
+                "etcdtls.toml",
+                "[registry]\netcd = \"https://127.0.0.1:1\"\nca = \"missing-etcd-ca.pem\"\n",
+            ),
+            "missing-etcd-ca.pem",
+        ),
+    ];
+    for (mode, file, why) in &by_mode {
+        let f = file.to_str().unwrap();
+        let check = etask(&dir, &["config", "--check", f, "--mode", mode]);
+        assert_eq!(code(&check), 78, "{f} --mode {mode}: {}", text(&check));
+        assert!(
+            String::from_utf8_lossy(&check.stderr).contains(why),
+            "{why}: {}",
+            text(&check)
+        );
+        let data = dir.join(format!("data-{mode}"));
+        let server = etask(
+            &dir,
+            &[
+                "server",
+                "--mode",
+                mode,
+                "--config",
+                f,
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code(&server), 78, "{f} --mode {mode}: {}", text(&server));
+        assert_eq!(
+            String::from_utf8_lossy(&check.stderr),
+            String::from_utf8_lossy(&server.stderr),
+            "config --check and the server must say the same"
+        );
+    }
     // Mode requirements: an executor needs a registry, an agent Kafka.
     let empty = write("empty.toml", "");
     let empty = empty.to_str().unwrap();
