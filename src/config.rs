@@ -831,9 +831,10 @@ impl Overrides {
 impl Config {
     /// Reads and parses a config file (see `parse`).
     pub fn load(path: &Path) -> Result<Config, LoadError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            LoadError::Unreadable(format!("cannot read config {}: {e}", path.display()))
-        })?;
+        let text =
+            crate::read_bounded_text(path, crate::MAX_SMALL_FILE_BYTES, true).map_err(|e| {
+                LoadError::Unreadable(format!("cannot read config {}: {e}", path.display()))
+            })?;
         Config::parse(&text)
             .map_err(|e| LoadError::Invalid(format!("config {}: {e}", path.display())))
     }

@@ -59,6 +59,58 @@ pub fn announce(line: &str) {
     }
 }
 
+/// The most a key file may hold (a key is one line of ~70 bytes).
+pub const MAX_KEY_FILE_BYTES: u64 = 16 << 10;
+/// The most a config, certificate, CA bundle or password file may hold.
+pub const MAX_SMALL_FILE_BYTES: u64 = 4 << 20;
+
+/// Reads a file named by the config or the command line, at most `max` bytes: longer is an
+/// error, never read to the end (a key path of `/dev/zero` grew a process to 22 GB). With
+/// `regular_only`, anything but a regular file (after symlinks) is refused before it is opened
+/// for reading, so a FIFO cannot hang the caller; without it (scripts: `--shell /dev/stdin`
+/// reads a pipe) only the size is bounded.
+///
+/// # Errors
+/// The file cannot be opened or read (`NotFound`, `PermissionDenied`, …), is not a regular
+/// file (`InvalidInput`), or holds more than `max` bytes (`InvalidData`, "larger than N bytes").
+pub fn read_bounded(
+    path: &std::path::Path,
+    max: u64,
+    regular_only: bool,
+) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    if regular_only && !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut out = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(out)
+}
+
+/// `read_bounded` as UTF-8 text.
+///
+/// # Errors
+/// As `read_bounded`, and `InvalidData` when the bytes are not UTF-8.
+pub fn read_bounded_text(
+    path: &std::path::Path,
+    max: u64,
+    regular_only: bool,
+) -> std::io::Result<String> {
+    String::from_utf8(read_bounded(path, max, regular_only)?)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
 pub fn host_pid() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     format!("{}-{}", host.trim(), std::process::id())
@@ -142,4 +194,33 @@ fn lock_exclusive_inner(
     let _ = f.rewind();
     let _ = write!(f, "{}", std::process::id());
     Ok(f)
+}
+
+#[cfg(test)]
+mod read_bounded_tests {
+    use super::*;
+
+    #[test]
+    fn files_named_from_outside_are_read_bounded_and_regular_only_when_asked() {
+        let dir = std::env::temp_dir().join(format!("etask-read-bounded-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("f");
+        std::fs::write(&f, b"0123456789").unwrap();
+        assert_eq!(read_bounded(&f, 10, true).unwrap(), b"0123456789");
+        let e = read_bounded(&f, 9, true).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+        // An endless source is cut at the bound, not read to the end of memory.
+        let e = read_bounded(std::path::Path::new("/dev/zero"), 1 << 20, false).unwrap_err();
+        assert!(e.to_string().contains("larger than 1048576 bytes"), "{e}");
+        // A FIFO nobody writes to is refused before it is opened (opening it would block).
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = read_bounded(&fifo, 100, true).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+        assert!(read_bounded_text(&dir.join("missing"), 10, true).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

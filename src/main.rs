@@ -547,8 +547,13 @@ fn parse_kv(items: &[String], flag: &str) -> Result<Vec<(String, String)>, Fail>
         .collect()
 }
 
+/// The most of a script `--shell`/`--python` reads: far above what a scheduler takes in one
+/// request (8 MiB by default), so the scheduler's 413 stays the limit that matters; the bound
+/// only keeps `--shell /dev/zero` from filling the memory.
+const MAX_SCRIPT_BYTES: u64 = 64 << 20;
+
 fn read_file(p: &Path) -> Result<String, Fail> {
-    std::fs::read_to_string(p)
+    etask::read_bounded_text(p, MAX_SCRIPT_BYTES, false)
         .map_err(|e| Fail::new(exit::NOINPUT, format!("cannot read {}: {e}", p.display())))
 }
 

@@ -498,6 +498,25 @@ fn config_check_refuses_exactly_what_the_server_refuses() {
             "config --check and the server must say the same"
         );
     }
+    // A key "file" that never ends, or a FIFO nobody writes: refused at once, bounded (it
+    // grew the process to 22 GB, or hung the check).
+    let endless = write("endless.toml", "[security]\nsigning_key = \"/dev/zero\"\n");
+    let o = etask(
+        &dir,
+        &[
+            "config",
+            "--check",
+            endless.to_str().unwrap(),
+            "--mode",
+            "scheduler",
+        ],
+    );
+    assert_eq!(code(&o), 78, "{}", text(&o));
+    assert!(text(&o).contains("not a regular file"), "{}", text(&o));
+    // Scripts may come from a pipe, but not without end.
+    let o = etask(&dir, &["run", "--shell", "/dev/zero"]);
+    assert_eq!(code(&o), 66, "{}", text(&o));
+    assert!(text(&o).contains("larger than"), "{}", text(&o));
     // Mode requirements: an executor needs a registry, an agent Kafka.
     let empty = write("empty.toml", "");
     let empty = empty.to_str().unwrap();

@@ -106,7 +106,7 @@ pub fn load(kind: Kind, spec: &str) -> Result<[u8; 32], KeyError> {
         return decode(kind, spec, "inline key");
     }
     let path = Path::new(spec);
-    let text = std::fs::read_to_string(path)
+    let text = crate::read_bounded_text(path, crate::MAX_KEY_FILE_BYTES, true)
         .map_err(|e| KeyError::Io(format!("cannot read key file {spec}: {e}")))?;
     // What the file holds first: a public key given where a private one is needed is that
     // mistake, not a private key to chmod.

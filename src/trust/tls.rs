@@ -24,9 +24,20 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A PEM file's bytes, bounded (`crate::read_bounded`).
+fn pem_bytes(path: &str, what: &str) -> Result<Vec<u8>, String> {
+    crate::read_bounded(
+        std::path::Path::new(path),
+        crate::MAX_SMALL_FILE_BYTES,
+        true,
+    )
+    .map_err(|e| format!("{what} {path}: {e}"))
+}
+
 fn certs(path: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let list = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{what} {path}: {e}"))?
+    let bytes = pem_bytes(path, what)?;
+    let list = CertificateDer::pem_slice_iter(&bytes)
+        .map(|c| c.map(|c| c.into_owned()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{what} {path}: {e}"))?;
     if list.is_empty() {
@@ -36,7 +47,9 @@ fn certs(path: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, String>
 }
 
 fn key(path: &str, what: &str) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{what} {path}: {e}"))
+    PrivateKeyDer::from_pem_slice(&pem_bytes(path, what)?)
+        .map(|k| k.clone_key())
+        .map_err(|e| format!("{what} {path}: {e}"))
 }
 
 fn roots(ca: &str, what: &str) -> Result<rustls::RootCertStore, String> {

@@ -63,7 +63,8 @@ impl Tls {
     /// `Tls` when a file cannot be read, or only one of `cert` and `key` is given.
     pub fn from_files(cert: &str, key: &str, ca: &str) -> Result<Tls, GrpcError> {
         let read = |p: &str| {
-            std::fs::read(p).map_err(|e| GrpcError::Tls(format!("cannot read TLS file {p}: {e}")))
+            crate::read_bounded(std::path::Path::new(p), crate::MAX_SMALL_FILE_BYTES, true)
+                .map_err(|e| GrpcError::Tls(format!("cannot read TLS file {p}: {e}")))
         };
         let identity = match (cert.is_empty(), key.is_empty()) {
             (true, true) => None,

@@ -177,7 +177,7 @@ impl KafkaConfig {
         }
         let path = std::path::Path::new(&file);
         refuse_world_readable("kafka.sasl_password_file", path)?;
-        let text = std::fs::read_to_string(path)
+        let text = crate::read_bounded_text(path, crate::MAX_KEY_FILE_BYTES, true)
             .map_err(|e| format!("kafka.sasl_password_file {file}: cannot read: {e}"))?;
         let text = text.strip_suffix('\n').unwrap_or(&text);
         let text = text.strip_suffix('\r').unwrap_or(text);
@@ -213,8 +213,12 @@ impl KafkaConfig {
             if key == "ssl_key" {
                 refuse_world_readable("kafka.ssl_key", std::path::Path::new(path))?;
             }
-            let text =
-                std::fs::read(path).map_err(|e| format!("kafka.{key} {path}: cannot read: {e}"))?;
+            let text = crate::read_bounded(
+                std::path::Path::new(path),
+                crate::MAX_SMALL_FILE_BYTES,
+                true,
+            )
+            .map_err(|e| format!("kafka.{key} {path}: cannot read: {e}"))?;
             if !text.windows(11).any(|w| w == b"-----BEGIN ") {
                 return Err(format!(
                     "kafka.{key} {path}: not a PEM file (no -----BEGIN line)"
