@@ -37,6 +37,9 @@ impl std::fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {}
 
+/// How long any read from the scheduler may wait for its next byte.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct Client {
     base: String,
     token: Option<String>,
@@ -45,8 +48,12 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str, token: Option<String>) -> Client {
+        // A read that waits 30 s for a byte ends the call: a scheduler answers at once, and a
+        // log follow gets a keep-alive line every 5 s, so only a stalled or hostile peer hits
+        // it (`logs -f` used to wait for one forever).
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5))
+            .timeout_read(READ_TIMEOUT)
             .build();
         Client {
             base: base.trim_end_matches('/').to_owned(),
@@ -94,9 +101,19 @@ impl Client {
             None => r.call(),
         };
         match res {
-            Ok(resp) => resp.into_json().map_err(|e| {
-                ClientError::BadResponse(format!("bad response from {}: {e}", self.base))
-            }),
+            Ok(resp) => match resp.into_json::<Value>() {
+                // Every answer of the API is an object: anything else is not the API talking.
+                Ok(v) if v.is_object() => Ok(v),
+                Ok(v) => Err(ClientError::BadResponse(format!(
+                    "bad response from {}: a JSON object was expected, not {}",
+                    self.base,
+                    crate::client::shape(&v)
+                ))),
+                Err(e) => Err(ClientError::BadResponse(format!(
+                    "bad response from {}: {e}",
+                    self.base
+                ))),
+            },
             Err(e) => Err(self.error(e)),
         }
     }
@@ -127,5 +144,17 @@ impl Client {
             }
         }
         Ok(())
+    }
+}
+
+/// What kind of JSON value `v` is, for messages.
+pub fn shape(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }

@@ -1153,7 +1153,8 @@ fn cmd_tasks(c: TasksCmd) -> CmdResult {
     }
     let cl = client(&c.server)?;
     let v = cl.get(&format!("/api/v1/tasks?{}", query.finish()))?;
-    let rows = items(&v)
+    let rows = items(&v)?
+        .iter()
         .map(|t| {
             let cron = t
                 .pointer("/spec/schedule/expr")
@@ -1163,7 +1164,7 @@ fn cmd_tasks(c: TasksCmd) -> CmdResult {
             // execution ids drift apart), and a once task's STATE is its status ("-" for
             // none); a cron task's STATE is active or paused.
             let newest = cl.get(&format!("/api/v1/executions?task_id={}&limit=1", t["id"]))?;
-            let newest = items(&newest).next();
+            let newest = items(&newest)?.first();
             let last = newest.map_or("-".to_owned(), |e| e["id"].to_string());
             let state = if t["paused"].as_bool() == Some(true) {
                 "paused".to_owned()
@@ -1208,7 +1209,8 @@ fn cmd_tasks(c: TasksCmd) -> CmdResult {
 
 fn cmd_nodes(c: NodesCmd) -> CmdResult {
     let v = client(&c.server)?.get("/api/v1/nodes")?;
-    let rows = items(&v)
+    let rows = items(&v)?
+        .iter()
         .map(|n| {
             let s = |k: &str| {
                 n.get(k)
@@ -1244,11 +1246,27 @@ fn cmd_nodes(c: NodesCmd) -> CmdResult {
 }
 
 /// The `items` of a list answer.
-fn items(v: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
-    v.get("items")
+/// The `items` of a list answer, each an object; anything else is an answer etask does not
+/// understand (70), not an empty list (a hostile or wrong server's `{"items": 5}` printed an
+/// empty table and exited 0).
+fn items(v: &serde_json::Value) -> Result<&Vec<serde_json::Value>, Fail> {
+    let bad = |why: String| {
+        Fail::new(
+            exit::SOFTWARE,
+            format!("bad response from the scheduler: {why}"),
+        )
+    };
+    let list = v
+        .get("items")
         .and_then(serde_json::Value::as_array)
-        .into_iter()
-        .flatten()
+        .ok_or_else(|| bad(format!("no \"items\" list in {}", etask::client::shape(v))))?;
+    match list.iter().find(|i| !i.is_object()) {
+        Some(i) => Err(bad(format!(
+            "an item is {}, not an object",
+            etask::client::shape(i)
+        ))),
+        None => Ok(list),
+    }
 }
 
 /// Prints a header and rows in columns as wide as their widest cell (two spaces apart);

@@ -1206,3 +1206,71 @@ fn unwritable_output_ends_run_logs_and_help_with_a_failure() {
         text(&out)
     );
 }
+
+/// A scheduler that answers what no scheduler answers: every request gets `body` with 200.
+/// `None`: accepts connections and never answers. Returns its URL.
+fn fake_scheduler(body: Option<&'static str>) -> String {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            match body {
+                Some(b) => {
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{b}",
+                        b.len()
+                    );
+                }
+                None => held.push(c),
+            }
+        }
+    });
+    url
+}
+
+/// Answers etask does not understand end a command with 70 and say so (a `{"items": 5}` list
+/// printed an empty table and exited 0; `get` printed `[]`); a scheduler that accepts and
+/// never answers ends `logs` and `logs -f` after the 30 s read timeout with 69 (they waited
+/// forever).
+#[test]
+fn answers_of_the_wrong_shape_and_silent_schedulers_end_client_commands() {
+    let dir = temp_dir("cli-wrong-shape");
+    let silent = fake_scheduler(None);
+    let started = Instant::now();
+    let follow = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args(["logs", "1", "-f", "--server", &silent])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for (body, args) in [
+        (r#"{"items": 5}"#, vec!["tasks"]),
+        (r#"{"items": [1, 2]}"#, vec!["nodes"]),
+        (r#"{"nope": []}"#, vec!["tasks"]),
+        ("[]", vec!["get", "1"]),
+        ("null", vec!["cancel", "1"]),
+    ] {
+        let url = fake_scheduler(Some(body));
+        let o = client(&dir, &url, &args);
+        assert_eq!(code(&o), 70, "{args:?} with {body}: {}", text(&o));
+        assert!(text(&o).contains("bad response"), "{}", text(&o));
+    }
+    let out = follow.wait_with_output().unwrap();
+    let took = started.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took < Duration::from_secs(45),
+        "logs -f against a silent scheduler took {took:?}"
+    );
+}
