@@ -68,11 +68,33 @@ pub struct Policy {
 
 /// Addresses no callback reaches unless listed: this host (loopback, unspecified), link-local
 /// (169.254.0.0/16 holds the cloud metadata service; fe80::/10) and multicast.
+/// An IPv6 address that carries an IPv4 one is judged by that one too: IPv4-mapped
+/// (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64 (`64:ff9b::/96`, `64:ff9b:1::/48`),
+/// 6to4 (`2002:AABB:CCDD::/48`) and Teredo (`2001:0::/32`, client address inverted in the last
+/// 32 bits): on a network that routes them, `[64:ff9b::169.254.169.254]` reaches the metadata
+/// service (it was accepted).
+fn embedded_v4(v: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = v.segments();
+    let low = |a: u16, b: u16| std::net::Ipv4Addr::from((u32::from(a) << 16) | u32::from(b));
+    if let Some(m) = v.to_ipv4_mapped() {
+        return Some(m);
+    }
+    match s {
+        [0, 0, 0, 0, 0, 0, a, b] if (a, b) != (0, 0) && (a, b) != (0, 1) => Some(low(a, b)),
+        [0x64, 0xff9b, 0, 0, 0, 0, a, b] => Some(low(a, b)),
+        [0x64, 0xff9b, 1, ..] => Some(low(s[6], s[7])),
+        [0x2002, a, b, ..] => Some(low(a, b)),
+        [0x2001, 0, ..] => Some(low(!s[6], !s[7])),
+        _ => None,
+    }
+}
+
 fn is_internal(ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
+    if let IpAddr::V6(v6) = ip {
+        if embedded_v4(v6).is_some_and(|v4| is_internal(IpAddr::V4(v4))) {
+            return true;
+        }
+    }
     match ip {
         IpAddr::V4(v) => {
             v.is_loopback()
@@ -321,6 +343,12 @@ mod tests {
             "http://[::1]/",
             "http://[fe80::1]/",
             "http://[::ffff:127.0.0.1]/",
+            "http://[::127.0.0.1]/",
+            "http://[64:ff9b::169.254.169.254]/",
+            "http://[64:ff9b:1::a9fe:a9fe]/",
+            "http://[2002:7f00:1::]/",
+            "http://[2002:a9fe:a9fe::1]/",
+            "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/", // Teredo of 127.0.0.1
             "http://0.0.0.0/",
             "https://127.0.0.1/hook",
             "ftp://ecmdb.example/hook",
