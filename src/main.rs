@@ -1271,7 +1271,26 @@ fn items(v: &serde_json::Value) -> Result<&Vec<serde_json::Value>, Fail> {
 
 /// Prints a header and rows in columns as wide as their widest cell (two spaces apart);
 /// `right[i]` right-aligns column i (numbers). The last column is not padded.
+/// A cell as it may reach a terminal: control and invisible formatting characters (which a
+/// hostile or old server could send: `\e]0;…\a`, a right-to-left override) are shown
+/// escaped (`\u{1b}`), never written.
+fn printable(cell: &str) -> String {
+    cell.chars()
+        .map(|c| {
+            if c.is_control() || etask::scheduler::api::is_invisible_format(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn print_table(header: &[&str], right: &[bool], rows: Vec<Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| r.iter().map(|c| printable(c)).collect())
+        .collect();
     let width = |s: &str| s.chars().count();
     let mut widths: Vec<usize> = header.iter().map(|h| width(h)).collect();
     for r in &rows {

@@ -1261,6 +1261,22 @@ fn answers_of_the_wrong_shape_and_silent_schedulers_end_client_commands() {
         assert_eq!(code(&o), 70, "{args:?} with {body}: {}", text(&o));
         assert!(text(&o).contains("bad response"), "{}", text(&o));
     }
+    // Names from a hostile server reach the terminal escaped, never as escape sequences.
+    let url = fake_scheduler(Some(
+        r#"{"items": [{"id": 1, "name": "x\u001b]0;pwned\u0007\u202ey", "paused": false}]}"#,
+    ));
+    let o = client(&dir, &url, &["tasks"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        !o.stdout.contains(&0x1b) && !o.stdout.contains(&0x07),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains(r"x\u{1b}]0;pwned\u{7}\u{202e}y"),
+        "{}",
+        text(&o)
+    );
     let out = follow.wait_with_output().unwrap();
     let took = started.elapsed();
     assert_eq!(

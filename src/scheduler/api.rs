@@ -188,13 +188,32 @@ pub const MAX_BACKOFF_MS: u64 = 7 * 86_400_000;
 /// Refuses `value` when it has more than `max` characters or any control character (NUL,
 /// newline, escape…): names, ids, pools, label names, URLs and cron expressions are printed in
 /// tables and log lines, where such characters would forge lines or corrupt the terminal.
+/// Also the invisible characters that change how text around them reads: bidirectional
+/// overrides and isolates (U+202A–202E, U+2066–2069: `evil<U+202E>hs.txt` shows as `eviltxt.sh`),
+/// zero-width characters and marks (U+200B–200F, U+2060–2064, U+FEFF) and the line and
+/// paragraph separators U+2028/2029.
 fn check_chars(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
-    if let Some(c) = value.chars().find(|c| c.is_control()) {
+    if let Some(c) = value
+        .chars()
+        .find(|c| c.is_control() || is_invisible_format(*c))
+    {
         return Err(ApiError::invalid(format!(
-            "{field} must not contain control characters (found {c:?})"
+            "{field} must not contain control or invisible formatting characters (found {:?})",
+            c.escape_unicode().to_string()
         )));
     }
     check_len(field, value, max)
+}
+
+/// Unicode formatting characters that display as nothing or reorder the text around them
+/// (see `check_chars`).
+pub fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{200B}'..='\u{200F}'
+        | '\u{2028}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{2069}'
+        | '\u{FEFF}')
 }
 
 /// Refuses `value` when it has more than `max` characters. Counts characters, not bytes, the
@@ -439,12 +458,28 @@ mod tests {
 
     #[test]
     fn control_characters_are_refused_in_names_ids_and_urls() {
-        for bad in ["a\u{0}b", "line\nforged", "esc\u{1b}[2J", "tab\t"] {
+        for bad in [
+            "a\u{0}b",
+            "line\nforged",
+            "esc\u{1b}[2J",
+            "tab\t",
+            "evil\u{202E}hs.txt",
+            "zero\u{200B}width",
+            "iso\u{2066}late",
+            "sep\u{2028}line",
+            "\u{FEFF}bom",
+        ] {
             let e = check_chars("name", bad, MAX_NAME_CHARS).unwrap_err();
             assert_eq!(e.code, ErrorCode::InvalidArgument);
-            assert!(e.message.contains("control characters"), "{}", e.message);
+            assert!(
+                e.message
+                    .contains("control or invisible formatting characters"),
+                "{}",
+                e.message
+            );
         }
         assert!(check_chars("name", "备份 db-01 (nightly)", MAX_NAME_CHARS).is_ok());
+        assert!(check_chars("name", "مرحبا-نسخ", MAX_NAME_CHARS).is_ok());
         assert!(check_len("label \"note\"", "two\nlines", MAX_LABEL_VALUE_CHARS).is_ok());
     }
 
