@@ -1022,6 +1022,20 @@ impl Config {
                 self.executor.scheduler
             ));
         }
+        // A token is sent in a header (`Authorization: Bearer …`, gRPC metadata): anything
+        // but visible ASCII there can never match (a trailing space or newline locked every
+        // client out) — refused, naming the key.
+        for (key, token) in [
+            ("server.token", &self.server.token),
+            ("executor.token", &self.executor.token),
+        ] {
+            if let Some(c) = token.chars().find(|c| !c.is_ascii_graphic()) {
+                return Err(format!(
+                    "{key} (or $ETASK_TOKEN) may hold visible ASCII characters only, no spaces                      or control characters (found {:?}): a header carries it, so it could never match",
+                    c
+                ));
+            }
+        }
         if self.server.tls_cert.is_empty() != self.server.tls_key.is_empty() {
             return Err("server.tls_cert and server.tls_key must be set together".into());
         }

@@ -145,6 +145,14 @@ fn run_inner(
         None
     };
     let keys = cfg.scheduler_keys(builtin.as_ref())?;
+    for (key, token) in [
+        ("server.token", &cfg.server.token),
+        ("executor.token", &cfg.executor.token),
+    ] {
+        if !token.is_empty() && token.len() < 16 {
+            log::warn!(target: "etask::server", "{key} is {} characters: use at least 16 random ones (e.g. `openssl rand -hex 16`)", token.len());
+        }
+    }
     match keys.signer.public() {
         Some(public) => {
             log::info!(target: "etask::trust", "dispatches and cancels are signed with key {}{}",

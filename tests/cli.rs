@@ -357,6 +357,11 @@ fn config_check_refuses_exactly_what_the_server_refuses() {
             write("grpc.toml", "[server]\ngrpc_listen = \"nine-oh-nine-oh\"\n"),
             "server.grpc_listen",
         ),
+        // A token no header can carry (a trailing space locked every client out).
+        (
+            write("token.toml", "[server]\ntoken = \"abc \"\n"),
+            "server.token (or $ETASK_TOKEN) may hold visible ASCII characters only",
+        ),
     ];
     for (file, why) in &bad {
         let f = file.to_str().unwrap();
