@@ -1003,6 +1003,13 @@ fn cmd_submit(c: SubmitCmd) -> CmdResult {
             None
         };
     let cl = client(&c.server)?;
+    // A large script to a scheduler that will refuse the token: the scheduler answers 401
+    // on the head and closes without reading the body, which a sender still writing sees as a
+    // broken pipe ("cannot reach the scheduler", 69). Asked first with a small request, the
+    // refusal is what it is (77).
+    if body.to_string().len() > 1 << 20 {
+        cl.get("/api/v1/tasks?limit=1")?;
+    }
     let created = cl.post("/api/v1/tasks", &body)?;
     if !c.wait {
         print_json(created);

@@ -301,6 +301,22 @@ fn exit_statuses_follow_one_scheme_in_every_command() {
         .output()
         .unwrap();
     assert_eq!(code(&o), 77, "{}", text(&o));
+    // Also with a script larger than the scheduler reads before it refuses the token (it was
+    // a broken pipe: 69, "cannot reach the scheduler").
+    let big = dir.join("big.sh");
+    std::fs::write(&big, format!("# {}\ntrue\n", "x".repeat(12 << 20))).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_etask"))
+        .args([
+            "submit",
+            "--shell",
+            big.to_str().unwrap(),
+            "--server",
+            &t.url,
+        ])
+        .env("ETASK_TOKEN", "wrong")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 77, "{}", text(&o));
 }
 
 #[test]

@@ -1060,3 +1060,19 @@ fn store_url_errors_never_print_the_password() {
         }
     }
 }
+
+/// The health probe's write works on both back ends, twice in a row (nothing left behind to
+/// collide with), and leaves no log chunk; a store that takes writes is not refusing them.
+#[test]
+fn the_write_probe_leaves_nothing_and_a_healthy_store_is_not_refusing() {
+    for s in backends("probe") {
+        s.probe_write().unwrap();
+        s.probe_write().unwrap();
+        assert!(!s.refusing_writes(), "{}", s.describe());
+        assert!(
+            s.logs_after(ExecutionId(0), 0, 10).unwrap().is_empty(),
+            "{}",
+            s.describe()
+        );
+    }
+}

@@ -365,9 +365,13 @@ pub trait Store: Send + Sync {
     /// store (`Unavailable`: a full disk, an I/O error, a lost connection): the store may
     /// answer reads and `ping` and still take no write. Every write of the process counts —
     /// tasks, claims, cron fires, reports, heartbeats — so it clears with the next write that
-    /// succeeds; an idle process probes with a one-row write at most once a second while it
-    /// is set, so it also clears when nothing else writes. For `/healthz`.
+    /// succeeds; an idle process probes with a 64 KiB write (a log chunk of execution 0, inserted
+    /// and deleted) at most once a second while it is set, so it also clears when nothing else
+    /// writes. For `/healthz`.
     fn refusing_writes(&self) -> bool;
+    /// The write `refusing_writes` probes with: a 64 KiB log chunk of execution 0 (no
+    /// execution has id 0) inserted and deleted in one committed transaction; leaves nothing.
+    fn probe_write(&self) -> Result<()>;
     /// Deletes up to `limit` executions that ended before `finished_before`, with their
     /// attempts, logs and delivered callbacks (not those with a callback still pending).
     /// Task definitions stay. Returns how many executions went.

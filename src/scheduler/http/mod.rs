@@ -470,18 +470,18 @@ fn logs(core: &Arc<Core>, id: &str, q: &[(String, String)]) -> Response {
         Err(e) => return err_response(&e),
     };
     if !follow {
-        return match core.store.logs_after(id, after, 100_000) {
-            Ok(rows) => Response {
-                status: 200,
-                content_type: "application/x-ndjson",
-                body: Body::Bytes(
-                    rows.iter()
-                        .map(|r| line(r) + "\n")
-                        .collect::<String>()
-                        .into_bytes(),
-                ),
-            },
-            Err(e) => err_response(&e.into()),
+        // Streamed a page at a time like a follow, ending at the last stored chunk: the whole
+        // answer used to be built in memory (400 MB for one run's escaped output; eight such
+        // reads at once held 4 GB).
+        let core = core.clone();
+        return Response {
+            status: 200,
+            content_type: "application/x-ndjson",
+            body: Body::Stream(Box::new(move |sink| {
+                if stream_logs(&core, &sink, id, after, false).is_err() {
+                    log::debug!(target: LOG, "execution={id} log reader gone");
+                }
+            })),
         };
     }
     let max = core.cfg.server.max_log_followers;
@@ -505,20 +505,26 @@ fn logs(core: &Arc<Core>, id: &str, q: &[(String, String)]) -> Response {
         content_type: "application/x-ndjson",
         body: Body::Stream(Box::new(move |sink| {
             let core = &slot.0;
-            if stream_logs(core, &sink, id, after).is_err() {
+            if stream_logs(core, &sink, id, after, true).is_err() {
                 log::debug!(target: LOG, "execution={id} log follower gone");
             }
         })),
     }
 }
 
-/// Sends log lines as they are stored until the execution ends, the client leaves, the
-/// server stops, or [`FOLLOW_MAX`] passes.
+/// Chunks read and sent at a time: what one log reader holds in memory (a chunk's data is
+/// at most a few dozen KiB; JSON escaping of control bytes can make it six times that).
+const LOG_PAGE: u32 = 100;
+
+/// Sends log lines, a page at a time. With `follow`, as they are stored until the execution
+/// ends, the client leaves, the server stops, or [`FOLLOW_MAX`] passes; without, up to the
+/// last chunk stored now.
 fn stream_logs(
     core: &Core,
     sink: &Sink,
     id: ExecutionId,
     after: i64,
+    follow: bool,
 ) -> Result<(), transport::Closed> {
     let mut last: Option<crate::store::LogRow> = None;
     let started = Instant::now();
@@ -535,8 +541,8 @@ fn stream_logs(
             .is_none_or(|e| e.status.is_terminal());
         // Count the chunks before `after_seq` once; from then on continue after the last one.
         let rows = match &last {
-            None => core.store.logs_after(id, after, 1_000),
-            Some(l) => core.store.logs_continue(id, l, 1_000),
+            None => core.store.logs_after(id, after, LOG_PAGE),
+            Some(l) => core.store.logs_continue(id, l, LOG_PAGE),
         }
         .unwrap_or_default();
         buf.clear();
@@ -552,7 +558,7 @@ fn stream_logs(
             last_sent = Instant::now();
         }
         if rows.is_empty() {
-            if finished || core.stopping() || started.elapsed() > FOLLOW_MAX {
+            if !follow || finished || core.stopping() || started.elapsed() > FOLLOW_MAX {
                 return Ok(());
             }
             if last_sent.elapsed() >= FOLLOW_KEEPALIVE {
