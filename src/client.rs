@@ -75,16 +75,20 @@ impl Client {
         match e {
             ureq::Error::Status(status, resp) => {
                 let v: Value = resp.into_json().unwrap_or(Value::Null);
-                let text = |p: &str, or: &str| {
-                    v.pointer(p)
-                        .and_then(Value::as_str)
-                        .unwrap_or(or)
-                        .to_owned()
-                };
-                ClientError::Api {
-                    status,
-                    code: text("/error/code", "error"),
-                    message: text("/error/message", "no message"),
+                let text = |p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_owned);
+                match (text("/error/code"), text("/error/message")) {
+                    (Some(code), Some(message)) => ClientError::Api {
+                        status,
+                        code,
+                        message,
+                    },
+                    // Not the API's error shape: another service on the port, a proxy. Its
+                    // 404 is no "no such execution" (66) — an answer etask does not understand.
+                    _ => ClientError::BadResponse(format!(
+                        "bad response from {}: HTTP {status} without the API's error body (is \
+                         this an ETask scheduler?)",
+                        self.base
+                    )),
                 }
             }
             ureq::Error::Transport(t) => ClientError::Unreachable(format!(

@@ -1231,6 +1231,11 @@ fn unwritable_output_ends_run_logs_and_help_with_a_failure() {
 /// A scheduler that answers what no scheduler answers: every request gets `body` with 200.
 /// `None`: accepts connections and never answers. Returns its URL.
 fn fake_scheduler(body: Option<&'static str>) -> String {
+    fake_scheduler_status(200, body)
+}
+
+/// `fake_scheduler` answering with `status`.
+fn fake_scheduler_status(status: u16, body: Option<&'static str>) -> String {
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
@@ -1244,7 +1249,7 @@ fn fake_scheduler(body: Option<&'static str>) -> String {
                 Some(b) => {
                     let _ = write!(
                         c,
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{b}",
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{b}",
                         b.len()
                     );
                 }
@@ -1281,6 +1286,17 @@ fn answers_of_the_wrong_shape_and_silent_schedulers_end_client_commands() {
         let o = client(&dir, &url, &args);
         assert_eq!(code(&o), 70, "{args:?} with {body}: {}", text(&o));
         assert!(text(&o).contains("bad response"), "{}", text(&o));
+    }
+    // Another service's 404 is not "no such execution" (66): 70.
+    let other = fake_scheduler_status(404, Some("<html>not found</html>"));
+    for args in [vec!["tasks"], vec!["get", "1"]] {
+        let o = client(&dir, &other, &args);
+        assert_eq!(code(&o), 70, "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).contains("without the API's error body"),
+            "{}",
+            text(&o)
+        );
     }
     // Names from a hostile server reach the terminal escaped, never as escape sequences.
     let url = fake_scheduler(Some(

@@ -198,8 +198,8 @@ fn check_chars(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
         .find(|c| c.is_control() || is_invisible_format(*c))
     {
         return Err(ApiError::invalid(format!(
-            "{field} must not contain control or invisible formatting characters (found {:?})",
-            c.escape_unicode().to_string()
+            "{field} must not contain control or invisible formatting characters (found {})",
+            c.escape_unicode()
         )));
     }
     check_len(field, value, max)
