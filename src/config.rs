@@ -969,6 +969,36 @@ impl Config {
             }
             None => {}
         }
+        // A node's pool names its Kafka topic and key files; its id appears in etcd keys,
+        // logs and tables: plain names only (control characters passed before).
+        let (pool_key, pool, id_key, id) = match mode {
+            Some(Mode::Agent) => (
+                "agent.pool",
+                &self.agent.pool,
+                "agent.node_id",
+                &self.agent.node_id,
+            ),
+            _ => (
+                "executor.pool",
+                &self.executor.pool,
+                "executor.node_id",
+                &self.executor.node_id,
+            ),
+        };
+        if matches!(mode, Some(Mode::Agent | Mode::Executor)) {
+            if !crate::model::is_plain_name(pool) {
+                return Err(format!(
+                    "{pool_key} {:?} must be a plain name: letters, digits, '-', '_' and '.'",
+                    pool.escape_debug().to_string()
+                ));
+            }
+            if !id.is_empty() && !crate::model::is_plain_name(id) {
+                return Err(format!(
+                    "{id_key} {:?} must be a plain name: letters, digits, '-', '_' and '.'",
+                    id.escape_debug().to_string()
+                ));
+            }
+        }
         match mode {
             Some(Mode::Executor) if self.registry.etcd.is_empty() => Err(
                 "an executor needs [registry] etcd (or --etcd URL) so schedulers can find it"
@@ -1022,6 +1052,84 @@ impl Config {
                 self.executor.scheduler
             ));
         }
+        // Times are used in arithmetic (ms conversions, deadlines, `Instant + Duration`): a
+        // value near u64::MAX overflowed and panicked the node's reactor or the sweeper. Ten
+        // years is beyond any sensible setting and far from every overflow.
+        const MAX_S: u64 = 10 * 365 * 86_400;
+        let k = &self.kafka;
+        let sc = &self.scheduler;
+        let cb = &self.callbacks;
+        let sv = &self.server;
+        for (key, v, max) in [
+            ("kafka.dispatch_ttl_seconds", k.dispatch_ttl_seconds, MAX_S),
+            (
+                "kafka.agent_silent_after_ms",
+                k.agent_silent_after_ms,
+                MAX_S * 1000,
+            ),
+            ("kafka.fetch_wait_max_ms", k.fetch_wait_max_ms, MAX_S * 1000),
+            ("kafka.linger_ms", k.linger_ms, MAX_S * 1000),
+            ("agent.heartbeat_ms", self.agent.heartbeat_ms, MAX_S * 1000),
+            ("agent.drain_seconds", self.agent.drain_seconds, MAX_S),
+            ("registry.ttl_seconds", self.registry.ttl_seconds, MAX_S),
+            (
+                "server.header_timeout_ms",
+                sv.header_timeout_ms,
+                MAX_S * 1000,
+            ),
+            ("server.body_timeout_ms", sv.body_timeout_ms, MAX_S * 1000),
+            (
+                "scheduler.poll_interval_ms",
+                sc.poll_interval_ms,
+                MAX_S * 1000,
+            ),
+            (
+                "scheduler.heartbeat_interval_ms",
+                sc.heartbeat_interval_ms,
+                MAX_S * 1000,
+            ),
+            (
+                "scheduler.node_silent_after_ms",
+                sc.node_silent_after_ms,
+                MAX_S * 1000,
+            ),
+            (
+                "scheduler.default_timeout_seconds",
+                sc.default_timeout_seconds,
+                MAX_S,
+            ),
+            (
+                "scheduler.retention_days",
+                sc.retention_days,
+                MAX_S / 86_400,
+            ),
+            (
+                "scheduler.no_node_timeout_seconds",
+                sc.no_node_timeout_seconds,
+                MAX_S,
+            ),
+            (
+                "callbacks.initial_backoff_ms",
+                cb.initial_backoff_ms,
+                MAX_S * 1000,
+            ),
+            ("callbacks.max_backoff_ms", cb.max_backoff_ms, MAX_S * 1000),
+            ("callbacks.timeout_ms", cb.timeout_ms, MAX_S * 1000),
+            (
+                "node.kill_grace_seconds",
+                self.node.kill_grace_seconds,
+                MAX_S,
+            ),
+            (
+                "node.rlimit_cpu_seconds",
+                self.node.rlimit_cpu_seconds,
+                MAX_S,
+            ),
+        ] {
+            if v > max {
+                return Err(format!("{key} = {v} is over its maximum {max} (ten years)"));
+            }
+        }
         // A token is sent in a header (`Authorization: Bearer …`, gRPC metadata): anything
         // but visible ASCII there can never match (a trailing space or newline locked every
         // client out) — refused, naming the key.
@@ -1030,9 +1138,15 @@ impl Config {
             ("executor.token", &self.executor.token),
         ] {
             if let Some(c) = token.chars().find(|c| !c.is_ascii_graphic()) {
+                let env = if key == "server.token" {
+                    " (or $ETASK_TOKEN)"
+                } else {
+                    ""
+                };
                 return Err(format!(
-                    "{key} (or $ETASK_TOKEN) may hold visible ASCII characters only, no spaces                      or control characters (found {:?}): a header carries it, so it could never match",
-                    c
+                    "{key}{env} may hold visible ASCII characters only, no spaces or control \
+                     characters (found {}): a header carries it, so it could never match",
+                    c.escape_unicode()
                 ));
             }
         }

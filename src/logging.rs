@@ -71,7 +71,31 @@ impl Log for StderrLogger {
 }
 
 /// One line: `TIME LEVEL target: message\n`, or `<N>LEVEL target: message\n` for journald.
+/// One event is one line: control characters in a message (a pool name from a Kafka
+/// heartbeat held `\n2026-… ERROR etask::server: FORGED`) are written escaped (`\n`,
+/// `\u{1b}`), so nothing from outside can forge a line or drive the terminal. A panic's
+/// message keeps its line breaks (its backtrace is ours).
+fn one_line<'a>(target: &str, msg: &'a str) -> std::borrow::Cow<'a, str> {
+    let keep_newlines = target == "etask::panic";
+    if !msg
+        .chars()
+        .any(|c| c.is_control() && !(keep_newlines && c == '\n'))
+    {
+        return std::borrow::Cow::Borrowed(msg);
+    }
+    std::borrow::Cow::Owned(
+        msg.chars()
+            .map(|c| match c {
+                '\n' if keep_newlines => "\n".to_owned(),
+                c if c.is_control() => c.escape_default().to_string(),
+                c => c.to_string(),
+            })
+            .collect(),
+    )
+}
+
 fn render(journal: bool, level: Level, target: &str, msg: &str) -> String {
+    let msg = one_line(target, msg);
     let (lvl, priority) = match level {
         Level::Error => ("ERROR", 3),
         Level::Warn => ("WARN ", 4),
@@ -207,4 +231,25 @@ fn stderr_is_journal() -> bool {
         return false;
     }
     st.st_dev as u64 == dev && st.st_ino as u64 == ino
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_one_line_whatever_it_holds() {
+        let forged = "pool x\n2026-12-06T00:00:00.000Z ERROR etask::server: FORGED\u{1b}[2J";
+        let line = render(false, Level::Info, "etask::kafka", forged);
+        assert_eq!(line.matches('\n').count(), 1, "{line:?}");
+        assert!(
+            line.ends_with(
+                "pool x\\n2026-12-06T00:00:00.000Z ERROR etask::server: FORGED\\u{1b}[2J\n"
+            ),
+            "{line:?}"
+        );
+        // A panic keeps its line breaks (its backtrace), nothing else.
+        let panic = render(true, Level::Error, "etask::panic", "boom\n   0: frame\u{7}");
+        assert_eq!(panic, "<3>ERROR etask::panic: boom\n   0: frame\\u{7}\n");
+    }
 }

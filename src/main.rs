@@ -557,9 +557,18 @@ fn read_file(p: &Path) -> Result<String, Fail> {
         .map_err(|e| Fail::new(exit::NOINPUT, format!("cannot read {}: {e}", p.display())))
 }
 
+/// A duration flag: 0 to ten years (a deadline is `Instant + Duration`; 1e19 s overflowed it
+/// and panicked the run's reactor).
 fn seconds(v: f64, flag: &str) -> Result<Duration, Fail> {
+    const TEN_YEARS: f64 = 10.0 * 365.0 * 86_400.0;
     Duration::try_from_secs_f64(v)
-        .map_err(|_| Fail::usage(format!("{flag} takes a number of seconds, got {v}")))
+        .ok()
+        .filter(|_| v <= TEN_YEARS)
+        .ok_or_else(|| {
+            Fail::usage(format!(
+                "{flag} takes a number of seconds from 0 to {TEN_YEARS} (ten years), got {v}"
+            ))
+        })
 }
 
 /// The exit status of a script that ended with `code`: its own, unless that is one of ETask's
@@ -775,16 +784,30 @@ fn client(server: &Option<String>) -> Result<etask::client::Client, Fail> {
         ))
     };
     let u = url::Url::parse(&base).map_err(|e| bad(&format!("is not a URL ({e})")))?;
+    if !u.username().is_empty() || u.password().is_some() {
+        // Credentials in a URL end up in messages and process lists: the token is the way.
+        return Err(Fail::usage(format!(
+            "{from} carries a user or password: give the token in $ETASK_TOKEN instead"
+        )));
+    }
     if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
         return Err(bad("is not an http:// or https:// URL with a host"));
     }
     if !u.path().trim_end_matches('/').is_empty() || u.query().is_some() || u.fragment().is_some() {
         return Err(bad("has a path, query or fragment"));
     }
-    Ok(etask::client::Client::new(
-        &base,
-        std::env::var("ETASK_TOKEN").ok(),
-    ))
+    let token = std::env::var("ETASK_TOKEN").ok();
+    if token
+        .as_deref()
+        .is_some_and(|t| !t.chars().all(|c| c.is_ascii_graphic()))
+    {
+        // Never echoed: it is a secret, and it may hold control characters.
+        return Err(Fail::usage(
+            "$ETASK_TOKEN holds characters a header cannot carry (only visible ASCII, no \
+             spaces): it could never match",
+        ));
+    }
+    Ok(etask::client::Client::new(&base, token))
 }
 
 /// The configuration of `etask server` (and of `config --check`: the same function).

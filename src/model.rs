@@ -145,6 +145,17 @@ impl Status {
     }
 }
 
+/// A plain name: 1 to 200 of ASCII letters, digits, `-`, `_` and `.`, not starting with `.`.
+/// What a pool must be where it becomes a Kafka topic (`etask.dispatch.<pool>`) or a key file
+/// name (`pool-<pool>.key`); Kafka's own rule for topic names is the same alphabet.
+pub fn is_plain_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 200
+        && !s.starts_with('.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 /// The most items one page of a list holds (`limit` of the list endpoints, `etask tasks
 /// --limit`).
 pub const PAGE_MAX: u32 = 500;

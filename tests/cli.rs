@@ -373,6 +373,21 @@ fn config_check_refuses_exactly_what_the_server_refuses() {
             write("grpc.toml", "[server]\ngrpc_listen = \"nine-oh-nine-oh\"\n"),
             "server.grpc_listen",
         ),
+        // Times near u64::MAX overflowed a deadline and panicked the node's reactor.
+        (
+            write(
+                "grace.toml",
+                "[node]\nkill_grace_seconds = 9223372036854775807\n",
+            ),
+            "node.kill_grace_seconds = 9223372036854775807 is over its maximum",
+        ),
+        (
+            write(
+                "retention.toml",
+                "[scheduler]\nretention_days = 200000000000\n",
+            ),
+            "scheduler.retention_days",
+        ),
         // A token no header can carry (a trailing space locked every client out).
         (
             write("token.toml", "[server]\ntoken = \"abc \"\n"),
@@ -538,6 +553,46 @@ fn config_check_refuses_exactly_what_the_server_refuses() {
     let o = etask(&dir, &["run", "--shell", "/dev/zero"]);
     assert_eq!(code(&o), 66, "{}", text(&o));
     assert!(text(&o).contains("larger than"), "{}", text(&o));
+    // A node's pool and id are plain names (a pool with a newline reached topic names and
+    // forged log lines).
+    let forged = write(
+        "forged.toml",
+        "[kafka]\nbrokers = \"127.0.0.1:1\"\n[agent]\npool = \"x\\nERROR forged\"\n",
+    );
+    let o = etask(
+        &dir,
+        &[
+            "config",
+            "--check",
+            forged.to_str().unwrap(),
+            "--mode",
+            "agent",
+        ],
+    );
+    assert_eq!(code(&o), 78, "{}", text(&o));
+    assert!(
+        text(&o).contains("agent.pool") && !text(&o).contains("x\nERROR"),
+        "{}",
+        text(&o)
+    );
+    // The client: a token no header carries is a bad command line, and is never echoed;
+    // credentials in --server are refused.
+    for (token, server) in [
+        ("abc\ndef-s3cr3t", "http://127.0.0.1:1"),
+        ("ok-token", "http://u:p4ss@127.0.0.1:1"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_etask"))
+            .args(["tasks", "--server", server])
+            .env("ETASK_TOKEN", token)
+            .output()
+            .unwrap();
+        assert_eq!(code(&o), 64, "{}", text(&o));
+        assert!(
+            !text(&o).contains("s3cr3t") && !text(&o).contains("p4ss"),
+            "{}",
+            text(&o)
+        );
+    }
     // Mode requirements: an executor needs a registry, an agent Kafka.
     let empty = write("empty.toml", "");
     let empty = empty.to_str().unwrap();

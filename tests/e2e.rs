@@ -328,6 +328,20 @@ fn bad_requests_get_the_documented_errors() {
         "a worker panicked:\n{}",
         s.log()
     );
+    // Limits the kernel cannot take and timeouts that round to nothing are refused at intake
+    // (every run failed to spawn; 0.0001 s became "no timeout" on the gRPC paths).
+    for (body, needle) in [
+        (
+            r#"{"name": "x", "program": {"kind": "shell", "code": "true", "limits": {"pids": 18446744073709551615}}}"#,
+            "limits.pids",
+        ),
+        (
+            r#"{"name": "x", "timeout_seconds": 0.0001, "program": {"kind": "shell", "code": "true"}}"#,
+            "timeout_seconds",
+        ),
+    ] {
+        check(post(body), 400, "invalid_argument", needle);
+    }
     // With a query too (it was judged before the route and answered 400).
     check(
         s.call("GET", "/api/v1/nowhere?limit=5", None),

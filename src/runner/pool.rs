@@ -28,6 +28,10 @@ use super::spawn::{Rlimits, RunAs};
 use super::tree::{self, Exit, ProcUsage, WaitStatus};
 use crate::model::{Attempt, ExecutionId, Status, TaskId};
 
+/// "Never" for deadlines computed from outside values: about 30 years, far from the overflow
+/// of `Instant + Duration` (a grace or timeout near u64::MAX panicked the reactor).
+const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
+
 const LOG: &str = "etask::runner";
 
 /// Pool settings; every field has a default that suits a node.
@@ -613,7 +617,8 @@ impl Kill {
     fn term(now: Instant, grace: Duration) -> Kill {
         Kill::Term {
             again: now + Duration::from_millis(20),
-            until: now + grace,
+            // Checked: `Instant + Duration` panics on overflow even in release builds.
+            until: now.checked_add(grace).unwrap_or(now + FAR),
         }
     }
 }
@@ -966,7 +971,9 @@ impl Reactor {
             logs: LogCapture::new(self.cfg.logs.clone(), req.program.secret_values()),
             result: ResultSink::new(self.cfg.result_max_bytes),
             started,
-            deadline: req.timeout.map(|t| started + t),
+            deadline: req
+                .timeout
+                .map(|t| started.checked_add(t).unwrap_or(started + FAR)),
             ending: None,
             kill: Kill::None,
             workspace: job.workspace,

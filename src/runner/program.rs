@@ -135,8 +135,17 @@ impl Limits {
                 "limits.memory_bytes must be at least 1048576 (1 MiB)",
             ));
         }
-        if self.pids == Some(0) {
-            return Err(ProgramError::new("limits.pids must be at least 1"));
+        // Upper bounds are what the kernel files take (`pids.max` and `memory.max` are signed
+        // 64-bit): beyond them every run failed to spawn instead of the request being refused.
+        if self.pids.is_some_and(|p| !(1..=4_194_304).contains(&p)) {
+            return Err(ProgramError::new(
+                "limits.pids must be 1 to 4194304 (the kernel's pid_max limit)",
+            ));
+        }
+        if self.memory_bytes.is_some_and(|m| m > i64::MAX as u64 / 2) {
+            return Err(ProgramError::new(
+                "limits.memory_bytes must be at most 4611686018427387903",
+            ));
         }
         if self
             .cpu_millicores

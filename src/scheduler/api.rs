@@ -207,13 +207,29 @@ fn check_chars(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
 
 /// Unicode formatting characters that display as nothing or reorder the text around them
 /// (see `check_chars`).
+/// The list is the Unicode "format" characters (category Cf) that exist today, plus the
+/// characters that render blank (Hangul fillers, the Braille blank, Mongolian vowel
+/// separator), variation selectors and tags (`admin` + tag characters displays as `admin`).
 pub fn is_invisible_format(c: char) -> bool {
     matches!(c,
-        '\u{200B}'..='\u{200F}'
+        '\u{00AD}'
+        | '\u{034F}'
+        | '\u{061C}'
+        | '\u{115F}'..='\u{1160}'
+        | '\u{17B4}'..='\u{17B5}'
+        | '\u{180B}'..='\u{180F}'
+        | '\u{200B}'..='\u{200F}'
         | '\u{2028}'..='\u{202E}'
-        | '\u{2060}'..='\u{2064}'
-        | '\u{2066}'..='\u{2069}'
-        | '\u{FEFF}')
+        | '\u{2060}'..='\u{206F}'
+        | '\u{2800}'
+        | '\u{3164}'
+        | '\u{FE00}'..='\u{FE0F}'
+        | '\u{FEFF}'
+        | '\u{FFA0}'
+        | '\u{FFF0}'..='\u{FFFB}'
+        | '\u{110BD}'
+        | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0000}'..='\u{E0FFF}')
 }
 
 /// Refuses `value` when it has more than `max` characters. Counts characters, not bytes, the
@@ -400,9 +416,11 @@ impl TaskSpec {
             }
         }
         if let Some(t) = self.timeout_seconds {
-            if !(t > 0.0 && t <= 7.0 * 86_400.0) {
+            // At least a millisecond: smaller became 0 ms, "no timeout" on the gRPC paths
+            // and an immediate kill on the local one.
+            if !(0.001..=7.0 * 86_400.0).contains(&t) {
                 return Err(ApiError::invalid(
-                    "timeout_seconds must be > 0 and at most 604800 (7 days)",
+                    "timeout_seconds must be 0.001 to 604800 (7 days)",
                 ));
             }
         }
@@ -468,6 +486,12 @@ mod tests {
             "iso\u{2066}late",
             "sep\u{2028}line",
             "\u{FEFF}bom",
+            "soft\u{00AD}hyphen",
+            "arabic\u{061C}mark",
+            "\u{3164}",
+            "admin\u{E0041}",
+            "vs\u{FE0F}",
+            "inhibit\u{206A}",
         ] {
             let e = check_chars("name", bad, MAX_NAME_CHARS).unwrap_err();
             assert_eq!(e.code, ErrorCode::InvalidArgument);

@@ -173,9 +173,15 @@ struct Noting<'a> {
 }
 
 impl Conn for Noting<'_> {
+    /// A statement that changed no row (a heartbeat of nobody, a sweep with nothing due) needs
+    /// no space and says nothing about whether writes go through: only one that changed rows,
+    /// or failed, counts (counting every UPDATE cleared "refusing writes" on a full disk).
     fn exec(&mut self, sql: &str, params: &[crate::store::V]) -> Result<u64> {
-        *self.wrote = true;
-        self.c.exec(sql, params)
+        let r = self.c.exec(sql, params);
+        if !matches!(r, Ok(0)) {
+            *self.wrote = true;
+        }
+        r
     }
     fn insert(&mut self, sql: &str, params: &[crate::store::V]) -> Result<i64> {
         *self.wrote = true;

@@ -70,10 +70,27 @@ pub fn decode(kind: Kind, line: &str, what: &str) -> Result<[u8; 32], KeyError> 
         )));
     };
     if label != kind.label() {
-        return Err(KeyError::Format(format!(
-            "{what}: an {label} key where an {} key is needed",
-            kind.label()
-        )));
+        // Name the other kind only when it is one: what precedes a ':' in an arbitrary file
+        // (an environment dump, a secret) is not echoed into logs.
+        let known = [
+            Kind::SigningPrivate,
+            Kind::SigningPublic,
+            Kind::PoolPrivate,
+            Kind::PoolPublic,
+        ]
+        .iter()
+        .any(|k| k.label() == label);
+        return Err(KeyError::Format(if known {
+            format!(
+                "{what}: an {label} key where an {} key is needed",
+                kind.label()
+            )
+        } else {
+            format!(
+                "{what}: not a key (expected \"{}:BASE64\", as `etask keygen` writes)",
+                kind.label()
+            )
+        }));
     }
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
@@ -133,27 +150,46 @@ pub fn load(kind: Kind, spec: &str) -> Result<[u8; 32], KeyError> {
 /// # Errors
 /// The file exists or cannot be written.
 pub fn write(path: &Path, kind: Kind, bytes: &[u8; 32]) -> Result<(), KeyError> {
+    let exists = || {
+        KeyError::Io(format!(
+            "{} exists: not overwritten (move it away to make a new key)",
+            path.display()
+        ))
+    };
+    if path.exists() {
+        return Err(exists());
+    }
+    // Written whole to a temporary file, then linked into place (which fails if the name
+    // exists: never an overwrite) and the temporary removed: a full disk or a crash leaves
+    // no empty or partial key under the real name (one did, and every later start and
+    // `keygen` refused it).
     let mode = if kind.private() { 0o600 } else { 0o644 };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                KeyError::Io(format!(
-                    "{} exists: not overwritten (move it away to make a new key)",
-                    path.display()
-                ))
-            } else {
-                KeyError::Io(format!("cannot write {}: {e}", path.display()))
-            }
-        })?;
-    // The umask may have narrowed a public key's mode; set it as documented.
-    let _ = f.set_permissions(std::fs::Permissions::from_mode(mode));
-    writeln!(f, "{}", encode(kind, bytes))
-        .and_then(|()| f.sync_all())
-        .map_err(|e| KeyError::Io(format!("cannot write {}: {e}", path.display())))
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map_or("key".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The umask may have narrowed a public key's mode; set it as documented.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        writeln!(f, "{}", encode(kind, bytes))?;
+        f.sync_all()?;
+        std::fs::hard_link(&tmp, path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    written.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            exists()
+        } else {
+            KeyError::Io(format!("cannot write {}: {e}", path.display()))
+        }
+    })
 }
 
 /// The files of a key pair: `<dir>/<stem>.key` and `<dir>/<stem>.pub`.

@@ -408,12 +408,7 @@ pub fn keygen(dir: &Path, pool: Option<&str>) -> Result<Vec<std::path::PathBuf>,
             (Kind::SigningPrivate, Kind::SigningPublic),
         ),
         Some(p) => {
-            if p.is_empty()
-                || !p
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                || p.starts_with('.')
-            {
+            if !crate::model::is_plain_name(p) {
                 return Err(KeyError::Format(format!(
                     "pool name {p:?}: use letters, digits, '-', '_' and '.'"
                 )));
@@ -433,7 +428,12 @@ pub fn keygen(dir: &Path, pool: Option<&str>) -> Result<Vec<std::path::PathBuf>,
         )));
     }
     keys::write(&kp, kinds.0, &private)?;
-    keys::write(&pp, kinds.1, &public)?;
+    if let Err(e) = keys::write(&pp, kinds.1, &public) {
+        // Half a pair is no pair: without this, a full disk left a private key whose public
+        // half was missing, and every later run said "exists".
+        let _ = std::fs::remove_file(&kp);
+        return Err(e);
+    }
     Ok(vec![kp, pp])
 }
 

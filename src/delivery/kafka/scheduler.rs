@@ -226,6 +226,14 @@ impl KafkaDelivery {
     /// dispatch, so the agent has joined its group when the first task comes (the agent
     /// waits for the topic before it subscribes).
     fn topic_for_agent(&self, agent: &str, pool: &str) {
+        // Anyone who can write to the events topic can name a pool here: only a plain name
+        // makes a topic (a heartbeat's pool with a newline created a topic and forged a line
+        // of this log).
+        if !crate::model::is_plain_name(pool) {
+            log::warn!(target: LOG, "agent={:?} names pool {:?}: not a plain name (letters, digits, '-', '_', '.'); no topic made",
+                agent, pool);
+            return;
+        }
         let topic = self.cfg.dispatch_topic(pool);
         if self
             .topics
