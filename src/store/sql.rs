@@ -159,10 +159,12 @@ impl WriteHealth {
         at.fetch_max(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The newest write failed: a success in the same millisecond as a failure counts as
+    /// newer (the write after the failure went through).
     fn refusing(&self) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         let failed = self.failed_at.load(Relaxed);
-        failed > 0 && failed >= self.ok_at.load(Relaxed)
+        failed > 0 && failed > self.ok_at.load(Relaxed)
     }
 }
 
@@ -1166,12 +1168,18 @@ impl Store for SqlStore {
         // log chunk, at most once a second — a 64 KiB row of execution 0 (ids start at 1),
         // inserted and deleted in one committed transaction. (A one-page write that changed
         // nothing succeeded on a disk that still refused every task.)
+        // (The time of the last probe moves only when one runs: swapping it on every call let
+        // a /healthz polled more often than once a second starve the probe for good.)
+        use std::sync::atomic::Ordering::Relaxed;
         let now = crate::now_ms();
-        let last = self
-            .writes
-            .probed_at
-            .swap(now, std::sync::atomic::Ordering::Relaxed);
-        if now - last >= 1_000 {
+        let last = self.writes.probed_at.load(Relaxed);
+        if now - last >= 1_000
+            && self
+                .writes
+                .probed_at
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
             let _ = self.probe_write();
         }
         self.writes.refusing()
