@@ -20,6 +20,14 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind of key file.
+    pub const ALL: [Kind; 4] = [
+        Kind::SigningPrivate,
+        Kind::SigningPublic,
+        Kind::PoolPrivate,
+        Kind::PoolPublic,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Kind::SigningPrivate => "ed25519-private",
@@ -72,14 +80,7 @@ pub fn decode(kind: Kind, line: &str, what: &str) -> Result<[u8; 32], KeyError> 
     if label != kind.label() {
         // Name the other kind only when it is one: what precedes a ':' in an arbitrary file
         // (an environment dump, a secret) is not echoed into logs.
-        let known = [
-            Kind::SigningPrivate,
-            Kind::SigningPublic,
-            Kind::PoolPrivate,
-            Kind::PoolPublic,
-        ]
-        .iter()
-        .any(|k| k.label() == label);
+        let known = Kind::ALL.iter().any(|k| k.label() == label);
         return Err(KeyError::Format(if known {
             format!(
                 "{what}: an {label} key where an {} key is needed",
@@ -111,14 +112,9 @@ pub fn decode(kind: Kind, line: &str, what: &str) -> Result<[u8; 32], KeyError> 
 pub fn load(kind: Kind, spec: &str) -> Result<[u8; 32], KeyError> {
     // A key line of any kind is a key line (a wrong kind is named as such, not looked for as
     // a file).
-    let inline = [
-        Kind::SigningPrivate,
-        Kind::SigningPublic,
-        Kind::PoolPrivate,
-        Kind::PoolPublic,
-    ]
-    .iter()
-    .any(|k| spec.trim_start().starts_with(&format!("{}:", k.label())));
+    let inline = Kind::ALL
+        .iter()
+        .any(|k| spec.trim_start().starts_with(&format!("{}:", k.label())));
     if inline {
         return decode(kind, spec, "inline key");
     }
